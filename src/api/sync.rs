@@ -1,0 +1,113 @@
+//! `POST /sync/{appId}` and `GET /sync/{appId}/pull`.
+
+use poem::web::Data;
+use poem_openapi::OpenApi;
+use poem_openapi::param::{Header, Path, Query};
+use poem_openapi::payload::Json;
+use poem_openapi::types::ToJSON;
+
+use crate::api::ApiTags;
+use crate::auth::BearerAuth;
+use crate::config::{DEFAULT_PULL_LIMIT, MAX_PULL_LIMIT};
+use crate::error::{Error, ErrorResponse};
+use crate::idempotency::{self, MAX_KEY_BYTES};
+use crate::protocol::{PushRequest, SyncResponse};
+use crate::startup::AppState;
+use crate::sync::{self, Idempotency};
+use crate::timestamp::Timestamp;
+use crate::validate::{self, Limits};
+
+pub struct SyncApi;
+
+#[OpenApi(tag = "ApiTags::Sync")]
+impl SyncApi {
+    /// Push a batch of changes
+    ///
+    /// Records the batch in one transaction (all changes or none; the answer
+    /// comes only after commit) and answers with the folded delta of every
+    /// table of the app since `since`, this device's own winning writes
+    /// included. Field-level last-write-wins: each field keeps the value
+    /// with the latest timestamp; timestamps more than `MAX_CLOCK_SKEW` in
+    /// the future are clamped to the server's time.
+    #[oai(path = "/sync/:appId", method = "post", operation_id = "push")]
+    async fn push(
+        &self,
+        state: Data<&AppState>,
+        auth: BearerAuth,
+        /// The app (1-128 bytes).
+        #[oai(name = "appId")]
+        app_id: Path<String>,
+        /// The device's id; takes precedence over the body's `clientId`.
+        #[oai(name = "X-Client-Id")]
+        client_id: Header<Option<String>>,
+        /// Optional, chosen by the client, unique per batch (1-256 bytes). A
+        /// retry with the same key gets the first answer and records nothing
+        /// twice; the same key with a different body is a 422.
+        #[oai(name = "Idempotency-Key")]
+        idempotency_key: Header<Option<String>>,
+        body: Json<PushRequest>,
+    ) -> Result<Json<SyncResponse>, ErrorResponse> {
+        let user = auth.0;
+        validate::name("appId", &app_id)?;
+        let idempotency = match idempotency_key.0 {
+            Some(key) => {
+                if key.is_empty() || key.len() > MAX_KEY_BYTES || key.chars().any(char::is_control) {
+                    return Err(Error::invalid(
+                        "invalid_idempotency_key",
+                        format!("Idempotency-Key must be 1 to {MAX_KEY_BYTES} printable bytes"),
+                    )
+                    .into());
+                }
+                let client = client_id.0.as_deref().or(body.client_id.as_deref()).unwrap_or_default();
+                let fingerprint = idempotency::fingerprint(&app_id, client, &body.0.to_json().unwrap_or_default());
+                Some(Idempotency { key, fingerprint })
+            }
+            None => None,
+        };
+        let limits = Limits {
+            max_changes: state.config.max_batch_changes,
+            max_clock_skew: state.config.max_clock_skew,
+        };
+        let batch = validate::push(client_id.0.as_deref(), body.0, Timestamp::now(), limits)?;
+        let response = sync::push(
+            &state.pool,
+            &user.id,
+            &app_id,
+            &batch,
+            idempotency.as_ref(),
+            DEFAULT_PULL_LIMIT,
+        )
+        .await?;
+        Ok(Json(response))
+    }
+
+    /// Pull one collection's changes
+    ///
+    /// The folded delta of one collection since `since`: each record changed
+    /// after the cursor once, oldest change first. When `hasMore` is true,
+    /// call again with the returned `syncedUntil`.
+    #[oai(path = "/sync/:appId/pull", method = "get", operation_id = "pull")]
+    async fn pull(
+        &self,
+        state: Data<&AppState>,
+        auth: BearerAuth,
+        /// The app (1-128 bytes).
+        #[oai(name = "appId")]
+        app_id: Path<String>,
+        /// The collection (table) to pull.
+        collection: Query<String>,
+        /// A cursor this server returned, or any RFC 3339 timestamp. Defaults to the beginning.
+        since: Query<Option<String>>,
+        /// Most records to return: 1 to 5000, default 1000.
+        #[oai(validator(minimum(value = "1"), maximum(value = "5000")))]
+        limit: Query<Option<u32>>,
+    ) -> Result<Json<SyncResponse>, ErrorResponse> {
+        let user = auth.0;
+        validate::name("appId", &app_id)?;
+        validate::name("collection", &collection)?;
+        let since = validate::since(since.0.as_deref())?;
+        let limit = limit.0.unwrap_or(DEFAULT_PULL_LIMIT).min(MAX_PULL_LIMIT);
+        let response = sync::pull(&state.pool, &user.id, &app_id, &collection, since, limit).await?;
+        Ok(Json(response))
+    }
+}

@@ -1,0 +1,300 @@
+//! Bearer-token authentication against the auth service's JWKS.
+//!
+//! Tokens are JWTs signed with EdDSA (Ed25519), as the auth service issues,
+//! or RS256/ES256 when the JWKS publishes such keys. The header must name
+//! its key (`kid`) and its algorithm must be the key's. Keys are cached: an
+//! unknown `kid` triggers at most one JWKS fetch per
+//! `JWKS_MIN_REFRESH_INTERVAL` however many requests carry it, and when the
+//! JWKS is unreachable, tokens signed by cached keys keep working.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm, OctetKeyPairType};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use poem::Request;
+use poem_openapi::{SecurityScheme, auth::Bearer};
+use serde::Deserialize;
+
+use crate::config::Config;
+use crate::error::{Error, ErrorResponse};
+use crate::startup::AppState;
+use crate::validate::MAX_ID_BYTES;
+
+/// The authenticated caller: the token's `sub`. Every read and write is scoped to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    pub id: String,
+}
+
+/// Why a token was refused. Every variant is a 401.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("the token is not a well-formed JWT")]
+    Malformed,
+    #[error("the token header has no 'kid'")]
+    MissingKid,
+    #[error("the token's algorithm {0:?} is not accepted")]
+    UnsupportedAlgorithm(Algorithm),
+    #[error("no key with kid '{0}' in the JWKS")]
+    UnknownKey(String),
+    #[error("the token's algorithm does not match its key")]
+    AlgorithmMismatch,
+    #[error("the token signature is invalid")]
+    InvalidSignature,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is not valid yet")]
+    NotYetValid,
+    #[error("the token's issuer is not accepted")]
+    InvalidIssuer,
+    #[error("the token's audience is not accepted")]
+    InvalidAudience,
+    #[error("the token has no usable 'sub'")]
+    InvalidSubject,
+    #[error("the token is invalid: {0}")]
+    Invalid(String),
+}
+
+impl AuthError {
+    /// A short label for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Malformed => "malformed",
+            AuthError::MissingKid => "missing_kid",
+            AuthError::UnsupportedAlgorithm(_) => "unsupported_algorithm",
+            AuthError::UnknownKey(_) => "unknown_kid",
+            AuthError::AlgorithmMismatch => "algorithm_mismatch",
+            AuthError::InvalidSignature => "invalid_signature",
+            AuthError::Expired => "expired",
+            AuthError::NotYetValid => "not_yet_valid",
+            AuthError::InvalidIssuer => "invalid_issuer",
+            AuthError::InvalidAudience => "invalid_audience",
+            AuthError::InvalidSubject => "invalid_subject",
+            AuthError::Invalid(_) => "invalid",
+        }
+    }
+}
+
+/// Algorithms accepted from a JWKS; symmetric (HS*) keys never are.
+const ACCEPTED: [Algorithm; 7] = [
+    Algorithm::EdDSA,
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::ES256,
+    Algorithm::ES384,
+];
+
+#[derive(Clone)]
+struct VerifyingKey {
+    key: DecodingKey,
+    alg: Algorithm,
+}
+
+/// Verifies bearer tokens. Cheap to clone.
+#[derive(Clone)]
+pub struct Authenticator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    jwks_url: String,
+    http: reqwest::Client,
+    keys: RwLock<HashMap<String, VerifyingKey>>,
+    /// When the last fetch was attempted; held while fetching, so concurrent
+    /// misses wait for one fetch instead of each starting their own.
+    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    min_refresh: Duration,
+    issuer: Option<String>,
+    audience: Option<String>,
+    leeway: Duration,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: Option<String>,
+}
+
+impl Authenticator {
+    pub fn new(config: &Config) -> Authenticator {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .expect("the HTTP client's TLS backend initialises");
+        Authenticator {
+            inner: Arc::new(Inner {
+                jwks_url: config.jwks_url.clone(),
+                http,
+                keys: RwLock::new(HashMap::new()),
+                last_fetch: tokio::sync::Mutex::new(None),
+                min_refresh: config.jwks_min_refresh,
+                issuer: config.jwt_issuer.clone(),
+                audience: config.jwt_audience.clone(),
+                leeway: config.jwt_leeway,
+            }),
+        }
+    }
+
+    /// Checks a token and returns its user.
+    pub async fn verify(&self, token: &str) -> Result<User, AuthError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
+        let kid = header.kid.ok_or(AuthError::MissingKid)?;
+        if !ACCEPTED.contains(&header.alg) {
+            return Err(AuthError::UnsupportedAlgorithm(header.alg));
+        }
+        let key = self.key(&kid).await?;
+        if key.alg != header.alg {
+            return Err(AuthError::AlgorithmMismatch);
+        }
+        let mut validation = Validation::new(key.alg);
+        validation.leeway = self.inner.leeway.as_secs();
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        match &self.inner.issuer {
+            Some(iss) => validation.set_issuer(&[iss]),
+            None => validation.iss = None,
+        }
+        match &self.inner.audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(classify)?;
+        match data.claims.sub {
+            Some(sub) if !sub.is_empty() && sub.len() <= MAX_ID_BYTES && !sub.chars().any(char::is_control) => {
+                Ok(User { id: sub })
+            }
+            _ => Err(AuthError::InvalidSubject),
+        }
+    }
+
+    async fn key(&self, kid: &str) -> Result<VerifyingKey, AuthError> {
+        if let Some(key) = self.cached(kid) {
+            return Ok(key);
+        }
+        self.refresh(false).await;
+        self.cached(kid).ok_or_else(|| AuthError::UnknownKey(kid.to_owned()))
+    }
+
+    fn cached(&self, kid: &str) -> Option<VerifyingKey> {
+        self.inner.keys.read().expect("key cache lock").get(kid).cloned()
+    }
+
+    /// Fetches the JWKS unless one was fetched within the minimum interval
+    /// (`force` ignores the interval). A failed fetch keeps the cached keys.
+    pub async fn refresh(&self, force: bool) {
+        let mut last = self.inner.last_fetch.lock().await;
+        if !force && last.is_some_and(|at| at.elapsed() < self.inner.min_refresh) {
+            return;
+        }
+        *last = Some(Instant::now());
+        match self.fetch().await {
+            Ok(keys) => {
+                tracing::debug!(keys = keys.len(), url = %self.inner.jwks_url, "JWKS fetched");
+                *self.inner.keys.write().expect("key cache lock") = keys;
+            }
+            Err(e) => tracing::warn!(error = ?e, url = %self.inner.jwks_url, "JWKS fetch failed; keeping cached keys"),
+        }
+    }
+
+    async fn fetch(&self) -> anyhow::Result<HashMap<String, VerifyingKey>> {
+        let set: JwkSet = self
+            .inner
+            .http
+            .get(&self.inner.jwks_url)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(set
+            .keys
+            .iter()
+            .filter_map(|jwk| match verifying_key(jwk) {
+                Some(key) => Some((jwk.common.key_id.clone()?, key)),
+                None => {
+                    tracing::debug!(kid = ?jwk.common.key_id, "skipping a JWK of an unsupported type");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    /// Re-fetches the JWKS every `interval`, so rotated keys are known
+    /// before the first token signed by them arrives.
+    pub fn spawn_refresh(&self, interval: Duration) -> tokio::task::JoinHandle<()> {
+        let auth = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tick.tick().await;
+                auth.refresh(true).await;
+            }
+        })
+    }
+}
+
+/// The key and algorithm a JWK stands for, if it is one we accept.
+fn verifying_key(jwk: &Jwk) -> Option<VerifyingKey> {
+    let implied = match &jwk.algorithm {
+        AlgorithmParameters::OctetKeyPair(p)
+            if p.key_type == OctetKeyPairType::OctetKeyPair && p.curve == EllipticCurve::Ed25519 =>
+        {
+            Algorithm::EdDSA
+        }
+        AlgorithmParameters::RSA(_) => Algorithm::RS256,
+        AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => Algorithm::ES256,
+        AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P384 => Algorithm::ES384,
+        _ => return None,
+    };
+    let alg = match jwk.common.key_algorithm {
+        None => implied,
+        Some(KeyAlgorithm::EdDSA) => Algorithm::EdDSA,
+        Some(KeyAlgorithm::RS256) => Algorithm::RS256,
+        Some(KeyAlgorithm::RS384) => Algorithm::RS384,
+        Some(KeyAlgorithm::RS512) => Algorithm::RS512,
+        Some(KeyAlgorithm::PS256) => Algorithm::PS256,
+        Some(KeyAlgorithm::ES256) => Algorithm::ES256,
+        Some(KeyAlgorithm::ES384) => Algorithm::ES384,
+        Some(_) => return None,
+    };
+    if !ACCEPTED.contains(&alg) || alg.family() != implied.family() {
+        return None;
+    }
+    Some(VerifyingKey {
+        key: DecodingKey::from_jwk(jwk).ok()?,
+        alg,
+    })
+}
+
+fn classify(e: jsonwebtoken::errors::Error) -> AuthError {
+    use jsonwebtoken::errors::ErrorKind;
+    match e.kind() {
+        ErrorKind::InvalidSignature => AuthError::InvalidSignature,
+        ErrorKind::ExpiredSignature => AuthError::Expired,
+        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+        ErrorKind::InvalidIssuer => AuthError::InvalidIssuer,
+        ErrorKind::InvalidAudience => AuthError::InvalidAudience,
+        ErrorKind::MissingRequiredClaim(c) if c == "sub" => AuthError::InvalidSubject,
+        ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Json(_) | ErrorKind::Utf8(_) => {
+            AuthError::Malformed
+        }
+        other => AuthError::Invalid(format!("{other:?}")),
+    }
+}
+
+/// `Authorization: Bearer <JWT>` signed by a key of the auth service's JWKS.
+#[derive(SecurityScheme)]
+#[oai(ty = "bearer", bearer_format = "JWT", checker = "check_bearer")]
+pub struct BearerAuth(pub User);
+
+async fn check_bearer(req: &Request, bearer: Bearer) -> poem::Result<User> {
+    let state = req.data::<AppState>().expect("AppState is attached to every route");
+    state
+        .auth
+        .verify(&bearer.token)
+        .await
+        .map_err(|e| ErrorResponse::from(Error::from(e)).into())
+}

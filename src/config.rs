@@ -1,0 +1,160 @@
+//! Configuration, read once from the environment at start-up.
+//!
+//! A missing or malformed setting stops start-up with one line naming the
+//! variable. Every setting is listed in the README.
+
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Largest accepted request body (PROTOCOL.md: over 10 MB is a 413).
+pub const MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
+/// Records per pull page when the client names no `limit`.
+pub const DEFAULT_PULL_LIMIT: u32 = 1000;
+/// The largest `limit` a pull may ask for.
+pub const MAX_PULL_LIMIT: u32 = 5000;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub host: IpAddr,
+    pub port: u16,
+    pub database_url: String,
+    pub database_max_connections: u32,
+    pub jwks_url: String,
+    /// Least time between two JWKS fetches triggered by an unknown `kid`.
+    pub jwks_min_refresh: Duration,
+    /// How often the JWKS is re-fetched in the background.
+    pub jwks_refresh: Duration,
+    pub jwt_issuer: Option<String>,
+    pub jwt_audience: Option<String>,
+    /// Tolerance for `exp`/`nbf`.
+    pub jwt_leeway: Duration,
+    /// Allowed browser origins; `*` allows any.
+    pub cors_origins: Vec<String>,
+    /// Field timestamps further ahead of server time than this are clamped to server time.
+    pub max_clock_skew: Duration,
+    /// Most changes accepted in one push.
+    pub max_batch_changes: usize,
+    /// How long a push's outcome is kept for replay under its `Idempotency-Key`.
+    pub idempotency_ttl: Duration,
+    /// Longest wait for in-flight requests at shutdown.
+    pub shutdown_timeout: Duration,
+}
+
+/// A setting that is missing or malformed; its message names the variable.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {name}={value:?}: {reason}")]
+pub struct ConfigError {
+    pub name: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+impl Config {
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Config::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads every setting through `lookup` (the environment, or a map in tests).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let env = Env(&lookup);
+        Ok(Config {
+            host: env.parse("HOST", "0.0.0.0")?,
+            port: env.parse("PORT", "3050")?,
+            database_url: env.string(
+                "DATABASE_URL",
+                "postgresql://manacore:devpassword@localhost:5432/mana_sync",
+            )?,
+            database_max_connections: env.parse("DATABASE_MAX_CONNECTIONS", "20")?,
+            jwks_url: env.string("JWKS_URL", "http://localhost:3001/api/auth/jwks")?,
+            jwks_min_refresh: env.duration("JWKS_MIN_REFRESH_INTERVAL", "30s")?,
+            jwks_refresh: env.duration("JWKS_REFRESH_INTERVAL", "10m")?,
+            jwt_issuer: env.optional("JWT_ISSUER"),
+            jwt_audience: env.optional("JWT_AUDIENCE"),
+            jwt_leeway: env.duration("JWT_LEEWAY", "30s")?,
+            cors_origins: env
+                .string("CORS_ORIGINS", "http://localhost:5173")?
+                .split(',')
+                .map(|o| o.trim().trim_end_matches('/').to_owned())
+                .filter(|o| !o.is_empty())
+                .collect(),
+            max_clock_skew: env.duration("MAX_CLOCK_SKEW", "5m")?,
+            max_batch_changes: env.parse("MAX_BATCH_CHANGES", "5000")?,
+            idempotency_ttl: env.duration("IDEMPOTENCY_TTL", "24h")?,
+            shutdown_timeout: env.duration("SHUTDOWN_TIMEOUT", "30s")?,
+        })
+    }
+}
+
+struct Env<'a, F>(&'a F);
+
+impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
+    fn optional(&self, name: &str) -> Option<String> {
+        (self.0)(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
+    }
+
+    fn string(&self, name: &'static str, default: &str) -> Result<String, ConfigError> {
+        Ok(self.optional(name).unwrap_or_else(|| default.to_owned()))
+    }
+
+    fn parse<T: FromStr>(&self, name: &'static str, default: &str) -> Result<T, ConfigError>
+    where
+        T::Err: std::fmt::Display,
+    {
+        let value = self.string(name, default)?;
+        value.parse().map_err(|e: T::Err| ConfigError {
+            name,
+            value,
+            reason: e.to_string(),
+        })
+    }
+
+    fn duration(&self, name: &'static str, default: &str) -> Result<Duration, ConfigError> {
+        let value = self.string(name, default)?;
+        humantime::parse_duration(&value).map_err(|e| ConfigError {
+            name,
+            value,
+            reason: format!("{e} (use e.g. 30s, 5m, 24h)"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let vars: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::from_lookup(|name| vars.get(name).cloned())
+    }
+
+    #[test]
+    fn defaults_are_the_seed_services() {
+        let c = config(&[]).unwrap();
+        assert_eq!(c.port, 3050);
+        assert_eq!(c.jwks_url, "http://localhost:3001/api/auth/jwks");
+        assert_eq!(c.max_clock_skew, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn a_malformed_setting_is_reported_by_name() {
+        let e = config(&[("PORT", "eighty")]).unwrap_err();
+        assert_eq!(e.name, "PORT");
+        assert!(
+            e.to_string().starts_with("invalid configuration: PORT=\"eighty\""),
+            "{e}"
+        );
+        assert_eq!(
+            config(&[("MAX_CLOCK_SKEW", "soon")]).unwrap_err().name,
+            "MAX_CLOCK_SKEW"
+        );
+    }
+
+    #[test]
+    fn cors_origins_are_split_and_trimmed() {
+        let c = config(&[("CORS_ORIGINS", "https://a.example, https://b.example/ ,")]).unwrap();
+        assert_eq!(c.cors_origins, vec!["https://a.example", "https://b.example"]);
+    }
+}

@@ -1,0 +1,143 @@
+//! The one error type of the crate and its mapping to HTTP.
+//!
+//! Client mistakes carry a stable machine-readable `code` and a human
+//! `message` and map to a 4xx status; everything else is an opaque 500
+//! whose cause chain is logged, never sent.
+
+use poem::http::StatusCode;
+use poem_openapi::{ApiResponse, Object, payload::Json};
+
+use crate::auth::AuthError;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed or breaks a documented limit.
+    #[error("{message}")]
+    Invalid { code: &'static str, message: String },
+    /// The request is well-formed but too large to accept.
+    #[error("{message}")]
+    TooLarge { code: &'static str, message: String },
+    /// The token is missing or unacceptable.
+    #[error(transparent)]
+    Unauthorized(#[from] AuthError),
+    /// The idempotency key was already used for a different request.
+    #[error("Idempotency-Key '{0}' was already used for a different request")]
+    IdempotencyKeyReused(String),
+    /// A server-side fault: logged with its cause chain, answered with a bare 500.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl Error {
+    pub fn invalid(code: &'static str, message: impl Into<String>) -> Error {
+        Error::Invalid {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn too_large(code: &'static str, message: impl Into<String>) -> Error {
+        Error::TooLarge {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        Error::Internal(anyhow::Error::new(e).context("database error"))
+    }
+}
+
+/// The body of every error response.
+#[derive(Debug, Clone, Object, serde::Deserialize)]
+pub struct ErrorBody {
+    /// Stable machine-readable error code, e.g. `invalid_timestamp`, `unauthorized`.
+    pub code: String,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+impl ErrorBody {
+    fn json(code: &str, message: impl Into<String>) -> Json<ErrorBody> {
+        Json(ErrorBody {
+            code: code.to_owned(),
+            message: message.into(),
+        })
+    }
+}
+
+/// Error responses of the API.
+#[derive(Debug, ApiResponse)]
+pub enum ErrorResponse {
+    /// The request is malformed: bad JSON, wrong types, an unknown `op`, an
+    /// empty, oversized or non-printable name, a NUL character, a bad timestamp or cursor.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    /// The bearer token is missing, malformed, expired, or not signed by a key of the JWKS.
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorBody>),
+    /// The body is over the size limit (10 MB by default) or the batch has too many changes.
+    #[oai(status = 413)]
+    PayloadTooLarge(Json<ErrorBody>),
+    /// The `Idempotency-Key` was already used for a different request.
+    #[oai(status = 422)]
+    Unprocessable(Json<ErrorBody>),
+    /// A server fault; details are in the server's log, never in the response.
+    #[oai(status = 500)]
+    Internal(Json<ErrorBody>),
+}
+
+impl From<Error> for ErrorResponse {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Invalid { code, message } => ErrorResponse::BadRequest(ErrorBody::json(code, message)),
+            Error::TooLarge { code, message } => ErrorResponse::PayloadTooLarge(ErrorBody::json(code, message)),
+            Error::Unauthorized(e) => {
+                tracing::debug!(reason = e.reason(), "token rejected: {e}");
+                ErrorResponse::Unauthorized(ErrorBody::json("unauthorized", e.to_string()))
+            }
+            e @ Error::IdempotencyKeyReused(_) => {
+                ErrorResponse::Unprocessable(ErrorBody::json("idempotency_key_reused", e.to_string()))
+            }
+            Error::Internal(e) => {
+                tracing::error!(error = ?e, "request failed");
+                ErrorResponse::Internal(ErrorBody::json("internal", "internal server error"))
+            }
+        }
+    }
+}
+
+/// Turns an error poem raised itself (no route, bad payload, missing
+/// token, body too large...) into the same JSON shape as ours. Responses
+/// built by our handlers pass through untouched.
+pub async fn json_error(err: poem::Error) -> poem::Response {
+    if err.is_from_response() {
+        return err.into_response();
+    }
+    let status = err.status();
+    let code = match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        s if s.is_client_error() => "bad_request",
+        _ => "internal",
+    };
+    let message = if status.is_server_error() {
+        tracing::error!(error = %err, "request failed");
+        "internal server error".to_owned()
+    } else {
+        err.to_string()
+    };
+    poem::Response::builder()
+        .status(status)
+        .content_type("application/json")
+        .body(serde_json::json!({ "code": code, "message": message }).to_string())
+}

@@ -1,0 +1,89 @@
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mana_sync::config::Config;
+use mana_sync::startup::{self, AppState};
+use mana_sync::{db, projection, telemetry};
+
+/// Sync server for local-first apps. Configured by environment variables (see README).
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the API (the default).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Print the OpenAPI document.
+    Openapi,
+    /// Re-derive the record projection from the change log.
+    Rebuild,
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    if let Some(Command::Openapi) = cli.command {
+        println!("{}", startup::spec());
+        return;
+    }
+    telemetry::init();
+    if let Err(e) = run(cli.command.unwrap_or(Command::Serve)).await {
+        eprintln!("mana-sync: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    let config = Config::from_env()?;
+    match command {
+        Command::Serve => {
+            let addr = (config.host, config.port);
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("failed to bind {}:{} (HOST/PORT)", addr.0, addr.1))?;
+            let state = AppState::connect(config).await?;
+            startup::serve(state, listener, shutdown_signal()).await
+        }
+        Command::Migrate => {
+            let pool = db::pool(&config)?;
+            db::wait_until_reachable(&pool, Some(std::time::Duration::from_secs(60))).await?;
+            db::migrate(&pool).await?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+        Command::Rebuild => {
+            let pool = db::pool(&config)?;
+            db::wait_until_reachable(&pool, Some(std::time::Duration::from_secs(60))).await?;
+            db::migrate(&pool).await?;
+            let (users, entries, records) = projection::rebuild(&pool).await?;
+            tracing::info!(users, entries, records, "projection rebuilt from the change log");
+            Ok(())
+        }
+        Command::Openapi => unreachable!("handled before configuration"),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutdown signal received");
+}

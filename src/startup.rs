@@ -1,0 +1,157 @@
+//! Building the application from a config and running it on a listener.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context;
+use poem::http::Method;
+use poem::listener::TcpAcceptor;
+use poem::middleware::Cors;
+use poem::{Endpoint, EndpointExt, IntoEndpoint, Request, Response, Route, Server};
+use poem_openapi::OpenApiService;
+use sqlx::PgPool;
+
+use crate::api::health::HealthApi;
+use crate::api::sync::SyncApi;
+use crate::auth::Authenticator;
+use crate::config::{Config, MAX_BODY_BYTES};
+use crate::error::json_error;
+use crate::{db, idempotency};
+
+/// What every request handler shares. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub pool: PgPool,
+    pub auth: Authenticator,
+}
+
+impl AppState {
+    /// Connects (retrying until the database answers), migrates, and loads the JWKS.
+    pub async fn connect(config: Config) -> anyhow::Result<AppState> {
+        let pool = db::pool(&config)?;
+        db::wait_until_reachable(&pool, None).await?;
+        db::migrate(&pool).await?;
+        db::warn_if_rls_bypassed(&pool).await?;
+        let auth = Authenticator::new(&config);
+        auth.refresh(true).await;
+        Ok(AppState {
+            config: Arc::new(config),
+            pool,
+            auth,
+        })
+    }
+
+    /// (open WebSocket connections, distinct users connected) on this replica.
+    pub fn connection_stats(&self) -> (u64, u64) {
+        (0, 0)
+    }
+}
+
+/// The OpenAPI service: every operation of the server.
+pub fn openapi() -> OpenApiService<(SyncApi, HealthApi), ()> {
+    OpenApiService::new((SyncApi, HealthApi), "mana-sync", env!("CARGO_PKG_VERSION")).description(
+        "Sync server for local-first apps. Devices push field-level changes and pull \
+         what other devices changed, folded by field-level last-write-wins. Every error \
+         is JSON `{code, message}`.",
+    )
+}
+
+/// The spec as served at `/openapi.json` and committed at `openapi/mana-sync.json`.
+pub fn spec() -> String {
+    openapi().spec()
+}
+
+/// The whole HTTP application for `state`.
+pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
+    let api = openapi();
+    let (spec, docs) = (api.spec_endpoint(), api.swagger_ui());
+    let cors = cors(&state.config.cors_origins);
+    Route::new()
+        .at("/openapi.json", spec)
+        .nest("/docs", docs)
+        .nest("/", api)
+        .around(|ep, req| async move { ep.call(limit_body(req).await?).await })
+        .catch_all_error(json_error)
+        .with(cors)
+        .catch_all_error(json_error)
+        .data(state)
+        .into_endpoint()
+}
+
+/// Reads the body up to the limit, so an oversized one is a 413 whether or
+/// not it declares its length.
+async fn limit_body(mut req: Request) -> poem::Result<Request> {
+    let declared = req
+        .headers()
+        .get(poem::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES) {
+        return Err(too_large());
+    }
+    let body = req
+        .take_body()
+        .into_bytes_limit(MAX_BODY_BYTES)
+        .await
+        .map_err(|e| match e {
+            poem::error::ReadBodyError::PayloadTooLarge => too_large(),
+            other => other.into(),
+        })?;
+    req.set_body(body);
+    Ok(req)
+}
+
+fn too_large() -> poem::Error {
+    poem::Error::from_string(
+        format!(
+            "the request body is over the {} MB limit",
+            MAX_BODY_BYTES / (1024 * 1024)
+        ),
+        poem::http::StatusCode::PAYLOAD_TOO_LARGE,
+    )
+}
+
+/// CORS for browser pages on the allowed origins (`*` allows any).
+fn cors(origins: &[String]) -> Cors {
+    let cors = Cors::new()
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_headers([
+            "authorization",
+            "content-type",
+            "x-client-id",
+            "idempotency-key",
+            "traceparent",
+            "tracestate",
+        ])
+        .max_age(3600);
+    if origins.iter().any(|o| o == "*") {
+        cors
+    } else {
+        cors.allow_origins(origins.iter().map(String::as_str))
+    }
+}
+
+/// Serves on `listener` until `shutdown` resolves, then lets in-flight
+/// requests finish (up to `SHUTDOWN_TIMEOUT`).
+pub async fn serve(
+    state: AppState,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr().context("listener has no address")?;
+    let timeout = state.config.shutdown_timeout;
+    let background = [
+        state.auth.spawn_refresh(state.config.jwks_refresh),
+        idempotency::spawn_pruner(state.pool.clone(), state.config.idempotency_ttl),
+    ];
+    tracing::info!(%addr, "mana-sync listening");
+    let result = Server::new_with_acceptor(TcpAcceptor::from_tokio(listener)?)
+        .run_with_graceful_shutdown(app(state), shutdown, Some(timeout))
+        .await
+        .context("server failed");
+    for task in background {
+        task.abort();
+    }
+    result
+}

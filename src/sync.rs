@@ -1,0 +1,187 @@
+//! Push and pull: the change log, the fold and the cursor put together,
+//! one transaction per request.
+
+use std::collections::HashMap;
+
+use poem_openapi::types::{ParseFromJSON, ToJSON};
+use sqlx::{PgConnection, PgPool};
+
+use crate::change_log;
+use crate::cursor::Cursor;
+use crate::db;
+use crate::error::{Error, Result};
+use crate::fold::{LogEntry, RecordDelta, RecordState};
+use crate::idempotency;
+use crate::projection::{self, Page, Record};
+use crate::protocol::{FieldValue, Op, ServerChange, SyncResponse};
+use crate::validate::Batch;
+
+/// An `Idempotency-Key` and the fingerprint of the request it came with.
+pub struct Idempotency {
+    pub key: String,
+    pub fingerprint: Vec<u8>,
+}
+
+/// Records a batch and answers with everything since `batch.since`, in
+/// one transaction: all changes are recorded or none, and the answer is
+/// sent only after commit. A retry under the same idempotency key gets the
+/// first answer and records nothing.
+pub async fn push(
+    pool: &PgPool,
+    user_id: &str,
+    app_id: &str,
+    batch: &Batch,
+    idempotency: Option<&Idempotency>,
+    limit: u32,
+) -> Result<SyncResponse> {
+    let mut tx = db::begin_for(pool, user_id).await?;
+    // The clock lock comes first: it serialises the user's pushes, so an
+    // idempotency key cannot be checked by two of them at once.
+    record(&mut tx, user_id, app_id, batch).await?;
+    if let Some(idem) = idempotency
+        && let Some((fingerprint, response)) = idempotency::find(&mut tx, user_id, &idem.key).await?
+    {
+        tx.rollback().await?;
+        if fingerprint != idem.fingerprint {
+            return Err(Error::IdempotencyKeyReused(idem.key.clone()));
+        }
+        return SyncResponse::parse_from_json(Some(response)).map_err(|e| {
+            Error::Internal(anyhow::anyhow!(
+                "stored idempotent response is unreadable: {}",
+                e.into_message()
+            ))
+        });
+    }
+    let response = changes_since(&mut tx, user_id, app_id, None, batch.since, limit).await?;
+    if let Some(idem) = idempotency {
+        idempotency::save(
+            &mut tx,
+            user_id,
+            &idem.key,
+            &idem.fingerprint,
+            &response.to_json().unwrap_or_default(),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(response)
+}
+
+/// Appends a batch to the log and folds it into the projection, inside the
+/// caller's transaction (which must be scoped to `user_id`). The user's
+/// clock stays locked until that transaction ends.
+pub async fn record(conn: &mut PgConnection, user_id: &str, app_id: &str, batch: &Batch) -> Result<()> {
+    if batch.changes.is_empty() {
+        return Ok(());
+    }
+    let first_seq = change_log::reserve(conn, user_id, batch.changes.len() as i64).await?;
+    change_log::append(conn, user_id, app_id, &batch.client_id, first_seq, &batch.changes).await?;
+
+    let keys: Vec<(&str, &str)> = batch
+        .changes
+        .iter()
+        .map(|c| (c.table.as_str(), c.id.as_str()))
+        .collect();
+    let mut states: HashMap<(String, String), RecordState> = projection::load(conn, user_id, app_id, &keys).await?;
+    for (seq, change) in (first_seq..).zip(&batch.changes) {
+        let entry = LogEntry {
+            seq,
+            writes: change.writes.clone(),
+        };
+        states
+            .entry((change.table.clone(), change.id.clone()))
+            .or_default()
+            .apply(&entry);
+    }
+    // Every loaded state is one the batch touched; records never seen are created.
+    let records: Vec<Record> = states
+        .into_iter()
+        .map(|((table, id), state)| Record { table, id, state })
+        .collect();
+    projection::save(conn, user_id, app_id, &records).await?;
+    Ok(())
+}
+
+/// The folded delta of one collection since a cursor.
+pub async fn pull(
+    pool: &PgPool,
+    user_id: &str,
+    app_id: &str,
+    table: &str,
+    since: Cursor,
+    limit: u32,
+) -> Result<SyncResponse> {
+    let mut tx = db::begin_for(pool, user_id).await?;
+    let response = changes_since(&mut tx, user_id, app_id, Some(table), since, limit).await?;
+    tx.commit().await?;
+    Ok(response)
+}
+
+async fn changes_since(
+    conn: &mut PgConnection,
+    user_id: &str,
+    app_id: &str,
+    table: Option<&str>,
+    since: Cursor,
+    limit: u32,
+) -> Result<SyncResponse> {
+    let page = projection::changed_since(conn, user_id, app_id, table, since, i64::from(limit) + 1).await?;
+    Ok(respond(page, since, limit as usize))
+}
+
+/// Shapes a page into the wire response. With more than `limit` records
+/// the cursor stops at the last record sent; otherwise it is the clock the
+/// page was read at (or the start, when the user has written nothing).
+pub fn respond(mut page: Page, since: Cursor, limit: usize) -> SyncResponse {
+    let has_more = page.records.len() > limit;
+    page.records.truncate(limit);
+    let synced_until = match page.records.last() {
+        Some(last) if has_more => Cursor(last.state.touched),
+        _ => page.clock.map_or(Cursor::START, Cursor),
+    };
+    let server_changes = page
+        .records
+        .iter()
+        .filter_map(|r| r.state.delta_since(&r.id, since).map(|delta| server_change(r, delta)))
+        .collect();
+    SyncResponse {
+        server_changes,
+        conflicts: Vec::new(),
+        synced_until: synced_until.to_string(),
+        has_more,
+    }
+}
+
+fn server_change(record: &Record, delta: RecordDelta) -> ServerChange {
+    let (op, data, fields, deleted_at) = match delta {
+        RecordDelta::Insert { data } => (Op::Insert, Some(data.into_iter().collect()), None, None),
+        RecordDelta::Update { data, fields } => (
+            Op::Update,
+            Some(data.into_iter().collect()),
+            Some(
+                fields
+                    .into_iter()
+                    .map(|(name, (value, at))| {
+                        (
+                            name,
+                            FieldValue {
+                                value,
+                                updated_at: at.to_short_string(),
+                            },
+                        )
+                    })
+                    .collect(),
+            ),
+            None,
+        ),
+        RecordDelta::Delete { deleted_at } => (Op::Delete, None, None, Some(deleted_at)),
+    };
+    ServerChange {
+        table: record.table.clone(),
+        id: record.id.clone(),
+        op,
+        data,
+        fields,
+        deleted_at,
+    }
+}

@@ -1,0 +1,397 @@
+//! Turns a pushed batch into log entries, or says exactly what is wrong
+//! with it. Everything is checked before anything is written.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::cursor::Cursor;
+use crate::error::{Error, Result};
+use crate::fold::{DELETED_AT, FieldWrite};
+use crate::protocol::{ChangeInput, Op, PushRequest};
+use crate::timestamp::Timestamp;
+
+/// Longest app id, table (collection) or field name, in bytes.
+pub const MAX_NAME_BYTES: usize = 128;
+/// Longest record id, client id or user id, in bytes.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// A validated push: ready to append.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub client_id: String,
+    pub since: Cursor,
+    pub changes: Vec<Change>,
+}
+
+/// One validated change: the fields it writes at their effective times.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub table: String,
+    pub id: String,
+    pub op: Op,
+    pub writes: Vec<FieldWrite>,
+}
+
+/// The rules a push is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_changes: usize,
+    pub max_clock_skew: Duration,
+}
+
+/// Checks a name (app id, table, field): 1-128 bytes, no control characters.
+pub fn name(what: &str, value: &str) -> Result<()> {
+    bounded(what, value, MAX_NAME_BYTES)
+}
+
+/// Checks an id (record, client): 1-256 bytes, no control characters.
+pub fn id(what: &str, value: &str) -> Result<()> {
+    bounded(what, value, MAX_ID_BYTES)
+}
+
+fn bounded(what: &str, value: &str, max: usize) -> Result<()> {
+    if value.is_empty() || value.len() > max {
+        return Err(Error::invalid(
+            "invalid_name",
+            format!("{what} must be 1 to {max} bytes long"),
+        ));
+    }
+    if value.contains('\0') {
+        return Err(nul(what));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            "invalid_name",
+            format!("{what} must not contain control characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn nul(what: &str) -> Error {
+    Error::invalid(
+        "nul_character",
+        format!("{what} contains a NUL character (\\u0000), which cannot be stored"),
+    )
+}
+
+/// Rejects NUL characters anywhere in a JSON value, keys included: the
+/// database cannot store them.
+fn no_nul(what: &str, value: &Value) -> Result<()> {
+    match value {
+        Value::String(s) if s.contains('\0') => Err(nul(what)),
+        Value::Array(items) => items.iter().try_for_each(|v| no_nul(what, v)),
+        Value::Object(map) => map.iter().try_for_each(|(k, v)| {
+            if k.contains('\0') {
+                Err(nul(what))
+            } else {
+                no_nul(what, v)
+            }
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Parses a cursor parameter (`since`), defaulting to the beginning.
+pub fn since(value: Option<&str>) -> Result<Cursor> {
+    match value {
+        None | Some("") => Ok(Cursor::START),
+        Some(s) => Cursor::parse(s).map_err(|e| Error::invalid("invalid_cursor", format!("since: {e}"))),
+    }
+}
+
+/// Checks a whole push and resolves every write's effective timestamp.
+/// `now` is the server's receive time: the default timestamp, and what a
+/// timestamp further ahead than `max_clock_skew` is clamped to.
+pub fn push(header_client_id: Option<&str>, request: PushRequest, now: Timestamp, limits: Limits) -> Result<Batch> {
+    let client_id = header_client_id
+        .filter(|c| !c.is_empty())
+        .or(request.client_id.as_deref())
+        .ok_or_else(|| {
+            Error::invalid(
+                "missing_client_id",
+                "send the device id in X-Client-Id (or the body's clientId)",
+            )
+        })?
+        .to_owned();
+    id("clientId", &client_id)?;
+    if request.changes.len() > limits.max_changes {
+        return Err(Error::too_large(
+            "too_many_changes",
+            format!(
+                "a push may hold at most {} changes; got {} (send them in several pushes)",
+                limits.max_changes,
+                request.changes.len()
+            ),
+        ));
+    }
+    let since = since(request.since.as_deref())?;
+    let latest = Timestamp(
+        now.0
+            .saturating_add(i64::try_from(limits.max_clock_skew.as_nanos()).unwrap_or(i64::MAX)),
+    );
+    let clock = Clock { now, latest };
+    let changes = request
+        .changes
+        .into_iter()
+        .enumerate()
+        .map(|(i, change)| self::change(change, clock).map_err(|e| at_index(i, e)))
+        .collect::<Result<_>>()?;
+    Ok(Batch {
+        client_id,
+        since,
+        changes,
+    })
+}
+
+#[derive(Clone, Copy)]
+struct Clock {
+    now: Timestamp,
+    latest: Timestamp,
+}
+
+impl Clock {
+    /// The effective time of a client timestamp: parsed, and clamped to
+    /// `now` when further in the future than the allowed skew.
+    fn resolve(self, what: &str, value: Option<&str>) -> Result<Timestamp> {
+        let Some(value) = value else { return Ok(self.now) };
+        let at = Timestamp::parse(value).map_err(|e| Error::invalid("invalid_timestamp", format!("{what}: {e}")))?;
+        Ok(if at > self.latest { self.now } else { at })
+    }
+}
+
+fn at_index(i: usize, e: Error) -> Error {
+    match e {
+        Error::Invalid { code, message } => Error::Invalid {
+            code,
+            message: format!("changes[{i}]: {message}"),
+        },
+        other => other,
+    }
+}
+
+fn change(input: ChangeInput, clock: Clock) -> Result<Change> {
+    name("table", &input.table)?;
+    id("id", &input.id)?;
+    let writes = match input.op {
+        Op::Insert => {
+            let data = input
+                .data
+                .ok_or_else(|| Error::invalid("missing_data", "an insert needs 'data'"))?;
+            data_writes(&input.id, data, clock)?
+        }
+        Op::Update => match (input.fields, input.data) {
+            (Some(fields), _) => fields
+                .into_iter()
+                .filter(|(field, _)| field != "id")
+                .map(|(field, change)| {
+                    name("field name", &field)?;
+                    no_nul(&field, &change.value)?;
+                    let what = format!("fields.{field}.updatedAt");
+                    let at = clock.resolve(&what, change.updated_at.as_deref().or(change.at.as_deref()))?;
+                    Ok(FieldWrite {
+                        name: field,
+                        value: change.value,
+                        at,
+                    })
+                })
+                .collect::<Result<_>>()?,
+            (None, Some(data)) => data_writes(&input.id, data, clock)?,
+            (None, None) => return Err(Error::invalid("missing_fields", "an update needs 'fields' (or 'data')")),
+        },
+        Op::Delete => {
+            let at = clock.resolve("deletedAt", input.deleted_at.as_deref())?;
+            vec![FieldWrite {
+                name: DELETED_AT.to_owned(),
+                value: Value::String(at.to_short_string()),
+                at,
+            }]
+        }
+    };
+    Ok(Change {
+        table: input.table.0,
+        id: input.id.0,
+        op: input.op,
+        writes,
+    })
+}
+
+/// The writes of a whole record: every field of `data` at its
+/// `updatedAt`, else `createdAt`, else the receive time.
+fn data_writes(
+    record_id: &str,
+    data: std::collections::BTreeMap<String, Value>,
+    clock: Clock,
+) -> Result<Vec<FieldWrite>> {
+    let stamp = |field: &str| match data.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.as_str())),
+        Some(_) => Err(Error::invalid(
+            "invalid_timestamp",
+            format!("data.{field} must be an RFC 3339 string"),
+        )),
+    };
+    let at = match (stamp("updatedAt")?, stamp("createdAt")?) {
+        (Some(updated), _) => clock.resolve("data.updatedAt", Some(updated))?,
+        (None, Some(created)) => clock.resolve("data.createdAt", Some(created))?,
+        (None, None) => clock.now,
+    };
+    if data.get("id").is_some_and(|given| given.as_str() != Some(record_id)) {
+        return Err(Error::invalid("id_mismatch", "data.id must equal the change's id"));
+    }
+    data.into_iter()
+        .filter(|(field, _)| field != "id")
+        .map(|(field, value)| {
+            name("field name", &field)?;
+            no_nul(&field, &value)?;
+            Ok(FieldWrite { name: field, value, at })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_changes: 3,
+        max_clock_skew: Duration::from_secs(300),
+    };
+
+    fn now() -> Timestamp {
+        Timestamp::parse("2024-01-01T12:00:00Z").unwrap()
+    }
+
+    fn request(changes: Value) -> PushRequest {
+        use poem_openapi::types::ParseFromJSON;
+        PushRequest::parse_from_json(Some(json!({ "clientId": "dev-1", "changes": changes }))).unwrap()
+    }
+
+    fn code(result: Result<Batch>) -> &'static str {
+        match result {
+            Err(Error::Invalid { code, .. } | Error::TooLarge { code, .. }) => code,
+            other => panic!("expected a client error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn insert_fields_take_updated_at_else_created_at_else_now() {
+        let batch = push(None, request(json!([
+            { "table": "todos", "id": "a", "op": "insert", "data": { "id": "a", "title": "x", "updatedAt": "2024-01-01T10:00:00Z", "createdAt": "2023-01-01T00:00:00Z" } },
+            { "table": "todos", "id": "b", "op": "insert", "data": { "title": "y", "createdAt": "2023-01-01T00:00:00Z" } },
+            { "table": "todos", "id": "c", "op": "insert", "data": { "title": "z" } }
+        ])), now(), LIMITS).unwrap();
+        let first_at = |i: usize| batch.changes[i].writes[0].at;
+        assert_eq!(first_at(0), Timestamp::parse("2024-01-01T10:00:00Z").unwrap());
+        assert_eq!(first_at(1), Timestamp::parse("2023-01-01T00:00:00Z").unwrap());
+        assert_eq!(first_at(2), now());
+        assert!(
+            batch.changes[0].writes.iter().all(|w| w.name != "id"),
+            "id is the record key, not a field"
+        );
+    }
+
+    #[test]
+    fn the_at_alias_and_future_clamp_apply_to_field_changes() {
+        let batch = push(
+            Some("header-dev"),
+            request(json!([
+                { "table": "todos", "id": "a", "op": "update", "fields": {
+                    "title": { "value": "x", "at": "2024-01-01T11:00:00+01:00" },
+                    "done": { "value": true, "updatedAt": "2030-01-01T00:00:00Z" } } }
+            ])),
+            now(),
+            LIMITS,
+        )
+        .unwrap();
+        assert_eq!(batch.client_id, "header-dev");
+        let w = &batch.changes[0].writes;
+        assert_eq!(
+            w.iter().find(|w| w.name == "title").unwrap().at,
+            Timestamp::parse("2024-01-01T10:00:00Z").unwrap()
+        );
+        assert_eq!(
+            w.iter().find(|w| w.name == "done").unwrap().at,
+            now(),
+            "a far-future timestamp is clamped"
+        );
+    }
+
+    #[test]
+    fn a_delete_writes_deleted_at() {
+        let batch = push(
+            None,
+            request(json!([
+                { "table": "todos", "id": "a", "op": "delete", "deletedAt": "2024-01-01T10:06:00Z" }
+            ])),
+            now(),
+            LIMITS,
+        )
+        .unwrap();
+        assert_eq!(
+            batch.changes[0].writes,
+            vec![FieldWrite {
+                name: DELETED_AT.into(),
+                value: json!("2024-01-01T10:06:00.000Z"),
+                at: Timestamp::parse("2024-01-01T10:06:00Z").unwrap(),
+            }]
+        );
+    }
+
+    #[test]
+    fn bad_input_is_named() {
+        let one = |c: Value| push(None, request(json!([c])), now(), LIMITS);
+        assert_eq!(
+            code(one(json!({ "table": "", "id": "a", "op": "delete" }))),
+            "invalid_name"
+        );
+        assert_eq!(
+            code(one(json!({ "table": "t".repeat(129), "id": "a", "op": "delete" }))),
+            "invalid_name"
+        );
+        assert_eq!(
+            code(one(json!({ "table": "t", "id": "a\u{0}", "op": "delete" }))),
+            "nul_character"
+        );
+        assert_eq!(
+            code(one(
+                json!({ "table": "t", "id": "a", "op": "insert", "data": { "x": ["ok", "bad\u{0}"] } })
+            )),
+            "nul_character"
+        );
+        assert_eq!(
+            code(one(
+                json!({ "table": "t", "id": "a", "op": "insert", "data": { "updatedAt": "yesterday" } })
+            )),
+            "invalid_timestamp"
+        );
+        assert_eq!(
+            code(one(
+                json!({ "table": "t", "id": "a", "op": "insert", "data": { "id": "b" } })
+            )),
+            "id_mismatch"
+        );
+        assert_eq!(
+            code(one(json!({ "table": "t", "id": "a", "op": "insert" }))),
+            "missing_data"
+        );
+        assert_eq!(
+            code(one(json!({ "table": "t", "id": "a", "op": "update" }))),
+            "missing_fields"
+        );
+        assert_eq!(
+            code(one(
+                json!({ "table": "t", "id": "a", "op": "delete", "deletedAt": "5" })
+            )),
+            "invalid_timestamp"
+        );
+        let four = json!([{ "table": "t", "id": "a", "op": "delete" }, { "table": "t", "id": "a", "op": "delete" }, { "table": "t", "id": "a", "op": "delete" }, { "table": "t", "id": "a", "op": "delete" }]);
+        assert_eq!(code(push(None, request(four), now(), LIMITS)), "too_many_changes");
+        let mut anonymous = request(json!([]));
+        anonymous.client_id = None;
+        assert_eq!(code(push(None, anonymous, now(), LIMITS)), "missing_client_id");
+    }
+}
