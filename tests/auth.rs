@@ -1,0 +1,136 @@
+//! Bearer tokens checked against the JWKS: algorithms, claims, key cache.
+
+mod common;
+
+use std::time::Duration;
+
+use common::app::{APP, expect_error, expect_json, spawn_app, spawn_app_with};
+use common::tokens::{self, TestKey};
+use reqwest::StatusCode;
+use serde_json::json;
+
+async fn pull_with(app: &common::app::TestApp, token: &str) -> reqwest::Response {
+    app.http
+        .get(app.url(&format!("/sync/{APP}/pull?collection=todos")))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_bad_token_is_a_json_401() {
+    let app = spawn_app().await;
+    let no_header = app
+        .http
+        .get(app.url(&format!("/sync/{APP}/pull?collection=todos")))
+        .send()
+        .await
+        .unwrap();
+    expect_error(no_header, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    let cases = [
+        ("garbage", "not.a.jwt".to_owned()),
+        ("expired", tokens::expired_token_for("alice")),
+        ("not yet valid", tokens::not_yet_valid_token_for("alice")),
+        ("wrong issuer", tokens::wrong_issuer_token_for("alice")),
+        ("wrong audience", tokens::wrong_audience_token_for("alice")),
+        ("no kid", tokens::no_kid_token_for("alice")),
+        ("unknown kid", tokens::unknown_kid_token_for("alice")),
+        ("foreign key", tokens::foreign_token_for("alice")),
+        ("forged kid", tokens::forged_token_for("alice")),
+        (
+            "unsigned",
+            tokens::unsigned_token(Some(tokens::ED_KID), &tokens::claims_for("alice")),
+        ),
+        (
+            "hs256",
+            tokens::sign_hs256(b"secret", Some(tokens::ED_KID), &tokens::claims_for("alice")),
+        ),
+        (
+            "no sub",
+            tokens::token_for_with("alice", |c| {
+                c.as_object_mut().unwrap().remove("sub");
+            }),
+        ),
+        ("empty sub", tokens::token_for_with("", |_| {})),
+        (
+            "no exp",
+            tokens::token_for_with("alice", |c| {
+                c.as_object_mut().unwrap().remove("exp");
+            }),
+        ),
+    ];
+    for (what, token) in cases {
+        let response = pull_with(&app, &token).await;
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{what} must be refused");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "unauthorized", "{what}: {body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eddsa_rs256_and_es256_keys_of_the_jwks_are_accepted() {
+    let app = spawn_app().await;
+    for key in [TestKey::ed(), TestKey::rsa(), TestKey::ec()] {
+        let token = tokens::sign(&key, &tokens::claims_for("alice"));
+        expect_json(pull_with(&app, &token).await, StatusCode::OK).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_clock_difference_is_tolerated() {
+    let app = spawn_app().await;
+    let token = tokens::token_for_with("alice", |c| c["exp"] = json!(tokens::now() - 5));
+    expect_json(pull_with(&app, &token).await, StatusCode::OK).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_kids_trigger_at_most_one_jwks_fetch_per_interval() {
+    let app = spawn_app_with(&[("JWKS_MIN_REFRESH_INTERVAL", "1h")]).await;
+    app.jwks.reset_hits();
+    let requests = (0..20).map(|i| {
+        let token = tokens::sign(
+            &TestKey::ed().with_kid(&format!("new-{i}")),
+            &tokens::claims_for("alice"),
+        );
+        let app = &app;
+        async move { pull_with(app, &token).await.status() }
+    });
+    let statuses = futures_util::future::join_all(requests).await;
+    assert!(statuses.iter().all(|s| *s == StatusCode::UNAUTHORIZED));
+    assert!(
+        app.jwks.hits() <= 1,
+        "JWKS fetched {} times for 20 unknown kids",
+        app.jwks.hits()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_key_is_picked_up_on_its_first_token() {
+    let app = spawn_app_with(&[("JWKS_MIN_REFRESH_INTERVAL", "0s")]).await;
+    let rotated = TestKey::ed().with_kid("ed-2");
+    let token = tokens::sign(&rotated, &tokens::claims_for("alice"));
+    expect_error(pull_with(&app, &token).await, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    app.jwks.set_keys(tokens::jwks_json([&TestKey::ed(), &rotated]));
+    expect_json(pull_with(&app, &token).await, StatusCode::OK).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwks_outage_does_not_stop_tokens_signed_by_cached_keys() {
+    let app = spawn_app_with(&[("JWKS_MIN_REFRESH_INTERVAL", "0s"), ("JWKS_REFRESH_INTERVAL", "100ms")]).await;
+    app.jwks.set_failing(true);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let hits_during_outage = app.jwks.hits();
+    expect_json(pull_with(&app, &tokens::token_for("alice")).await, StatusCode::OK).await;
+    // An unknown kid during the outage still fails cleanly (401, not 500).
+    expect_error(
+        pull_with(&app, &tokens::unknown_kid_token_for("alice")).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    )
+    .await;
+    assert!(
+        hits_during_outage >= 2,
+        "refreshes were attempted (and failed) during the outage: {hits_during_outage}"
+    );
+}

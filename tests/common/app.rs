@@ -1,0 +1,212 @@
+//! A running server per test: its own database, its own JWKS, a random port.
+
+use std::collections::HashMap;
+
+use mana_sync::config::Config;
+use mana_sync::startup::{self, AppState};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+use super::pg::{self, TestDatabase};
+use super::tokens::{self, JwksServer};
+
+/// The app id the helpers push to.
+pub const APP: &str = "todo";
+/// The browser origin the test server allows.
+pub const ORIGIN: &str = "http://app.example";
+
+pub struct TestApp {
+    /// `http://127.0.0.1:<port>`
+    pub address: String,
+    pub http: reqwest::Client,
+    pub db: TestDatabase,
+    pub jwks: JwksServer,
+    pub config: Config,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+/// A server with the default test settings.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&[]).await
+}
+
+/// A server with some settings (environment variable names) overridden.
+pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
+    let db = pg::test_database().await;
+    let jwks = JwksServer::start_default().await;
+    let mut vars: HashMap<String, String> = HashMap::from([
+        ("DATABASE_URL".to_owned(), db.app_url.clone()),
+        ("JWKS_URL".to_owned(), jwks.url.clone()),
+        ("JWT_ISSUER".to_owned(), tokens::ISSUER.to_owned()),
+        ("JWT_AUDIENCE".to_owned(), tokens::AUDIENCE.to_owned()),
+        ("CORS_ORIGINS".to_owned(), ORIGIN.to_owned()),
+        ("DATABASE_MAX_CONNECTIONS".to_owned(), "10".to_owned()),
+        ("SHUTDOWN_TIMEOUT".to_owned(), "2s".to_owned()),
+    ]);
+    for (k, v) in overrides {
+        vars.insert((*k).to_owned(), (*v).to_owned());
+    }
+    let config = Config::from_lookup(|name| vars.get(name).cloned()).expect("test configuration is valid");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a free port");
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    let state = AppState::connect(config.clone()).await.expect("the server starts");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(startup::serve(state, listener, async {
+        let _ = rx.await;
+    }));
+    TestApp {
+        address,
+        http: reqwest::Client::new(),
+        db,
+        jwks,
+        config,
+        shutdown: Some(tx),
+        server: Some(server),
+    }
+}
+
+/// A body for `POST /sync/{appId}`.
+pub fn push_body(client: &str, since: &str, changes: Value) -> Value {
+    json!({ "clientId": client, "since": since, "changes": changes })
+}
+
+/// An insert of `data` (which should carry `updatedAt`).
+pub fn insert(table: &str, id: &str, data: Value) -> Value {
+    let mut data = data;
+    data["id"] = json!(id);
+    json!({ "table": table, "id": id, "op": "insert", "data": data })
+}
+
+/// An update of one field at `at`.
+pub fn update(table: &str, id: &str, field: &str, value: Value, at: &str) -> Value {
+    json!({ "table": table, "id": id, "op": "update", "fields": { field: { "value": value, "updatedAt": at } } })
+}
+
+pub fn delete(table: &str, id: &str, at: &str) -> Value {
+    json!({ "table": table, "id": id, "op": "delete", "deletedAt": at })
+}
+
+pub const START: &str = "1970-01-01T00:00:00.000Z";
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.address, path)
+    }
+
+    /// `POST /sync/todo` as `user` from device `client`.
+    pub async fn push(&self, user: &str, client: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(self.url(&format!("/sync/{APP}")))
+            .bearer_auth(tokens::token_for(user))
+            .header("X-Client-Id", client)
+            .json(body)
+            .send()
+            .await
+            .expect("push request")
+    }
+
+    /// A push that must succeed; returns the response body.
+    pub async fn push_ok(&self, user: &str, client: &str, since: &str, changes: Value) -> Value {
+        let response = self.push(user, client, &push_body(client, since, changes)).await;
+        expect_json(response, StatusCode::OK).await
+    }
+
+    /// `GET /sync/todo/pull` as `user`.
+    pub async fn pull(&self, user: &str, collection: &str, since: &str, limit: Option<u32>) -> reqwest::Response {
+        let mut query = vec![("collection", collection.to_owned()), ("since", since.to_owned())];
+        if let Some(limit) = limit {
+            query.push(("limit", limit.to_string()));
+        }
+        self.http
+            .get(self.url(&format!("/sync/{APP}/pull")))
+            .bearer_auth(tokens::token_for(user))
+            .header("X-Client-Id", "puller")
+            .query(&query)
+            .send()
+            .await
+            .expect("pull request")
+    }
+
+    pub async fn pull_ok(&self, user: &str, collection: &str, since: &str, limit: Option<u32>) -> Value {
+        expect_json(self.pull(user, collection, since, limit).await, StatusCode::OK).await
+    }
+
+    /// Follows `hasMore` to the end; returns every change and the final cursor.
+    pub async fn pull_all(
+        &self,
+        user: &str,
+        collection: &str,
+        since: &str,
+        limit: Option<u32>,
+    ) -> (Vec<Value>, String) {
+        let mut cursor = since.to_owned();
+        let mut changes = Vec::new();
+        loop {
+            let page = self.pull_ok(user, collection, &cursor, limit).await;
+            changes.extend(page["serverChanges"].as_array().unwrap().iter().cloned());
+            cursor = page["syncedUntil"].as_str().unwrap().to_owned();
+            if !page["hasMore"].as_bool().unwrap() {
+                return (changes, cursor);
+            }
+        }
+    }
+
+    /// A superuser pool on this test's database (bypasses RLS): for inspection.
+    pub async fn admin(&self) -> PgPool {
+        self.db.admin_pool().await
+    }
+
+    /// Rows in the change log, all users.
+    pub async fn log_rows(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM sync_changes")
+            .fetch_one(&self.admin().await)
+            .await
+            .unwrap()
+    }
+
+    /// Stops the server and waits for it to finish.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.expect("server task").expect("server ran cleanly");
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
+/// Asserts the status and returns the JSON body.
+pub async fn expect_json(response: reqwest::Response, status: StatusCode) -> Value {
+    let actual = response.status();
+    let text = response.text().await.expect("response body");
+    assert_eq!(actual, status, "unexpected status; body: {text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("response is not JSON ({e}): {text}"))
+}
+
+/// Asserts a JSON error with this status and code; returns its message.
+pub async fn expect_error(response: reqwest::Response, status: StatusCode, code: &str) -> String {
+    let body = expect_json(response, status).await;
+    assert_eq!(body["code"], json!(code), "unexpected error body: {body}");
+    body["message"].as_str().expect("error message").to_owned()
+}
+
+/// The change for record `id` in a response's `serverChanges`.
+pub fn change_for<'a>(response: &'a Value, id: &str) -> Option<&'a Value> {
+    response["serverChanges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == json!(id))
+}

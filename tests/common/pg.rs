@@ -1,0 +1,816 @@
+//! A real PostgreSQL for integration tests — never a mock.
+//!
+//! * `TEST_DATABASE_URL` set (an admin/superuser URL): that server is used.
+//! * Otherwise a throwaway cluster is started once per test process (lazily,
+//!   on first use) from the PostgreSQL server binaries found on `PATH`, in
+//!   `PG_BIN_DIR`, or under `/usr/lib/postgresql/*/bin` (highest version).
+//!   It lives in `mana-sync-pg-<pid>` under `$MANA_SYNC_TEST_PG_TMPDIR`, else
+//!   the tmpfs `/dev/shm` if roomy, else the temp dir; dies with the test process
+//!   (`PR_SET_PDEATHSIG`), and leftovers of dead processes are removed on the
+//!   next start.
+//! * Neither available: tests panic with the fix; they never skip silently.
+//!
+//! Once per process the non-superuser login role [`APP_ROLE`] is ensured and
+//! a template database owned by it is migrated (as that role); every test
+//! then gets a fresh copy of the template from [`test_database`]. The server
+//! under test connects as [`APP_ROLE`], so row-level security is enforced
+//! (superusers and BYPASSRLS roles are never subject to it).
+//!
+//! Test databases are dropped when their [`TestDatabase`] is dropped; set
+//! `MANA_SYNC_KEEP_TEST_DBS=1` to keep them for inspection (useful with
+//! `TEST_DATABASE_URL`: a local cluster goes away with the test process).
+//!
+//! Other knobs: `PG_BIN_DIR` (where `initdb`/`postgres` are),
+//! `MANA_SYNC_TEST_PG_TMPDIR` (parent dir of the local cluster).
+
+use std::fmt::Write as _;
+use std::io::{self, Read as _};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Connection as _, PgConnection};
+
+/// The ordinary (NOSUPERUSER, NOBYPASSRLS) login role the server connects as.
+pub const APP_ROLE: &str = "mana_sync_app";
+/// Its password (the local cluster trusts loopback anyway).
+pub const APP_PASSWORD: &str = "mana_sync_app";
+
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const DIR_PREFIX: &str = "mana-sync-pg-";
+/// Arbitrary key for the advisory lock serialising role creation across
+/// processes sharing one `TEST_DATABASE_URL` server.
+const ROLE_LOCK_KEY: i64 = 0x6d61_6e61_7379_6e63; // "manasync"
+/// Test databases and templates left behind on an external server by killed
+/// test processes are dropped once they are this old.
+const EXTERNAL_STALE_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+// ---------------------------------------------------------------------------
+// Public API
+// ---------------------------------------------------------------------------
+
+/// One test's own database: a fresh, migrated copy of the template.
+#[derive(Debug)]
+pub struct TestDatabase {
+    /// Database name (`test_<uuid v7 simple>`).
+    pub name: String,
+    /// URL connecting as [`APP_ROLE`] (RLS enforced): what the server uses.
+    pub app_url: String,
+    /// Superuser URL to the same database (bypasses RLS): for setup/inspection.
+    pub admin_url: String,
+}
+
+impl TestDatabase {
+    /// A pool connected as [`APP_ROLE`] (max 10 connections, opened lazily).
+    pub async fn app_pool(&self) -> PgPool {
+        pool(&self.app_url, 10).await
+    }
+
+    /// A pool connected as the superuser (max 5 connections).
+    pub async fn admin_pool(&self) -> PgPool {
+        pool(&self.admin_url, 5).await
+    }
+
+    /// A single connection as [`APP_ROLE`].
+    pub async fn app_connection(&self) -> PgConnection {
+        PgConnection::connect(&self.app_url)
+            .await
+            .unwrap_or_else(|e| panic!("connect to {} as {APP_ROLE}: {e}", self.name))
+    }
+
+    /// A single superuser connection.
+    pub async fn admin_connection(&self) -> PgConnection {
+        PgConnection::connect(&self.admin_url)
+            .await
+            .unwrap_or_else(|e| panic!("connect to {} as superuser: {e}", self.name))
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        if std::env::var_os("MANA_SYNC_KEEP_TEST_DBS").is_some_and(|v| !v.is_empty() && v != "0") {
+            eprintln!("keeping test database {} ({})", self.name, self.admin_url);
+            return;
+        }
+        // Drop runs inside the test's runtime; do the async work on a thread
+        // of its own with a private runtime. WITH (FORCE) ends any
+        // connections the test's pools or servers still hold.
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        let admin = server_admin_url();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            let drop_db = async {
+                let mut conn = PgConnection::connect(&admin).await.ok()?;
+                let _ = sqlx::query(AssertSqlSafe(sql)).execute(&mut conn).await;
+                let _ = conn.close().await;
+                Some(())
+            };
+            rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), drop_db).await.ok()? })
+        })
+        .join();
+    }
+}
+
+/// A fresh database for one test, migrated, owned by [`APP_ROLE`].
+///
+/// The first call in a process starts the cluster (if needed), ensures the
+/// role and builds the template; later calls only copy the template.
+pub async fn test_database() -> TestDatabase {
+    let template = &shared().await.template;
+    let name = format!("test_{}", uuid::Uuid::now_v7().simple());
+    let admin_server = server_admin_url();
+    let mut conn = connect_retrying(&admin_server, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // Postgres refuses to copy a template while anything else is connected to
+    // it, so copies are serialised within the process (each process has its
+    // own template) and retried on "being accessed by other users".
+    static CREATE_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    {
+        let _guard = CREATE_LOCK.lock().await;
+        let sql = format!("CREATE DATABASE {name} TEMPLATE {template} OWNER {APP_ROLE}");
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match sqlx::query(AssertSqlSafe(sql.clone())).execute(&mut conn).await {
+                Ok(_) => break,
+                Err(e) if attempt < 8 && is_object_in_use(&e) => {
+                    tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+                }
+                Err(e) => panic!("{sql}: {e}"),
+            }
+        }
+    }
+    let _ = conn.close().await;
+
+    TestDatabase {
+        app_url: with_db(&app_server_url(), &name),
+        admin_url: with_db(&admin_server, &name),
+        name,
+    }
+}
+
+/// Superuser URL of the server's maintenance database (`postgres` for the
+/// local cluster; `TEST_DATABASE_URL` as given otherwise). Starts the local
+/// cluster on first use (blocking).
+pub fn server_admin_url() -> String {
+    match server() {
+        Server::External { admin_url } => admin_url.clone(),
+        Server::Local(c) => c.url("postgres", None, "postgres"),
+    }
+}
+
+/// URL of the maintenance database as [`APP_ROLE`] (replace the database
+/// with [`TestDatabase::app_url`] in practice).
+pub fn app_server_url() -> String {
+    match server() {
+        Server::External { admin_url } => with_user(admin_url, APP_ROLE, APP_PASSWORD),
+        Server::Local(c) => c.url(APP_ROLE, Some(APP_PASSWORD), "postgres"),
+    }
+}
+
+/// True when tests run against a throwaway cluster owned by this process
+/// (false with `TEST_DATABASE_URL`).
+pub fn is_local_cluster() -> bool {
+    matches!(server(), Server::Local(_))
+}
+
+/// The local cluster's directory (`None` with `TEST_DATABASE_URL`); its
+/// `postgres.log` holds the server log.
+pub fn local_cluster_dir() -> Option<PathBuf> {
+    match server() {
+        Server::Local(c) => Some(c.dir.clone()),
+        Server::External { .. } => None,
+    }
+}
+
+/// Name of this process's migrated template database.
+pub async fn template_name() -> String {
+    shared().await.template.clone()
+}
+
+/// How long the once-per-process setup took: (cluster start — zero with
+/// `TEST_DATABASE_URL`, role + template creation and migration).
+pub async fn setup_timings() -> (Duration, Duration) {
+    let shared = shared().await;
+    let cluster = match server() {
+        Server::Local(c) => c.startup,
+        Server::External { .. } => Duration::ZERO,
+    };
+    (cluster, shared.setup)
+}
+
+// ---------------------------------------------------------------------------
+// Server selection and the local cluster
+// ---------------------------------------------------------------------------
+
+enum Server {
+    External { admin_url: String },
+    Local(LocalCluster),
+}
+
+struct LocalCluster {
+    dir: PathBuf,
+    port: u16,
+    startup: Duration,
+}
+
+impl LocalCluster {
+    fn url(&self, user: &str, password: Option<&str>, db: &str) -> String {
+        let auth = match password {
+            Some(p) => format!("{user}:{p}"),
+            None => user.to_owned(),
+        };
+        format!("postgres://{auth}@127.0.0.1:{}/{db}?sslmode=disable", self.port)
+    }
+}
+
+fn server() -> &'static Server {
+    // The outcome, failure included, is remembered so a broken setup fails
+    // every test quickly with the same message instead of retrying.
+    static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
+    let server = SERVER.get_or_init(|| match std::env::var("TEST_DATABASE_URL") {
+        Ok(url) if !url.trim().is_empty() => Ok(Server::External {
+            admin_url: url.trim().to_owned(),
+        }),
+        _ => start_local_cluster().map(Server::Local),
+    });
+    match server {
+        Ok(s) => s,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn start_local_cluster() -> Result<LocalCluster, String> {
+    let started = Instant::now();
+    let bin = find_pg_bin_dir().ok_or_else(|| {
+        "no PostgreSQL server found for the integration tests: install PostgreSQL server \
+         binaries (apt-get install postgresql) or set TEST_DATABASE_URL=postgres://... \
+         (searched PG_BIN_DIR, PATH and /usr/lib/postgresql/*/bin for initdb and postgres)"
+            .to_owned()
+    })?;
+
+    for base in base_dir_candidates() {
+        remove_stale_dirs(&base);
+    }
+
+    let dir = cluster_base_dir().join(format!("{DIR_PREFIX}{}", std::process::id()));
+    if dir.exists() {
+        // Left by an earlier process with our (now reused) pid.
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let data = dir.join("data");
+
+    // initdb and postgres refuse to run as root: use the `postgres` user.
+    let run_as = if unsafe { libc::geteuid() } == 0 {
+        let ids = lookup_user("postgres").or_else(|| lookup_user("nobody")).ok_or(
+            "running as root, but there is no `postgres` (or `nobody`) system user to run \
+             the test PostgreSQL as",
+        )?;
+        let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+        if unsafe { libc::chown(path.as_ptr(), ids.0, ids.1) } != 0 {
+            return Err(format!("chown {}: {}", dir.display(), io::Error::last_os_error()));
+        }
+        Some(ids)
+    } else {
+        None
+    };
+
+    let mut initdb = Command::new(bin.join("initdb"));
+    initdb
+        .arg("-D")
+        .arg(&data)
+        .args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+        ])
+        .current_dir(&dir)
+        .env_remove("PGDATA")
+        .stdin(Stdio::null());
+    if let Some((uid, gid)) = run_as {
+        initdb.uid(uid).gid(gid);
+    }
+    let out = initdb
+        .output()
+        .map_err(|e| format!("run {}: {e}", bin.join("initdb").display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "initdb failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+
+    let log_path = dir.join("postgres.log");
+    let mut last_error = String::new();
+    for _attempt in 0..3 {
+        let port = free_port().map_err(|e| format!("find a free port: {e}"))?;
+        match start_postmaster(&bin, &dir, &data, port, run_as, &log_path) {
+            Ok(()) => {
+                return Ok(LocalCluster {
+                    dir,
+                    port,
+                    startup: started.elapsed(),
+                });
+            }
+            Err(StartError::PortTaken(e)) => last_error = e, // raced for the port: retry
+            Err(StartError::Fatal(e)) => return Err(e),
+        }
+    }
+    Err(last_error)
+}
+
+enum StartError {
+    PortTaken(String),
+    Fatal(String),
+}
+
+enum PostmasterEvent {
+    Started,
+    SpawnFailed(io::Error),
+    Exited(io::Result<ExitStatus>),
+}
+
+fn start_postmaster(
+    bin: &Path,
+    dir: &Path,
+    data: &Path,
+    port: u16,
+    run_as: Option<(libc::uid_t, libc::gid_t)>,
+    log_path: &Path,
+) -> Result<(), StartError> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .map_err(|e| StartError::Fatal(format!("open {}: {e}", log_path.display())))?;
+    let log_err = log.try_clone().map_err(|e| StartError::Fatal(e.to_string()))?;
+
+    let mut cmd = Command::new(bin.join("postgres"));
+    cmd.arg("-D")
+        .arg(data)
+        .arg("-p")
+        .arg(port.to_string())
+        .arg("-k")
+        .arg(dir)
+        .args([
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+            "-c",
+            "max_connections=300",
+        ])
+        .current_dir(dir)
+        .env_remove("PGDATA")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log_err));
+    if let Some((uid, gid)) = run_as {
+        cmd.uid(uid).gid(gid);
+    }
+    // SAFETY: only async-signal-safe calls between fork and exec. The
+    // closure runs after std's setgid/setuid (a credential change clears
+    // the death signal, so it must come after them). SIGQUIT is an immediate
+    // shutdown: the postmaster takes its backends down with it.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+
+    // The death signal fires when the *thread* that forked the child exits,
+    // so fork from a thread that lives as long as the server does.
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("mana-sync-test-postgres".into())
+        .spawn(move || match cmd.spawn() {
+            Err(e) => {
+                let _ = tx.send(PostmasterEvent::SpawnFailed(e));
+            }
+            Ok(mut child) => {
+                let _ = tx.send(PostmasterEvent::Started);
+                let status = child.wait();
+                let _ = tx.send(PostmasterEvent::Exited(status));
+            }
+        })
+        .map_err(|e| StartError::Fatal(format!("spawn the postgres supervisor thread: {e}")))?;
+
+    match rx.recv() {
+        Ok(PostmasterEvent::Started) => {}
+        Ok(PostmasterEvent::SpawnFailed(e)) => {
+            return Err(StartError::Fatal(format!(
+                "start {}: {e}",
+                bin.join("postgres").display()
+            )));
+        }
+        _ => {
+            return Err(StartError::Fatal("postgres supervisor thread vanished".into()));
+        }
+    }
+
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+    loop {
+        if let Ok(PostmasterEvent::Exited(status)) = rx.try_recv() {
+            let log = read_log(log_path);
+            let msg = format!(
+                "test PostgreSQL exited during startup ({status:?}); log {}:\n{log}",
+                log_path.display()
+            );
+            return Err(if log.contains("Address already in use") {
+                StartError::PortTaken(msg)
+            } else {
+                StartError::Fatal(msg)
+            });
+        }
+        // postmaster.pid's 8th line says "ready" once connections are accepted.
+        let ready = std::fs::read_to_string(data.join("postmaster.pid"))
+            .is_ok_and(|pid_file| pid_file.lines().nth(7).is_some_and(|l| l.trim() == "ready"));
+        if ready && TcpStream::connect_timeout(&addr.into(), Duration::from_secs(1)).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(StartError::Fatal(format!(
+                "test PostgreSQL not ready on port {port} after {READY_TIMEOUT:?}; log {}:\n{}",
+                log_path.display(),
+                read_log(log_path)
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn read_log(path: &Path) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.read_to_string(&mut s);
+    }
+    s
+}
+
+fn free_port() -> io::Result<u16> {
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
+}
+
+/// `PG_BIN_DIR`, else the first `PATH` entry with both `initdb` and
+/// `postgres`, else the highest `/usr/lib/postgresql/<version>/bin`.
+fn find_pg_bin_dir() -> Option<PathBuf> {
+    let has_server = |d: &Path| d.join("initdb").is_file() && d.join("postgres").is_file();
+    if let Some(d) = std::env::var_os("PG_BIN_DIR").map(PathBuf::from)
+        && has_server(&d)
+    {
+        return Some(d);
+    }
+    if let Some(path) = std::env::var_os("PATH")
+        && let Some(d) = std::env::split_paths(&path).find(|d| has_server(d))
+    {
+        return Some(d);
+    }
+    std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let version: Vec<u32> = e
+                .file_name()
+                .to_str()?
+                .split('.')
+                .map(|p| p.parse().ok())
+                .collect::<Option<_>>()?;
+            let bin = e.path().join("bin");
+            has_server(&bin).then_some((version, bin))
+        })
+        .max_by(|a, b| a.0.cmp(&b.0))
+        .map(|(_, bin)| bin)
+}
+
+fn lookup_user(name: &str) -> Option<(libc::uid_t, libc::gid_t)> {
+    let cname = std::ffi::CString::new(name).ok()?;
+    // SAFETY: getpwnam returns a pointer to static storage or null; it is
+    // read immediately (the once-per-process setup is the only caller).
+    unsafe {
+        let pw = libc::getpwnam(cname.as_ptr());
+        if pw.is_null() {
+            None
+        } else {
+            Some(((*pw).pw_uid, (*pw).pw_gid))
+        }
+    }
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // A zombie (exited, not yet reaped) is as good as dead.
+    if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        && stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    {
+        return false;
+    }
+    // SAFETY: signal 0 only checks for existence/permission.
+    pid > 0 && (unsafe { libc::kill(pid, 0) } == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+}
+
+/// Where cluster directories may live: `MANA_SYNC_TEST_PG_TMPDIR`, the
+/// tmpfs `/dev/shm`, the temp dir.
+fn base_dir_candidates() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(d) = std::env::var_os("MANA_SYNC_TEST_PG_TMPDIR").filter(|d| !d.is_empty()) {
+        dirs.push(PathBuf::from(d));
+    }
+    dirs.push(PathBuf::from("/dev/shm"));
+    dirs.push(std::env::temp_dir());
+    dirs
+}
+
+/// The cluster's parent directory: `MANA_SYNC_TEST_PG_TMPDIR` if set; else
+/// `/dev/shm` when it is a writable tmpfs with at least 1 GiB free (several
+/// times faster than disk for CREATE DATABASE: fsync is off, but the copy is
+/// still written); else the temp dir.
+fn cluster_base_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("MANA_SYNC_TEST_PG_TMPDIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    let shm = Path::new("/dev/shm");
+    let cpath = std::ffi::CString::new("/dev/shm").unwrap();
+    // SAFETY: plain syscalls on a valid C string and a zeroed out-struct.
+    let roomy = unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        libc::statvfs(cpath.as_ptr(), &mut st) == 0
+            && (st.f_bavail as u128) * (st.f_frsize as u128) >= 1 << 30
+            && libc::access(cpath.as_ptr(), libc::W_OK | libc::X_OK) == 0
+    };
+    if shm.is_dir() && roomy {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+/// Removes `mana-sync-pg-<pid>` directories of processes that are gone
+/// (and whose postmaster, if any, is gone too).
+fn remove_stale_dirs(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    let me = std::process::id() as i32;
+    for entry in entries.filter_map(|e| e.ok()) {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(DIR_PREFIX))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid == me || pid_alive(pid) {
+            continue;
+        }
+        let postmaster = std::fs::read_to_string(entry.path().join("data/postmaster.pid"))
+            .ok()
+            .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<i32>().ok()));
+        if postmaster.is_some_and(pid_alive) {
+            continue;
+        }
+        let _ = std::fs::remove_dir_all(entry.path());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Once-per-process database setup: role and template
+// ---------------------------------------------------------------------------
+
+struct Shared {
+    template: String,
+    setup: Duration,
+}
+
+async fn shared() -> &'static Shared {
+    static SHARED: tokio::sync::OnceCell<Result<Shared, String>> = tokio::sync::OnceCell::const_new();
+    // Only plain data is kept: every #[tokio::test] has its own runtime, and
+    // connections must not outlive the runtime that opened them.
+    let shared = SHARED.get_or_init(|| async { init_shared().await }).await;
+    match shared {
+        Ok(s) => s,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+async fn init_shared() -> Result<Shared, String> {
+    let admin_url = server_admin_url();
+    let started = Instant::now();
+    let mut admin = connect_retrying(&admin_url, Duration::from_secs(10)).await?;
+
+    ensure_app_role(&mut admin).await?;
+    if !is_local_cluster() {
+        drop_stale_external_databases(&mut admin).await;
+    }
+
+    let template = format!("mana_sync_tpl_{}", uuid::Uuid::now_v7().simple());
+    exec(&mut admin, format!("CREATE DATABASE {template} OWNER {APP_ROLE}")).await?;
+
+    // Migrate as the app role, exactly as a deployment would.
+    let app_url = with_db(&app_server_url(), &template);
+    let mut app = connect_retrying(&app_url, Duration::from_secs(5)).await?;
+    sqlx::migrate!("./migrations")
+        .run(&mut app)
+        .await
+        .map_err(|e| format!("migrating the test template {template} as {APP_ROLE}: {e}"))?;
+    app.close().await.map_err(|e| e.to_string())?;
+
+    // Nothing may connect to a template while it is copied; forbid it.
+    exec(
+        &mut admin,
+        format!("ALTER DATABASE {template} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false"),
+    )
+    .await?;
+    let _ = admin.close().await;
+    Ok(Shared {
+        template,
+        setup: started.elapsed(),
+    })
+}
+
+async fn ensure_app_role(admin: &mut PgConnection) -> Result<(), String> {
+    // Roles are cluster-wide and CREATE ROLE has no IF NOT EXISTS: serialise
+    // with other test processes sharing the server.
+    exec(admin, format!("SELECT pg_advisory_lock({ROLE_LOCK_KEY})")).await?;
+    let result = async {
+        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
+            .bind(APP_ROLE)
+            .fetch_one(&mut *admin)
+            .await
+            .map_err(|e| format!("look up role {APP_ROLE}: {e}"))?;
+        let verb = if exists { "ALTER" } else { "CREATE" };
+        exec(
+            admin,
+            format!(
+                "{verb} ROLE {APP_ROLE} LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE \
+                 PASSWORD '{APP_PASSWORD}'"
+            ),
+        )
+        .await
+    }
+    .await;
+    exec(admin, format!("SELECT pg_advisory_unlock({ROLE_LOCK_KEY})")).await?;
+    result
+}
+
+/// On a shared external server, drops test databases and templates of this
+/// harness whose name (a v7 UUID) says they are over a day old.
+async fn drop_stale_external_databases(admin: &mut PgConnection) {
+    let Ok(names) = sqlx::query_scalar::<_, String>(
+        "SELECT datname FROM pg_database WHERE datname ~ '^(test|mana_sync_tpl)_[0-9a-f]{12}7[0-9a-f]{19}$'",
+    )
+    .fetch_all(&mut *admin)
+    .await
+    else {
+        return;
+    };
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    for name in names {
+        let hex = &name[name.rfind('_').unwrap() + 1..];
+        let Ok(created_ms) = u128::from_str_radix(&hex[..12], 16) else {
+            continue;
+        };
+        if now_ms.saturating_sub(created_ms) > EXTERNAL_STALE_AFTER.as_millis() {
+            let _ = exec(admin, format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+async fn pool(url: &str, max: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(15))
+        .connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("connect pool to {}: {e}", redact(url)))
+}
+
+async fn exec(conn: &mut PgConnection, sql: String) -> Result<(), String> {
+    sqlx::query(AssertSqlSafe(sql.clone()))
+        .execute(conn)
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("{sql}: {e}"))
+}
+
+async fn connect_retrying(url: &str, patience: Duration) -> Result<PgConnection, String> {
+    let deadline = Instant::now() + patience;
+    loop {
+        match PgConnection::connect(url).await {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() >= deadline => {
+                let mut msg = format!("connect to test PostgreSQL {}: {e}", redact(url));
+                if let Some(dir) = local_cluster_dir() {
+                    let _ = write!(msg, "\nserver log:\n{}", read_log(&dir.join("postgres.log")));
+                }
+                return Err(msg);
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+fn is_object_in_use(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.code().as_deref() == Some("55006") || d.message().contains("being accessed by other users"))
+}
+
+/// Splits `scheme://[userinfo@]hostport[/db][?query]` into those parts
+/// (`path` keeps its leading `/`, `query` its `?`).
+struct UrlParts<'a> {
+    scheme: &'a str,
+    userinfo: &'a str,
+    hostport: &'a str,
+    path: &'a str,
+    query: &'a str,
+}
+
+fn split_url(url: &str) -> UrlParts<'_> {
+    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[scheme_end..];
+    let query_at = rest.find('?').unwrap_or(rest.len());
+    let authority_end = rest[..query_at].find('/').unwrap_or(query_at);
+    let authority = &rest[..authority_end];
+    let (userinfo, hostport) = match authority.rfind('@') {
+        Some(at) => (&authority[..at], &authority[at + 1..]),
+        None => ("", authority),
+    };
+    UrlParts {
+        scheme: &url[..scheme_end],
+        userinfo,
+        hostport,
+        path: &rest[authority_end..query_at],
+        query: &rest[query_at..],
+    }
+}
+
+fn join_url(p: &UrlParts<'_>) -> String {
+    let at = if p.userinfo.is_empty() { "" } else { "@" };
+    format!("{}{}{at}{}{}{}", p.scheme, p.userinfo, p.hostport, p.path, p.query)
+}
+
+/// `url` pointing at database `db` instead.
+fn with_db(url: &str, db: &str) -> String {
+    let path = format!("/{db}");
+    join_url(&UrlParts {
+        path: &path,
+        ..split_url(url)
+    })
+}
+
+/// `url` with other credentials.
+fn with_user(url: &str, user: &str, password: &str) -> String {
+    let userinfo = format!("{user}:{password}");
+    join_url(&UrlParts {
+        userinfo: &userinfo,
+        ..split_url(url)
+    })
+}
+
+/// `url` without its password, for messages.
+fn redact(url: &str) -> String {
+    let parts = split_url(url);
+    match parts.userinfo.split_once(':') {
+        Some((user, _)) => {
+            let userinfo = format!("{user}:***");
+            join_url(&UrlParts {
+                userinfo: &userinfo,
+                ..parts
+            })
+        }
+        None => url.to_owned(),
+    }
+}

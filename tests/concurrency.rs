@@ -1,0 +1,150 @@
+//! Many writers (holding their transactions open for random times) and
+//! readers following cursors at once: every committed change reaches
+//! every reader, and none twice within one cursor chain.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::app::{APP, START, TestApp, insert, spawn_app_with};
+use mana_sync::fold::FieldWrite;
+use mana_sync::protocol::Op;
+use mana_sync::timestamp::Timestamp;
+use mana_sync::validate::{Batch, Change};
+use rand::Rng;
+use serde_json::{Value, json};
+
+const USERS: [&str; 2] = ["alice", "bob"];
+const WRITERS_PER_USER: usize = 6;
+const BATCHES_PER_WRITER: usize = 8;
+const READERS_PER_USER: usize = 2;
+
+type Committed = Arc<Mutex<HashSet<(String, String)>>>;
+
+fn batch(ids: &[String]) -> Batch {
+    let changes = ids
+        .iter()
+        .map(|id| Change {
+            table: "todos".into(),
+            id: id.clone(),
+            op: Op::Insert,
+            writes: vec![FieldWrite {
+                name: "title".into(),
+                value: json!(id),
+                at: Timestamp::now(),
+            }],
+        })
+        .collect();
+    Batch {
+        client_id: "writer".into(),
+        since: mana_sync::cursor::Cursor::START,
+        changes,
+    }
+}
+
+/// Writes through the library, sleeping inside the transaction (with the
+/// user's clock locked) before committing; odd writers push over HTTP.
+async fn writer(app: Arc<TestApp>, pool: sqlx::PgPool, user: &'static str, w: usize, committed: Committed) {
+    for b in 0..BATCHES_PER_WRITER {
+        let (size, delay) = {
+            let mut rng = rand::rng();
+            (rng.random_range(1..4), Duration::from_millis(rng.random_range(0..15)))
+        };
+        let ids: Vec<String> = (0..size).map(|c| format!("{user}-w{w}-b{b}-c{c}")).collect();
+        if w.is_multiple_of(2) {
+            let mut tx = mana_sync::db::begin_for(&pool, user).await.unwrap();
+            mana_sync::sync::record(&mut tx, user, APP, &batch(&ids)).await.unwrap();
+            tokio::time::sleep(delay).await;
+            tx.commit().await.unwrap();
+        } else {
+            tokio::time::sleep(delay).await;
+            let changes: Vec<Value> = ids.iter().map(|id| insert("todos", id, json!({}))).collect();
+            app.push_ok(user, &format!("w{w}"), START, Value::Array(changes)).await;
+        }
+        committed
+            .lock()
+            .unwrap()
+            .extend(ids.into_iter().map(|id| (user.to_owned(), id)));
+    }
+}
+
+/// Follows the cursor until the writers are done and the log is drained.
+async fn reader(app: Arc<TestApp>, user: &'static str, done: Arc<AtomicBool>) -> HashSet<String> {
+    let mut seen = HashSet::new();
+    let mut cursor = START.to_owned();
+    loop {
+        let finished = done.load(Ordering::SeqCst);
+        loop {
+            let page = app.pull_ok(user, "todos", &cursor, Some(5)).await;
+            for change in page["serverChanges"].as_array().unwrap() {
+                let id = change["id"].as_str().unwrap().to_owned();
+                assert!(
+                    seen.insert(id.clone()),
+                    "{user}: {id} delivered twice in one cursor chain"
+                );
+            }
+            let next = page["syncedUntil"].as_str().unwrap().to_owned();
+            assert!(
+                next >= cursor || page["serverChanges"].as_array().unwrap().is_empty(),
+                "cursor went back"
+            );
+            cursor = next;
+            if !page["hasMore"].as_bool().unwrap() {
+                break;
+            }
+        }
+        if finished {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cursors_never_skip_or_repeat_a_change_under_concurrent_writers() {
+    let app = Arc::new(spawn_app_with(&[("DATABASE_MAX_CONNECTIONS", "30")]).await);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(20)
+        .connect(&app.db.app_url)
+        .await
+        .unwrap();
+    let committed: Committed = Arc::default();
+    let done = Arc::new(AtomicBool::new(false));
+
+    let readers: Vec<_> = USERS
+        .iter()
+        .flat_map(|&user| (0..READERS_PER_USER).map(move |_| user))
+        .map(|user| (user, tokio::spawn(reader(app.clone(), user, done.clone()))))
+        .collect();
+    let writers: Vec<_> = USERS
+        .iter()
+        .flat_map(|&user| (0..WRITERS_PER_USER).map(move |w| (user, w)))
+        .map(|(user, w)| tokio::spawn(writer(app.clone(), pool.clone(), user, w, committed.clone())))
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    done.store(true, Ordering::SeqCst);
+
+    let committed = committed.lock().unwrap().clone();
+    assert!(committed.len() >= USERS.len() * WRITERS_PER_USER * BATCHES_PER_WRITER);
+    for (user, handle) in readers {
+        let seen = handle.await.unwrap();
+        let expected: HashSet<String> = committed
+            .iter()
+            .filter(|(u, _)| u == user)
+            .map(|(_, id)| id.clone())
+            .collect();
+        let missing: Vec<_> = expected.difference(&seen).collect();
+        assert!(
+            missing.is_empty(),
+            "{user}'s reader missed {} committed changes, e.g. {:?}",
+            missing.len(),
+            missing.first()
+        );
+        assert_eq!(seen, expected, "{user}'s reader saw exactly the committed changes");
+    }
+}

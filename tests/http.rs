@@ -1,0 +1,135 @@
+//! CORS, health and the OpenAPI document.
+
+mod common;
+
+use common::app::{APP, ORIGIN, expect_json, spawn_app};
+use reqwest::StatusCode;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preflights_from_an_allowed_origin_succeed() {
+    let app = spawn_app().await;
+    let response = app
+        .http
+        .request(reqwest::Method::OPTIONS, app.url(&format!("/sync/{APP}")))
+        .header("Origin", ORIGIN)
+        .header("Access-Control-Request-Method", "POST")
+        .header(
+            "Access-Control-Request-Headers",
+            "authorization, content-type, x-client-id",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "preflight status {}", response.status());
+    let headers = response.headers();
+    assert_eq!(headers["access-control-allow-origin"], ORIGIN);
+    let allowed = headers["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    for h in ["authorization", "content-type", "x-client-id"] {
+        assert!(allowed.contains(h), "{h} missing from {allowed}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_carry_the_allow_origin_header_too() {
+    let app = spawn_app().await;
+    let unauthorized = app
+        .http
+        .get(app.url(&format!("/sync/{APP}/pull?collection=todos")))
+        .header("Origin", ORIGIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthorized.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(unauthorized.headers()["access-control-allow-origin"], ORIGIN);
+    let bad = app
+        .http
+        .post(app.url(&format!("/sync/{APP}")))
+        .header("Origin", ORIGIN)
+        .bearer_auth(common::tokens::token_for("alice"))
+        .header("Content-Type", "application/json")
+        .body("{")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(bad.headers()["access-control-allow-origin"], ORIGIN);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_origins_get_no_allow_origin_header() {
+    let app = spawn_app().await;
+    let response = app
+        .http
+        .get(app.url("/health"))
+        .header("Origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(response.headers().get("access-control-allow-origin").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_has_the_seeds_shape_and_checks_the_database() {
+    let app = spawn_app().await;
+    let health = expect_json(app.http.get(app.url("/health")).send().await.unwrap(), StatusCode::OK).await;
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["service"], "mana-sync");
+    assert_eq!(health["database"], "ok");
+    assert!(health["timestamp"].as_str().unwrap().ends_with('Z'));
+    assert!(health["connections"].is_u64() && health["users"].is_u64());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_and_docs_page_are_served() {
+    let app = spawn_app().await;
+    let spec = expect_json(
+        app.http.get(app.url("/openapi.json")).send().await.unwrap(),
+        StatusCode::OK,
+    )
+    .await;
+    assert!(spec["paths"]["/sync/{appId}"]["post"].is_object());
+    assert!(spec["paths"]["/sync/{appId}/pull"]["get"].is_object());
+    let docs = app.http.get(app.url("/docs")).send().await.unwrap();
+    assert_eq!(docs.status(), StatusCode::OK);
+    assert!(docs.text().await.unwrap().to_lowercase().contains("swagger"));
+}
+
+/// Regenerate with `cargo run -- openapi > openapi/mana-sync.json`.
+#[test]
+fn the_committed_openapi_document_matches_the_code() {
+    let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/mana-sync.json"))
+        .expect("openapi/mana-sync.json exists");
+    let generated = mana_sync::startup::spec();
+    assert!(
+        committed.trim_end() == generated.trim_end(),
+        "openapi/mana-sync.json is stale: run `cargo run -- openapi > openapi/mana-sync.json`"
+    );
+}
+
+#[test]
+fn every_operation_and_error_status_is_documented() {
+    let spec: serde_json::Value = serde_json::from_str(&mana_sync::startup::spec()).unwrap();
+    for (path, method) in [
+        ("/sync/{appId}", "post"),
+        ("/sync/{appId}/pull", "get"),
+        ("/health", "get"),
+    ] {
+        let op = &spec["paths"][path][method];
+        assert!(op["summary"].is_string(), "{method} {path} has no summary");
+        assert!(op["description"].is_string(), "{method} {path} has no description");
+    }
+    let push = &spec["paths"]["/sync/{appId}"]["post"];
+    for status in ["200", "400", "401", "413", "422", "500"] {
+        assert!(push["responses"][status].is_object(), "push does not document {status}");
+    }
+    for param in push["parameters"].as_array().unwrap() {
+        assert!(
+            param["description"].is_string(),
+            "parameter {} is undocumented",
+            param["name"]
+        );
+    }
+}

@@ -1,0 +1,126 @@
+//! Tenant isolation: every read and write is scoped to the token's user,
+//! and row-level security holds even for a query that forgets its filter.
+
+mod common;
+
+use common::app::{START, change_for, insert, spawn_app, update};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_user_can_neither_read_nor_overwrite_knowing_the_ids() {
+    let app = spawn_app().await;
+    app.push_ok(
+        "alice",
+        "a",
+        START,
+        json!([insert(
+            "todos",
+            "secret",
+            json!({ "title": "alice's", "updatedAt": "2024-01-01T10:00:00Z" })
+        )]),
+    )
+    .await;
+
+    let mallory = app.pull_ok("mallory", "todos", START, None).await;
+    assert_eq!(mallory["serverChanges"], json!([]), "mallory sees nothing of alice's");
+
+    let pushed = app
+        .push_ok(
+            "mallory",
+            "m",
+            START,
+            json!([update(
+                "todos",
+                "secret",
+                "title",
+                json!("pwned"),
+                "2030-01-01T00:00:00Z"
+            )]),
+        )
+        .await;
+    assert_eq!(
+        change_for(&pushed, "secret").unwrap()["data"],
+        json!({ "id": "secret", "title": "pwned" }),
+        "mallory only wrote her own record"
+    );
+
+    let alice = app.pull_ok("alice", "todos", START, None).await;
+    assert_eq!(change_for(&alice, "secret").unwrap()["data"]["title"], "alice's");
+    assert_eq!(alice["serverChanges"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_level_security_hides_other_users_rows_from_unfiltered_queries() {
+    let app = spawn_app().await;
+    app.push_ok(
+        "alice",
+        "a",
+        START,
+        json!([insert("todos", "a1", json!({})), insert("todos", "a2", json!({}))]),
+    )
+    .await;
+    app.push_ok("bob", "b", START, json!([insert("todos", "b1", json!({}))]))
+        .await;
+
+    let pool = app.db.app_pool().await;
+    let count_as = |user: Option<&'static str>| {
+        let pool = pool.clone();
+        async move {
+            let mut tx = match user {
+                Some(u) => mana_sync::db::begin_for(&pool, u).await.unwrap(),
+                None => pool.begin().await.unwrap(),
+            };
+            let changes: i64 = sqlx::query_scalar("SELECT count(*) FROM sync_changes")
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+            let records: i64 = sqlx::query_scalar("SELECT count(*) FROM sync_records")
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+            let clocks: i64 = sqlx::query_scalar("SELECT count(*) FROM sync_clocks")
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+            (changes, records, clocks)
+        }
+    };
+    assert_eq!(count_as(Some("alice")).await, (2, 2, 1));
+    assert_eq!(count_as(Some("bob")).await, (1, 1, 1));
+    assert_eq!(count_as(None).await, (0, 0, 0), "an unscoped query sees nothing");
+
+    // Writing another user's rows is refused by the policy.
+    let mut tx = mana_sync::db::begin_for(&pool, "bob").await.unwrap();
+    let forged = sqlx::query(
+        "INSERT INTO sync_records (user_id, app_id, table_name, record_id, fields, created_seq, touched_seq)
+         VALUES ('alice', 'todo', 'todos', 'x', '{}', 1, 1)",
+    )
+    .execute(&mut *tx)
+    .await;
+    assert!(forged.is_err(), "bob cannot insert a row for alice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_change_log_cannot_be_rewritten_by_the_server_role() {
+    let app = spawn_app().await;
+    app.push_ok(
+        "alice",
+        "a",
+        START,
+        json!([insert("todos", "a1", json!({ "title": "original" }))]),
+    )
+    .await;
+    let pool = app.db.app_pool().await;
+    let mut tx = mana_sync::db::begin_for(&pool, "alice").await.unwrap();
+    let updated = sqlx::query("UPDATE sync_changes SET data = '{}'")
+        .execute(&mut *tx)
+        .await
+        .unwrap()
+        .rows_affected();
+    let deleted = sqlx::query("DELETE FROM sync_changes")
+        .execute(&mut *tx)
+        .await
+        .unwrap()
+        .rows_affected();
+    assert_eq!((updated, deleted), (0, 0), "the log is append-only");
+}
