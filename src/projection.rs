@@ -45,9 +45,14 @@ pub async fn load(
 ) -> sqlx::Result<HashMap<(String, String), RecordState>> {
     let (tables, ids): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
     let rows: Vec<Row> = sqlx::query_as(
-        "SELECT table_name, record_id, fields, created_seq, touched_seq FROM sync_records
-         WHERE user_id = $1 AND app_id = $2
-           AND (table_name, record_id) IN (SELECT * FROM UNNEST($3::text[], $4::text[]))",
+        // One primary-key probe per key: the LIMIT keeps the planner from
+        // turning this into a hash join over all of the user's records.
+        "SELECT r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq
+         FROM UNNEST($3::text[], $4::text[]) AS k(table_name, record_id)
+         CROSS JOIN LATERAL (
+           SELECT * FROM sync_records r
+           WHERE r.user_id = $1 AND r.app_id = $2 AND r.table_name = k.table_name AND r.record_id = k.record_id
+           LIMIT 1) r",
     )
     .bind(user_id)
     .bind(app_id)

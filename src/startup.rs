@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use poem::http::Method;
-use poem::listener::TcpAcceptor;
+use poem::listener::{Acceptor, TcpAcceptor};
 use poem::middleware::Cors;
+use poem::web::{LocalAddr, RemoteAddr};
 use poem::{Endpoint, EndpointExt, IntoEndpoint, Request, Response, Route, Server};
 use poem_openapi::OpenApiService;
 use sqlx::PgPool;
@@ -146,7 +147,7 @@ pub async fn serve(
         idempotency::spawn_pruner(state.pool.clone(), state.config.idempotency_ttl),
     ];
     tracing::info!(%addr, "mana-sync listening");
-    let result = Server::new_with_acceptor(TcpAcceptor::from_tokio(listener)?)
+    let result = Server::new_with_acceptor(NoDelay(TcpAcceptor::from_tokio(listener)?))
         .run_with_graceful_shutdown(app(state), shutdown, Some(timeout))
         .await
         .context("server failed");
@@ -154,4 +155,23 @@ pub async fn serve(
         task.abort();
     }
     result
+}
+
+/// Accepts TCP connections with Nagle's algorithm off: a response written
+/// in several pieces would otherwise wait for the client's delayed ACK
+/// (tens of milliseconds) between them.
+struct NoDelay(TcpAcceptor);
+
+impl Acceptor for NoDelay {
+    type Io = tokio::net::TcpStream;
+
+    fn local_addr(&self) -> Vec<LocalAddr> {
+        self.0.local_addr()
+    }
+
+    async fn accept(&mut self) -> std::io::Result<(Self::Io, LocalAddr, RemoteAddr, poem::http::uri::Scheme)> {
+        let accepted = self.0.accept().await?;
+        accepted.0.set_nodelay(true)?;
+        Ok(accepted)
+    }
 }

@@ -1,0 +1,168 @@
+//! Push and pull latency against a real PostgreSQL (started like the
+//! tests'), printed as numbers. `cargo bench --bench sync` runs it in full;
+//! under `cargo test` (no `--bench` argument) it runs once with tiny sizes
+//! as a smoke test.
+//!
+//! What it shows: pulling a record updated 10,000 times costs the same as
+//! pulling one updated once (the projection), and what a push costs.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::app::{START, TestApp, insert, spawn_app, update};
+use serde_json::{Value, json};
+
+struct Sizes {
+    history: usize,
+    samples: usize,
+    batch: usize,
+    page: usize,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn report(name: &str, mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    let p50 = percentile(&samples, 0.5);
+    println!(
+        "{name:<48} n={:<5} p50={:>8.3} ms  p99={:>8.3} ms",
+        samples.len(),
+        p50.as_secs_f64() * 1e3,
+        percentile(&samples, 0.99).as_secs_f64() * 1e3
+    );
+    p50
+}
+
+async fn time_pulls(app: &TestApp, user: &str, samples: usize) -> Vec<Duration> {
+    let mut out = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let started = Instant::now();
+        let page = app.pull_ok(user, "todos", START, None).await;
+        out.push(started.elapsed());
+        assert_eq!(page["serverChanges"].as_array().unwrap().len(), 1);
+    }
+    out
+}
+
+/// One record written once vs one record updated `history` times.
+async fn pull_vs_history(app: &TestApp, sizes: &Sizes) {
+    app.push_ok(
+        "short",
+        "d",
+        START,
+        json!([insert("todos", "r", json!({ "title": "once" }))]),
+    )
+    .await;
+    let mut written = 0;
+    let base = 1_704_067_200_000i64; // 2024-01-01, in ms
+    while written < sizes.history {
+        let n = (sizes.history - written).min(1000);
+        let changes: Vec<Value> = (written..written + n)
+            .map(|i| {
+                let at = mana_sync::timestamp::Timestamp((base + i as i64) * 1_000_000).to_short_string();
+                update("todos", "r", "title", json!(format!("v{i}")), &at)
+            })
+            .collect();
+        app.push_ok("long", "d", START, Value::Array(changes)).await;
+        written += n;
+    }
+    analyze(app).await;
+    // Warm up both paths.
+    time_pulls(app, "short", 10.min(sizes.samples)).await;
+    time_pulls(app, "long", 10.min(sizes.samples)).await;
+    let once = report(
+        "pull, record written once",
+        time_pulls(app, "short", sizes.samples).await,
+    );
+    let many = report(
+        &format!("pull, record updated {} times", sizes.history),
+        time_pulls(app, "long", sizes.samples).await,
+    );
+    println!("  ratio (many / once) = {:.2}", many.as_secs_f64() / once.as_secs_f64());
+}
+
+/// Gives the planner statistics, as autovacuum does on a live database
+/// (a brand-new table has none, and plans on it can be far off).
+async fn analyze(app: &TestApp) {
+    sqlx::query("ANALYZE").execute(&app.admin().await).await.unwrap();
+}
+
+/// Pushes as a device does: each push's `since` is the previous answer's
+/// `syncedUntil`, so the answer holds just what the push wrote.
+async fn push_latency(app: &TestApp, sizes: &Sizes) {
+    let mut cursor = START.to_owned();
+    for batch in [1, sizes.batch] {
+        analyze(app).await;
+        let mut samples = Vec::with_capacity(sizes.samples);
+        for s in 0..sizes.samples {
+            let changes: Vec<Value> = (0..batch)
+                .map(|i| insert("todos", &format!("p{batch}-{s}-{i}"), json!({ "title": "x", "n": i })))
+                .collect();
+            let body = common::app::push_body("d", &cursor, Value::Array(changes));
+            let started = Instant::now();
+            let response = app.push("pusher", "d", &body).await;
+            let answer: Value = response.json().await.unwrap();
+            samples.push(started.elapsed());
+            assert_eq!(answer["serverChanges"].as_array().unwrap().len(), batch);
+            cursor = answer["syncedUntil"].as_str().unwrap().to_owned();
+        }
+        let p50 = report(&format!("push, {batch} change(s) per batch"), samples);
+        println!(
+            "  ≈ {:.0} changes/s at p50 on one connection",
+            batch as f64 / p50.as_secs_f64()
+        );
+    }
+}
+
+/// A full page: `limit` records in one pull.
+async fn pull_page(app: &TestApp, sizes: &Sizes) {
+    let changes: Vec<Value> = (0..sizes.page)
+        .map(|i| insert("todos", &format!("g{i}"), json!({ "title": "x", "n": i })))
+        .collect();
+    app.push_ok("pager", "d", START, Value::Array(changes)).await;
+    let mut samples = Vec::with_capacity(sizes.samples);
+    for _ in 0..sizes.samples.min(50) {
+        let started = Instant::now();
+        let page = app.pull_ok("pager", "todos", START, Some(sizes.page as u32)).await;
+        samples.push(started.elapsed());
+        assert_eq!(page["serverChanges"].as_array().unwrap().len(), sizes.page);
+    }
+    report(&format!("pull, page of {} records", sizes.page), samples);
+}
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let sizes = if full {
+        Sizes {
+            history: 10_000,
+            samples: 300,
+            batch: 100,
+            page: 1000,
+        }
+    } else {
+        Sizes {
+            history: 20,
+            samples: 3,
+            batch: 5,
+            page: 10,
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let app = spawn_app().await;
+        pull_vs_history(&app, &sizes).await;
+        push_latency(&app, &sizes).await;
+        pull_page(&app, &sizes).await;
+    });
+    if !full {
+        println!("bench smoke run: 1 passed, 0 failed");
+    }
+}
