@@ -54,15 +54,17 @@ CREATE TABLE sync_idempotency (
     created_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
     PRIMARY KEY (user_id, idempotency_key)
 );
-CREATE INDEX sync_idempotency_created_idx ON sync_idempotency (created_at);
+CREATE INDEX sync_idempotency_expiry_idx ON sync_idempotency (user_id, created_at);
 
 -- Row-level security as defence in depth: every transaction of the server
 -- sets `mana_sync.user_id` (transaction-local) to the token's subject, and a
 -- query that forgets its user filter still cannot see or write another
--- user's rows. Maintenance commands (rebuild, pruning) set
--- `mana_sync.maintenance = 'on'` instead. FORCE makes the policies apply to
--- the table owner too; superusers and BYPASSRLS roles are never subject to
--- RLS, so production must connect as an ordinary role (see SECURITY.md).
+-- user's rows. The one cross-user read is the list of users in
+-- sync_clocks, for `mana-sync rebuild`, which sets `mana_sync.maintenance`;
+-- it then works user by user like a request. FORCE makes the policies
+-- apply to the table owner too; superusers and BYPASSRLS roles are never
+-- subject to RLS, so production must connect as an ordinary role (see
+-- SECURITY.md).
 ALTER TABLE sync_changes ENABLE ROW LEVEL SECURITY;
 ALTER TABLE sync_changes FORCE ROW LEVEL SECURITY;
 ALTER TABLE sync_clocks ENABLE ROW LEVEL SECURITY;
@@ -75,22 +77,20 @@ ALTER TABLE sync_idempotency FORCE ROW LEVEL SECURITY;
 -- The log is append-only: there is no UPDATE or DELETE policy, so such
 -- statements match no rows even for the owner.
 CREATE POLICY sync_changes_read ON sync_changes FOR SELECT
-    USING (user_id = current_setting('mana_sync.user_id', true)
-           OR current_setting('mana_sync.maintenance', true) = 'on');
+    USING (user_id = current_setting('mana_sync.user_id', true));
 CREATE POLICY sync_changes_append ON sync_changes FOR INSERT
     WITH CHECK (user_id = current_setting('mana_sync.user_id', true));
+
 CREATE POLICY sync_clocks_owner ON sync_clocks
-    USING (user_id = current_setting('mana_sync.user_id', true)
-           OR current_setting('mana_sync.maintenance', true) = 'on')
-    WITH CHECK (user_id = current_setting('mana_sync.user_id', true)
-           OR current_setting('mana_sync.maintenance', true) = 'on');
+    USING (user_id = current_setting('mana_sync.user_id', true))
+    WITH CHECK (user_id = current_setting('mana_sync.user_id', true));
+CREATE POLICY sync_clocks_list ON sync_clocks FOR SELECT
+    USING (current_setting('mana_sync.maintenance', true) = 'on');
+
 CREATE POLICY sync_records_owner ON sync_records
-    USING (user_id = current_setting('mana_sync.user_id', true)
-           OR current_setting('mana_sync.maintenance', true) = 'on')
-    WITH CHECK (user_id = current_setting('mana_sync.user_id', true)
-           OR current_setting('mana_sync.maintenance', true) = 'on');
+    USING (user_id = current_setting('mana_sync.user_id', true))
+    WITH CHECK (user_id = current_setting('mana_sync.user_id', true));
+
 CREATE POLICY sync_idempotency_owner ON sync_idempotency
-    USING (user_id = current_setting('mana_sync.user_id', true)
-           OR current_setting('mana_sync.maintenance', true) = 'on')
-    WITH CHECK (user_id = current_setting('mana_sync.user_id', true)
-           OR current_setting('mana_sync.maintenance', true) = 'on');
+    USING (user_id = current_setting('mana_sync.user_id', true))
+    WITH CHECK (user_id = current_setting('mana_sync.user_id', true));

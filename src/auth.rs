@@ -152,15 +152,23 @@ impl Authenticator {
         let mut validation = Validation::new(key.alg);
         validation.leeway = self.inner.leeway.as_secs();
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // A configured issuer or audience must be present, not merely match when present.
+        let mut required = vec!["exp", "sub"];
         match &self.inner.issuer {
-            Some(iss) => validation.set_issuer(&[iss]),
+            Some(iss) => {
+                validation.set_issuer(&[iss]);
+                required.push("iss");
+            }
             None => validation.iss = None,
         }
         match &self.inner.audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
+        validation.set_required_spec_claims(&required);
         let data = jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(classify)?;
         match data.claims.sub {
             Some(sub) if !sub.is_empty() && sub.len() <= MAX_ID_BYTES && !sub.chars().any(char::is_control) => {
@@ -191,6 +199,11 @@ impl Authenticator {
         }
         *last = Some(Instant::now());
         match self.fetch().await {
+            // An empty set is far likelier a fault of the auth service than
+            // the revocation of every key: keep what we have.
+            Ok(keys) if keys.is_empty() => {
+                tracing::warn!(url = %self.inner.jwks_url, "JWKS has no usable keys; keeping cached keys")
+            }
             Ok(keys) => {
                 tracing::debug!(keys = keys.len(), url = %self.inner.jwks_url, "JWKS fetched");
                 *self.inner.keys.write().expect("key cache lock") = keys;
@@ -278,6 +291,8 @@ fn classify(e: jsonwebtoken::errors::Error) -> AuthError {
         ErrorKind::InvalidIssuer => AuthError::InvalidIssuer,
         ErrorKind::InvalidAudience => AuthError::InvalidAudience,
         ErrorKind::MissingRequiredClaim(c) if c == "sub" => AuthError::InvalidSubject,
+        ErrorKind::MissingRequiredClaim(c) if c == "iss" => AuthError::InvalidIssuer,
+        ErrorKind::MissingRequiredClaim(c) if c == "aud" => AuthError::InvalidAudience,
         ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Json(_) | ErrorKind::Utf8(_) => {
             AuthError::Malformed
         }

@@ -13,6 +13,9 @@ pub const MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
 pub const DEFAULT_PULL_LIMIT: u32 = 1000;
 /// The largest `limit` a pull may ask for.
 pub const MAX_PULL_LIMIT: u32 = 5000;
+/// A page stops once its records' JSON passes this size (it always holds at
+/// least one record), so a page of large records cannot exhaust memory.
+pub const MAX_PAGE_BYTES: i64 = 8 * 1024 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -37,6 +40,8 @@ pub struct Config {
     pub max_batch_changes: usize,
     /// How long a push's outcome is kept for replay under its `Idempotency-Key`.
     pub idempotency_ttl: Duration,
+    /// Longest wait of a push for another push of the same user (then 429).
+    pub lock_timeout: Duration,
     /// Longest wait for in-flight requests at shutdown.
     pub shutdown_timeout: Duration,
 }
@@ -81,6 +86,7 @@ impl Config {
             max_clock_skew: env.duration("MAX_CLOCK_SKEW", "5m")?,
             max_batch_changes: env.parse("MAX_BATCH_CHANGES", "5000")?,
             idempotency_ttl: env.duration("IDEMPOTENCY_TTL", "24h")?,
+            lock_timeout: env.duration("LOCK_TIMEOUT", "5s")?,
             shutdown_timeout: env.duration("SHUTDOWN_TIMEOUT", "30s")?,
         })
     }

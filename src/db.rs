@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool, Postgres, Transaction};
 
 use crate::config::Config;
 
@@ -14,10 +14,17 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// A pool that connects on demand; see [`wait_until_reachable`].
 pub fn pool(config: &Config) -> anyhow::Result<PgPool> {
     let options: PgConnectOptions = config.database_url.parse().context("invalid DATABASE_URL")?;
+    // A push waits for the user's clock row only so long (then 429), so
+    // one user's pile of pushes cannot hold every pooled connection.
+    let lock_timeout = format!("{}ms", config.lock_timeout.as_millis());
     Ok(PgPoolOptions::new()
         .max_connections(config.database_max_connections)
         .acquire_timeout(Duration::from_secs(10))
-        .connect_lazy_with(options.application_name("mana-sync")))
+        .connect_lazy_with(
+            options
+                .application_name("mana-sync")
+                .options([("lock_timeout", lock_timeout)]),
+        ))
 }
 
 /// Waits for the database, retrying with exponential backoff (capped at
@@ -25,9 +32,15 @@ pub fn pool(config: &Config) -> anyhow::Result<PgPool> {
 pub async fn wait_until_reachable(pool: &PgPool, deadline: Option<Duration>) -> anyhow::Result<()> {
     let started = tokio::time::Instant::now();
     let mut delay = Duration::from_millis(250);
+    let options = pool.connect_options();
     loop {
-        match pool.acquire().await {
-            Ok(_) => return Ok(()),
+        // One plain connection attempt each time: the pool's own acquire
+        // would keep retrying silently until its timeout.
+        match options.connect().await {
+            Ok(conn) => {
+                let _ = conn.close().await;
+                return Ok(());
+            }
             Err(e) => {
                 if deadline.is_some_and(|d| started.elapsed() >= d) {
                     return Err(e).context("failed to connect to DATABASE_URL");
@@ -40,9 +53,20 @@ pub async fn wait_until_reachable(pool: &PgPool, deadline: Option<Duration>) -> 
     }
 }
 
-/// Applies pending migrations.
+/// Applies pending migrations. Replicas starting together queue on the
+/// migrator's advisory lock without the pool's `lock_timeout`, on a
+/// connection that is then closed rather than returned to the pool.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    MIGRATOR.run(pool).await.context("failed to apply database migrations")
+    let mut conn = pool
+        .acquire()
+        .await
+        .context("failed to connect to DATABASE_URL")?
+        .detach();
+    sqlx::query("SET lock_timeout = 0").execute(&mut conn).await?;
+    MIGRATOR
+        .run(&mut conn)
+        .await
+        .context("failed to apply database migrations")
 }
 
 /// Warns when row-level security cannot protect anything: superusers and
@@ -78,8 +102,8 @@ pub async fn scope_to_user(conn: &mut PgConnection, user_id: &str) -> sqlx::Resu
     Ok(())
 }
 
-/// Begins a maintenance transaction that may see every user's rows (but
-/// still not rewrite the log).
+/// Begins a maintenance transaction: it may list the users (their clock
+/// rows) and nothing else of anyone's.
 pub async fn begin_maintenance(pool: &PgPool) -> sqlx::Result<Transaction<'static, Postgres>> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT set_config('mana_sync.maintenance', 'on', true)")

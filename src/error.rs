@@ -25,6 +25,9 @@ pub enum Error {
     /// The idempotency key was already used for a different request.
     #[error("Idempotency-Key '{0}' was already used for a different request")]
     IdempotencyKeyReused(String),
+    /// Another push of the same user held its lock for longer than `LOCK_TIMEOUT`.
+    #[error("another push of this user is still in progress; retry shortly")]
+    Busy,
     /// A server-side fault: logged with its cause chain, answered with a bare 500.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -48,6 +51,10 @@ impl Error {
 
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
+        // SQLSTATE 55P03 lock_not_available: `lock_timeout` expired.
+        if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("55P03") {
+            return Error::Busy;
+        }
         Error::Internal(anyhow::Error::new(e).context("database error"))
     }
 }
@@ -86,6 +93,9 @@ pub enum ErrorResponse {
     /// The `Idempotency-Key` was already used for a different request.
     #[oai(status = 422)]
     Unprocessable(Json<ErrorBody>),
+    /// Another push of the same user is still being recorded; retry after the given seconds.
+    #[oai(status = 429)]
+    TooManyRequests(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
     /// A server fault; details are in the server's log, never in the response.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
@@ -103,6 +113,7 @@ impl From<Error> for ErrorResponse {
             e @ Error::IdempotencyKeyReused(_) => {
                 ErrorResponse::Unprocessable(ErrorBody::json("idempotency_key_reused", e.to_string()))
             }
+            e @ Error::Busy => ErrorResponse::TooManyRequests(ErrorBody::json("busy", e.to_string()), 1),
             Error::Internal(e) => {
                 tracing::error!(error = ?e, "request failed");
                 ErrorResponse::Internal(ErrorBody::json("internal", "internal server error"))
@@ -127,6 +138,7 @@ pub async fn json_error(err: poem::Error) -> poem::Response {
         StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
         StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::TOO_MANY_REQUESTS => "busy",
         s if s.is_client_error() => "bad_request",
         _ => "internal",
     };

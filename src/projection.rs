@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::Context;
+use futures_util::TryStreamExt;
 use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
 
@@ -107,27 +108,32 @@ pub struct Page {
     /// The user's last committed log position in that snapshot (`None`: the
     /// user has never written anything).
     pub clock: Option<i64>,
-    /// Up to `limit` records, in log order of their last change.
+    /// Records in log order of their last change.
     pub records: Vec<Record>,
+    /// More records changed after the last one here.
+    pub has_more: bool,
 }
 
 /// Records of one app (of one table, if given) whose last change is after
-/// `since`, oldest first, at most `limit`. The clock and the records come
-/// from one statement, hence one snapshot: nothing at or below the clock
-/// can commit later, so the clock is a safe cursor for a complete page.
+/// `since`, oldest first: at most `limit`, and no more once their JSON
+/// passes `max_bytes` (but always at least one). The clock and the records
+/// come from one statement, hence one snapshot: nothing at or below the
+/// clock can commit later, so the clock is a safe cursor for a complete page.
 pub async fn changed_since(
     conn: &mut PgConnection,
     user_id: &str,
     app_id: &str,
     table: Option<&str>,
     since: Cursor,
-    limit: i64,
+    limit: usize,
+    max_bytes: i64,
 ) -> sqlx::Result<Page> {
     // Two statements rather than `table IS NULL OR ...`, so each keeps a
     // plan that walks its own index in touched_seq order.
     let sql = match table {
         Some(_) => {
-            "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq
+            "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq,
+                    octet_length(r.fields::text)::bigint
              FROM sync_clocks c LEFT JOIN LATERAL (
                SELECT * FROM sync_records r
                WHERE r.user_id = c.user_id AND r.app_id = $2 AND r.table_name = $5
@@ -136,7 +142,8 @@ pub async fn changed_since(
              WHERE c.user_id = $1"
         }
         None => {
-            "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq
+            "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq,
+                    octet_length(r.fields::text)::bigint
              FROM sync_clocks c LEFT JOIN LATERAL (
                SELECT * FROM sync_records r
                WHERE r.user_id = c.user_id AND r.app_id = $2
@@ -152,22 +159,37 @@ pub async fn changed_since(
         Option<Json<BTreeMap<String, FieldState>>>,
         Option<i64>,
         Option<i64>,
+        Option<i64>,
     );
     let mut query = sqlx::query_as::<_, PageRow>(sql)
         .bind(user_id)
         .bind(app_id)
         .bind(since.0)
-        .bind(limit);
+        .bind(limit as i64 + 1);
     if let Some(table) = table {
         query = query.bind(table);
     }
-    let rows = query.fetch_all(conn).await?;
-    let clock = rows.first().map(|row| row.0);
-    let records = rows
-        .into_iter()
-        .filter_map(|(_, table, id, fields, created, touched)| Some(record((table?, id?, fields?, created?, touched?))))
-        .collect();
-    Ok(Page { clock, records })
+    let mut rows = query.fetch(conn);
+    let mut page = Page {
+        clock: None,
+        records: Vec::new(),
+        has_more: false,
+    };
+    let mut bytes = 0;
+    while let Some((clock, table, id, fields, created, touched, size)) = rows.try_next().await? {
+        page.clock = Some(clock);
+        let (Some(table), Some(id), Some(fields), Some(created), Some(touched)) = (table, id, fields, created, touched)
+        else {
+            break; // the user has a clock but nothing changed after `since`
+        };
+        bytes += size.unwrap_or(0);
+        if page.records.len() == limit || (!page.records.is_empty() && bytes > max_bytes) {
+            page.has_more = true;
+            break;
+        }
+        page.records.push(record((table, id, fields, created, touched)));
+    }
+    Ok(page)
 }
 
 /// Re-derives the whole projection from the log, one user at a time. Each

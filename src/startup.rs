@@ -16,8 +16,8 @@ use crate::api::health::HealthApi;
 use crate::api::sync::SyncApi;
 use crate::auth::Authenticator;
 use crate::config::{Config, MAX_BODY_BYTES};
+use crate::db;
 use crate::error::json_error;
-use crate::{db, idempotency};
 
 /// What every request handler shares. Cheap to clone.
 #[derive(Clone)]
@@ -142,10 +142,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr().context("listener has no address")?;
     let timeout = state.config.shutdown_timeout;
-    let background = [
-        state.auth.spawn_refresh(state.config.jwks_refresh),
-        idempotency::spawn_pruner(state.pool.clone(), state.config.idempotency_ttl),
-    ];
+    let background = [state.auth.spawn_refresh(state.config.jwks_refresh)];
     tracing::info!(%addr, "mana-sync listening");
     let result = Server::new_with_acceptor(NoDelay(TcpAcceptor::from_tokio(listener)?))
         .run_with_graceful_shutdown(app(state), shutdown, Some(timeout))

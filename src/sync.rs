@@ -7,6 +7,7 @@ use poem_openapi::types::{ParseFromJSON, ToJSON};
 use sqlx::{PgConnection, PgPool};
 
 use crate::change_log;
+use crate::config::MAX_PAGE_BYTES;
 use crate::cursor::Cursor;
 use crate::db;
 use crate::error::{Error, Result};
@@ -20,6 +21,8 @@ use crate::validate::Batch;
 pub struct Idempotency {
     pub key: String,
     pub fingerprint: Vec<u8>,
+    /// How long the outcome is kept for replay.
+    pub ttl: std::time::Duration,
 }
 
 /// Records a batch and answers with everything since `batch.since`, in
@@ -39,7 +42,7 @@ pub async fn push(
     // idempotency key cannot be checked by two of them at once.
     record(&mut tx, user_id, app_id, batch).await?;
     if let Some(idem) = idempotency
-        && let Some((fingerprint, response)) = idempotency::find(&mut tx, user_id, &idem.key).await?
+        && let Some((fingerprint, response)) = idempotency::find(&mut tx, user_id, &idem.key, idem.ttl).await?
     {
         tx.rollback().await?;
         if fingerprint != idem.fingerprint {
@@ -60,6 +63,7 @@ pub async fn push(
             &idem.key,
             &idem.fingerprint,
             &response.to_json().unwrap_or_default(),
+            idem.ttl,
         )
         .await?;
     }
@@ -125,18 +129,16 @@ async fn changes_since(
     since: Cursor,
     limit: u32,
 ) -> Result<SyncResponse> {
-    let page = projection::changed_since(conn, user_id, app_id, table, since, i64::from(limit) + 1).await?;
-    Ok(respond(page, since, limit as usize))
+    let page = projection::changed_since(conn, user_id, app_id, table, since, limit as usize, MAX_PAGE_BYTES).await?;
+    Ok(respond(page, since))
 }
 
-/// Shapes a page into the wire response. With more than `limit` records
-/// the cursor stops at the last record sent; otherwise it is the clock the
-/// page was read at (or the start, when the user has written nothing).
-pub fn respond(mut page: Page, since: Cursor, limit: usize) -> SyncResponse {
-    let has_more = page.records.len() > limit;
-    page.records.truncate(limit);
+/// Shapes a page into the wire response. A page cut short stops its cursor
+/// at the last record sent; a complete one takes the clock it was read at
+/// (or the start, when the user has written nothing).
+pub fn respond(page: Page, since: Cursor) -> SyncResponse {
     let synced_until = match page.records.last() {
-        Some(last) if has_more => Cursor(last.state.touched),
+        Some(last) if page.has_more => Cursor(last.state.touched),
         _ => page.clock.map_or(Cursor::START, Cursor),
     };
     let server_changes = page
@@ -148,7 +150,7 @@ pub fn respond(mut page: Page, since: Cursor, limit: usize) -> SyncResponse {
         server_changes,
         conflicts: Vec::new(),
         synced_until: synced_until.to_string(),
-        has_more,
+        has_more: page.has_more,
     }
 }
 

@@ -93,6 +93,17 @@ fn no_nul(what: &str, value: &Value) -> Result<()> {
     }
 }
 
+/// Checks an `Idempotency-Key`: 1-256 bytes, no control characters.
+pub fn idempotency_key(key: &str) -> Result<()> {
+    if key.is_empty() || key.len() > MAX_ID_BYTES || key.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            "invalid_idempotency_key",
+            format!("Idempotency-Key must be 1 to {MAX_ID_BYTES} bytes without control characters"),
+        ));
+    }
+    Ok(())
+}
+
 /// Parses a cursor parameter (`since`), defaulting to the beginning.
 pub fn since(value: Option<&str>) -> Result<Cursor> {
     match value {
@@ -157,7 +168,36 @@ impl Clock {
     fn resolve(self, what: &str, value: Option<&str>) -> Result<Timestamp> {
         let Some(value) = value else { return Ok(self.now) };
         let at = Timestamp::parse(value).map_err(|e| Error::invalid("invalid_timestamp", format!("{what}: {e}")))?;
-        Ok(if at > self.latest { self.now } else { at })
+        Ok(self.clamp(at))
+    }
+
+    fn clamp(self, at: Timestamp) -> Timestamp {
+        if at > self.latest { self.now } else { at }
+    }
+
+    /// A record's own timestamp field: an RFC 3339 string, or a number of
+    /// milliseconds since the epoch (`Date.now()`), as apps store them.
+    fn resolve_value(self, what: &str, value: &Value) -> Result<Timestamp> {
+        match value {
+            Value::String(s) => self.resolve(what, Some(s)),
+            Value::Number(n) => {
+                let nanos = n
+                    .as_f64()
+                    .map(|ms| ms * 1e6)
+                    .filter(|ns| ns.is_finite() && ns.abs() < i64::MAX as f64);
+                let at = nanos.map(|ns| Timestamp(ns as i64)).ok_or_else(|| {
+                    Error::invalid(
+                        "invalid_timestamp",
+                        format!("{what}: {n} is not a time in milliseconds"),
+                    )
+                })?;
+                Ok(self.clamp(at))
+            }
+            _ => Err(Error::invalid(
+                "invalid_timestamp",
+                format!("{what} must be an RFC 3339 string or epoch milliseconds"),
+            )),
+        }
     }
 }
 
@@ -186,15 +226,9 @@ fn change(input: ChangeInput, clock: Clock) -> Result<Change> {
                 .into_iter()
                 .filter(|(field, _)| field != "id")
                 .map(|(field, change)| {
-                    name("field name", &field)?;
-                    no_nul(&field, &change.value)?;
                     let what = format!("fields.{field}.updatedAt");
                     let at = clock.resolve(&what, change.updated_at.as_deref().or(change.at.as_deref()))?;
-                    Ok(FieldWrite {
-                        name: field,
-                        value: change.value,
-                        at,
-                    })
+                    field_write(field, change.value, at)
                 })
                 .collect::<Result<_>>()?,
             (None, Some(data)) => data_writes(&input.id, data, clock)?,
@@ -224,30 +258,41 @@ fn data_writes(
     data: std::collections::BTreeMap<String, Value>,
     clock: Clock,
 ) -> Result<Vec<FieldWrite>> {
-    let stamp = |field: &str| match data.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.as_str())),
-        Some(_) => Err(Error::invalid(
-            "invalid_timestamp",
-            format!("data.{field} must be an RFC 3339 string"),
-        )),
-    };
-    let at = match (stamp("updatedAt")?, stamp("createdAt")?) {
-        (Some(updated), _) => clock.resolve("data.updatedAt", Some(updated))?,
-        (None, Some(created)) => clock.resolve("data.createdAt", Some(created))?,
-        (None, None) => clock.now,
-    };
     if data.get("id").is_some_and(|given| given.as_str() != Some(record_id)) {
         return Err(Error::invalid("id_mismatch", "data.id must equal the change's id"));
     }
+    // Only the timestamp that is used is checked: a record whose
+    // `createdAt` no one reads must not be refused for its form.
+    let at = match ["updatedAt", "createdAt"]
+        .into_iter()
+        .find(|f| data.get(*f).is_some_and(|v| !v.is_null()))
+    {
+        Some(field) => clock.resolve_value(&format!("data.{field}"), &data[field])?,
+        None => clock.now,
+    };
     data.into_iter()
         .filter(|(field, _)| field != "id")
-        .map(|(field, value)| {
-            name("field name", &field)?;
-            no_nul(&field, &value)?;
-            Ok(FieldWrite { name: field, value, at })
-        })
+        .map(|(field, value)| field_write(field, value, at))
         .collect()
+}
+
+/// One checked field write. `deletedAt` decides whether a record is
+/// deleted, so it must be a timestamp or null, never just any value.
+fn field_write(name: String, value: Value, at: Timestamp) -> Result<FieldWrite> {
+    self::name("field name", &name)?;
+    no_nul(&name, &value)?;
+    if name == DELETED_AT && !value.is_null() {
+        match value.as_str().map(Timestamp::parse) {
+            Some(Ok(_)) => {}
+            _ => {
+                return Err(Error::invalid(
+                    "invalid_timestamp",
+                    "deletedAt must be an RFC 3339 timestamp or null",
+                ));
+            }
+        }
+    }
+    Ok(FieldWrite { name, value, at })
 }
 
 #[cfg(test)]
@@ -318,6 +363,17 @@ mod tests {
             now(),
             "a far-future timestamp is clamped"
         );
+    }
+
+    #[test]
+    fn record_timestamps_may_be_epoch_milliseconds_and_only_the_used_one_is_checked() {
+        let batch = push(None, request(json!([
+            { "table": "todos", "id": "a", "op": "insert", "data": { "updatedAt": 1_704_103_200_000i64, "createdAt": "not read" } },
+            { "table": "todos", "id": "b", "op": "insert", "data": { "deletedAt": null, "createdAt": "2024-01-01T10:00:00Z" } }
+        ])), now(), LIMITS).unwrap();
+        let ten = Timestamp::parse("2024-01-01T10:00:00Z").unwrap();
+        assert_eq!(batch.changes[0].writes[0].at, ten);
+        assert_eq!(batch.changes[1].writes[0].at, ten);
     }
 
     #[test]

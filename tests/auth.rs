@@ -54,6 +54,18 @@ async fn every_kind_of_bad_token_is_a_json_401() {
         ),
         ("empty sub", tokens::token_for_with("", |_| {})),
         (
+            "no iss",
+            tokens::token_for_with("alice", |c| {
+                c.as_object_mut().unwrap().remove("iss");
+            }),
+        ),
+        (
+            "no aud",
+            tokens::token_for_with("alice", |c| {
+                c.as_object_mut().unwrap().remove("aud");
+            }),
+        ),
+        (
             "no exp",
             tokens::token_for_with("alice", |c| {
                 c.as_object_mut().unwrap().remove("exp");
@@ -86,23 +98,35 @@ async fn a_small_clock_difference_is_tolerated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_kids_trigger_at_most_one_jwks_fetch_per_interval() {
-    let app = spawn_app_with(&[("JWKS_MIN_REFRESH_INTERVAL", "1h")]).await;
+    let app = spawn_app_with(&[("JWKS_MIN_REFRESH_INTERVAL", "1s")]).await;
+    // Let the interval since the start-up fetch pass, so a miss may fetch.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     app.jwks.reset_hits();
-    let requests = (0..20).map(|i| {
-        let token = tokens::sign(
-            &TestKey::ed().with_kid(&format!("new-{i}")),
-            &tokens::claims_for("alice"),
-        );
-        let app = &app;
-        async move { pull_with(app, &token).await.status() }
-    });
-    let statuses = futures_util::future::join_all(requests).await;
+    let burst = || {
+        let requests = (0..20).map(|i| {
+            let token = tokens::sign(
+                &TestKey::ed().with_kid(&format!("new-{i}")),
+                &tokens::claims_for("alice"),
+            );
+            let app = &app;
+            async move { pull_with(app, &token).await.status() }
+        });
+        futures_util::future::join_all(requests)
+    };
+    let statuses = burst().await;
     assert!(statuses.iter().all(|s| *s == StatusCode::UNAUTHORIZED));
-    assert!(
-        app.jwks.hits() <= 1,
-        "JWKS fetched {} times for 20 unknown kids",
-        app.jwks.hits()
-    );
+    assert_eq!(app.jwks.hits(), 1, "20 concurrent unknown kids cause exactly one fetch");
+    burst().await;
+    assert_eq!(app.jwks.hits(), 1, "no second fetch within the interval");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_key_set_does_not_log_everyone_out() {
+    let app = spawn_app_with(&[("JWKS_REFRESH_INTERVAL", "100ms")]).await;
+    app.jwks.set_keys(serde_json::json!({ "keys": [] }));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(app.jwks.hits() >= 2, "the empty set was fetched");
+    expect_json(pull_with(&app, &tokens::token_for("alice")).await, StatusCode::OK).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -148,3 +148,82 @@ async fn cursors_never_skip_or_repeat_a_change_under_concurrent_writers() {
         assert_eq!(seen, expected, "{user}'s reader saw exactly the committed changes");
     }
 }
+
+/// A device as the old client behaves: it pushes with `since` = its cursor,
+/// applies the answer, moves its cursor to `syncedUntil`, pulls one page,
+/// and so on, while the other devices do the same.
+async fn device(app: Arc<TestApp>, name: String, rounds: usize) -> std::collections::BTreeMap<String, Value> {
+    let mut state = std::collections::BTreeMap::new();
+    let mut cursor = START.to_owned();
+    let apply = |state: &mut std::collections::BTreeMap<String, Value>, page: &Value| {
+        for change in page["serverChanges"].as_array().unwrap() {
+            let id = change["id"].as_str().unwrap().to_owned();
+            match change["op"].as_str().unwrap() {
+                "delete" => state.insert(id, json!("deleted")),
+                _ => state.insert(id, change["data"].clone()),
+            };
+        }
+        page["syncedUntil"].as_str().unwrap().to_owned()
+    };
+    for round in 0..rounds {
+        let changes: Vec<Value> = {
+            let mut rng = rand::rng();
+            (0..rng.random_range(1..4))
+                .map(|_| {
+                    let id = format!("shared-{}", rng.random_range(0..12));
+                    let at = format!(
+                        "2024-01-01T10:{:02}:{:02}Z",
+                        rng.random_range(0..60),
+                        rng.random_range(0..60)
+                    );
+                    match rng.random_range(0..10) {
+                        0 => common::app::delete("todos", &id, &at),
+                        _ => common::app::update("todos", &id, "title", json!(format!("{name}-{round}")), &at),
+                    }
+                })
+                .collect()
+        };
+        let pushed = app.push_ok("carol", &name, &cursor, Value::Array(changes)).await;
+        cursor = apply(&mut state, &pushed);
+        let pulled = app.pull_as("carol", &name, "todos", &cursor, Some(3)).await;
+        cursor = apply(&mut state, &pulled);
+    }
+    loop {
+        let page = app.pull_as("carol", &name, "todos", &cursor, Some(3)).await;
+        cursor = apply(&mut state, &page);
+        if !page["hasMore"].as_bool().unwrap() {
+            return state;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn devices_editing_the_same_records_concurrently_converge() {
+    let app = Arc::new(spawn_app_with(&[("DATABASE_MAX_CONNECTIONS", "20")]).await);
+    let devices: Vec<_> = (0..4)
+        .map(|d| tokio::spawn(device(app.clone(), format!("dev{d}"), 15)))
+        .collect();
+    let mut states = Vec::new();
+    for d in devices {
+        states.push(d.await.unwrap());
+    }
+    let (all, _) = app.pull_all("carol", "todos", START, None).await;
+    let server: std::collections::BTreeMap<String, Value> = all
+        .iter()
+        .map(|c| {
+            let id = c["id"].as_str().unwrap().to_owned();
+            (
+                id,
+                if c["op"] == "delete" {
+                    json!("deleted")
+                } else {
+                    c["data"].clone()
+                },
+            )
+        })
+        .collect();
+    assert!(!server.is_empty());
+    for (i, state) in states.iter().enumerate() {
+        assert_eq!(state, &server, "device {i} diverged from the server");
+    }
+}

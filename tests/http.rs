@@ -133,3 +133,39 @@ fn every_operation_and_error_status_is_documented() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_a_database_it_cannot_reach_and_recovers() {
+    let app = spawn_app().await;
+    let admin = sqlx::PgPool::connect(&common::pg::server_admin_url()).await.unwrap();
+    let set_connections = |allowed: bool| {
+        let (admin, name) = (admin.clone(), app.db.name.clone());
+        async move {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS {allowed}"
+            )))
+            .execute(&admin)
+            .await
+            .unwrap();
+            if !allowed {
+                sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+                    .bind(&name)
+                    .execute(&admin)
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    set_connections(false).await;
+    let down = expect_json(app.http.get(app.url("/health")).send().await.unwrap(), StatusCode::OK).await;
+    assert_eq!(
+        (down["status"].as_str(), down["database"].as_str()),
+        (Some("degraded"), Some("unreachable"))
+    );
+    set_connections(true).await;
+    let up = expect_json(app.http.get(app.url("/health")).send().await.unwrap(), StatusCode::OK).await;
+    assert_eq!(
+        (up["status"].as_str(), up["database"].as_str()),
+        (Some("ok"), Some("ok"))
+    );
+}

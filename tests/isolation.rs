@@ -124,3 +124,38 @@ async fn the_change_log_cannot_be_rewritten_by_the_server_role() {
         .rows_affected();
     assert_eq!((updated, deleted), (0, 0), "the log is append-only");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_maintenance_setting_only_lists_users_and_opens_no_data() {
+    let app = spawn_app().await;
+    app.push_ok("alice", "a", START, json!([insert("todos", "a1", json!({}))]))
+        .await;
+    let pool = app.db.app_pool().await;
+    let mut tx = mana_sync::db::begin_for(&pool, "bob").await.unwrap();
+    sqlx::query("SELECT set_config('mana_sync.maintenance', 'on', true)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let users: Vec<String> = sqlx::query_scalar("SELECT user_id FROM sync_clocks")
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(
+        users,
+        vec!["alice".to_owned()],
+        "the list of users is visible to maintenance"
+    );
+    for table in ["sync_changes", "sync_records", "sync_idempotency"] {
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(n, 0, "{table} stays closed");
+    }
+    let touched = sqlx::query("UPDATE sync_clocks SET last_seq = 0")
+        .execute(&mut *tx)
+        .await
+        .unwrap()
+        .rows_affected();
+    assert_eq!(touched, 0, "alice's clock cannot be written");
+}

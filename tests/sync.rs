@@ -264,8 +264,11 @@ async fn pulls_include_the_asking_devices_own_writes() {
         change_for(&pushed, "mine").is_some(),
         "the push answer holds the device's own write"
     );
-    let pulled = app.pull_ok("alice", "todos", START, None).await;
-    assert!(change_for(&pulled, "mine").is_some());
+    let pulled = app.pull_as("alice", "a", "todos", START, None).await;
+    assert!(
+        change_for(&pulled, "mine").is_some(),
+        "the device's own write is in its pull"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -389,6 +392,13 @@ async fn a_retried_push_with_the_same_idempotency_key_records_nothing_twice() {
         .await;
     let retry = common::app::expect_json(send("k-1", body.clone()).await, StatusCode::OK).await;
     assert_eq!(first, retry, "the retry gets the first outcome");
+    let mut newer = body.clone();
+    newer["since"] = first["syncedUntil"].clone();
+    let after_a_pull = common::app::expect_json(send("k-1", newer).await, StatusCode::OK).await;
+    assert_eq!(
+        first, after_a_pull,
+        "a retry with a newer cursor is still the same batch"
+    );
     assert_eq!(app.log_rows().await, 2, "the retried change is recorded once");
 
     let other = push_body("a", START, json!([insert("todos", "different", json!({}))]));
@@ -430,6 +440,47 @@ async fn a_far_future_timestamp_is_clamped_and_cannot_win_forever() {
     assert_eq!(change_for(&pulled, "t").unwrap()["data"]["title"], "a minute later");
 }
 
+/// A failure in the middle of recording (here a trigger that refuses one
+/// record) rolls the whole batch back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_fails_while_being_recorded_leaves_nothing_behind() {
+    let app = spawn_app().await;
+    let admin = app.admin().await;
+    sqlx::query(
+        "CREATE FUNCTION refuse_boom() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF NEW.record_id = 'boom' THEN RAISE EXCEPTION 'boom'; END IF; RETURN NEW; END $$",
+    )
+    .execute(&admin)
+    .await
+    .unwrap();
+    sqlx::query("CREATE TRIGGER refuse_boom BEFORE INSERT ON sync_records FOR EACH ROW EXECUTE FUNCTION refuse_boom()")
+        .execute(&admin)
+        .await
+        .unwrap();
+    let response = app
+        .push(
+            "alice",
+            "a",
+            &push_body(
+                "a",
+                START,
+                json!([
+                    insert("todos", "fine-1", json!({})),
+                    insert("todos", "boom", json!({})),
+                    insert("todos", "fine-2", json!({})),
+                ]),
+            ),
+        )
+        .await;
+    expect_error(response, StatusCode::INTERNAL_SERVER_ERROR, "internal").await;
+    assert_eq!(app.log_rows().await, 0, "no log row of the failed batch survives");
+    let records: i64 = sqlx::query_scalar("SELECT count(*) FROM sync_records")
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    assert_eq!(records, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_is_all_or_nothing() {
     let app = spawn_app().await;
@@ -445,4 +496,50 @@ async fn a_push_is_all_or_nothing() {
         "the message names the bad change: {message}"
     );
     assert_eq!(app.log_rows().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_of_large_records_stops_at_the_byte_budget_without_losing_any() {
+    let app = spawn_app().await;
+    let blob = "x".repeat(200 * 1024);
+    for part in 0..3 {
+        let changes: Vec<Value> = (0..16)
+            .map(|i| insert("todos", &format!("big-{part}-{i}"), json!({ "blob": blob })))
+            .collect();
+        app.push_ok("alice", "a", START, Value::Array(changes)).await;
+    }
+    let first = app.pull_ok("alice", "todos", START, None).await;
+    let sent = first["serverChanges"].as_array().unwrap().len();
+    assert!(
+        first["hasMore"].as_bool().unwrap() && sent < 48,
+        "a 9.6 MB page is cut ({sent} records sent)"
+    );
+    let (all, _) = app.pull_all("alice", "todos", START, None).await;
+    assert_eq!(all.len(), 48, "following the cursor collects every record");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_waiting_too_long_for_another_push_of_the_same_user_is_told_to_retry() {
+    let app = common::app::spawn_app_with(&[("LOCK_TIMEOUT", "200ms")]).await;
+    app.push_ok("alice", "a", START, json!([insert("todos", "first", json!({}))]))
+        .await;
+    // Another push of alice's, stuck inside its transaction.
+    let pool = app.db.app_pool().await;
+    let mut stuck = mana_sync::db::begin_for(&pool, "alice").await.unwrap();
+    mana_sync::change_log::reserve(&mut stuck, "alice", 1).await.unwrap();
+
+    let response = app
+        .push(
+            "alice",
+            "b",
+            &push_body("b", START, json!([insert("todos", "second", json!({}))])),
+        )
+        .await;
+    assert_eq!(response.headers()["retry-after"], "1");
+    expect_error(response, StatusCode::TOO_MANY_REQUESTS, "busy").await;
+    app.push_ok("bob", "c", START, json!([insert("todos", "other-user", json!({}))]))
+        .await;
+    stuck.rollback().await.unwrap();
+    app.push_ok("alice", "b", START, json!([insert("todos", "second", json!({}))]))
+        .await;
 }

@@ -9,8 +9,8 @@ use poem_openapi::types::ToJSON;
 use crate::api::ApiTags;
 use crate::auth::BearerAuth;
 use crate::config::{DEFAULT_PULL_LIMIT, MAX_PULL_LIMIT};
-use crate::error::{Error, ErrorResponse};
-use crate::idempotency::{self, MAX_KEY_BYTES};
+use crate::error::ErrorResponse;
+use crate::idempotency;
 use crate::protocol::{PushRequest, SyncResponse};
 use crate::startup::AppState;
 use crate::sync::{self, Idempotency};
@@ -42,33 +42,31 @@ impl SyncApi {
         client_id: Header<Option<String>>,
         /// Optional, chosen by the client, unique per batch (1-256 bytes). A
         /// retry with the same key gets the first answer and records nothing
-        /// twice; the same key with a different body is a 422.
+        /// twice (for `IDEMPOTENCY_TTL`, default 24 h); the same key with
+        /// different changes is a 422.
         #[oai(name = "Idempotency-Key")]
         idempotency_key: Header<Option<String>>,
         body: Json<PushRequest>,
     ) -> Result<Json<SyncResponse>, ErrorResponse> {
         let user = auth.0;
         validate::name("appId", &app_id)?;
-        let idempotency = match idempotency_key.0 {
-            Some(key) => {
-                if key.is_empty() || key.len() > MAX_KEY_BYTES || key.chars().any(char::is_control) {
-                    return Err(Error::invalid(
-                        "invalid_idempotency_key",
-                        format!("Idempotency-Key must be 1 to {MAX_KEY_BYTES} printable bytes"),
-                    )
-                    .into());
-                }
-                let client = client_id.0.as_deref().or(body.client_id.as_deref()).unwrap_or_default();
-                let fingerprint = idempotency::fingerprint(&app_id, client, &body.0.to_json().unwrap_or_default());
-                Some(Idempotency { key, fingerprint })
-            }
-            None => None,
-        };
+        // The fingerprint is taken over the changes as sent: validation
+        // fills in receive times, which differ between attempts.
+        let key = idempotency_key
+            .0
+            .map(|key| validate::idempotency_key(&key).map(|()| key))
+            .transpose()?;
+        let sent_changes = key.as_ref().map(|_| body.changes.to_json().unwrap_or_default());
         let limits = Limits {
             max_changes: state.config.max_batch_changes,
             max_clock_skew: state.config.max_clock_skew,
         };
         let batch = validate::push(client_id.0.as_deref(), body.0, Timestamp::now(), limits)?;
+        let idempotency = key.zip(sent_changes).map(|(key, changes)| Idempotency {
+            fingerprint: idempotency::fingerprint(&app_id, &batch.client_id, &changes),
+            key,
+            ttl: state.config.idempotency_ttl,
+        });
         let response = sync::push(
             &state.pool,
             &user.id,

@@ -115,8 +115,28 @@ impl TestApp {
         expect_json(response, StatusCode::OK).await
     }
 
-    /// `GET /sync/todo/pull` as `user`.
+    /// `GET /sync/todo/pull` as `user` from a device of its own.
     pub async fn pull(&self, user: &str, collection: &str, since: &str, limit: Option<u32>) -> reqwest::Response {
+        self.pull_from(user, "puller", collection, since, limit).await
+    }
+
+    /// A pull that must succeed, from device `client`.
+    pub async fn pull_as(&self, user: &str, client: &str, collection: &str, since: &str, limit: Option<u32>) -> Value {
+        expect_json(
+            self.pull_from(user, client, collection, since, limit).await,
+            StatusCode::OK,
+        )
+        .await
+    }
+
+    async fn pull_from(
+        &self,
+        user: &str,
+        client: &str,
+        collection: &str,
+        since: &str,
+        limit: Option<u32>,
+    ) -> reqwest::Response {
         let mut query = vec![("collection", collection.to_owned()), ("since", since.to_owned())];
         if let Some(limit) = limit {
             query.push(("limit", limit.to_string()));
@@ -124,7 +144,7 @@ impl TestApp {
         self.http
             .get(self.url(&format!("/sync/{APP}/pull")))
             .bearer_auth(tokens::token_for(user))
-            .header("X-Client-Id", "puller")
+            .header("X-Client-Id", client)
             .query(&query)
             .send()
             .await

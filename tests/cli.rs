@@ -1,0 +1,83 @@
+//! The binary: configuration errors, waiting for the database, `openapi`, `migrate`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn mana_sync() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mana-sync"));
+    cmd.env_clear().env("RUST_LOG", "info");
+    cmd
+}
+
+#[test]
+fn a_malformed_setting_stops_start_up_with_one_line_naming_it() {
+    let output = mana_sync().env("PORT", "eighty").output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    assert!(lines[0].contains("PORT"), "{stderr}");
+}
+
+#[test]
+fn an_unreachable_database_is_retried_and_logged_not_fatal() {
+    let free_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = mana_sync()
+        .env("DATABASE_URL", format!("postgres://nobody@127.0.0.1:{free_port}/none"))
+        .env("PORT", "0")
+        .env("HOST", "127.0.0.1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut retries = 0;
+    let started = Instant::now();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if line.contains("database unreachable; retrying") {
+            retries += 1;
+        }
+        if retries >= 2 || started.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the server is still waiting, not dead"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(retries >= 2, "retries are logged");
+}
+
+#[test]
+fn openapi_prints_the_committed_document() {
+    let output = mana_sync().arg("openapi").output().unwrap();
+    assert!(output.status.success());
+    let printed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(printed["info"]["title"], "mana-sync");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_applies_migrations_and_is_idempotent() {
+    let db = common::pg::test_database().await;
+    for _ in 0..2 {
+        let status = mana_sync()
+            .arg("migrate")
+            .env("DATABASE_URL", &db.app_url)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(&db.admin_pool().await)
+        .await
+        .unwrap();
+    assert_eq!(applied as usize, mana_sync::db::MIGRATOR.iter().count());
+}
