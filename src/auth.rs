@@ -307,9 +307,11 @@ pub struct BearerAuth(pub User);
 
 async fn check_bearer(req: &Request, bearer: Bearer) -> poem::Result<User> {
     let state = req.data::<AppState>().expect("AppState is attached to every route");
-    state
+    let user = state
         .auth
         .verify(&bearer.token)
         .await
-        .map_err(|e| ErrorResponse::from(Error::from(e)).into())
+        .map_err(|e| ErrorResponse::from(Error::from(e)))?;
+    tracing::Span::current().record("user_id", user.id.as_str());
+    Ok(user)
 }

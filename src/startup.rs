@@ -16,8 +16,8 @@ use crate::api::health::HealthApi;
 use crate::api::sync::SyncApi;
 use crate::auth::Authenticator;
 use crate::config::{Config, MAX_BODY_BYTES};
-use crate::db;
 use crate::error::json_error;
+use crate::{db, telemetry};
 
 /// What every request handler shares. Cheap to clone.
 #[derive(Clone)]
@@ -76,6 +76,7 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
         .catch_all_error(json_error)
         .with(cors)
         .catch_all_error(json_error)
+        .around(telemetry::log_request)
         .data(state)
         .into_endpoint()
 }

@@ -50,6 +50,7 @@ impl SyncApi {
     ) -> Result<Json<SyncResponse>, ErrorResponse> {
         let user = auth.0;
         validate::name("appId", &app_id)?;
+        tracing::Span::current().record("app_id", app_id.as_str());
         // The fingerprint is taken over the changes as sent: validation
         // fills in receive times, which differ between attempts.
         let key = idempotency_key
@@ -102,6 +103,7 @@ impl SyncApi {
     ) -> Result<Json<SyncResponse>, ErrorResponse> {
         let user = auth.0;
         validate::name("appId", &app_id)?;
+        tracing::Span::current().record("app_id", app_id.as_str());
         validate::name("collection", &collection)?;
         let since = validate::since(since.0.as_deref())?;
         let limit = limit.0.unwrap_or(DEFAULT_PULL_LIMIT).min(MAX_PULL_LIMIT);
