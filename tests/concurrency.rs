@@ -152,7 +152,12 @@ async fn cursors_never_skip_or_repeat_a_change_under_concurrent_writers() {
 /// A device as the old client behaves: it pushes with `since` = its cursor,
 /// applies the answer, moves its cursor to `syncedUntil`, pulls one page,
 /// and so on, while the other devices do the same.
-async fn device(app: Arc<TestApp>, name: String, rounds: usize) -> std::collections::BTreeMap<String, Value> {
+async fn device(
+    app: Arc<TestApp>,
+    name: String,
+    rounds: usize,
+    all_pushed: Arc<tokio::sync::Barrier>,
+) -> std::collections::BTreeMap<String, Value> {
     let mut state = std::collections::BTreeMap::new();
     let mut cursor = START.to_owned();
     let apply = |state: &mut std::collections::BTreeMap<String, Value>, page: &Value| {
@@ -188,6 +193,8 @@ async fn device(app: Arc<TestApp>, name: String, rounds: usize) -> std::collecti
         let pulled = app.pull_as("carol", &name, "todos", &cursor, Some(3)).await;
         cursor = apply(&mut state, &pulled);
     }
+    // Catch up only once every device has stopped writing.
+    all_pushed.wait().await;
     loop {
         let page = app.pull_as("carol", &name, "todos", &cursor, Some(3)).await;
         cursor = apply(&mut state, &page);
@@ -200,8 +207,9 @@ async fn device(app: Arc<TestApp>, name: String, rounds: usize) -> std::collecti
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn devices_editing_the_same_records_concurrently_converge() {
     let app = Arc::new(spawn_app_with(&[("DATABASE_MAX_CONNECTIONS", "20")]).await);
+    let all_pushed = Arc::new(tokio::sync::Barrier::new(4));
     let devices: Vec<_> = (0..4)
-        .map(|d| tokio::spawn(device(app.clone(), format!("dev{d}"), 15)))
+        .map(|d| tokio::spawn(device(app.clone(), format!("dev{d}"), 15, all_pushed.clone())))
         .collect();
     let mut states = Vec::new();
     for d in devices {
