@@ -26,6 +26,8 @@ use crate::validate::MAX_ID_BYTES;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct User {
     pub id: String,
+    /// When the token expires (`exp`, seconds since the epoch).
+    pub expires_at: u64,
 }
 
 /// Why a token was refused. Every variant is a 401.
@@ -116,6 +118,7 @@ struct Inner {
 #[derive(Deserialize)]
 struct Claims {
     sub: Option<String>,
+    exp: u64,
 }
 
 impl Authenticator {
@@ -172,7 +175,10 @@ impl Authenticator {
         let data = jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(classify)?;
         match data.claims.sub {
             Some(sub) if !sub.is_empty() && sub.len() <= MAX_ID_BYTES && !sub.chars().any(char::is_control) => {
-                Ok(User { id: sub })
+                Ok(User {
+                    id: sub,
+                    expires_at: data.claims.exp,
+                })
             }
             _ => Err(AuthError::InvalidSubject),
         }

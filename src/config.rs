@@ -42,6 +42,10 @@ pub struct Config {
     pub idempotency_ttl: Duration,
     /// Longest wait of a push for another push of the same user (then 429).
     pub lock_timeout: Duration,
+    /// Most WebSockets and streams one user may hold on one replica.
+    pub max_sockets_per_user: usize,
+    /// Most WebSockets and streams on one replica.
+    pub max_sockets: usize,
     /// Longest wait for in-flight requests at shutdown.
     pub shutdown_timeout: Duration,
 }
@@ -87,6 +91,8 @@ impl Config {
             max_batch_changes: env.parse("MAX_BATCH_CHANGES", "5000")?,
             idempotency_ttl: env.duration("IDEMPOTENCY_TTL", "24h")?,
             lock_timeout: env.duration("LOCK_TIMEOUT", "5s")?,
+            max_sockets_per_user: env.parse("MAX_SOCKETS_PER_USER", "20")?,
+            max_sockets: env.parse("MAX_SOCKETS", "10000")?,
             shutdown_timeout: env.duration("SHUTDOWN_TIMEOUT", "30s")?,
         })
     }

@@ -244,3 +244,19 @@ async fn rebuild_user(pool: &PgPool, user_id: &str) -> anyhow::Result<(u64, u64)
     tx.commit().await?;
     Ok((entries, count))
 }
+
+/// The (app, table) pairs a user has records in, of one app if given: what
+/// "pull everything" names.
+pub async fn tables(pool: &PgPool, user_id: &str, app_id: Option<&str>) -> sqlx::Result<Vec<(String, String)>> {
+    let mut tx = db::begin_for(pool, user_id).await?;
+    let tables = sqlx::query_as(
+        "SELECT DISTINCT app_id, table_name FROM sync_records
+         WHERE user_id = $1 AND ($2::text IS NULL OR app_id = $2) ORDER BY 1, 2",
+    )
+    .bind(user_id)
+    .bind(app_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(tables)
+}

@@ -8,7 +8,7 @@ use poem::http::Method;
 use poem::listener::{Acceptor, TcpAcceptor};
 use poem::middleware::Cors;
 use poem::web::{LocalAddr, RemoteAddr};
-use poem::{Endpoint, EndpointExt, IntoEndpoint, Request, Response, Route, Server};
+use poem::{Endpoint, EndpointExt, IntoEndpoint, Request, Response, Route, Server, get};
 use poem_openapi::OpenApiService;
 use sqlx::PgPool;
 
@@ -17,7 +17,8 @@ use crate::api::sync::SyncApi;
 use crate::auth::Authenticator;
 use crate::config::{Config, MAX_BODY_BYTES};
 use crate::error::json_error;
-use crate::{db, telemetry};
+use crate::hub::Hub;
+use crate::{db, listener, realtime, telemetry};
 
 /// What every request handler shares. Cheap to clone.
 #[derive(Clone)]
@@ -25,6 +26,7 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub pool: PgPool,
     pub auth: Authenticator,
+    pub hub: Hub,
 }
 
 impl AppState {
@@ -36,16 +38,18 @@ impl AppState {
         db::warn_if_rls_bypassed(&pool).await?;
         let auth = Authenticator::new(&config);
         auth.refresh(true).await;
+        let hub = Hub::new(config.max_sockets_per_user, config.max_sockets);
         Ok(AppState {
             config: Arc::new(config),
             pool,
             auth,
+            hub,
         })
     }
 
-    /// (open WebSocket connections, distinct users connected) on this replica.
+    /// (open WebSocket connections and streams, distinct users connected) on this replica.
     pub fn connection_stats(&self) -> (u64, u64) {
-        (0, 0)
+        self.hub.stats()
     }
 }
 
@@ -70,6 +74,8 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
     let cors = cors(&state.config.cors_origins);
     Route::new()
         .at("/openapi.json", spec)
+        .at("/ws", get(realtime::user_socket))
+        .at("/ws/:appId", get(realtime::app_socket))
         .nest("/docs", docs)
         .nest("/", api)
         .around(|ep, req| async move { ep.call(limit_body(req).await?).await })
@@ -143,7 +149,20 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr().context("listener has no address")?;
     let timeout = state.config.shutdown_timeout;
-    let background = [state.auth.spawn_refresh(state.config.jwks_refresh)];
+    let background = [
+        state.auth.spawn_refresh(state.config.jwks_refresh),
+        tokio::spawn(listener::run(
+            state.pool.connect_options().as_ref().clone(),
+            state.hub.clone(),
+        )),
+    ];
+    let hub = state.hub.clone();
+    // On shutdown, sockets and streams are closed (1012) at once, so
+    // clients reconnect to another replica, and in-flight requests finish.
+    let shutdown = async move {
+        shutdown.await;
+        hub.close_all();
+    };
     tracing::info!(%addr, "mana-sync listening");
     let result = Server::new_with_acceptor(NoDelay(TcpAcceptor::from_tokio(listener)?))
         .run_with_graceful_shutdown(app(state), shutdown, Some(timeout))

@@ -1,7 +1,7 @@
 //! Push and pull: the change log, the fold and the cursor put together,
 //! one transaction per request.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use poem_openapi::types::{ParseFromJSON, ToJSON};
 use sqlx::{PgConnection, PgPool};
@@ -12,7 +12,9 @@ use crate::cursor::Cursor;
 use crate::db;
 use crate::error::{Error, Result};
 use crate::fold::{LogEntry, RecordDelta, RecordState};
+use crate::hub::Notice;
 use crate::idempotency;
+use crate::listener;
 use crate::projection::{self, Page, Record};
 use crate::protocol::{FieldValue, Op, ServerChange, SyncResponse};
 use crate::validate::Batch;
@@ -71,9 +73,10 @@ pub async fn push(
     Ok(response)
 }
 
-/// Appends a batch to the log and folds it into the projection, inside the
-/// caller's transaction (which must be scoped to `user_id`). The user's
-/// clock stays locked until that transaction ends.
+/// Appends a batch to the log, folds it into the projection and announces
+/// it to every replica (delivered at commit), inside the caller's
+/// transaction (which must be scoped to `user_id`). The user's clock stays
+/// locked until that transaction ends.
 pub async fn record(conn: &mut PgConnection, user_id: &str, app_id: &str, batch: &Batch) -> Result<()> {
     if batch.changes.is_empty() {
         return Ok(());
@@ -103,6 +106,15 @@ pub async fn record(conn: &mut PgConnection, user_id: &str, app_id: &str, batch:
         .map(|((table, id), state)| Record { table, id, state })
         .collect();
     projection::save(conn, user_id, app_id, &records).await?;
+
+    let tables: BTreeSet<&str> = batch.changes.iter().map(|c| c.table.as_str()).collect();
+    let notice = Notice {
+        user_id: user_id.to_owned(),
+        app_id: app_id.to_owned(),
+        client_id: batch.client_id.clone(),
+        tables: Some(tables.into_iter().map(str::to_owned).collect()),
+    };
+    listener::announce(conn, &notice).await?;
     Ok(())
 }
 

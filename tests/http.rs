@@ -78,6 +78,7 @@ async fn health_has_the_seeds_shape_and_checks_the_database() {
     assert_eq!(health["status"], "ok");
     assert_eq!(health["service"], "mana-sync");
     assert_eq!(health["database"], "ok");
+    assert_eq!(health["listener"], "listening");
     assert!(health["timestamp"].as_str().unwrap().ends_with('Z'));
     assert!(health["connections"].is_u64() && health["users"].is_u64());
 }
@@ -163,7 +164,7 @@ async fn health_reports_a_database_it_cannot_reach_and_recovers() {
         (Some("degraded"), Some("unreachable"))
     );
     set_connections(true).await;
-    let up = expect_json(app.http.get(app.url("/health")).send().await.unwrap(), StatusCode::OK).await;
+    let up = app.wait_until_listening().await;
     assert_eq!(
         (up["status"].as_str(), up["database"].as_str()),
         (Some("ok"), Some("ok"))

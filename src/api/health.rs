@@ -15,7 +15,9 @@ pub struct HealthApi;
 /// Liveness and connection statistics.
 #[derive(Debug, Object)]
 pub struct Health {
-    /// `ok`, or `degraded` when the database does not answer.
+    /// `ok`, or `degraded` when the database does not answer or the
+    /// replica's change listener is reconnecting (notifications from other
+    /// replicas may be missed meanwhile).
     pub status: String,
     /// Always `mana-sync`.
     pub service: String,
@@ -27,6 +29,8 @@ pub struct Health {
     pub users: u64,
     /// `ok` or `unreachable`.
     pub database: String,
+    /// `listening`, or `reconnecting` while the change listener is down.
+    pub listener: String,
 }
 
 #[OpenApi(tag = "ApiTags::Health")]
@@ -42,13 +46,15 @@ impl HealthApi {
             .await
             .is_ok_and(|r| r.is_ok());
         let (connections, users) = state.connection_stats();
+        let listening = state.hub.is_listening();
         Json(Health {
-            status: if database_ok { "ok" } else { "degraded" }.to_owned(),
+            status: if database_ok && listening { "ok" } else { "degraded" }.to_owned(),
             service: "mana-sync".to_owned(),
             timestamp: Timestamp::now().to_short_string(),
             connections,
             users,
             database: if database_ok { "ok" } else { "unreachable" }.to_owned(),
+            listener: if listening { "listening" } else { "reconnecting" }.to_owned(),
         })
     }
 }

@@ -1,6 +1,7 @@
 //! A running server per test: its own database, its own JWKS, a random port.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use mana_sync::config::Config;
 use mana_sync::startup::{self, AppState};
@@ -20,8 +21,8 @@ pub struct TestApp {
     /// `http://127.0.0.1:<port>`
     pub address: String,
     pub http: reqwest::Client,
-    pub db: TestDatabase,
-    pub jwks: JwksServer,
+    pub db: Arc<TestDatabase>,
+    pub jwks: Arc<JwksServer>,
     pub config: Config,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -34,8 +35,12 @@ pub async fn spawn_app() -> TestApp {
 
 /// A server with some settings (environment variable names) overridden.
 pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
-    let db = pg::test_database().await;
-    let jwks = JwksServer::start_default().await;
+    let db = Arc::new(pg::test_database().await);
+    let jwks = Arc::new(JwksServer::start_default().await);
+    start(db, jwks, overrides).await
+}
+
+async fn start(db: Arc<TestDatabase>, jwks: Arc<JwksServer>, overrides: &[(&str, &str)]) -> TestApp {
     let mut vars: HashMap<String, String> = HashMap::from([
         ("DATABASE_URL".to_owned(), db.app_url.clone()),
         ("JWKS_URL".to_owned(), jwks.url.clone()),
@@ -58,7 +63,7 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
     let server = tokio::spawn(startup::serve(state, listener, async {
         let _ = rx.await;
     }));
-    TestApp {
+    let app = TestApp {
         address,
         http: reqwest::Client::new(),
         db,
@@ -66,7 +71,9 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
         config,
         shutdown: Some(tx),
         server: Some(server),
-    }
+    };
+    app.wait_until_listening().await;
+    app
 }
 
 /// A body for `POST /sync/{appId}`.
@@ -186,6 +193,40 @@ impl TestApp {
             .fetch_one(&self.admin().await)
             .await
             .unwrap()
+    }
+
+    /// Another replica: a second server on the same database and JWKS.
+    pub async fn spawn_replica(&self, overrides: &[(&str, &str)]) -> TestApp {
+        start(self.db.clone(), self.jwks.clone(), overrides).await
+    }
+
+    /// `ws://…` for a path of this server.
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("{}{}", self.address.replacen("http://", "ws://", 1), path)
+    }
+
+    /// Waits (up to 10 s) until `/health` says the change listener listens.
+    pub async fn wait_until_listening(&self) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let health: Value = self
+                .http
+                .get(self.url("/health"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if health["status"] == "ok" {
+                return health;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the server never became healthy: {health}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     /// Stops the server and waits for it to finish.

@@ -6,3 +6,4 @@
 pub mod app;
 pub mod pg;
 pub mod tokens;
+pub mod ws;

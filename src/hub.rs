@@ -1,0 +1,302 @@
+//! The replica's registry of live subscribers (WebSockets and SSE streams)
+//! and the fan-out of change notices to them.
+//!
+//! A notice never waits for a subscriber: it is merged into the
+//! subscriber's pending set (the union of tables per app, so a burst of
+//! pushes coalesces into one message) and the subscriber's own task is
+//! woken to send it. A slow or dead connection therefore delays only
+//! itself; its task drops it when a send times out, and the client pulls
+//! everything when it reconnects.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, watch};
+
+/// Past this many distinct tables pending for one app, a subscriber is
+/// simply told "all tables" (bounds the pending set).
+const MAX_PENDING_TABLES: usize = 64;
+
+/// What a committed push changed, as carried by NOTIFY between replicas.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notice {
+    #[serde(rename = "u")]
+    pub user_id: String,
+    #[serde(rename = "a")]
+    pub app_id: String,
+    /// The pushing device, whose own subscribers (when they declared it) are not told.
+    #[serde(rename = "c")]
+    pub client_id: String,
+    /// The tables changed; `None` when too many to list (means "all").
+    #[serde(rename = "t")]
+    pub tables: Option<Vec<String>>,
+}
+
+/// Tables pending for one app: `None` means every table.
+pub type Pending = BTreeMap<String, Option<BTreeSet<String>>>;
+
+/// Why a subscription was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The user already has `MAX_SOCKETS_PER_USER` subscriptions on this replica.
+    UserLimit,
+    /// The replica already has `MAX_SOCKETS` subscriptions.
+    ServerLimit,
+    /// The replica is shutting down.
+    ShuttingDown,
+}
+
+/// One live subscriber of a user.
+pub struct Subscriber {
+    id: u64,
+    pub user_id: String,
+    /// `Some(app)`: only that app's notices; `None`: every app's.
+    pub app_id: Option<String>,
+    /// The device behind it, if declared: its own pushes are not echoed.
+    pub client_id: Option<String>,
+    pending: Mutex<Pending>,
+    wake: Notify,
+}
+
+impl Subscriber {
+    /// Waits until something is pending.
+    pub async fn changed(&self) {
+        self.wake.notified().await;
+    }
+
+    /// Takes what is pending (possibly nothing).
+    pub fn take(&self) -> Pending {
+        std::mem::take(&mut *self.pending.lock().expect("pending lock"))
+    }
+
+    /// Marks every table of every app this subscriber follows as changed.
+    pub fn mark_all(&self) {
+        let mut pending = self.pending.lock().expect("pending lock");
+        pending.clear();
+        pending.insert(self.app_id.clone().unwrap_or_default(), None);
+        drop(pending);
+        self.wake.notify_one();
+    }
+
+    fn mark(&self, app_id: &str, tables: &Option<Vec<String>>) {
+        let mut pending = self.pending.lock().expect("pending lock");
+        let entry = pending
+            .entry(app_id.to_owned())
+            .or_insert_with(|| Some(BTreeSet::new()));
+        match (entry.as_mut(), tables) {
+            (Some(set), Some(tables)) => {
+                set.extend(tables.iter().cloned());
+                if set.len() > MAX_PENDING_TABLES {
+                    *entry = None;
+                }
+            }
+            (Some(_), None) => *entry = None,
+            (None, _) => {}
+        }
+        drop(pending);
+        self.wake.notify_one();
+    }
+
+    fn wants(&self, notice: &Notice) -> bool {
+        self.app_id.as_ref().is_none_or(|app| *app == notice.app_id)
+            && self.client_id.as_ref().is_none_or(|client| *client != notice.client_id)
+    }
+}
+
+/// The registry. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    users: Mutex<HashMap<String, Vec<Arc<Subscriber>>>>,
+    next_id: AtomicU64,
+    max_per_user: usize,
+    max_total: usize,
+    listening: AtomicBool,
+    closing: watch::Sender<bool>,
+}
+
+/// A registration; unregisters itself when dropped.
+pub struct Subscription {
+    hub: Hub,
+    pub subscriber: Arc<Subscriber>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut users = self.hub.inner.users.lock().expect("hub lock");
+        if let Some(list) = users.get_mut(&self.subscriber.user_id) {
+            list.retain(|s| s.id != self.subscriber.id);
+            if list.is_empty() {
+                users.remove(&self.subscriber.user_id);
+            }
+        }
+    }
+}
+
+impl Hub {
+    pub fn new(max_per_user: usize, max_total: usize) -> Hub {
+        Hub {
+            inner: Arc::new(Inner {
+                users: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+                max_per_user,
+                max_total,
+                listening: AtomicBool::new(false),
+                closing: watch::channel(false).0,
+            }),
+        }
+    }
+
+    /// Registers a subscriber of `user_id`, within the limits.
+    pub fn subscribe(
+        &self,
+        user_id: &str,
+        app_id: Option<&str>,
+        client_id: Option<&str>,
+    ) -> Result<Subscription, Refusal> {
+        if *self.inner.closing.borrow() {
+            return Err(Refusal::ShuttingDown);
+        }
+        let mut users = self.inner.users.lock().expect("hub lock");
+        let total: usize = users.values().map(Vec::len).sum();
+        if total >= self.inner.max_total {
+            return Err(Refusal::ServerLimit);
+        }
+        let list = users.entry(user_id.to_owned()).or_default();
+        if list.len() >= self.inner.max_per_user {
+            return Err(Refusal::UserLimit);
+        }
+        let subscriber = Arc::new(Subscriber {
+            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
+            user_id: user_id.to_owned(),
+            app_id: app_id.map(str::to_owned),
+            client_id: client_id.map(str::to_owned),
+            pending: Mutex::new(Pending::new()),
+            wake: Notify::new(),
+        });
+        list.push(subscriber.clone());
+        Ok(Subscription {
+            hub: self.clone(),
+            subscriber,
+        })
+    }
+
+    /// Hands a notice to the user's subscribers on this replica; returns how many.
+    pub fn publish(&self, notice: &Notice) -> usize {
+        let users = self.inner.users.lock().expect("hub lock");
+        let Some(list) = users.get(&notice.user_id) else {
+            return 0;
+        };
+        let mut told = 0;
+        for subscriber in list.iter().filter(|s| s.wants(notice)) {
+            subscriber.mark(&notice.app_id, &notice.tables);
+            told += 1;
+        }
+        told
+    }
+
+    /// Tells every local subscriber to pull everything: notices may have
+    /// been lost (the listener was disconnected).
+    pub fn publish_everything(&self) {
+        let users = self.inner.users.lock().expect("hub lock");
+        for subscriber in users.values().flatten() {
+            subscriber.mark_all();
+        }
+    }
+
+    /// (subscriptions, distinct users) on this replica.
+    pub fn stats(&self) -> (u64, u64) {
+        let users = self.inner.users.lock().expect("hub lock");
+        (users.values().map(Vec::len).sum::<usize>() as u64, users.len() as u64)
+    }
+
+    /// Whether this replica's listener currently receives notices.
+    pub fn is_listening(&self) -> bool {
+        self.inner.listening.load(Ordering::SeqCst)
+    }
+
+    pub fn set_listening(&self, listening: bool) {
+        self.inner.listening.store(listening, Ordering::SeqCst);
+    }
+
+    /// Asks every subscriber to close (the replica is shutting down).
+    pub fn close_all(&self) {
+        self.inner.closing.send_replace(true);
+    }
+
+    /// Resolves once [`Hub::close_all`] was called.
+    pub async fn closing(&self) {
+        let mut rx = self.inner.closing.subscribe();
+        let _ = rx.wait_for(|closing| *closing).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn notice(user: &str, app: &str, client: &str, tables: &[&str]) -> Notice {
+        Notice {
+            user_id: user.into(),
+            app_id: app.into(),
+            client_id: client.into(),
+            tables: Some(tables.iter().map(|t| t.to_string()).collect()),
+        }
+    }
+
+    #[test]
+    fn notices_reach_the_users_other_devices_only() {
+        let hub = Hub::new(10, 100);
+        let mine = hub.subscribe("alice", Some("todo"), Some("laptop")).unwrap();
+        let phone = hub.subscribe("alice", Some("todo"), Some("phone")).unwrap();
+        let undeclared = hub.subscribe("alice", None, None).unwrap();
+        let other_app = hub.subscribe("alice", Some("notes"), None).unwrap();
+        let bob = hub.subscribe("bob", None, None).unwrap();
+        assert_eq!(hub.publish(&notice("alice", "todo", "laptop", &["todos"])), 2);
+        assert!(mine.subscriber.take().is_empty());
+        assert!(other_app.subscriber.take().is_empty());
+        assert!(bob.subscriber.take().is_empty());
+        assert_eq!(
+            phone.subscriber.take()["todo"],
+            Some(BTreeSet::from(["todos".to_owned()]))
+        );
+        assert!(undeclared.subscriber.take().contains_key("todo"));
+    }
+
+    #[test]
+    fn a_burst_coalesces_into_one_pending_set() {
+        let hub = Hub::new(10, 100);
+        let s = hub.subscribe("alice", None, None).unwrap();
+        for t in ["a", "b", "a", "c"] {
+            hub.publish(&notice("alice", "todo", "x", &[t]));
+        }
+        hub.publish(&notice("alice", "notes", "x", &["n"]));
+        let pending = s.subscriber.take();
+        assert_eq!(pending.len(), 2);
+        assert_eq!(pending["todo"].as_ref().unwrap().len(), 3);
+        let many: Vec<String> = (0..=MAX_PENDING_TABLES).map(|i| format!("t{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        hub.publish(&notice("alice", "todo", "x", &many));
+        assert_eq!(s.subscriber.take()["todo"], None, "too many tables becomes 'all'");
+    }
+
+    #[test]
+    fn limits_are_enforced_and_dropping_unregisters() {
+        let hub = Hub::new(2, 3);
+        let a = hub.subscribe("alice", None, None).unwrap();
+        let _b = hub.subscribe("alice", None, None).unwrap();
+        assert_eq!(hub.subscribe("alice", None, None).err(), Some(Refusal::UserLimit));
+        let _c = hub.subscribe("bob", None, None).unwrap();
+        assert_eq!(hub.subscribe("carol", None, None).err(), Some(Refusal::ServerLimit));
+        assert_eq!(hub.stats(), (3, 2));
+        drop(a);
+        assert_eq!(hub.stats(), (2, 2));
+        hub.close_all();
+        assert_eq!(hub.subscribe("dave", None, None).err(), Some(Refusal::ShuttingDown));
+    }
+}

@@ -1,0 +1,257 @@
+//! WebSockets: `GET /ws/{appId}` (one app, the seed's form) and `GET /ws`
+//! (every app of the user).
+//!
+//! Protocol (JSON text frames):
+//! - C→S `{"type":"auth","token":"<jwt>","clientId":"<optional>"}` within 10 s
+//!   of connecting, and again at any time with a fresh token.
+//! - S→C `{"type":"auth-ok"}`, then at once a `sync-available` naming every
+//!   table (a client that reconnected after a gap catches up).
+//! - S→C `{"type":"sync-available","appId":"todo","tables":["todos"]}` when
+//!   another device of the user pushed, on any replica.
+//! - C→S `{"type":"ping"}` → S→C `{"type":"pong"}`.
+//! - S→C `{"type":"error","message":"..."}` for anything else.
+//!
+//! A socket declares its device with `clientId` in `auth` (or `?clientId=`
+//! on the URL); that device's own pushes are then not echoed to it.
+//!
+//! Close codes: 1008 no or bad authentication within 10 s, a different
+//! user's token, or too many sockets for the user; 1013 the replica is
+//! full; 1012 the replica is shutting down (reconnect elsewhere); 4001 the
+//! token expired without renewal (authenticate again); 1011 server fault.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, StreamExt};
+use poem::web::websocket::{CloseCode, Message, WebSocket, WebSocketStream};
+use poem::web::{Data, Path, Query};
+use poem::{IntoResponse, handler};
+use serde::{Deserialize, Serialize};
+use tokio::time::{Instant, sleep_until, timeout};
+
+use crate::auth::User;
+use crate::hub::{Refusal, Subscription};
+use crate::projection;
+use crate::startup::AppState;
+
+/// A socket that has not authenticated by then is closed.
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// A send that takes longer means a dead or hopelessly slow client: drop it.
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Close code for a token that expired without renewal.
+pub const TOKEN_EXPIRED: u16 = 4001;
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+enum ClientMessage {
+    Auth {
+        token: String,
+        #[serde(rename = "clientId")]
+        client_id: Option<String>,
+    },
+    Ping,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+enum ServerMessage<'a> {
+    AuthOk,
+    SyncAvailable {
+        #[serde(rename = "appId")]
+        app_id: &'a str,
+        tables: Vec<String>,
+    },
+    Pong,
+    Error {
+        message: &'a str,
+    },
+}
+
+impl ServerMessage<'_> {
+    fn frame(&self) -> Message {
+        Message::text(serde_json::to_string(self).expect("server messages serialise"))
+    }
+}
+
+#[derive(Deserialize)]
+pub struct SocketParams {
+    #[serde(rename = "clientId")]
+    client_id: Option<String>,
+}
+
+/// `GET /ws/{appId}`: notifications for one app.
+#[handler]
+pub async fn app_socket(
+    Path(app_id): Path<String>,
+    Query(params): Query<SocketParams>,
+    ws: WebSocket,
+    Data(state): Data<&AppState>,
+) -> poem::Result<impl IntoResponse> {
+    crate::validate::name("appId", &app_id).map_err(|e| poem::Error::from(crate::error::ErrorResponse::from(e)))?;
+    let state = state.clone();
+    Ok(ws.on_upgrade(move |socket| session(socket, state, Some(app_id), params.client_id)))
+}
+
+/// `GET /ws`: notifications for every app of the user.
+#[handler]
+pub async fn user_socket(
+    Query(params): Query<SocketParams>,
+    ws: WebSocket,
+    Data(state): Data<&AppState>,
+) -> impl IntoResponse {
+    let state = state.clone();
+    ws.on_upgrade(move |socket| session(socket, state, None, params.client_id))
+}
+
+type Sink = futures_util::stream::SplitSink<WebSocketStream, Message>;
+
+async fn send(sink: &mut Sink, message: Message) -> bool {
+    matches!(timeout(SEND_TIMEOUT, sink.send(message)).await, Ok(Ok(())))
+}
+
+async fn close(sink: &mut Sink, code: CloseCode, reason: &str) {
+    let _ = timeout(SEND_TIMEOUT, sink.send(Message::close_with(code, reason))).await;
+}
+
+fn expiry(user: &User) -> Instant {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    Instant::now() + Duration::from_secs(user.expires_at.saturating_sub(now))
+}
+
+async fn session(socket: WebSocketStream, state: AppState, app_id: Option<String>, declared: Option<String>) {
+    let (mut sink, mut stream) = socket.split();
+    let hub = state.hub.clone();
+
+    // Authentication, within AUTH_TIMEOUT.
+    let deadline = Instant::now() + AUTH_TIMEOUT;
+    let (mut user, client_id) = loop {
+        tokio::select! {
+            _ = sleep_until(deadline) => return close(&mut sink, CloseCode::Policy, "authentication timeout").await,
+            _ = hub.closing() => return close(&mut sink, CloseCode::Restart, "service restart").await,
+            message = stream.next() => match message {
+                Some(Ok(Message::Text(text))) => match serde_json::from_str::<ClientMessage>(&text) {
+                    Ok(ClientMessage::Auth { token, client_id }) => match state.auth.verify(&token).await {
+                        Ok(user) => break (user, client_id.or_else(|| declared.clone())),
+                        Err(e) => {
+                            send(&mut sink, ServerMessage::Error { message: &e.to_string() }.frame()).await;
+                            return close(&mut sink, CloseCode::Policy, "invalid token").await;
+                        }
+                    },
+                    Ok(ClientMessage::Ping) => {
+                        send(&mut sink, ServerMessage::Pong.frame()).await;
+                    }
+                    Err(_) => {
+                        send(&mut sink, ServerMessage::Error { message: "authenticate first: {\"type\":\"auth\",\"token\":\"<jwt>\"}" }.frame()).await;
+                    }
+                },
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            },
+        }
+    };
+
+    let subscription = match hub.subscribe(&user.id, app_id.as_deref(), client_id.as_deref()) {
+        Ok(s) => s,
+        Err(Refusal::UserLimit) => {
+            return close(&mut sink, CloseCode::Policy, "too many connections for this user").await;
+        }
+        Err(Refusal::ServerLimit) => {
+            return close(&mut sink, CloseCode::Again, "server full, try another replica").await;
+        }
+        Err(Refusal::ShuttingDown) => return close(&mut sink, CloseCode::Restart, "service restart").await,
+    };
+    if !send(&mut sink, ServerMessage::AuthOk.frame()).await {
+        return;
+    }
+    // The client may have missed notices while it was away.
+    subscription.subscriber.mark_all();
+    let mut expires = expiry(&user);
+
+    loop {
+        tokio::select! {
+            _ = hub.closing() => return close(&mut sink, CloseCode::Restart, "service restart").await,
+            _ = sleep_until(expires) => return close(&mut sink, CloseCode::from(TOKEN_EXPIRED), "token expired").await,
+            _ = subscription.subscriber.changed() => {
+                if !notify(&mut sink, &state, &subscription).await {
+                    return;
+                }
+            }
+            message = stream.next() => match message {
+                Some(Ok(Message::Text(text))) => match serde_json::from_str::<ClientMessage>(&text) {
+                    Ok(ClientMessage::Auth { token, .. }) => match state.auth.verify(&token).await {
+                        Ok(renewed) if renewed.id == user.id => {
+                            user = renewed;
+                            expires = expiry(&user);
+                            if !send(&mut sink, ServerMessage::AuthOk.frame()).await {
+                                return;
+                            }
+                        }
+                        Ok(_) => return close(&mut sink, CloseCode::Policy, "a socket cannot change user").await,
+                        Err(e) => {
+                            // The current token stays valid until it expires.
+                            send(&mut sink, ServerMessage::Error { message: &e.to_string() }.frame()).await;
+                        }
+                    },
+                    Ok(ClientMessage::Ping) => {
+                        if !send(&mut sink, ServerMessage::Pong.frame()).await {
+                            return;
+                        }
+                    }
+                    Err(_) => {
+                        send(&mut sink, ServerMessage::Error { message: "unknown message; expected auth or ping" }.frame()).await;
+                    }
+                },
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+}
+
+/// Sends what is pending as `sync-available` messages, one per app.
+/// Returns false when the socket is gone.
+async fn notify(sink: &mut Sink, state: &AppState, subscription: &Subscription) -> bool {
+    let subscriber = &subscription.subscriber;
+    for (app, tables) in subscriber.take() {
+        let messages: Vec<(String, Vec<String>)> = match tables {
+            Some(tables) => vec![(app, tables.into_iter().collect())],
+            None => {
+                // "Everything": name every table the user has in the app(s).
+                let only = subscriber.app_id.as_deref();
+                let known = match projection::tables(&state.pool, &subscriber.user_id, only).await {
+                    Ok(known) => known,
+                    Err(e) => {
+                        tracing::error!(error = %e, "listing tables failed");
+                        close(sink, CloseCode::Error, "internal error").await;
+                        return false;
+                    }
+                };
+                let mut by_app: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
+                if let Some(app) = only {
+                    by_app.entry(app.to_owned()).or_default();
+                }
+                for (app, table) in known {
+                    by_app.entry(app).or_default().push(table);
+                }
+                by_app.into_iter().collect()
+            }
+        };
+        for (app_id, tables) in messages {
+            if !send(
+                sink,
+                ServerMessage::SyncAvailable {
+                    app_id: &app_id,
+                    tables,
+                }
+                .frame(),
+            )
+            .await
+            {
+                return false;
+            }
+        }
+    }
+    true
+}

@@ -1,0 +1,79 @@
+//! A WebSocket client for the tests (tokio-tungstenite).
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+use super::app::TestApp;
+
+pub type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// What the server sent next.
+#[derive(Debug, PartialEq)]
+pub enum Event {
+    Json(Value),
+    Closed(Option<u16>),
+}
+
+pub async fn connect(app: &TestApp, path: &str) -> Socket {
+    tokio_tungstenite::connect_async(app.ws_url(path))
+        .await
+        .expect("WebSocket handshake")
+        .0
+}
+
+pub async fn send(socket: &mut Socket, message: Value) {
+    socket.send(Message::text(message.to_string())).await.expect("send");
+}
+
+/// The next JSON message or close, skipping protocol pings; `None` on timeout.
+pub async fn next(socket: &mut Socket, wait: Duration) -> Option<Event> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, socket.next()).await {
+            Err(_) => return None,
+            Ok(None) | Ok(Some(Err(_))) => return Some(Event::Closed(None)),
+            Ok(Some(Ok(Message::Text(text)))) => return Some(Event::Json(serde_json::from_str(&text).unwrap())),
+            Ok(Some(Ok(Message::Close(frame)))) => return Some(Event::Closed(frame.map(|f| u16::from(f.code)))),
+            Ok(Some(Ok(_))) => {}
+        }
+    }
+}
+
+/// The next JSON message, which must come within `wait`.
+pub async fn expect_json(socket: &mut Socket, wait: Duration) -> Value {
+    match next(socket, wait).await {
+        Some(Event::Json(v)) => v,
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+/// The close code, which must come within `wait` (messages before it are skipped).
+pub async fn expect_close(socket: &mut Socket, wait: Duration) -> Option<u16> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match next(socket, deadline - tokio::time::Instant::now()).await {
+            Some(Event::Closed(code)) => return code,
+            Some(Event::Json(_)) => {}
+            None => panic!("the socket was not closed within {wait:?}"),
+        }
+    }
+}
+
+/// Connects, authenticates (optionally declaring a client id) and reads
+/// `auth-ok` and the catch-up `sync-available` that follows it.
+pub async fn authed(app: &TestApp, path: &str, token: &str, client_id: Option<&str>) -> Socket {
+    let mut socket = connect(app, path).await;
+    let mut auth = json!({ "type": "auth", "token": token });
+    if let Some(client) = client_id {
+        auth["clientId"] = json!(client);
+    }
+    send(&mut socket, auth).await;
+    assert_eq!(
+        expect_json(&mut socket, Duration::from_secs(5)).await["type"],
+        "auth-ok"
+    );
+    socket
+}

@@ -1,0 +1,240 @@
+//! WebSocket notifications across replicas, through PostgreSQL LISTEN/NOTIFY.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::app::{START, insert, spawn_app, spawn_app_with};
+use common::tokens;
+use common::ws::{self, Event};
+use serde_json::json;
+
+const SOON: Duration = Duration::from_secs(1);
+const QUIET: Duration = Duration::from_millis(400);
+
+/// Reads the catch-up `sync-available` sent right after `auth-ok`.
+async fn catch_up(socket: &mut ws::Socket) -> serde_json::Value {
+    let message = ws::expect_json(socket, Duration::from_secs(5)).await;
+    assert_eq!(
+        message["type"], "sync-available",
+        "a catch-up follows auth-ok: {message}"
+    );
+    message
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_on_one_replica_reaches_the_users_other_devices_on_another() {
+    let a = spawn_app().await;
+    let b = a.spawn_replica(&[]).await;
+    let mut phone_on_b = ws::authed(&b, "/ws/todo", &tokens::token_for("alice"), Some("phone")).await;
+    let mut laptop_on_a = ws::authed(&a, "/ws/todo", &tokens::token_for("alice"), Some("laptop")).await;
+    let mut bob_on_b = ws::authed(&b, "/ws/todo", &tokens::token_for("bob"), None).await;
+    let mut all_apps_on_b = ws::authed(&b, "/ws", &tokens::token_for("alice"), None).await;
+    for socket in [&mut phone_on_b, &mut laptop_on_a, &mut bob_on_b] {
+        catch_up(socket).await;
+    }
+
+    let pushed = Instant::now();
+    a.push_ok("alice", "laptop", START, json!([insert("todos", "t1", json!({}))]))
+        .await;
+    let told = ws::expect_json(&mut phone_on_b, SOON).await;
+    assert!(pushed.elapsed() < SOON);
+    assert_eq!(
+        told,
+        json!({ "type": "sync-available", "appId": "todo", "tables": ["todos"] })
+    );
+    assert_eq!(ws::expect_json(&mut all_apps_on_b, SOON).await["appId"], "todo");
+
+    assert_eq!(
+        ws::next(&mut laptop_on_a, QUIET).await,
+        None,
+        "the pushing device is not echoed"
+    );
+    assert_eq!(ws::next(&mut bob_on_b, QUIET).await, None, "another user hears nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_catch_up_after_auth_names_every_table() {
+    let app = spawn_app().await;
+    app.push_ok(
+        "alice",
+        "a",
+        START,
+        json!([insert("todos", "t", json!({})), insert("notes", "n", json!({}))]),
+    )
+    .await;
+    let mut socket = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), None).await;
+    assert_eq!(catch_up(&mut socket).await["tables"], json!(["notes", "todos"]));
+    let mut fresh_user = ws::authed(&app, "/ws/todo", &tokens::token_for("nobody-yet"), None).await;
+    assert_eq!(
+        catch_up(&mut fresh_user).await,
+        json!({ "type": "sync-available", "appId": "todo", "tables": [] })
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_is_answered_and_unknown_messages_get_an_error() {
+    let app = spawn_app().await;
+    let mut socket = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), None).await;
+    catch_up(&mut socket).await;
+    ws::send(&mut socket, json!({ "type": "ping" })).await;
+    assert_eq!(ws::expect_json(&mut socket, SOON).await, json!({ "type": "pong" }));
+    ws::send(&mut socket, json!({ "type": "subscribe" })).await;
+    assert_eq!(ws::expect_json(&mut socket, SOON).await["type"], "error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_that_never_authenticates_is_closed_after_10_seconds() {
+    let app = spawn_app().await;
+    let mut socket = ws::connect(&app, "/ws/todo").await;
+    let opened = Instant::now();
+    assert_eq!(ws::expect_close(&mut socket, Duration::from_secs(12)).await, Some(1008));
+    assert!(
+        opened.elapsed() >= Duration::from_secs(9),
+        "closed after {:?}",
+        opened.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_token_is_refused() {
+    let app = spawn_app().await;
+    let mut socket = ws::connect(&app, "/ws/todo").await;
+    ws::send(
+        &mut socket,
+        json!({ "type": "auth", "token": tokens::foreign_token_for("alice") }),
+    )
+    .await;
+    assert_eq!(ws::expect_json(&mut socket, SOON).await["type"], "error");
+    assert_eq!(ws::expect_close(&mut socket, SOON).await, Some(1008));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_token_closes_the_socket_unless_renewed() {
+    let app = spawn_app().await;
+    let short = |secs: i64| tokens::token_for_with("alice", |c| c["exp"] = json!(tokens::now() + secs));
+    let mut lapsing = ws::authed(&app, "/ws/todo", &short(2), None).await;
+    let mut renewed = ws::authed(&app, "/ws/todo", &short(2), None).await;
+    catch_up(&mut lapsing).await;
+    catch_up(&mut renewed).await;
+    ws::send(
+        &mut renewed,
+        json!({ "type": "auth", "token": tokens::token_for("alice") }),
+    )
+    .await;
+    assert_eq!(ws::expect_json(&mut renewed, SOON).await["type"], "auth-ok");
+
+    assert_eq!(ws::expect_close(&mut lapsing, Duration::from_secs(5)).await, Some(4001));
+    ws::send(&mut renewed, json!({ "type": "ping" })).await;
+    assert_eq!(
+        ws::expect_json(&mut renewed, SOON).await,
+        json!({ "type": "pong" }),
+        "the renewed socket stays open"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_listener_tells_every_socket_to_pull_and_notices_resume() {
+    let app = spawn_app().await;
+    app.push_ok("alice", "a", START, json!([insert("todos", "t", json!({}))]))
+        .await;
+    let mut socket = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), Some("phone")).await;
+    catch_up(&mut socket).await;
+
+    let admin = sqlx::PgPool::connect(&common::pg::server_admin_url()).await.unwrap();
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'mana-sync-listener' AND datname = $1",
+    )
+    .bind(&app.db.name)
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    assert_eq!(killed, vec![true], "one listener connection");
+
+    let told = ws::expect_json(&mut socket, Duration::from_secs(5)).await;
+    assert_eq!(
+        told,
+        json!({ "type": "sync-available", "appId": "todo", "tables": ["todos"] })
+    );
+    app.wait_until_listening().await;
+    app.push_ok("alice", "laptop", START, json!([insert("notes", "n", json!({}))]))
+        .await;
+    assert_eq!(ws::expect_json(&mut socket, SOON).await["tables"], json!(["notes"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_over_the_socket_limit_is_refused_with_a_reason() {
+    let app = spawn_app_with(&[("MAX_SOCKETS_PER_USER", "2")]).await;
+    let _one = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), None).await;
+    let _two = ws::authed(&app, "/ws", &tokens::token_for("alice"), None).await;
+    let mut three = ws::connect(&app, "/ws/todo").await;
+    ws::send(
+        &mut three,
+        json!({ "type": "auth", "token": tokens::token_for("alice") }),
+    )
+    .await;
+    assert_eq!(ws::expect_close(&mut three, SOON).await, Some(1008));
+    let _bob = ws::authed(&app, "/ws/todo", &tokens::token_for("bob"), None).await;
+    let health: serde_json::Value = app
+        .http
+        .get(app.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (health["connections"].as_u64(), health["users"].as_u64()),
+        (Some(3), Some(2))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutting_down_closes_sockets_with_1012() {
+    let app = spawn_app().await;
+    let mut socket = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), None).await;
+    catch_up(&mut socket).await;
+    let stopping = tokio::spawn(app.stop());
+    assert_eq!(ws::expect_close(&mut socket, Duration::from_secs(3)).await, Some(1012));
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("the server stops in time")
+        .unwrap();
+}
+
+/// A socket whose client never reads cannot slow pushes or other sockets,
+/// and a burst coalesces into few notifications.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_pushes_is_never_held_up_by_a_socket_that_does_not_read() {
+    let app = spawn_app().await;
+    let _stalled = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), None).await;
+    let mut reader = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), Some("reader")).await;
+    catch_up(&mut reader).await;
+    let started = Instant::now();
+    for i in 0..100 {
+        let table = format!("t{}", i % 3);
+        app.push_ok(
+            "alice",
+            "burst",
+            START,
+            json!([insert(&table, &format!("r{i}"), json!({ "pad": "x".repeat(2000) }))]),
+        )
+        .await;
+    }
+    let pushing = started.elapsed();
+    assert!(pushing < Duration::from_secs(20), "100 pushes took {pushing:?}");
+    let mut messages = 0;
+    let mut tables = std::collections::BTreeSet::new();
+    while let Some(Event::Json(message)) = ws::next(&mut reader, QUIET).await {
+        messages += 1;
+        for t in message["tables"].as_array().unwrap() {
+            tables.insert(t.as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(tables.len(), 3, "every table was named");
+    assert!(
+        (1..=100).contains(&messages),
+        "{messages} notifications for 100 pushes"
+    );
+}
