@@ -19,6 +19,8 @@ struct Sizes {
     samples: usize,
     batch: usize,
     page: usize,
+    writers: usize,
+    commits_per_writer: usize,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -134,6 +136,86 @@ async fn pull_page(app: &TestApp, sizes: &Sizes) {
     report(&format!("pull, page of {} records", sizes.page), samples);
 }
 
+/// Many users committing at once, through the library: with the NOTIFY in
+/// the transaction (as the server does) and without. NOTIFY takes a
+/// database-wide lock at commit, so this shows what it costs writers.
+async fn notify_cost(app: &TestApp, sizes: &Sizes) {
+    use mana_sync::fold::FieldWrite;
+    use mana_sync::validate::{Batch, Change};
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(16)
+        .connect(&app.db.app_url)
+        .await
+        .unwrap();
+    let per_writer = sizes.commits_per_writer;
+    for announce in [false, true, false, true] {
+        let started = Instant::now();
+        let writers: Vec<_> = (0..sizes.writers)
+            .map(|w| {
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    let user = format!("writer-{w}");
+                    for i in 0..per_writer {
+                        let batch = Batch {
+                            client_id: "bench".into(),
+                            since: mana_sync::cursor::Cursor::START,
+                            changes: vec![Change {
+                                table: "todos".into(),
+                                id: format!("n{i}"),
+                                op: mana_sync::protocol::Op::Insert,
+                                writes: vec![FieldWrite {
+                                    name: "title".into(),
+                                    value: json!("x"),
+                                    at: mana_sync::timestamp::Timestamp::now(),
+                                }],
+                            }],
+                        };
+                        let mut tx = mana_sync::db::begin_for(&pool, &user).await.unwrap();
+                        if announce {
+                            mana_sync::sync::record(&mut tx, &user, "todo", &batch).await.unwrap();
+                        } else {
+                            mana_sync::sync::apply(&mut tx, &user, "todo", &batch).await.unwrap();
+                        }
+                        tx.commit().await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.await.unwrap();
+        }
+        let commits = sizes.writers * per_writer;
+        println!(
+            "{:<48} {:>8.0} commits/s ({} writers)",
+            if announce {
+                "concurrent pushes, NOTIFY in the transaction"
+            } else {
+                "concurrent pushes, no NOTIFY"
+            },
+            commits as f64 / started.elapsed().as_secs_f64(),
+            sizes.writers
+        );
+    }
+}
+
+/// Push on replica A → `sync-available` on a socket held on replica B.
+async fn fan_out_latency(app: &TestApp, sizes: &Sizes) {
+    let b = app.spawn_replica(&[]).await;
+    let mut socket = common::ws::authed(&b, "/ws/todo", &common::tokens::token_for("fan"), Some("phone")).await;
+    common::ws::expect_json(&mut socket, Duration::from_secs(5)).await; // catch-up
+    let mut samples = Vec::with_capacity(sizes.samples);
+    for i in 0..sizes.samples {
+        let body = common::app::push_body("laptop", START, json!([insert("todos", &format!("f{i}"), json!({}))]));
+        let started = Instant::now();
+        let response = app.push("fan", "laptop", &body).await;
+        assert!(response.status().is_success());
+        let told = common::ws::expect_json(&mut socket, Duration::from_secs(5)).await;
+        samples.push(started.elapsed());
+        assert_eq!(told["type"], "sync-available");
+    }
+    report("push on A → sync-available on B (incl. the push)", samples);
+}
+
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let sizes = if full {
@@ -142,6 +224,8 @@ fn main() {
             samples: 300,
             batch: 100,
             page: 1000,
+            writers: 8,
+            commits_per_writer: 200,
         }
     } else {
         Sizes {
@@ -149,6 +233,8 @@ fn main() {
             samples: 3,
             batch: 5,
             page: 10,
+            writers: 2,
+            commits_per_writer: 2,
         }
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -161,6 +247,8 @@ fn main() {
         pull_vs_history(&app, &sizes).await;
         push_latency(&app, &sizes).await;
         pull_page(&app, &sizes).await;
+        notify_cost(&app, &sizes).await;
+        fan_out_latency(&app, &sizes).await;
     });
     if !full {
         println!("bench smoke run: 1 passed, 0 failed");

@@ -25,6 +25,9 @@ pub enum Error {
     /// The idempotency key was already used for a different request.
     #[error("Idempotency-Key '{0}' was already used for a different request")]
     IdempotencyKeyReused(String),
+    /// A stream would exceed a connection limit.
+    #[error("{0}")]
+    TooManyConnections(&'static str),
     /// Another push of the same user held its lock for longer than `LOCK_TIMEOUT`.
     #[error("another push of this user is still in progress; retry shortly")]
     Busy,
@@ -45,6 +48,16 @@ impl Error {
         Error::TooLarge {
             code,
             message: message.into(),
+        }
+    }
+}
+
+impl From<crate::hub::Refusal> for Error {
+    fn from(refusal: crate::hub::Refusal) -> Self {
+        match refusal {
+            crate::hub::Refusal::UserLimit => Error::TooManyConnections("too many connections for this user"),
+            crate::hub::Refusal::ServerLimit => Error::TooManyConnections("this replica is full; try again"),
+            crate::hub::Refusal::ShuttingDown => Error::TooManyConnections("this replica is shutting down; reconnect"),
         }
     }
 }
@@ -93,7 +106,8 @@ pub enum ErrorResponse {
     /// The `Idempotency-Key` was already used for a different request.
     #[oai(status = 422)]
     Unprocessable(Json<ErrorBody>),
-    /// Another push of the same user is still being recorded; retry after the given seconds.
+    /// Another push of the same user is still being recorded, or a
+    /// connection limit is reached; retry after the given seconds.
     #[oai(status = 429)]
     TooManyRequests(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
     /// A server fault; details are in the server's log, never in the response.
@@ -114,6 +128,9 @@ impl From<Error> for ErrorResponse {
                 ErrorResponse::Unprocessable(ErrorBody::json("idempotency_key_reused", e.to_string()))
             }
             e @ Error::Busy => ErrorResponse::TooManyRequests(ErrorBody::json("busy", e.to_string()), 1),
+            Error::TooManyConnections(message) => {
+                ErrorResponse::TooManyRequests(ErrorBody::json("too_many_connections", message), 5)
+            }
             Error::Internal(e) => {
                 tracing::error!(error = ?e, "request failed");
                 ErrorResponse::Internal(ErrorBody::json("internal", "internal server error"))

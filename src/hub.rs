@@ -229,6 +229,15 @@ impl Hub {
         self.inner.closing.send_replace(true);
     }
 
+    /// Waits (at most `limit`) until every subscriber has gone, so their
+    /// close frames are out before the process exits.
+    pub async fn drained(&self, limit: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.stats().0 > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     /// Resolves once [`Hub::close_all`] was called.
     pub async fn closing(&self) {
         let mut rx = self.inner.closing.subscribe();

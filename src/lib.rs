@@ -20,6 +20,7 @@ pub mod projection;
 pub mod protocol;
 pub mod realtime;
 pub mod startup;
+pub mod stream;
 pub mod sync;
 pub mod telemetry;
 pub mod timestamp;

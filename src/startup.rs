@@ -13,7 +13,7 @@ use poem_openapi::OpenApiService;
 use sqlx::PgPool;
 
 use crate::api::health::HealthApi;
-use crate::api::sync::SyncApi;
+use crate::api::sync::{StreamApi, SyncApi};
 use crate::auth::Authenticator;
 use crate::config::{Config, MAX_BODY_BYTES};
 use crate::error::json_error;
@@ -54,8 +54,8 @@ impl AppState {
 }
 
 /// The OpenAPI service: every operation of the server.
-pub fn openapi() -> OpenApiService<(SyncApi, HealthApi), ()> {
-    OpenApiService::new((SyncApi, HealthApi), "mana-sync", env!("CARGO_PKG_VERSION")).description(
+pub fn openapi() -> OpenApiService<(SyncApi, StreamApi, HealthApi), ()> {
+    OpenApiService::new((SyncApi, StreamApi, HealthApi), "mana-sync", env!("CARGO_PKG_VERSION")).description(
         "Sync server for local-first apps. Devices push field-level changes and pull \
          what other devices changed, folded by field-level last-write-wins. Every error \
          is JSON `{code, message}`.",
@@ -157,6 +157,7 @@ pub async fn serve(
         )),
     ];
     let hub = state.hub.clone();
+    let drained = hub.clone();
     // On shutdown, sockets and streams are closed (1012) at once, so
     // clients reconnect to another replica, and in-flight requests finish.
     let shutdown = async move {
@@ -168,6 +169,8 @@ pub async fn serve(
         .run_with_graceful_shutdown(app(state), shutdown, Some(timeout))
         .await
         .context("server failed");
+    // Upgraded sockets are not in-flight requests: wait for their close frames.
+    drained.drained(timeout).await;
     for task in background {
         task.abort();
     }

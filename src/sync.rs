@@ -81,6 +81,20 @@ pub async fn record(conn: &mut PgConnection, user_id: &str, app_id: &str, batch:
     if batch.changes.is_empty() {
         return Ok(());
     }
+    apply(conn, user_id, app_id, batch).await?;
+    let tables: BTreeSet<&str> = batch.changes.iter().map(|c| c.table.as_str()).collect();
+    let notice = Notice {
+        user_id: user_id.to_owned(),
+        app_id: app_id.to_owned(),
+        client_id: batch.client_id.clone(),
+        tables: Some(tables.into_iter().map(str::to_owned).collect()),
+    };
+    listener::announce(conn, &notice).await?;
+    Ok(())
+}
+
+/// The storage half of [`record`]: log rows and projection, no announcement.
+pub async fn apply(conn: &mut PgConnection, user_id: &str, app_id: &str, batch: &Batch) -> Result<()> {
     let first_seq = change_log::reserve(conn, user_id, batch.changes.len() as i64).await?;
     change_log::append(conn, user_id, app_id, &batch.client_id, first_seq, &batch.changes).await?;
 
@@ -106,15 +120,6 @@ pub async fn record(conn: &mut PgConnection, user_id: &str, app_id: &str, batch:
         .map(|((table, id), state)| Record { table, id, state })
         .collect();
     projection::save(conn, user_id, app_id, &records).await?;
-
-    let tables: BTreeSet<&str> = batch.changes.iter().map(|c| c.table.as_str()).collect();
-    let notice = Notice {
-        user_id: user_id.to_owned(),
-        app_id: app_id.to_owned(),
-        client_id: batch.client_id.clone(),
-        tables: Some(tables.into_iter().map(str::to_owned).collect()),
-    };
-    listener::announce(conn, &notice).await?;
     Ok(())
 }
 

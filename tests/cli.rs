@@ -81,3 +81,62 @@ async fn migrate_applies_migrations_and_is_idempotent() {
         .unwrap();
     assert_eq!(applied as usize, mana_sync::db::MIGRATOR.iter().count());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_sockets_with_1012_and_exits_in_time() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let db = common::pg::test_database().await;
+    let jwks = common::tokens::JwksServer::start_default().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = mana_sync()
+        .env("DATABASE_URL", &db.app_url)
+        .env("JWKS_URL", &jwks.url)
+        .env("HOST", "127.0.0.1")
+        .env("PORT", port.to_string())
+        .env("SHUTDOWN_TIMEOUT", "5s")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("ws://127.0.0.1:{port}/ws/todo");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut socket = loop {
+        match tokio_tungstenite::connect_async(&url).await {
+            Ok((socket, _)) => break socket,
+            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => panic!("the server did not come up: {e}"),
+        }
+    };
+    let auth = serde_json::json!({ "type": "auth", "token": common::tokens::token_for("alice") });
+    socket.send(Message::text(auth.to_string())).await.unwrap();
+    socket.next().await.unwrap().unwrap(); // auth-ok
+
+    let signalled = Instant::now();
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let code = loop {
+        match tokio::time::timeout(Duration::from_secs(5), socket.next())
+            .await
+            .expect("closed in time")
+        {
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(1012));
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "clean exit: {status}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(7),
+        "exited after {:?}",
+        signalled.elapsed()
+    );
+}

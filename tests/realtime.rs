@@ -233,8 +233,5 @@ async fn a_burst_of_pushes_is_never_held_up_by_a_socket_that_does_not_read() {
         }
     }
     assert_eq!(tables.len(), 3, "every table was named");
-    assert!(
-        (1..=100).contains(&messages),
-        "{messages} notifications for 100 pushes"
-    );
+    assert!((1..=100).contains(&messages), "{messages} notifications for 100 pushes");
 }

@@ -1,23 +1,29 @@
 //! `POST /sync/{appId}` and `GET /sync/{appId}/pull`.
 
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
 use poem::web::Data;
+use poem::web::sse::Event as SseEvent;
 use poem_openapi::OpenApi;
 use poem_openapi::param::{Header, Path, Query};
-use poem_openapi::payload::Json;
+use poem_openapi::payload::{EventStream, Json};
 use poem_openapi::types::ToJSON;
 
 use crate::api::ApiTags;
 use crate::auth::BearerAuth;
 use crate::config::{DEFAULT_PULL_LIMIT, MAX_PULL_LIMIT};
-use crate::error::ErrorResponse;
+use crate::error::{Error, ErrorResponse};
 use crate::idempotency;
 use crate::protocol::{PushRequest, SyncResponse};
 use crate::startup::AppState;
+use crate::stream::{self, ChangeEvent};
 use crate::sync::{self, Idempotency};
 use crate::timestamp::Timestamp;
 use crate::validate::{self, Limits};
 
 pub struct SyncApi;
+
+pub struct StreamApi;
 
 #[OpenApi(tag = "ApiTags::Sync")]
 impl SyncApi {
@@ -109,5 +115,57 @@ impl SyncApi {
         let limit = limit.0.unwrap_or(DEFAULT_PULL_LIMIT).min(MAX_PULL_LIMIT);
         let response = sync::pull(&state.pool, &user.id, &app_id, &collection, since, limit).await?;
         Ok(Json(response))
+    }
+}
+
+#[OpenApi(tag = "ApiTags::Sync")]
+impl StreamApi {
+    /// Stream changes as they happen
+    ///
+    /// Server-Sent Events. First a catch-up: for each collection, `event:
+    /// changes` with its folded delta since `since` (several events while
+    /// `hasMore`). Then, whenever a push on any replica changes one of the
+    /// collections, `event: changes` with the delta since that collection's
+    /// previous `syncedUntil`. `event: heartbeat` (data `null`) every 15 s.
+    /// To resume after a disconnect, reconnect with the smallest
+    /// `syncedUntil` received. The stream ends with the replica's shutdown.
+    #[oai(path = "/sync/:appId/stream", method = "get", operation_id = "stream")]
+    async fn stream(
+        &self,
+        state: Data<&AppState>,
+        auth: BearerAuth,
+        /// The app (1-128 bytes).
+        #[oai(name = "appId")]
+        app_id: Path<String>,
+        /// Comma-separated collections to follow (at least one).
+        collections: Query<String>,
+        /// A cursor this server returned, or any RFC 3339 timestamp. Defaults to the beginning.
+        since: Query<Option<String>>,
+    ) -> Result<EventStream<BoxStream<'static, Option<ChangeEvent>>>, ErrorResponse> {
+        let user = auth.0;
+        validate::name("appId", &app_id)?;
+        tracing::Span::current().record("app_id", app_id.as_str());
+        let collections: Vec<String> = collections
+            .split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if collections.is_empty() {
+            return Err(Error::invalid("invalid_name", "collections must name at least one collection").into());
+        }
+        for collection in &collections {
+            validate::name("collection", collection)?;
+        }
+        let since = validate::since(since.0.as_deref())?;
+        let subscription = state
+            .hub
+            .subscribe(&user.id, Some(&app_id), None)
+            .map_err(Error::from)?;
+        let events = stream::changes(state.clone(), user.id, app_id.0, collections, since, subscription);
+        Ok(EventStream::new(events.boxed()).to_event(|item| match item {
+            Some(event) => SseEvent::message(event.to_json_string()).event_type("changes"),
+            None => SseEvent::message("null").event_type("heartbeat"),
+        }))
     }
 }

@@ -29,8 +29,8 @@ use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
 use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
@@ -42,6 +42,8 @@ pub const APP_ROLE: &str = "mana_sync_app";
 pub const APP_PASSWORD: &str = "mana_sync_app";
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a fast shutdown ([`restart_server`]) may take.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 const DIR_PREFIX: &str = "mana-sync-pg-";
 /// Arbitrary key for the advisory lock serialising role creation across
 /// processes sharing one `TEST_DATABASE_URL` server.
@@ -193,6 +195,55 @@ pub fn local_cluster_dir() -> Option<PathBuf> {
     }
 }
 
+/// Restarts the local cluster's server: a fast shutdown (SIGINT to the
+/// postmaster; open connections are terminated, committed data survives),
+/// `down_for` of downtime, then a start on the same port and data directory
+/// with the same settings. Returns once the server accepts connections again.
+///
+/// Every pool and connection to the server breaks, including those of other
+/// tests running concurrently in the same process: put tests that restart
+/// the server in a test binary of their own. Concurrent calls are
+/// serialised; calling it several times is fine.
+///
+/// # Panics
+///
+/// With `TEST_DATABASE_URL` set (an external server cannot be restarted by
+/// the tests: unset it to run such tests), or if the server fails to stop
+/// or to come back.
+pub async fn restart_server(down_for: Duration) {
+    let cluster = match server() {
+        Server::Local(c) => c,
+        Server::External { .. } => panic!(
+            "this test restarts the PostgreSQL server and needs the local throwaway cluster, \
+             but TEST_DATABASE_URL is set (an external server cannot be restarted by the tests); \
+             unset TEST_DATABASE_URL to run it"
+        ),
+    };
+    static RESTART_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _guard = RESTART_LOCK.lock().await;
+
+    blocking(move || cluster.stop()).await;
+    tokio::time::sleep(down_for).await;
+    blocking(move || cluster.start()).await;
+    // The postmaster is ready; make sure a real session works too.
+    let conn = connect_retrying(&server_admin_url(), Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("after restarting the test PostgreSQL: {e}"));
+    let _ = conn.close().await;
+}
+
+/// Runs a blocking cluster operation off the async workers; panics with its error.
+async fn blocking(op: impl FnOnce() -> Result<(), String> + Send + 'static) {
+    match tokio::task::spawn_blocking(op).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => panic!("{e}"),
+        Err(e) => match e.try_into_panic() {
+            Ok(payload) => std::panic::resume_unwind(payload),
+            Err(e) => panic!("test PostgreSQL restart task: {e}"),
+        },
+    }
+}
+
 /// Name of this process's migrated template database.
 pub async fn template_name() -> String {
     shared().await.template.clone()
@@ -222,6 +273,21 @@ struct LocalCluster {
     dir: PathBuf,
     port: u16,
     startup: Duration,
+    /// How to start the postmaster again ([`restart_server`]).
+    bin: PathBuf,
+    data: PathBuf,
+    run_as: Option<(libc::uid_t, libc::gid_t)>,
+    log_path: PathBuf,
+    /// The running postmaster; `None` while [`restart_server`] has it down.
+    postmaster: Mutex<Option<Postmaster>>,
+}
+
+/// A postmaster started by [`start_postmaster`].
+struct Postmaster {
+    pid: libc::pid_t,
+    /// The supervisor thread's events; [`PostmasterEvent::Exited`] comes
+    /// once the postmaster has exited and been reaped.
+    events: mpsc::Receiver<PostmasterEvent>,
 }
 
 impl LocalCluster {
@@ -231,6 +297,96 @@ impl LocalCluster {
             None => user.to_owned(),
         };
         format!("postgres://{auth}@127.0.0.1:{}/{db}?sslmode=disable", self.port)
+    }
+
+    /// Fast shutdown: SIGINT to the postmaster, then waits until it has
+    /// exited and its port is free. A no-op when it is not running.
+    fn stop(&self) -> Result<(), String> {
+        let mut running = self.postmaster.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(pm) = running.as_ref() {
+            let exited = |event: &PostmasterEvent| matches!(event, PostmasterEvent::Exited(_));
+            let already_gone = match pm.events.try_recv() {
+                Ok(event) => exited(&event),
+                Err(mpsc::TryRecvError::Disconnected) => true,
+                Err(mpsc::TryRecvError::Empty) => false,
+            };
+            if !already_gone {
+                // SAFETY: plain syscall. Only the supervisor thread reaps the
+                // postmaster, and it had not (no Exited event) a moment ago;
+                // the pid is not reused before that.
+                if unsafe { libc::kill(pm.pid, libc::SIGINT) } != 0 {
+                    let e = io::Error::last_os_error();
+                    if e.raw_os_error() != Some(libc::ESRCH) {
+                        return Err(format!("stop the test PostgreSQL (SIGINT to pid {}): {e}", pm.pid));
+                    }
+                }
+                let deadline = Instant::now() + STOP_TIMEOUT;
+                loop {
+                    match pm
+                        .events
+                        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                    {
+                        Ok(event) if exited(&event) => break,
+                        Ok(_) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            return Err(format!(
+                                "test PostgreSQL (pid {}) still running {STOP_TIMEOUT:?} after a fast \
+                                 shutdown request; log {}:\n{}",
+                                pm.pid,
+                                self.log_path.display(),
+                                read_log(&self.log_path)
+                            ));
+                        }
+                    }
+                }
+            }
+            *running = None;
+        }
+        drop(running);
+
+        // The listening socket closes when the postmaster exits; make sure.
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            match TcpListener::bind((Ipv4Addr::LOCALHOST, self.port)) {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(format!(
+                        "port {} still in use {STOP_TIMEOUT:?} after stopping the test PostgreSQL: {e}",
+                        self.port
+                    ));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    /// Starts the postmaster again on the same port and data directory and
+    /// waits until it is ready. A no-op when it is running.
+    fn start(&self) -> Result<(), String> {
+        let mut running = self.postmaster.lock().unwrap_or_else(PoisonError::into_inner);
+        if running.is_some() {
+            return Ok(());
+        }
+        // Something else may have grabbed the port while the server was
+        // down (another process probing for a free port holds it briefly).
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            match start_postmaster(&self.bin, &self.dir, &self.data, self.port, self.run_as, &self.log_path) {
+                Ok(pm) => {
+                    *running = Some(pm);
+                    return Ok(());
+                }
+                Err(StartError::PortTaken(e)) if Instant::now() >= deadline => {
+                    return Err(format!(
+                        "restarting the test PostgreSQL: port {} stayed taken for {READY_TIMEOUT:?}: {e}",
+                        self.port
+                    ));
+                }
+                Err(StartError::PortTaken(_)) => std::thread::sleep(Duration::from_millis(100)),
+                Err(StartError::Fatal(e)) => return Err(format!("restarting the test PostgreSQL: {e}")),
+            }
+        }
     }
 }
 
@@ -322,11 +478,16 @@ fn start_local_cluster() -> Result<LocalCluster, String> {
     for _attempt in 0..3 {
         let port = free_port().map_err(|e| format!("find a free port: {e}"))?;
         match start_postmaster(&bin, &dir, &data, port, run_as, &log_path) {
-            Ok(()) => {
+            Ok(postmaster) => {
                 return Ok(LocalCluster {
                     dir,
                     port,
                     startup: started.elapsed(),
+                    bin,
+                    data,
+                    run_as,
+                    log_path,
+                    postmaster: Mutex::new(Some(postmaster)),
                 });
             }
             Err(StartError::PortTaken(e)) => last_error = e, // raced for the port: retry
@@ -342,7 +503,7 @@ enum StartError {
 }
 
 enum PostmasterEvent {
-    Started,
+    Started(libc::pid_t),
     SpawnFailed(io::Error),
     Exited(io::Result<ExitStatus>),
 }
@@ -354,7 +515,7 @@ fn start_postmaster(
     port: u16,
     run_as: Option<(libc::uid_t, libc::gid_t)>,
     log_path: &Path,
-) -> Result<(), StartError> {
+) -> Result<Postmaster, StartError> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -412,15 +573,15 @@ fn start_postmaster(
                 let _ = tx.send(PostmasterEvent::SpawnFailed(e));
             }
             Ok(mut child) => {
-                let _ = tx.send(PostmasterEvent::Started);
+                let _ = tx.send(PostmasterEvent::Started(child.id() as libc::pid_t));
                 let status = child.wait();
                 let _ = tx.send(PostmasterEvent::Exited(status));
             }
         })
         .map_err(|e| StartError::Fatal(format!("spawn the postgres supervisor thread: {e}")))?;
 
-    match rx.recv() {
-        Ok(PostmasterEvent::Started) => {}
+    let pid = match rx.recv() {
+        Ok(PostmasterEvent::Started(pid)) => pid,
         Ok(PostmasterEvent::SpawnFailed(e)) => {
             return Err(StartError::Fatal(format!(
                 "start {}: {e}",
@@ -430,7 +591,7 @@ fn start_postmaster(
         _ => {
             return Err(StartError::Fatal("postgres supervisor thread vanished".into()));
         }
-    }
+    };
 
     let deadline = Instant::now() + READY_TIMEOUT;
     let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
@@ -451,7 +612,7 @@ fn start_postmaster(
         let ready = std::fs::read_to_string(data.join("postmaster.pid"))
             .is_ok_and(|pid_file| pid_file.lines().nth(7).is_some_and(|l| l.trim() == "ready"));
         if ready && TcpStream::connect_timeout(&addr.into(), Duration::from_secs(1)).is_ok() {
-            return Ok(());
+            return Ok(Postmaster { pid, events: rx });
         }
         if Instant::now() > deadline {
             return Err(StartError::Fatal(format!(

@@ -1,0 +1,39 @@
+//! A full PostgreSQL restart: the listener comes back and sockets are told
+//! to pull. Its own test binary, since the restart cuts every connection of
+//! the process.
+
+mod common;
+
+use std::time::Duration;
+
+use common::app::{START, insert, spawn_app};
+use common::tokens;
+use common::ws;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_database_restart_sockets_are_told_to_pull_and_notices_resume() {
+    let app = spawn_app().await;
+    app.push_ok("alice", "a", START, json!([insert("todos", "t", json!({}))]))
+        .await;
+    let mut socket = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), Some("phone")).await;
+    assert_eq!(
+        ws::expect_json(&mut socket, Duration::from_secs(5)).await["type"],
+        "sync-available"
+    );
+
+    common::pg::restart_server(Duration::from_millis(500)).await;
+
+    let told = ws::expect_json(&mut socket, Duration::from_secs(15)).await;
+    assert_eq!(
+        told,
+        json!({ "type": "sync-available", "appId": "todo", "tables": ["todos"] })
+    );
+    app.wait_until_listening().await;
+    app.push_ok("alice", "laptop", START, json!([insert("notes", "n", json!({}))]))
+        .await;
+    assert_eq!(
+        ws::expect_json(&mut socket, Duration::from_secs(1)).await["tables"],
+        json!(["notes"])
+    );
+}

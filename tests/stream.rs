@@ -1,0 +1,177 @@
+//! The SSE change stream: catch-up, live deltas from any replica, resuming.
+
+mod common;
+
+use std::time::Duration;
+
+use common::app::{APP, START, TestApp, insert, spawn_app};
+use eventsource_stream::Eventsource;
+use futures_util::{Stream, StreamExt};
+use serde_json::{Value, json};
+
+type Events = std::pin::Pin<Box<dyn Stream<Item = Result<eventsource_stream::Event, String>> + Send>>;
+
+async fn open(app: &TestApp, user: &str, collections: &str, since: &str) -> Events {
+    let response = app
+        .http
+        .get(app.url(&format!("/sync/{APP}/stream")))
+        .bearer_auth(common::tokens::token_for(user))
+        .query(&[("collections", collections), ("since", since)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    Box::pin(
+        response
+            .bytes_stream()
+            .eventsource()
+            .map(|e| e.map_err(|e| e.to_string())),
+    )
+}
+
+/// The next event as (name, data), or `None` if none came within `wait`.
+async fn next(events: &mut Events, wait: Duration) -> Option<(String, Value)> {
+    match tokio::time::timeout(wait, events.next()).await {
+        Ok(Some(Ok(event))) => Some((event.event, serde_json::from_str(&event.data).unwrap())),
+        Ok(other) => panic!("the stream ended: {other:?}"),
+        Err(_) => None,
+    }
+}
+
+async fn changes(events: &mut Events, wait: Duration) -> Value {
+    loop {
+        match next(events, wait).await {
+            Some((name, data)) if name == "changes" => return data,
+            Some(_) => {}
+            None => panic!("no changes event within {wait:?}"),
+        }
+    }
+}
+
+fn ids(event: &Value) -> Vec<&str> {
+    event["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_gets_exactly_what_is_committed_after_its_cursor_on_any_replica() {
+    let a = spawn_app().await;
+    let b = a.spawn_replica(&[]).await;
+    a.push_ok("alice", "d", START, json!([insert("todos", "before", json!({}))]))
+        .await;
+    let cursor = a.pull_ok("alice", "todos", START, None).await["syncedUntil"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let mut events = open(&b, "alice", "todos,notes", &cursor).await;
+    let first = changes(&mut events, Duration::from_secs(5)).await;
+    let second = changes(&mut events, Duration::from_secs(5)).await;
+    assert_eq!(
+        (first["table"].as_str(), second["table"].as_str()),
+        (Some("todos"), Some("notes"))
+    );
+    assert!(
+        ids(&first).is_empty() && ids(&second).is_empty(),
+        "nothing before the cursor is sent"
+    );
+
+    a.push_ok(
+        "alice",
+        "d",
+        START,
+        json!([insert("todos", "live", json!({ "title": "x" }))]),
+    )
+    .await;
+    let live = changes(&mut events, Duration::from_secs(1)).await;
+    assert_eq!(live["table"], "todos");
+    assert_eq!(ids(&live), vec!["live"]);
+    assert_eq!(live["changes"][0]["data"]["title"], "x");
+
+    a.push_ok("alice", "d", START, json!([insert("unfollowed", "x", json!({}))]))
+        .await;
+    a.push_ok("bob", "d", START, json!([insert("todos", "bobs", json!({}))]))
+        .await;
+    assert!(
+        next(&mut events, Duration::from_millis(500))
+            .await
+            .is_none_or(|(name, _)| name == "heartbeat"),
+        "other tables and other users stay silent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_stream_resumes_from_its_last_cursor_without_gaps() {
+    let app = spawn_app().await;
+    let mut events = open(&app, "alice", "todos", START).await;
+    changes(&mut events, Duration::from_secs(5)).await;
+    app.push_ok("alice", "d", START, json!([insert("todos", "seen", json!({}))]))
+        .await;
+    let seen = changes(&mut events, Duration::from_secs(1)).await;
+    assert_eq!(ids(&seen), vec!["seen"]);
+    let resume_from = seen["syncedUntil"].as_str().unwrap().to_owned();
+    drop(events);
+
+    app.push_ok("alice", "d", START, json!([insert("todos", "while-away", json!({}))]))
+        .await;
+    let mut events = open(&app, "alice", "todos", &resume_from).await;
+    let catch_up = changes(&mut events, Duration::from_secs(5)).await;
+    assert_eq!(ids(&catch_up), vec!["while-away"], "exactly the missed change");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_stream_sends_heartbeats() {
+    let app = spawn_app().await;
+    let mut events = open(&app, "alice", "todos", START).await;
+    changes(&mut events, Duration::from_secs(5)).await;
+    let (name, _) = next(&mut events, Duration::from_secs(20))
+        .await
+        .expect("a heartbeat within 20 s");
+    assert_eq!(name, "heartbeat");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_end_when_the_replica_shuts_down() {
+    let app = spawn_app().await;
+    let mut events = open(&app, "alice", "todos", START).await;
+    changes(&mut events, Duration::from_secs(5)).await;
+    let stopping = tokio::spawn(app.stop());
+    let ended = tokio::time::timeout(Duration::from_secs(3), events.next())
+        .await
+        .expect("the stream ends");
+    assert!(ended.is_none() || ended.unwrap().is_err());
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("stops in time")
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_needs_a_token_and_collections() {
+    let app = spawn_app().await;
+    let anonymous = app
+        .http
+        .get(app.url(&format!("/sync/{APP}/stream?collections=todos")))
+        .send()
+        .await
+        .unwrap();
+    common::app::expect_error(anonymous, reqwest::StatusCode::UNAUTHORIZED, "unauthorized").await;
+    let none = app
+        .http
+        .get(app.url(&format!("/sync/{APP}/stream?collections=,")))
+        .bearer_auth(common::tokens::token_for("alice"))
+        .send()
+        .await
+        .unwrap();
+    common::app::expect_error(none, reqwest::StatusCode::BAD_REQUEST, "invalid_name").await;
+}
