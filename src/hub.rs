@@ -32,6 +32,9 @@ pub struct Notice {
     /// The tables changed; `None` when too many to list (means "all").
     #[serde(rename = "t")]
     pub tables: Option<Vec<String>>,
+    /// The replica that published it (its own listener skips it).
+    #[serde(rename = "r", default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 /// Tables pending for one app: `None` means every table.
@@ -255,6 +258,7 @@ mod tests {
             app_id: app.into(),
             client_id: client.into(),
             tables: Some(tables.iter().map(|t| t.to_string()).collect()),
+            replica: None,
         }
     }
 

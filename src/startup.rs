@@ -17,8 +17,9 @@ use crate::api::sync::{StreamApi, SyncApi};
 use crate::auth::Authenticator;
 use crate::config::{Config, MAX_BODY_BYTES};
 use crate::error::json_error;
+use crate::fanout::{self, Notifier};
 use crate::hub::Hub;
-use crate::{db, listener, realtime, telemetry};
+use crate::{db, realtime, telemetry};
 
 /// What every request handler shares. Cheap to clone.
 #[derive(Clone)]
@@ -27,6 +28,7 @@ pub struct AppState {
     pub pool: PgPool,
     pub auth: Authenticator,
     pub hub: Hub,
+    pub notifier: Notifier,
 }
 
 impl AppState {
@@ -39,11 +41,13 @@ impl AppState {
         let auth = Authenticator::new(&config);
         auth.refresh(true).await;
         let hub = Hub::new(config.max_sockets_per_user, config.max_sockets);
+        let (notifier, _) = Notifier::start(pool.connect_options().as_ref().clone(), hub.clone());
         Ok(AppState {
             config: Arc::new(config),
             pool,
             auth,
             hub,
+            notifier,
         })
     }
 
@@ -151,9 +155,10 @@ pub async fn serve(
     let timeout = state.config.shutdown_timeout;
     let background = [
         state.auth.spawn_refresh(state.config.jwks_refresh),
-        tokio::spawn(listener::run(
+        tokio::spawn(fanout::listen_forever(
             state.pool.connect_options().as_ref().clone(),
             state.hub.clone(),
+            state.notifier.replica().to_owned(),
         )),
     ];
     let hub = state.hub.clone();

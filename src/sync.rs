@@ -11,10 +11,10 @@ use crate::config::MAX_PAGE_BYTES;
 use crate::cursor::Cursor;
 use crate::db;
 use crate::error::{Error, Result};
+use crate::fanout::Notifier;
 use crate::fold::{LogEntry, RecordDelta, RecordState};
 use crate::hub::Notice;
 use crate::idempotency;
-use crate::listener;
 use crate::projection::{self, Page, Record};
 use crate::protocol::{FieldValue, Op, ServerChange, SyncResponse};
 use crate::validate::Batch;
@@ -29,10 +29,12 @@ pub struct Idempotency {
 
 /// Records a batch and answers with everything since `batch.since`, in
 /// one transaction: all changes are recorded or none, and the answer is
-/// sent only after commit. A retry under the same idempotency key gets the
-/// first answer and records nothing.
+/// sent only after commit; then the user's other devices are told. A
+/// retry under the same idempotency key gets the first answer and records
+/// nothing.
 pub async fn push(
     pool: &PgPool,
+    notifier: &Notifier,
     user_id: &str,
     app_id: &str,
     batch: &Batch,
@@ -70,31 +72,31 @@ pub async fn push(
         .await?;
     }
     tx.commit().await?;
+    if !batch.changes.is_empty() {
+        notifier.publish(notice(user_id, app_id, batch));
+    }
     Ok(response)
 }
 
-/// Appends a batch to the log, folds it into the projection and announces
-/// it to every replica (delivered at commit), inside the caller's
-/// transaction (which must be scoped to `user_id`). The user's clock stays
-/// locked until that transaction ends.
-pub async fn record(conn: &mut PgConnection, user_id: &str, app_id: &str, batch: &Batch) -> Result<()> {
-    if batch.changes.is_empty() {
-        return Ok(());
-    }
-    apply(conn, user_id, app_id, batch).await?;
+/// What a committed batch tells the user's other devices.
+pub fn notice(user_id: &str, app_id: &str, batch: &Batch) -> Notice {
     let tables: BTreeSet<&str> = batch.changes.iter().map(|c| c.table.as_str()).collect();
-    let notice = Notice {
+    Notice {
         user_id: user_id.to_owned(),
         app_id: app_id.to_owned(),
         client_id: batch.client_id.clone(),
         tables: Some(tables.into_iter().map(str::to_owned).collect()),
-    };
-    listener::announce(conn, &notice).await?;
-    Ok(())
+        replica: None,
+    }
 }
 
-/// The storage half of [`record`]: log rows and projection, no announcement.
-pub async fn apply(conn: &mut PgConnection, user_id: &str, app_id: &str, batch: &Batch) -> Result<()> {
+/// Appends a batch to the log and folds it into the projection, inside
+/// the caller's transaction (which must be scoped to `user_id`). The
+/// user's clock stays locked until that transaction ends.
+pub async fn record(conn: &mut PgConnection, user_id: &str, app_id: &str, batch: &Batch) -> Result<()> {
+    if batch.changes.is_empty() {
+        return Ok(());
+    }
     let first_seq = change_log::reserve(conn, user_id, batch.changes.len() as i64).await?;
     change_log::append(conn, user_id, app_id, &batch.client_id, first_seq, &batch.changes).await?;
 

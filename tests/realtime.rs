@@ -235,3 +235,77 @@ async fn a_burst_of_pushes_is_never_held_up_by_a_socket_that_does_not_read() {
     assert_eq!(tables.len(), 3, "every table was named");
     assert!((1..=100).contains(&messages), "{messages} notifications for 100 pushes");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_push_notifies_nobody_and_a_local_push_notifies_once() {
+    let a = spawn_app().await;
+    let b = a.spawn_replica(&[]).await;
+    let mut on_a = ws::authed(&a, "/ws/todo", &tokens::token_for("alice"), Some("phone")).await;
+    let mut on_b = ws::authed(&b, "/ws/todo", &tokens::token_for("alice"), Some("tablet")).await;
+    catch_up(&mut on_a).await;
+    catch_up(&mut on_b).await;
+
+    let admin = a.admin().await;
+    sqlx::query(
+        "CREATE FUNCTION refuse_boom() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF NEW.record_id = 'boom' THEN RAISE EXCEPTION 'boom'; END IF; RETURN NEW; END $$",
+    )
+    .execute(&admin)
+    .await
+    .unwrap();
+    sqlx::query("CREATE TRIGGER refuse_boom BEFORE INSERT ON sync_records FOR EACH ROW EXECUTE FUNCTION refuse_boom()")
+        .execute(&admin)
+        .await
+        .unwrap();
+    let failed = a
+        .push(
+            "alice",
+            "laptop",
+            &common::app::push_body("laptop", START, json!([insert("todos", "boom", json!({}))])),
+        )
+        .await;
+    assert_eq!(failed.status(), 500);
+    assert_eq!(
+        ws::next(&mut on_a, QUIET).await,
+        None,
+        "a rolled-back push is not announced"
+    );
+    assert_eq!(ws::next(&mut on_b, QUIET).await, None);
+
+    a.push_ok("alice", "laptop", START, json!([insert("todos", "fine", json!({}))]))
+        .await;
+    assert_eq!(ws::expect_json(&mut on_a, SOON).await["tables"], json!(["todos"]));
+    assert_eq!(ws::expect_json(&mut on_b, SOON).await["tables"], json!(["todos"]));
+    assert_eq!(
+        ws::next(&mut on_a, QUIET).await,
+        None,
+        "the pushing replica's own NOTIFY is not delivered twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_notifier_connection_delays_no_notice() {
+    let a = spawn_app().await;
+    let b = a.spawn_replica(&[]).await;
+    let mut on_b = ws::authed(&b, "/ws/todo", &tokens::token_for("alice"), None).await;
+    catch_up(&mut on_b).await;
+    a.push_ok("alice", "laptop", START, json!([insert("todos", "one", json!({}))]))
+        .await;
+    ws::expect_json(&mut on_b, SOON).await;
+
+    let admin = sqlx::PgPool::connect(&common::pg::server_admin_url()).await.unwrap();
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'mana-sync-notifier' AND datname = $1",
+    )
+    .bind(&a.db.name)
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    assert!(!killed.is_empty(), "the notifier had a connection");
+    a.push_ok("alice", "laptop", START, json!([insert("notes", "two", json!({}))]))
+        .await;
+    assert_eq!(
+        ws::expect_json(&mut on_b, Duration::from_secs(3)).await["tables"],
+        json!(["notes"])
+    );
+}

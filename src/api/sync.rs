@@ -76,6 +76,7 @@ impl SyncApi {
         });
         let response = sync::push(
             &state.pool,
+            &state.notifier,
             &user.id,
             &app_id,
             &batch,
