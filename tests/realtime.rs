@@ -151,15 +151,7 @@ async fn losing_the_listener_tells_every_socket_to_pull_and_notices_resume() {
     .unwrap();
     assert_eq!(killed, vec![true], "one listener connection");
 
-    let told = ws::expect_json(&mut socket, Duration::from_secs(5)).await;
-    assert_eq!(
-        told,
-        json!({ "type": "sync-available", "appId": "todo", "tables": ["todos"] })
-    );
-    app.wait_until_listening().await;
-    app.push_ok("alice", "laptop", START, json!([insert("notes", "n", json!({}))]))
-        .await;
-    assert_eq!(ws::expect_json(&mut socket, SOON).await["tables"], json!(["notes"]));
+    common::ws::told_to_pull_then_notified_again(&app, &mut socket, Duration::from_secs(5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,15 +167,7 @@ async fn a_user_over_the_socket_limit_is_refused_with_a_reason() {
     .await;
     assert_eq!(ws::expect_close(&mut three, SOON).await, Some(1008));
     let _bob = ws::authed(&app, "/ws/todo", &tokens::token_for("bob"), None).await;
-    let health: serde_json::Value = app
-        .http
-        .get(app.url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health = app.health().await;
     assert_eq!(
         (health["connections"].as_u64(), health["users"].as_u64()),
         (Some(3), Some(2))
@@ -245,18 +229,7 @@ async fn a_failed_push_notifies_nobody_and_a_local_push_notifies_once() {
     catch_up(&mut on_a).await;
     catch_up(&mut on_b).await;
 
-    let admin = a.admin().await;
-    sqlx::query(
-        "CREATE FUNCTION refuse_boom() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN IF NEW.record_id = 'boom' THEN RAISE EXCEPTION 'boom'; END IF; RETURN NEW; END $$",
-    )
-    .execute(&admin)
-    .await
-    .unwrap();
-    sqlx::query("CREATE TRIGGER refuse_boom BEFORE INSERT ON sync_records FOR EACH ROW EXECUTE FUNCTION refuse_boom()")
-        .execute(&admin)
-        .await
-        .unwrap();
+    a.refuse_record("boom").await;
     let failed = a
         .push(
             "alice",

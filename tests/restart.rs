@@ -24,16 +24,5 @@ async fn after_a_database_restart_sockets_are_told_to_pull_and_notices_resume() 
 
     common::pg::restart_server(Duration::from_millis(500)).await;
 
-    let told = ws::expect_json(&mut socket, Duration::from_secs(15)).await;
-    assert_eq!(
-        told,
-        json!({ "type": "sync-available", "appId": "todo", "tables": ["todos"] })
-    );
-    app.wait_until_listening().await;
-    app.push_ok("alice", "laptop", START, json!([insert("notes", "n", json!({}))]))
-        .await;
-    assert_eq!(
-        ws::expect_json(&mut socket, Duration::from_secs(1)).await["tables"],
-        json!(["notes"])
-    );
+    ws::told_to_pull_then_notified_again(&app, &mut socket, Duration::from_secs(15)).await;
 }

@@ -445,18 +445,7 @@ async fn a_far_future_timestamp_is_clamped_and_cannot_win_forever() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_that_fails_while_being_recorded_leaves_nothing_behind() {
     let app = spawn_app().await;
-    let admin = app.admin().await;
-    sqlx::query(
-        "CREATE FUNCTION refuse_boom() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN IF NEW.record_id = 'boom' THEN RAISE EXCEPTION 'boom'; END IF; RETURN NEW; END $$",
-    )
-    .execute(&admin)
-    .await
-    .unwrap();
-    sqlx::query("CREATE TRIGGER refuse_boom BEFORE INSERT ON sync_records FOR EACH ROW EXECUTE FUNCTION refuse_boom()")
-        .execute(&admin)
-        .await
-        .unwrap();
+    app.refuse_record("boom").await;
     let response = app
         .push(
             "alice",
@@ -475,7 +464,7 @@ async fn a_batch_that_fails_while_being_recorded_leaves_nothing_behind() {
     expect_error(response, StatusCode::INTERNAL_SERVER_ERROR, "internal").await;
     assert_eq!(app.log_rows().await, 0, "no log row of the failed batch survives");
     let records: i64 = sqlx::query_scalar("SELECT count(*) FROM sync_records")
-        .fetch_one(&admin)
+        .fetch_one(&app.admin().await)
         .await
         .unwrap();
     assert_eq!(records, 0);

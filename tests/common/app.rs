@@ -205,19 +205,42 @@ impl TestApp {
         format!("{}{}", self.address.replacen("http://", "ws://", 1), path)
     }
 
+    /// `GET /health`.
+    pub async fn health(&self) -> Value {
+        self.http
+            .get(self.url("/health"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Makes the database refuse to store record `id` (a trigger raising an
+    /// error), so a push containing it fails while being recorded.
+    pub async fn refuse_record(&self, id: &str) {
+        let admin = self.admin().await;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE FUNCTION refuse_record() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN IF NEW.record_id = '{id}' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$"
+        )))
+        .execute(&admin)
+        .await
+        .unwrap();
+        sqlx::query(
+            "CREATE TRIGGER refuse_record BEFORE INSERT ON sync_records FOR EACH ROW EXECUTE FUNCTION refuse_record()",
+        )
+        .execute(&admin)
+        .await
+        .unwrap();
+    }
+
     /// Waits (up to 10 s) until `/health` says the change listener listens.
     pub async fn wait_until_listening(&self) -> Value {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            let health: Value = self
-                .http
-                .get(self.url("/health"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let health = self.health().await;
             if health["status"] == "ok" {
                 return health;
             }

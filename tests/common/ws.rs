@@ -77,3 +77,21 @@ pub async fn authed(app: &TestApp, path: &str, token: &str, client_id: Option<&s
     );
     socket
 }
+
+/// After notices may have been lost (listener down): `socket` (alice's, on
+/// app `todo`, which has a `todos` table) is told to pull every table within
+/// `wait`, the replica listens again, and a later push is notified.
+pub async fn told_to_pull_then_notified_again(app: &TestApp, socket: &mut Socket, wait: Duration) {
+    let told = expect_json(socket, wait).await;
+    assert_eq!(
+        told,
+        json!({ "type": "sync-available", "appId": "todo", "tables": ["todos"] })
+    );
+    app.wait_until_listening().await;
+    let later = json!([super::app::insert("notes", "later", json!({}))]);
+    app.push_ok("alice", "laptop", super::app::START, later).await;
+    assert_eq!(
+        expect_json(socket, Duration::from_secs(1)).await["tables"],
+        json!(["notes"])
+    );
+}
