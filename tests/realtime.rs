@@ -282,3 +282,23 @@ async fn losing_the_notifier_connection_delays_no_notice() {
         json!(["notes"])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrades_from_other_origins_are_refused() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let app = spawn_app().await;
+    let upgrade = |origin: &'static str| {
+        let mut request = app.ws_url("/ws/todo").into_client_request().unwrap();
+        request.headers_mut().insert("Origin", origin.parse().unwrap());
+        tokio_tungstenite::connect_async(request)
+    };
+    let refused = upgrade("https://evil.example").await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 403),
+        other => panic!("expected a 403, got {:?}", other.map(|_| "an open socket")),
+    }
+    assert!(
+        upgrade(common::app::ORIGIN).await.is_ok(),
+        "the allowed origin may connect"
+    );
+}
