@@ -23,6 +23,8 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{Executor, PgConnection};
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::hub::{Hub, Notice};
 
@@ -66,6 +68,8 @@ pub struct Notifier {
     hub: Hub,
     replica: String,
     queue: tokio::sync::mpsc::UnboundedSender<Notice>,
+    /// Notices published but not yet NOTIFYed.
+    unsent: Arc<AtomicUsize>,
 }
 
 impl Notifier {
@@ -73,8 +77,17 @@ impl Notifier {
     pub fn start(options: PgConnectOptions, hub: Hub) -> (Notifier, tokio::task::JoinHandle<()>) {
         let (queue, pending) = tokio::sync::mpsc::unbounded_channel();
         let replica = uuid::Uuid::new_v4().simple().to_string();
-        let task = tokio::spawn(notify_loop(options, replica.clone(), pending));
-        (Notifier { hub, replica, queue }, task)
+        let unsent = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(notify_loop(options, replica.clone(), pending, unsent.clone()));
+        (
+            Notifier {
+                hub,
+                replica,
+                queue,
+                unsent,
+            },
+            task,
+        )
     }
 
     /// This replica's id, carried in its notices so its listener skips them.
@@ -89,65 +102,109 @@ impl Notifier {
             replica: Some(self.replica.clone()),
             ..notice
         };
+        self.unsent.fetch_add(1, Ordering::SeqCst);
         // Only fails when the task is gone, i.e. the process is stopping.
         let _ = self.queue.send(notice);
+    }
+
+    /// Waits (at most `limit`) until every published notice is NOTIFYed:
+    /// at shutdown, the last pushes still reach the other replicas.
+    pub async fn flushed(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.unsent.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Longest a NOTIFY round trip may take before its connection is
+/// presumed half-open and replaced.
+const NOTIFY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A pool of one connection, made afresh after each failure: a connection
+/// lost half-open can stay stuck for minutes in its old pool's only slot.
+fn single_connection(options: &PgConnectOptions, name: &str) -> sqlx::PgPool {
+    PgPoolOptions::new()
+        .max_connections(1)
+        .min_connections(0)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(options.clone().application_name(name))
+}
+
+type Merged = BTreeMap<(String, String, String), Option<BTreeSet<String>>>;
+
+/// Merges a notice into what is waiting to go (one entry per user, app and device).
+fn merge(merged: &mut Merged, notice: Notice) {
+    let entry = merged
+        .entry((notice.user_id, notice.app_id, notice.client_id))
+        .or_insert_with(|| Some(BTreeSet::new()));
+    match (entry.as_mut(), notice.tables) {
+        (Some(set), Some(tables)) => set.extend(tables),
+        _ => *entry = None,
     }
 }
 
 async fn notify_loop(
     options: PgConnectOptions,
     replica: String,
-    mut pending: tokio::sync::mpsc::UnboundedReceiver<Notice>,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<Notice>,
+    unsent: Arc<AtomicUsize>,
 ) {
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .min_connections(0)
-        .connect_lazy_with(options.application_name("mana-sync-notifier"));
+    let mut pool = single_connection(&options, "mana-sync-notifier");
     let mut backoff = Duration::from_millis(100);
-    while let Some(first) = pending.recv().await {
-        // Everything queued meanwhile goes in the same round trip, merged.
-        let mut merged: BTreeMap<(String, String, String), Option<BTreeSet<String>>> = BTreeMap::new();
-        let mut add = |n: Notice| {
-            let entry = merged
-                .entry((n.user_id, n.app_id, n.client_id))
-                .or_insert_with(|| Some(BTreeSet::new()));
-            match (entry.as_mut(), n.tables) {
-                (Some(set), Some(tables)) => set.extend(tables),
-                _ => *entry = None,
+    let mut waiting = Merged::new();
+    let mut taken = 0;
+    loop {
+        if waiting.is_empty() {
+            match queue.recv().await {
+                Some(notice) => {
+                    merge(&mut waiting, notice);
+                    taken += 1;
+                }
+                None => return,
             }
-        };
-        add(first);
-        while let Ok(more) = pending.try_recv() {
-            add(more);
         }
-        let payloads: Vec<String> = merged
-            .into_iter()
+        // Everything queued meanwhile goes in the same round trip, merged.
+        while let Ok(notice) = queue.try_recv() {
+            merge(&mut waiting, notice);
+            taken += 1;
+        }
+        let payloads: Vec<String> = waiting
+            .iter()
             .map(|((user_id, app_id, client_id), tables)| {
                 payload(&Notice {
-                    user_id,
-                    app_id,
-                    client_id,
-                    tables: tables.map(|t| t.into_iter().collect()),
+                    user_id: user_id.clone(),
+                    app_id: app_id.clone(),
+                    client_id: client_id.clone(),
+                    tables: tables.as_ref().map(|t| t.iter().cloned().collect()),
                     replica: Some(replica.clone()),
                 })
             })
             .collect();
-        loop {
-            let sent = sqlx::query("SELECT pg_notify($1, p) FROM UNNEST($2::text[]) AS p")
+        let sent = tokio::time::timeout(
+            NOTIFY_TIMEOUT,
+            sqlx::query("SELECT pg_notify($1, p) FROM UNNEST($2::text[]) AS p")
                 .bind(CHANNEL)
                 .bind(&payloads)
-                .execute(&pool)
-                .await;
-            match sent {
-                Ok(_) => {
-                    backoff = Duration::from_millis(100);
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, notices = payloads.len(), "NOTIFY failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
+                .execute(&pool),
+        )
+        .await;
+        match sent {
+            Ok(Ok(_)) => {
+                waiting.clear();
+                unsent.fetch_sub(taken, Ordering::SeqCst);
+                taken = 0;
+                backoff = Duration::from_millis(100);
+            }
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timed out".to_owned(),
+                };
+                tracing::warn!(%error, retry_in = ?backoff, notices = payloads.len(), "NOTIFY failed; retrying on a new connection");
+                pool = single_connection(&options, "mana-sync-notifier");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }
@@ -155,22 +212,16 @@ async fn notify_loop(
 
 /// Listens until the process ends, reconnecting with backoff.
 pub async fn listen_forever(options: PgConnectOptions, hub: Hub, replica: String) {
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .min_connections(0)
-        .connect_lazy_with(options.application_name("mana-sync-listener"));
     let mut backoff = Duration::from_millis(100);
-    let mut first = true;
     loop {
+        let pool = single_connection(&options, "mana-sync-listener");
         match listen(&pool).await {
             Ok(mut listener) => {
                 hub.set_listening(true);
                 backoff = Duration::from_millis(100);
-                if !first {
-                    tracing::info!("listener reconnected; telling every local socket to pull");
-                    hub.publish_everything();
-                }
-                first = false;
+                // Whatever was published before this LISTEN took effect is
+                // lost to this replica: every local socket pulls.
+                hub.publish_everything();
                 let reason = receive(&mut listener, &hub, &replica).await;
                 hub.set_listening(false);
                 tracing::warn!(%reason, "listener lost its connection; reconnecting");

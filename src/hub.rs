@@ -241,6 +241,11 @@ impl Hub {
         }
     }
 
+    /// Whether [`Hub::close_all`] was called.
+    pub fn is_closing(&self) -> bool {
+        *self.inner.closing.borrow()
+    }
+
     /// Resolves once [`Hub::close_all`] was called.
     pub async fn closing(&self) {
         let mut rx = self.inner.closing.subscribe();

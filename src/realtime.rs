@@ -37,6 +37,10 @@ use crate::startup::AppState;
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// A send that takes longer means a dead or hopelessly slow client: drop it.
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the server pings a quiet socket (a protocol Ping frame).
+const KEEPALIVE: Duration = Duration::from_secs(30);
+/// A socket silent for this long (no frame, not even a Pong) is dead: dropped.
+const SILENCE_LIMIT: Duration = Duration::from_secs(75);
 /// Close code for a token that expired without renewal.
 pub const TOKEN_EXPIRED: u16 = 4001;
 
@@ -112,7 +116,8 @@ async fn close(sink: &mut Sink, code: CloseCode, reason: &str) {
     let _ = timeout(SEND_TIMEOUT, sink.send(Message::close_with(code, reason))).await;
 }
 
-fn expiry(user: &User) -> Instant {
+/// The instant a user's token expires.
+pub fn expiry(user: &User) -> Instant {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -168,9 +173,19 @@ async fn session(socket: WebSocketStream, state: AppState, app_id: Option<String
     // The client may have missed notices while it was away.
     subscription.subscriber.mark_all();
     let mut expires = expiry(&user);
+    let mut keepalive = tokio::time::interval(KEEPALIVE);
+    keepalive.reset();
+    let mut heard = Instant::now();
 
     loop {
         tokio::select! {
+            _ = keepalive.tick() => {
+                // A half-open connection would otherwise hold a slot of the
+                // user's socket limit until its token expires.
+                if heard.elapsed() > SILENCE_LIMIT || !send(&mut sink, Message::ping(Vec::new())).await {
+                    return;
+                }
+            }
             _ = hub.closing() => return close(&mut sink, CloseCode::Restart, "service restart").await,
             _ = sleep_until(expires) => return close(&mut sink, CloseCode::from(TOKEN_EXPIRED), "token expired").await,
             _ = subscription.subscriber.changed() => {
@@ -178,7 +193,7 @@ async fn session(socket: WebSocketStream, state: AppState, app_id: Option<String
                     return;
                 }
             }
-            message = stream.next() => match message {
+            message = stream.next() => match message.inspect(|_| heard = Instant::now()) {
                 Some(Ok(Message::Text(text))) => match serde_json::from_str::<ClientMessage>(&text) {
                     Ok(ClientMessage::Auth { token, .. }) => match state.auth.verify(&token).await {
                         Ok(renewed) if renewed.id == user.id => {
@@ -220,14 +235,14 @@ async fn notify(sink: &mut Sink, state: &AppState, subscription: &Subscription) 
             None => {
                 // "Everything": name every table the user has in the app(s).
                 let only = subscriber.app_id.as_deref();
-                let known = match projection::tables(&state.pool, &subscriber.user_id, only).await {
-                    Ok(known) => known,
-                    Err(e) => {
-                        tracing::error!(error = %e, "listing tables failed");
-                        close(sink, CloseCode::Error, "internal error").await;
-                        return false;
-                    }
-                };
+                // Old clients pull every collection whatever `tables` says, so
+                // a failed lookup still sends the signal, naming none.
+                let known = projection::tables(&state.pool, &subscriber.user_id, only)
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, "listing tables failed; signalling without names");
+                        Vec::new()
+                    });
                 let mut by_app: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
                 if let Some(app) = only {
                     by_app.entry(app.to_owned()).or_default();

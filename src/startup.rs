@@ -163,6 +163,7 @@ pub async fn serve(
     ];
     let hub = state.hub.clone();
     let drained = hub.clone();
+    let notifier = state.notifier.clone();
     // On shutdown, sockets and streams are closed (1012) at once, so
     // clients reconnect to another replica, and in-flight requests finish.
     let shutdown = async move {
@@ -174,8 +175,11 @@ pub async fn serve(
         .run_with_graceful_shutdown(app(state), shutdown, Some(timeout))
         .await
         .context("server failed");
-    // Upgraded sockets are not in-flight requests: wait for their close frames.
-    drained.drained(timeout).await;
+    // Upgraded sockets are not in-flight requests: wait for their close
+    // frames; and let the last pushes' notices reach the other replicas.
+    let last_words = timeout.min(std::time::Duration::from_secs(5));
+    drained.drained(last_words).await;
+    notifier.flushed(last_words).await;
     for task in background {
         task.abort();
     }

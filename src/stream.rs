@@ -2,7 +2,9 @@
 //! a catch-up of each collection's folded delta since the cursor, then new
 //! deltas as they are committed on any replica (the hub wakes it), each
 //! event carrying its collection's `syncedUntil` so a reconnecting client
-//! resumes without a gap, and a heartbeat at least every 30 s.
+//! resumes without a gap, and a heartbeat at least every 30 s. The stream
+//! ends when the bearer token expires (reconnect with a fresh one) or the
+//! replica shuts down.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
@@ -43,6 +45,8 @@ struct State {
     due: VecDeque<String>,
     subscription: Subscription,
     heartbeat: tokio::time::Interval,
+    /// When the bearer token expires: the stream ends then.
+    expires: tokio::time::Instant,
 }
 
 /// The stream of events: `Some` is `event: changes`, `None` a heartbeat.
@@ -54,6 +58,7 @@ pub fn changes(
     collections: Vec<String>,
     since: Cursor,
     subscription: Subscription,
+    expires: tokio::time::Instant,
 ) -> impl Stream<Item = Option<ChangeEvent>> + Send + 'static {
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     heartbeat.reset();
@@ -65,9 +70,13 @@ pub fn changes(
         due: collections.into_iter().collect(),
         subscription,
         heartbeat,
+        expires,
     };
     futures_util::stream::unfold(state, |mut st| async move {
         loop {
+            if st.app.hub.is_closing() || tokio::time::Instant::now() >= st.expires {
+                return None;
+            }
             if let Some(table) = st.due.pop_front() {
                 let cursor = st.cursors[&table];
                 let page = match sync::pull(
@@ -101,6 +110,7 @@ pub fn changes(
             }
             tokio::select! {
                 _ = st.app.hub.closing() => return None,
+                _ = tokio::time::sleep_until(st.expires) => return None,
                 _ = st.heartbeat.tick() => return Some((None, st)),
                 _ = st.subscription.subscriber.changed() => {
                     for (app, tables) in st.subscription.subscriber.take() {

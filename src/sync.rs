@@ -71,10 +71,18 @@ pub async fn push(
         )
         .await?;
     }
-    tx.commit().await?;
-    if !batch.changes.is_empty() {
-        notifier.publish(notice(user_id, app_id, batch));
-    }
+    // Commit and announce in a task of their own: if the client goes away
+    // and this request is dropped, a committed batch is still announced.
+    let announce = (!batch.changes.is_empty()).then(|| (notifier.clone(), notice(user_id, app_id, batch)));
+    tokio::spawn(async move {
+        tx.commit().await?;
+        if let Some((notifier, notice)) = announce {
+            notifier.publish(notice);
+        }
+        Ok::<_, sqlx::Error>(())
+    })
+    .await
+    .map_err(|e| Error::Internal(anyhow::Error::new(e).context("commit task failed")))??;
     Ok(response)
 }
 

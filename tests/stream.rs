@@ -175,3 +175,29 @@ async fn a_stream_needs_a_token_and_collections() {
         .unwrap();
     common::app::expect_error(none, reqwest::StatusCode::BAD_REQUEST, "invalid_name").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ends_when_its_token_expires() {
+    let app = spawn_app().await;
+    let token = common::tokens::token_for_with("alice", |c| c["exp"] = json!(common::tokens::now() + 2));
+    let response = app
+        .http
+        .get(app.url(&format!("/sync/{APP}/stream")))
+        .bearer_auth(token)
+        .query(&[("collections", "todos")])
+        .send()
+        .await
+        .unwrap();
+    let mut events: Events = Box::pin(
+        response
+            .bytes_stream()
+            .eventsource()
+            .map(|e| e.map_err(|e| e.to_string())),
+    );
+    changes(&mut events, Duration::from_secs(5)).await;
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(_)) = events.next().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream outlived its token");
+}

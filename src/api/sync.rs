@@ -129,7 +129,8 @@ impl StreamApi {
     /// collections, `event: changes` with the delta since that collection's
     /// previous `syncedUntil`. `event: heartbeat` (data `null`) every 15 s.
     /// To resume after a disconnect, reconnect with the smallest
-    /// `syncedUntil` received. The stream ends with the replica's shutdown.
+    /// `syncedUntil` received. The stream ends when the bearer token expires
+    /// (reconnect with a fresh one) and with the replica's shutdown.
     #[oai(path = "/sync/:appId/stream", method = "get", operation_id = "stream")]
     async fn stream(
         &self,
@@ -163,7 +164,16 @@ impl StreamApi {
             .hub
             .subscribe(&user.id, Some(&app_id), None)
             .map_err(Error::from)?;
-        let events = stream::changes(state.clone(), user.id, app_id.0, collections, since, subscription);
+        let expires = crate::realtime::expiry(&user);
+        let events = stream::changes(
+            state.clone(),
+            user.id,
+            app_id.0,
+            collections,
+            since,
+            subscription,
+            expires,
+        );
         Ok(EventStream::new(events.boxed()).to_event(|item| match item {
             Some(event) => SseEvent::message(event.to_json_string()).event_type("changes"),
             None => SseEvent::message("null").event_type("heartbeat"),
