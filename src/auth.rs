@@ -19,6 +19,7 @@ use serde::Deserialize;
 
 use crate::config::Config;
 use crate::error::{Error, ErrorResponse};
+use crate::local_auth::LocalIssuer;
 use crate::startup::AppState;
 use crate::validate::MAX_ID_BYTES;
 
@@ -103,7 +104,9 @@ pub struct Authenticator {
 }
 
 struct Inner {
-    jwks_url: String,
+    /// `None`: local mode, the only key is the local issuer's.
+    jwks_url: Option<String>,
+    local: Option<LocalIssuer>,
     http: reqwest::Client,
     keys: RwLock<HashMap<String, VerifyingKey>>,
     /// When the last fetch was attempted; held while fetching, so concurrent
@@ -122,23 +125,45 @@ struct Claims {
 }
 
 impl Authenticator {
-    pub fn new(config: &Config) -> Authenticator {
+    /// Verifies against the JWKS at `JWKS_URL`, or, without one, against
+    /// the local issuer's key (created in `DATA_DIR` on first start).
+    pub fn new(config: &Config) -> anyhow::Result<Authenticator> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .build()
             .expect("the HTTP client's TLS backend initialises");
-        Authenticator {
+        let local = match &config.jwks_url {
+            Some(_) => None,
+            None => Some(LocalIssuer::load_or_create(&config.data_dir)?),
+        };
+        let keys = match &local {
+            Some(issuer) => {
+                let set: JwkSet = serde_json::from_value(issuer.jwks()).expect("the local JWKS parses");
+                set.keys
+                    .iter()
+                    .filter_map(|jwk| Some((jwk.common.key_id.clone()?, verifying_key(jwk)?)))
+                    .collect()
+            }
+            None => HashMap::new(),
+        };
+        Ok(Authenticator {
             inner: Arc::new(Inner {
                 jwks_url: config.jwks_url.clone(),
+                local,
                 http,
-                keys: RwLock::new(HashMap::new()),
+                keys: RwLock::new(keys),
                 last_fetch: tokio::sync::Mutex::new(None),
                 min_refresh: config.jwks_min_refresh,
                 issuer: config.jwt_issuer.clone(),
                 audience: config.jwt_audience.clone(),
                 leeway: config.jwt_leeway,
             }),
-        }
+        })
+    }
+
+    /// The local issuer, in local mode.
+    pub fn local(&self) -> Option<&LocalIssuer> {
+        self.inner.local.as_ref()
     }
 
     /// Checks a token and returns its user.
@@ -199,30 +224,31 @@ impl Authenticator {
     /// Fetches the JWKS unless one was fetched within the minimum interval
     /// (`force` ignores the interval). A failed fetch keeps the cached keys.
     pub async fn refresh(&self, force: bool) {
+        let Some(url) = &self.inner.jwks_url else { return };
         let mut last = self.inner.last_fetch.lock().await;
         if !force && last.is_some_and(|at| at.elapsed() < self.inner.min_refresh) {
             return;
         }
         *last = Some(Instant::now());
-        match self.fetch().await {
+        match self.fetch(url).await {
             // An empty set is far likelier a fault of the auth service than
             // the revocation of every key: keep what we have.
             Ok(keys) if keys.is_empty() => {
-                tracing::warn!(url = %self.inner.jwks_url, "JWKS has no usable keys; keeping cached keys")
+                tracing::warn!(url = %url, "JWKS has no usable keys; keeping cached keys")
             }
             Ok(keys) => {
-                tracing::debug!(keys = keys.len(), url = %self.inner.jwks_url, "JWKS fetched");
+                tracing::debug!(keys = keys.len(), url = %url, "JWKS fetched");
                 *self.inner.keys.write().expect("key cache lock") = keys;
             }
-            Err(e) => tracing::warn!(error = ?e, url = %self.inner.jwks_url, "JWKS fetch failed; keeping cached keys"),
+            Err(e) => tracing::warn!(error = ?e, url = %url, "JWKS fetch failed; keeping cached keys"),
         }
     }
 
-    async fn fetch(&self) -> anyhow::Result<HashMap<String, VerifyingKey>> {
+    async fn fetch(&self, url: &str) -> anyhow::Result<HashMap<String, VerifyingKey>> {
         let set: JwkSet = self
             .inner
             .http
-            .get(&self.inner.jwks_url)
+            .get(url)
             .send()
             .await?
             .error_for_status()?

@@ -23,7 +23,10 @@ pub struct Config {
     pub port: u16,
     pub database_url: String,
     pub database_max_connections: u32,
-    pub jwks_url: String,
+    /// The auth service's JWKS; `None` is local mode (see `local_auth`).
+    pub jwks_url: Option<String>,
+    /// Where local mode keeps its signing key.
+    pub data_dir: std::path::PathBuf,
     /// Least time between two JWKS fetches triggered by an unknown `kid`.
     pub jwks_min_refresh: Duration,
     /// How often the JWKS is re-fetched in the background.
@@ -68,14 +71,23 @@ impl Config {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let env = Env(&lookup);
         Ok(Config {
-            host: env.parse("HOST", "0.0.0.0")?,
+            // Local mode (no JWKS_URL) listens on loopback unless told otherwise.
+            host: env.parse(
+                "HOST",
+                if lookup("JWKS_URL").is_some_and(|v| !v.trim().is_empty()) {
+                    "0.0.0.0"
+                } else {
+                    "127.0.0.1"
+                },
+            )?,
             port: env.parse("PORT", "3050")?,
             database_url: env.string(
                 "DATABASE_URL",
                 "postgresql://manacore:devpassword@localhost:5432/mana_sync",
             )?,
             database_max_connections: env.parse("DATABASE_MAX_CONNECTIONS", "20")?,
-            jwks_url: env.string("JWKS_URL", "http://localhost:3001/api/auth/jwks")?,
+            jwks_url: env.optional("JWKS_URL"),
+            data_dir: env.string("DATA_DIR", "./data")?.into(),
             jwks_min_refresh: env.duration("JWKS_MIN_REFRESH_INTERVAL", "30s")?,
             jwks_refresh: env.duration("JWKS_REFRESH_INTERVAL", "10m")?,
             jwt_issuer: env.optional("JWT_ISSUER"),
@@ -146,7 +158,10 @@ mod tests {
     fn defaults_are_the_seed_services() {
         let c = config(&[]).unwrap();
         assert_eq!(c.port, 3050);
-        assert_eq!(c.jwks_url, "http://localhost:3001/api/auth/jwks");
+        assert_eq!(c.jwks_url, None, "no JWKS_URL: local mode");
+        assert!(c.host.is_loopback(), "local mode listens on loopback");
+        let remote = config(&[("JWKS_URL", "https://auth.example/jwks")]).unwrap();
+        assert!(remote.host.is_unspecified());
         assert_eq!(c.max_clock_skew, Duration::from_secs(300));
     }
 

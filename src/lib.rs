@@ -16,6 +16,7 @@ pub mod fanout;
 pub mod fold;
 pub mod hub;
 pub mod idempotency;
+pub mod local_auth;
 pub mod projection;
 pub mod protocol;
 pub mod realtime;

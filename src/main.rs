@@ -22,6 +22,15 @@ enum Command {
     Openapi,
     /// Re-derive the record projection from the change log.
     Rebuild,
+    /// Print a token signed by the local key (local mode: no JWKS_URL).
+    Token {
+        /// The user (`sub`).
+        #[arg(long)]
+        sub: String,
+        /// How long the token is valid, e.g. 1h, 24h, 30d.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+    },
 }
 
 #[tokio::main]
@@ -62,6 +71,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
             db::migrate(&pool).await?;
             let (users, entries, records) = projection::rebuild(&pool).await?;
             tracing::info!(users, entries, records, "projection rebuilt from the change log");
+            Ok(())
+        }
+        Command::Token { sub, ttl } => {
+            anyhow::ensure!(
+                config.jwks_url.is_none(),
+                "JWKS_URL is set: tokens come from the auth service, not from mana-sync"
+            );
+            mana_sync::validate::id("--sub", &sub)?;
+            let issuer = mana_sync::local_auth::LocalIssuer::load_or_create(&config.data_dir)?;
+            println!("{}", issuer.token(&sub, ttl)?);
             Ok(())
         }
         Command::Openapi => unreachable!("handled before configuration"),

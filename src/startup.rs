@@ -38,7 +38,17 @@ impl AppState {
         db::wait_until_reachable(&pool, None).await?;
         db::migrate(&pool).await?;
         db::warn_if_rls_bypassed(&pool).await?;
-        let auth = Authenticator::new(&config);
+        let auth = Authenticator::new(&config)?;
+        match &config.jwks_url {
+            Some(url) => tracing::info!(jwks_url = %url, "tokens are checked against the JWKS"),
+            None => tracing::warn!(
+                data_dir = %config.data_dir.display(),
+                "LOCAL MODE: no JWKS_URL, so this server issues and accepts its own tokens (`mana-sync token --sub <user>`)"
+            ),
+        }
+        if config.jwks_url.is_none() && !config.host.is_loopback() {
+            tracing::warn!(host = %config.host, "LOCAL MODE ON A NON-LOOPBACK ADDRESS: anyone who can reach it and holds a local token gets in");
+        }
         auth.refresh(true).await;
         let hub = Hub::new(config.max_sockets_per_user, config.max_sockets);
         let (notifier, _) = Notifier::start(pool.connect_options().as_ref().clone(), hub.clone());
@@ -78,6 +88,7 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
     let cors = cors(&state.config.cors_origins);
     Route::new()
         .at("/openapi.json", spec)
+        .at("/.well-known/jwks.json", get(local_jwks))
         .at("/ws", get(realtime::user_socket))
         .at("/ws/:appId", get(realtime::app_socket))
         .nest("/docs", docs)
@@ -89,6 +100,15 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
         .around(telemetry::log_request)
         .data(state)
         .into_endpoint()
+}
+
+/// `GET /.well-known/jwks.json`: in local mode, the key tokens are signed with.
+#[poem::handler]
+fn local_jwks(poem::web::Data(state): poem::web::Data<&AppState>) -> poem::Result<poem::web::Json<serde_json::Value>> {
+    match state.auth.local() {
+        Some(issuer) => Ok(poem::web::Json(issuer.jwks())),
+        None => Err(poem::Error::from_status(poem::http::StatusCode::NOT_FOUND)),
+    }
 }
 
 /// Reads the body up to the limit, so an oversized one is a 413 whether or
