@@ -302,3 +302,48 @@ async fn websocket_upgrades_from_other_origins_are_refused() {
         "the allowed origin may connect"
     );
 }
+
+/// A listener whose connection stops answering without closing (here its
+/// backend is frozen with SIGSTOP) is detected by its ping, replaced, and
+/// every socket is told to pull.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_listener_connection_is_detected_and_replaced() {
+    assert!(
+        common::pg::is_local_cluster(),
+        "this test freezes a PostgreSQL backend and needs the self-started cluster: unset TEST_DATABASE_URL"
+    );
+    let app = spawn_app().await;
+    app.push_ok("alice", "a", START, json!([insert("todos", "t", json!({}))]))
+        .await;
+    let mut socket = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), Some("phone")).await;
+    catch_up(&mut socket).await;
+
+    let admin = sqlx::PgPool::connect(&common::pg::server_admin_url()).await.unwrap();
+    let pid: i32 = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'mana-sync-listener' AND datname = $1",
+    )
+    .bind(&app.db.name)
+    .fetch_one(&admin)
+    .await
+    .unwrap();
+    // SAFETY: kill(2) on a PostgreSQL backend of our own test cluster.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+
+    ws::told_to_pull_then_notified_again(&app, &mut socket, Duration::from_secs(15)).await;
+    let listeners: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'mana-sync-listener' AND datname = $1 AND pid <> $2",
+    )
+    .bind(&app.db.name)
+    .bind(pid)
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    assert_eq!(listeners.len(), 1, "a new listener connection replaced the frozen one");
+
+    // SAFETY: as above; let the frozen backend go.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let _ = sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .execute(&admin)
+        .await;
+}
