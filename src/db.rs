@@ -94,7 +94,7 @@ pub async fn begin_for(pool: &PgPool, user_id: &str) -> sqlx::Result<Transaction
 
 /// Scopes the current transaction to one user (transaction-local, so it
 /// never leaks to the pooled connection's next user).
-pub async fn scope_to_user(conn: &mut PgConnection, user_id: &str) -> sqlx::Result<()> {
+async fn scope_to_user(conn: &mut PgConnection, user_id: &str) -> sqlx::Result<()> {
     sqlx::query("SELECT set_config('mana_sync.user_id', $1, true)")
         .bind(user_id)
         .execute(conn)

@@ -60,11 +60,6 @@ impl AppState {
             notifier,
         })
     }
-
-    /// (open WebSocket connections and streams, distinct users connected) on this replica.
-    pub fn connection_stats(&self) -> (u64, u64) {
-        self.hub.stats()
-    }
 }
 
 /// The OpenAPI service: every operation of the server.

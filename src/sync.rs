@@ -163,7 +163,7 @@ async fn changes_since(
 /// Shapes a page into the wire response. A page cut short stops its cursor
 /// at the last record sent; a complete one takes the clock it was read at
 /// (or the start, when the user has written nothing).
-pub fn respond(page: Page, since: Cursor) -> SyncResponse {
+fn respond(page: Page, since: Cursor) -> SyncResponse {
     let synced_until = match page.records.last() {
         Some(last) if page.has_more => Cursor(last.state.touched),
         _ => page.clock.map_or(Cursor::START, Cursor),

@@ -141,15 +141,7 @@ async fn losing_the_listener_tells_every_socket_to_pull_and_notices_resume() {
     let mut socket = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), Some("phone")).await;
     catch_up(&mut socket).await;
 
-    let admin = sqlx::PgPool::connect(&common::pg::server_admin_url()).await.unwrap();
-    let killed: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'mana-sync-listener' AND datname = $1",
-    )
-    .bind(&app.db.name)
-    .fetch_all(&admin)
-    .await
-    .unwrap();
-    assert_eq!(killed, vec![true], "one listener connection");
+    assert_eq!(app.terminate("mana-sync-listener").await, 1, "one listener connection");
 
     common::ws::told_to_pull_then_notified_again(&app, &mut socket, Duration::from_secs(5)).await;
 }
@@ -266,15 +258,10 @@ async fn losing_the_notifier_connection_delays_no_notice() {
         .await;
     ws::expect_json(&mut on_b, SOON).await;
 
-    let admin = sqlx::PgPool::connect(&common::pg::server_admin_url()).await.unwrap();
-    let killed: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'mana-sync-notifier' AND datname = $1",
-    )
-    .bind(&a.db.name)
-    .fetch_all(&admin)
-    .await
-    .unwrap();
-    assert!(!killed.is_empty(), "the notifier had a connection");
+    assert!(
+        a.terminate("mana-sync-notifier").await > 0,
+        "the notifier had a connection"
+    );
     a.push_ok("alice", "laptop", START, json!([insert("notes", "two", json!({}))]))
         .await;
     assert_eq!(
@@ -318,30 +305,24 @@ async fn a_half_open_listener_connection_is_detected_and_replaced() {
     let mut socket = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), Some("phone")).await;
     catch_up(&mut socket).await;
 
-    let admin = sqlx::PgPool::connect(&common::pg::server_admin_url()).await.unwrap();
-    let pid: i32 = sqlx::query_scalar(
-        "SELECT pid FROM pg_stat_activity WHERE application_name = 'mana-sync-listener' AND datname = $1",
-    )
-    .bind(&app.db.name)
-    .fetch_one(&admin)
-    .await
-    .unwrap();
+    let [pid] = app.backends("mana-sync-listener").await[..] else {
+        panic!("expected exactly one listener connection")
+    };
     // SAFETY: kill(2) on a PostgreSQL backend of our own test cluster.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
 
     ws::told_to_pull_then_notified_again(&app, &mut socket, Duration::from_secs(15)).await;
-    let listeners: Vec<i32> = sqlx::query_scalar(
-        "SELECT pid FROM pg_stat_activity WHERE application_name = 'mana-sync-listener' AND datname = $1 AND pid <> $2",
-    )
-    .bind(&app.db.name)
-    .bind(pid)
-    .fetch_all(&admin)
-    .await
-    .unwrap();
+    let listeners: Vec<i32> = app
+        .backends("mana-sync-listener")
+        .await
+        .into_iter()
+        .filter(|p| *p != pid)
+        .collect();
     assert_eq!(listeners.len(), 1, "a new listener connection replaced the frozen one");
 
     // SAFETY: as above; let the frozen backend go.
     unsafe { libc::kill(pid, libc::SIGCONT) };
+    let admin = sqlx::PgPool::connect(&common::pg::server_admin_url()).await.unwrap();
     let _ = sqlx::query("SELECT pg_terminate_backend($1)")
         .bind(pid)
         .execute(&admin)

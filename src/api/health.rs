@@ -45,7 +45,7 @@ impl HealthApi {
         let database_ok = tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(&state.pool))
             .await
             .is_ok_and(|r| r.is_ok());
-        let (connections, users) = state.connection_stats();
+        let (connections, users) = state.hub.stats();
         let listening = state.hub.is_listening();
         Json(Health {
             status: if database_ok && listening { "ok" } else { "degraded" }.to_owned(),

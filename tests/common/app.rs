@@ -205,6 +205,32 @@ impl TestApp {
         format!("{}{}", self.address.replacen("http://", "ws://", 1), path)
     }
 
+    /// Backend pids of this test database's connections named `application`
+    /// (`mana-sync-listener`, `mana-sync-notifier`, ...).
+    pub async fn backends(&self, application: &str) -> Vec<i32> {
+        let admin = PgPool::connect(&pg::server_admin_url()).await.unwrap();
+        sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND datname = $2")
+            .bind(application)
+            .bind(&self.db.name)
+            .fetch_all(&admin)
+            .await
+            .unwrap()
+    }
+
+    /// Terminates those connections; returns how many there were.
+    pub async fn terminate(&self, application: &str) -> usize {
+        let admin = PgPool::connect(&pg::server_admin_url()).await.unwrap();
+        let pids = self.backends(application).await;
+        for pid in &pids {
+            sqlx::query("SELECT pg_terminate_backend($1)")
+                .bind(pid)
+                .execute(&admin)
+                .await
+                .unwrap();
+        }
+        pids.len()
+    }
+
     /// `GET /health`.
     pub async fn health(&self) -> Value {
         self.http
