@@ -12,6 +12,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::app::{START, TestApp, insert, spawn_app, update};
+use mana_sync::store::Tx;
 use serde_json::{Value, json};
 
 struct Sizes {
@@ -145,7 +146,7 @@ async fn notify_cost(app: &TestApp, sizes: &Sizes) {
     use mana_sync::validate::{Batch, Change};
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(16)
-        .connect(&app.db.app_url)
+        .connect(&app.db().app_url)
         .await
         .unwrap();
     let per_writer = sizes.commits_per_writer;
@@ -171,13 +172,12 @@ async fn notify_cost(app: &TestApp, sizes: &Sizes) {
                                 }],
                             }],
                         };
-                        let mut tx = mana_sync::db::begin_for(&pool, &user).await.unwrap();
+                        let tx = mana_sync::store::postgres::begin_for(&pool, &user).await.unwrap();
+                        let mut tx = Tx::Postgres(tx);
                         mana_sync::sync::record(&mut tx, &user, "todo", &batch).await.unwrap();
-                        if announce {
+                        if announce && let Tx::Postgres(pg) = &mut tx {
                             let notice = mana_sync::sync::notice(&user, "todo", &batch);
-                            mana_sync::fanout::announce_in_transaction(&mut tx, &notice)
-                                .await
-                                .unwrap();
+                            mana_sync::fanout::announce_in_transaction(pg, &notice).await.unwrap();
                         }
                         tx.commit().await.unwrap();
                     }

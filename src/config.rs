@@ -21,11 +21,12 @@ pub const MAX_PAGE_BYTES: i64 = 8 * 1024 * 1024;
 pub struct Config {
     pub host: IpAddr,
     pub port: u16,
-    pub database_url: String,
+    /// `postgres://…` or `sqlite://path`; `None`: SQLite in `data_dir`.
+    pub database_url: Option<String>,
     pub database_max_connections: u32,
     /// The auth service's JWKS; `None` is local mode (see `local_auth`).
     pub jwks_url: Option<String>,
-    /// Where local mode keeps its signing key.
+    /// Where local mode keeps its signing key, and the SQLite store its file.
     pub data_dir: std::path::PathBuf,
     /// Least time between two JWKS fetches triggered by an unknown `kid`.
     pub jwks_min_refresh: Duration,
@@ -81,10 +82,7 @@ impl Config {
                 },
             )?,
             port: env.parse("PORT", "3050")?,
-            database_url: env.string(
-                "DATABASE_URL",
-                "postgresql://manacore:devpassword@localhost:5432/mana_sync",
-            )?,
+            database_url: env.optional("DATABASE_URL"),
             database_max_connections: env.parse("DATABASE_MAX_CONNECTIONS", "20")?,
             jwks_url: env.optional("JWKS_URL"),
             data_dir: env.string("DATA_DIR", "./data")?.into(),

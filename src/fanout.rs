@@ -67,27 +67,30 @@ pub async fn announce_in_transaction(conn: &mut PgConnection, notice: &Notice) -
 pub struct Notifier {
     hub: Hub,
     replica: String,
-    queue: tokio::sync::mpsc::UnboundedSender<Notice>,
+    /// Where notices go to be NOTIFYed (`None`: a single-process store,
+    /// where the local hub hears every push).
+    queue: Option<tokio::sync::mpsc::UnboundedSender<Notice>>,
     /// Notices published but not yet NOTIFYed.
     unsent: Arc<AtomicUsize>,
 }
 
 impl Notifier {
-    /// Starts the NOTIFY task on its own connection.
-    pub fn start(options: PgConnectOptions, hub: Hub) -> (Notifier, tokio::task::JoinHandle<()>) {
-        let (queue, pending) = tokio::sync::mpsc::unbounded_channel();
+    /// Starts the NOTIFY task on its own connection to `options`; without
+    /// them (a SQLite store: one process), notices only go to the local hub.
+    pub fn start(options: Option<PgConnectOptions>, hub: Hub) -> Notifier {
         let replica = uuid::Uuid::new_v4().simple().to_string();
         let unsent = Arc::new(AtomicUsize::new(0));
-        let task = tokio::spawn(notify_loop(options, replica.clone(), pending, unsent.clone()));
-        (
-            Notifier {
-                hub,
-                replica,
-                queue,
-                unsent,
-            },
-            task,
-        )
+        let queue = options.map(|options| {
+            let (queue, pending) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(notify_loop(options, replica.clone(), pending, unsent.clone()));
+            queue
+        });
+        Notifier {
+            hub,
+            replica,
+            queue,
+            unsent,
+        }
     }
 
     /// This replica's id, carried in its notices so its listener skips them.
@@ -98,13 +101,14 @@ impl Notifier {
     /// Announces a committed push.
     pub fn publish(&self, notice: Notice) {
         self.hub.publish(&notice);
+        let Some(queue) = &self.queue else { return };
         let notice = Notice {
             replica: Some(self.replica.clone()),
             ..notice
         };
         self.unsent.fetch_add(1, Ordering::SeqCst);
         // Only fails when the task is gone, i.e. the process is stopping.
-        let _ = self.queue.send(notice);
+        let _ = queue.send(notice);
     }
 
     /// Waits (at most `limit`) until every published notice is NOTIFYed:

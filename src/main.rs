@@ -2,7 +2,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mana_sync::config::Config;
 use mana_sync::startup::{self, AppState};
-use mana_sync::{db, projection, telemetry};
+use mana_sync::store::Store;
+use mana_sync::{projection, telemetry};
 
 /// Sync server for local-first apps. Configured by environment variables (see README).
 #[derive(Parser)]
@@ -59,17 +60,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
             startup::serve(state, listener, shutdown_signal()).await
         }
         Command::Migrate => {
-            let pool = db::pool(&config)?;
-            db::wait_until_reachable(&pool, Some(std::time::Duration::from_secs(60))).await?;
-            db::migrate(&pool).await?;
-            tracing::info!("migrations applied");
+            let store = Store::open(&config).await?;
+            store.prepare(Some(std::time::Duration::from_secs(60))).await?;
+            tracing::info!("migrations applied to {}", store.describe());
             Ok(())
         }
         Command::Rebuild => {
-            let pool = db::pool(&config)?;
-            db::wait_until_reachable(&pool, Some(std::time::Duration::from_secs(60))).await?;
-            db::migrate(&pool).await?;
-            let (users, entries, records) = projection::rebuild(&pool).await?;
+            let store = Store::open(&config).await?;
+            store.prepare(Some(std::time::Duration::from_secs(60))).await?;
+            let (users, entries, records) = projection::rebuild(&store).await?;
             tracing::info!(users, entries, records, "projection rebuilt from the change log");
             Ok(())
         }

@@ -30,7 +30,6 @@ use tokio::time::{Instant, sleep_until, timeout};
 
 use crate::auth::User;
 use crate::hub::{Refusal, Subscription};
-use crate::projection;
 use crate::startup::AppState;
 
 /// A socket that has not authenticated by then is closed.
@@ -237,12 +236,10 @@ async fn notify(sink: &mut Sink, state: &AppState, subscription: &Subscription) 
                 let only = subscriber.app_id.as_deref();
                 // Old clients pull every collection whatever `tables` says, so
                 // a failed lookup still sends the signal, naming none.
-                let known = projection::tables(&state.pool, &subscriber.user_id, only)
-                    .await
-                    .unwrap_or_else(|e| {
-                        tracing::warn!(error = %e, "listing tables failed; signalling without names");
-                        Vec::new()
-                    });
+                let known = state.store.tables(&subscriber.user_id, only).await.unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "listing tables failed; signalling without names");
+                    Vec::new()
+                });
                 let mut by_app: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
                 if let Some(app) = only {
                     by_app.entry(app.to_owned()).or_default();

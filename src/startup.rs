@@ -10,7 +10,6 @@ use poem::middleware::Cors;
 use poem::web::{LocalAddr, RemoteAddr};
 use poem::{Endpoint, EndpointExt, IntoEndpoint, Request, Response, Route, Server, get};
 use poem_openapi::OpenApiService;
-use sqlx::PgPool;
 
 use crate::api::health::HealthApi;
 use crate::api::sync::{StreamApi, SyncApi};
@@ -19,25 +18,26 @@ use crate::config::{Config, MAX_BODY_BYTES};
 use crate::error::json_error;
 use crate::fanout::{self, Notifier};
 use crate::hub::Hub;
-use crate::{db, realtime, telemetry};
+use crate::store::Store;
+use crate::{realtime, telemetry};
 
 /// What every request handler shares. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
     pub config: Arc<Config>,
-    pub pool: PgPool,
+    pub store: Store,
     pub auth: Authenticator,
     pub hub: Hub,
     pub notifier: Notifier,
 }
 
 impl AppState {
-    /// Connects (retrying until the database answers), migrates, and loads the JWKS.
+    /// Opens the store (waiting until PostgreSQL answers), migrates, and
+    /// loads the JWKS.
     pub async fn connect(config: Config) -> anyhow::Result<AppState> {
-        let pool = db::pool(&config)?;
-        db::wait_until_reachable(&pool, None).await?;
-        db::migrate(&pool).await?;
-        db::warn_if_rls_bypassed(&pool).await?;
+        let store = Store::open(&config).await?;
+        store.prepare(None).await?;
+        tracing::info!(store = store.kind(), "storing in {}", store.describe());
         let auth = Authenticator::new(&config)?;
         match &config.jwks_url {
             Some(url) => tracing::info!(jwks_url = %url, "tokens are checked against the JWKS"),
@@ -51,10 +51,10 @@ impl AppState {
         }
         auth.refresh(true).await;
         let hub = Hub::new(config.max_sockets_per_user, config.max_sockets);
-        let (notifier, _) = Notifier::start(pool.connect_options().as_ref().clone(), hub.clone());
+        let notifier = Notifier::start(store.notify_options(), hub.clone());
         Ok(AppState {
             config: Arc::new(config),
-            pool,
+            store,
             auth,
             hub,
             notifier,
@@ -168,14 +168,16 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr().context("listener has no address")?;
     let timeout = state.config.shutdown_timeout;
-    let background = [
-        state.auth.spawn_refresh(state.config.jwks_refresh),
-        tokio::spawn(fanout::listen_forever(
-            state.pool.connect_options().as_ref().clone(),
+    let mut background = vec![state.auth.spawn_refresh(state.config.jwks_refresh)];
+    match state.store.notify_options() {
+        Some(options) => background.push(tokio::spawn(fanout::listen_forever(
+            options,
             state.hub.clone(),
             state.notifier.replica().to_owned(),
-        )),
-    ];
+        ))),
+        // One process: its hub hears every push, nothing to listen to.
+        None => state.hub.set_listening(true),
+    }
     let hub = state.hub.clone();
     let drained = hub.clone();
     let notifier = state.notifier.clone();

@@ -80,7 +80,7 @@ pub fn changes(
             if let Some(table) = st.due.pop_front() {
                 let cursor = st.cursors[&table];
                 let page = match sync::pull(
-                    &st.app.pool,
+                    &st.app.store,
                     &st.user_id,
                     &st.app_id,
                     &table,

@@ -4,19 +4,16 @@
 use std::collections::{BTreeSet, HashMap};
 
 use poem_openapi::types::{ParseFromJSON, ToJSON};
-use sqlx::{PgConnection, PgPool};
 
-use crate::change_log;
 use crate::config::MAX_PAGE_BYTES;
 use crate::cursor::Cursor;
-use crate::db;
 use crate::error::{Error, Result};
 use crate::fanout::Notifier;
 use crate::fold::{LogEntry, RecordDelta, RecordState};
 use crate::hub::Notice;
-use crate::idempotency;
-use crate::projection::{self, Page, Record};
+use crate::projection::{Page, Record};
 use crate::protocol::{FieldValue, Op, ServerChange, SyncResponse};
+use crate::store::{Store, Tx};
 use crate::validate::Batch;
 
 /// An `Idempotency-Key` and the fingerprint of the request it came with.
@@ -33,7 +30,7 @@ pub struct Idempotency {
 /// retry under the same idempotency key gets the first answer and records
 /// nothing.
 pub async fn push(
-    pool: &PgPool,
+    store: &Store,
     notifier: &Notifier,
     user_id: &str,
     app_id: &str,
@@ -41,12 +38,12 @@ pub async fn push(
     idempotency: Option<&Idempotency>,
     limit: u32,
 ) -> Result<SyncResponse> {
-    let mut tx = db::begin_for(pool, user_id).await?;
+    let mut tx = store.begin_write(user_id).await?;
     // The clock lock comes first: it serialises the user's pushes, so an
     // idempotency key cannot be checked by two of them at once.
     record(&mut tx, user_id, app_id, batch).await?;
     if let Some(idem) = idempotency
-        && let Some((fingerprint, response)) = idempotency::find(&mut tx, user_id, &idem.key, idem.ttl).await?
+        && let Some((fingerprint, response)) = tx.find_outcome(user_id, &idem.key, idem.ttl).await?
     {
         tx.rollback().await?;
         if fingerprint != idem.fingerprint {
@@ -61,8 +58,7 @@ pub async fn push(
     }
     let response = changes_since(&mut tx, user_id, app_id, None, batch.since, limit).await?;
     if let Some(idem) = idempotency {
-        idempotency::save(
-            &mut tx,
+        tx.save_outcome(
             user_id,
             &idem.key,
             &idem.fingerprint,
@@ -101,19 +97,20 @@ pub fn notice(user_id: &str, app_id: &str, batch: &Batch) -> Notice {
 /// Appends a batch to the log and folds it into the projection, inside
 /// the caller's transaction (which must be scoped to `user_id`). The
 /// user's clock stays locked until that transaction ends.
-pub async fn record(conn: &mut PgConnection, user_id: &str, app_id: &str, batch: &Batch) -> Result<()> {
+pub async fn record(tx: &mut Tx, user_id: &str, app_id: &str, batch: &Batch) -> Result<()> {
     if batch.changes.is_empty() {
         return Ok(());
     }
-    let first_seq = change_log::reserve(conn, user_id, batch.changes.len() as i64).await?;
-    change_log::append(conn, user_id, app_id, &batch.client_id, first_seq, &batch.changes).await?;
+    let first_seq = tx.reserve(user_id, batch.changes.len() as i64).await?;
+    tx.append(user_id, app_id, &batch.client_id, first_seq, &batch.changes)
+        .await?;
 
     let keys: Vec<(&str, &str)> = batch
         .changes
         .iter()
         .map(|c| (c.table.as_str(), c.id.as_str()))
         .collect();
-    let mut states: HashMap<(String, String), RecordState> = projection::load(conn, user_id, app_id, &keys).await?;
+    let mut states: HashMap<(String, String), RecordState> = tx.load(user_id, app_id, &keys).await?;
     for (seq, change) in (first_seq..).zip(&batch.changes) {
         let entry = LogEntry {
             seq,
@@ -129,34 +126,36 @@ pub async fn record(conn: &mut PgConnection, user_id: &str, app_id: &str, batch:
         .into_iter()
         .map(|((table, id), state)| Record { table, id, state })
         .collect();
-    projection::save(conn, user_id, app_id, &records).await?;
+    tx.save(user_id, app_id, &records).await?;
     Ok(())
 }
 
 /// The folded delta of one collection since a cursor.
 pub async fn pull(
-    pool: &PgPool,
+    store: &Store,
     user_id: &str,
     app_id: &str,
     table: &str,
     since: Cursor,
     limit: u32,
 ) -> Result<SyncResponse> {
-    let mut tx = db::begin_for(pool, user_id).await?;
+    let mut tx = store.begin_read(user_id).await?;
     let response = changes_since(&mut tx, user_id, app_id, Some(table), since, limit).await?;
     tx.commit().await?;
     Ok(response)
 }
 
 async fn changes_since(
-    conn: &mut PgConnection,
+    tx: &mut Tx,
     user_id: &str,
     app_id: &str,
     table: Option<&str>,
     since: Cursor,
     limit: u32,
 ) -> Result<SyncResponse> {
-    let page = projection::changed_since(conn, user_id, app_id, table, since, limit as usize, MAX_PAGE_BYTES).await?;
+    let page = tx
+        .changed_since(user_id, app_id, table, since, limit as usize, MAX_PAGE_BYTES)
+        .await?;
     Ok(respond(page, since))
 }
 

@@ -79,7 +79,7 @@ async fn migrate_applies_migrations_and_is_idempotent() {
         .fetch_one(&db.admin_pool().await)
         .await
         .unwrap();
-    assert_eq!(applied as usize, mana_sync::db::MIGRATOR.iter().count());
+    assert_eq!(applied as usize, mana_sync::store::postgres::MIGRATOR.iter().count());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,12 +4,15 @@
 
 mod common;
 
+use common::app::{Backend, Postgres, Sqlite};
+use rstest::rstest;
+
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::app::{APP, START, TestApp, insert, spawn_app_with};
+use common::app::{APP, START, TestApp, insert};
 use mana_sync::fold::FieldWrite;
 use mana_sync::protocol::Op;
 use mana_sync::timestamp::Timestamp;
@@ -47,7 +50,7 @@ fn batch(ids: &[String]) -> Batch {
 
 /// Writes through the library, sleeping inside the transaction (with the
 /// user's clock locked) before committing; odd writers push over HTTP.
-async fn writer(app: Arc<TestApp>, pool: sqlx::PgPool, user: &'static str, w: usize, committed: Committed) {
+async fn writer(app: Arc<TestApp>, user: &'static str, w: usize, committed: Committed) {
     for b in 0..BATCHES_PER_WRITER {
         let (size, delay) = {
             let mut rng = rand::rng();
@@ -55,7 +58,7 @@ async fn writer(app: Arc<TestApp>, pool: sqlx::PgPool, user: &'static str, w: us
         };
         let ids: Vec<String> = (0..size).map(|c| format!("{user}-w{w}-b{b}-c{c}")).collect();
         if w.is_multiple_of(2) {
-            let mut tx = mana_sync::db::begin_for(&pool, user).await.unwrap();
+            let mut tx = app.store.begin_write(user).await.unwrap();
             mana_sync::sync::record(&mut tx, user, APP, &batch(&ids)).await.unwrap();
             tokio::time::sleep(delay).await;
             tx.commit().await.unwrap();
@@ -103,14 +106,10 @@ async fn reader(app: Arc<TestApp>, user: &'static str, done: Arc<AtomicBool>) ->
     }
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn cursors_never_skip_or_repeat_a_change_under_concurrent_writers() {
-    let app = Arc::new(spawn_app_with(&[("DATABASE_MAX_CONNECTIONS", "30")]).await);
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(20)
-        .connect(&app.db.app_url)
-        .await
-        .unwrap();
+async fn cursors_never_skip_or_repeat_a_change_under_concurrent_writers(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = Arc::new(store.spawn_with(&[("DATABASE_MAX_CONNECTIONS", "30")]).await);
     let committed: Committed = Arc::default();
     let done = Arc::new(AtomicBool::new(false));
 
@@ -122,7 +121,7 @@ async fn cursors_never_skip_or_repeat_a_change_under_concurrent_writers() {
     let writers: Vec<_> = USERS
         .iter()
         .flat_map(|&user| (0..WRITERS_PER_USER).map(move |w| (user, w)))
-        .map(|(user, w)| tokio::spawn(writer(app.clone(), pool.clone(), user, w, committed.clone())))
+        .map(|(user, w)| tokio::spawn(writer(app.clone(), user, w, committed.clone())))
         .collect();
     for w in writers {
         w.await.unwrap();
@@ -204,9 +203,10 @@ async fn device(
     }
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn devices_editing_the_same_records_concurrently_converge() {
-    let app = Arc::new(spawn_app_with(&[("DATABASE_MAX_CONNECTIONS", "20")]).await);
+async fn devices_editing_the_same_records_concurrently_converge(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = Arc::new(store.spawn_with(&[("DATABASE_MAX_CONNECTIONS", "20")]).await);
     let all_pushed = Arc::new(tokio::sync::Barrier::new(4));
     let devices: Vec<_> = (0..4)
         .map(|d| tokio::spawn(device(app.clone(), format!("dev{d}"), 15, all_pushed.clone())))

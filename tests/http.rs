@@ -140,7 +140,7 @@ async fn health_reports_a_database_it_cannot_reach_and_recovers() {
     let app = spawn_app().await;
     let admin = sqlx::PgPool::connect(&common::pg::server_admin_url()).await.unwrap();
     let set_connections = |allowed: bool| {
-        let (admin, name) = (admin.clone(), app.db.name.clone());
+        let (admin, name) = (admin.clone(), app.db().name.clone());
         async move {
             sqlx::query(sqlx::AssertSqlSafe(format!(
                 "ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS {allowed}"

@@ -62,12 +62,12 @@ async fn row_level_security_hides_other_users_rows_from_unfiltered_queries() {
     app.push_ok("bob", "b", START, json!([insert("todos", "b1", json!({}))]))
         .await;
 
-    let pool = app.db.app_pool().await;
+    let pool = app.db().app_pool().await;
     let count_as = |user: Option<&'static str>| {
         let pool = pool.clone();
         async move {
             let mut tx = match user {
-                Some(u) => mana_sync::db::begin_for(&pool, u).await.unwrap(),
+                Some(u) => mana_sync::store::postgres::begin_for(&pool, u).await.unwrap(),
                 None => pool.begin().await.unwrap(),
             };
             let changes: i64 = sqlx::query_scalar("SELECT count(*) FROM sync_changes")
@@ -90,7 +90,7 @@ async fn row_level_security_hides_other_users_rows_from_unfiltered_queries() {
     assert_eq!(count_as(None).await, (0, 0, 0), "an unscoped query sees nothing");
 
     // Writing another user's rows is refused by the policy.
-    let mut tx = mana_sync::db::begin_for(&pool, "bob").await.unwrap();
+    let mut tx = mana_sync::store::postgres::begin_for(&pool, "bob").await.unwrap();
     let forged = sqlx::query(
         "INSERT INTO sync_records (user_id, app_id, table_name, record_id, fields, created_seq, touched_seq)
          VALUES ('alice', 'todo', 'todos', 'x', '{}', 1, 1)",
@@ -110,8 +110,8 @@ async fn the_change_log_cannot_be_rewritten_by_the_server_role() {
         json!([insert("todos", "a1", json!({ "title": "original" }))]),
     )
     .await;
-    let pool = app.db.app_pool().await;
-    let mut tx = mana_sync::db::begin_for(&pool, "alice").await.unwrap();
+    let pool = app.db().app_pool().await;
+    let mut tx = mana_sync::store::postgres::begin_for(&pool, "alice").await.unwrap();
     let updated = sqlx::query("UPDATE sync_changes SET data = '{}'")
         .execute(&mut *tx)
         .await
@@ -130,8 +130,8 @@ async fn the_maintenance_setting_only_lists_users_and_opens_no_data() {
     let app = spawn_app().await;
     app.push_ok("alice", "a", START, json!([insert("todos", "a1", json!({}))]))
         .await;
-    let pool = app.db.app_pool().await;
-    let mut tx = mana_sync::db::begin_for(&pool, "bob").await.unwrap();
+    let pool = app.db().app_pool().await;
+    let mut tx = mana_sync::store::postgres::begin_for(&pool, "bob").await.unwrap();
     sqlx::query("SELECT set_config('mana_sync.maintenance', 'on', true)")
         .execute(&mut *tx)
         .await

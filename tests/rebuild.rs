@@ -3,22 +3,28 @@
 
 mod common;
 
-use common::app::{START, delete, insert, spawn_app, update};
+use common::app::{Backend, Postgres, START, Sqlite, TestApp, delete, insert, update};
+use mana_sync::store::Store;
+use rstest::rstest;
 use serde_json::{Value, json};
+use sqlx::types::Json;
 
-async fn snapshot(pool: &sqlx::PgPool) -> Vec<(String, String, String, String, Value, i64, i64)> {
-    sqlx::query_as(
-        "SELECT user_id, app_id, table_name, record_id, fields, created_seq, touched_seq
-         FROM sync_records ORDER BY user_id, app_id, table_name, record_id",
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap()
+type Row = (String, String, String, String, Json<Value>, i64, i64);
+
+/// Every user's projection.
+async fn snapshot(app: &TestApp) -> Vec<Row> {
+    const SQL: &str = "SELECT user_id, app_id, table_name, record_id, fields, created_seq, touched_seq
+                       FROM sync_records ORDER BY user_id, app_id, table_name, record_id";
+    match &app.store {
+        Store::Postgres(_) => sqlx::query_as(SQL).fetch_all(&app.admin().await).await.unwrap(),
+        Store::Sqlite(store) => sqlx::query_as(SQL).fetch_all(store.reader()).await.unwrap(),
+    }
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rebuilt_projection_equals_the_incrementally_maintained_one() {
-    let app = spawn_app().await;
+async fn a_rebuilt_projection_equals_the_incrementally_maintained_one(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     for user in ["alice", "bob"] {
         app.push_ok(
             user,
@@ -63,18 +69,18 @@ async fn a_rebuilt_projection_equals_the_incrementally_maintained_one() {
         )
         .await;
     }
-    let admin = app.admin().await;
-    let incremental = snapshot(&admin).await;
+    let incremental = snapshot(&app).await;
     assert_eq!(incremental.len(), 6);
 
-    let (users, entries, records) = mana_sync::projection::rebuild(&app.db.app_pool().await).await.unwrap();
+    let (users, entries, records) = mana_sync::projection::rebuild(&app.store).await.unwrap();
     assert_eq!((users, entries, records), (2, 12, 6));
-    assert_eq!(snapshot(&admin).await, incremental, "rebuilt == incremental");
+    assert_eq!(snapshot(&app).await, incremental, "rebuilt == incremental");
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_rebuild_command_restores_a_lost_projection() {
-    let app = spawn_app().await;
+async fn the_rebuild_command_restores_a_lost_projection(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     app.push_ok(
         "alice",
         "a",
@@ -82,18 +88,24 @@ async fn the_rebuild_command_restores_a_lost_projection() {
         json!([insert("todos", "t1", json!({ "title": "kept" }))]),
     )
     .await;
-    let admin = app.admin().await;
-    let before = snapshot(&admin).await;
-    sqlx::query("DELETE FROM sync_records").execute(&admin).await.unwrap();
+    let before = snapshot(&app).await;
+    let mut tx = app.store.begin_write("alice").await.unwrap();
+    tx.clear_records("alice").await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(snapshot(&app).await, vec![], "the projection is lost");
 
+    // The command runs with the server stopped (a SQLite file admits one process).
+    let (storage, jwks) = (app.storage.clone(), app.jwks.clone());
+    app.stop().await;
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_mana-sync"))
         .arg("rebuild")
-        .env("DATABASE_URL", &app.db.app_url)
+        .envs(storage.env())
         .env("RUST_LOG", "warn")
         .status()
         .expect("run mana-sync rebuild");
     assert!(status.success());
-    assert_eq!(snapshot(&admin).await, before);
+    let app = common::app::start(storage, jwks, &[]).await;
+    assert_eq!(snapshot(&app).await, before);
     let pulled = app.pull_ok("alice", "todos", START, None).await;
     assert_eq!(pulled["serverChanges"][0]["data"]["title"], "kept");
 }

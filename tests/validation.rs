@@ -2,7 +2,10 @@
 
 mod common;
 
-use common::app::{APP, START, TestApp, expect_error, insert, push_body, spawn_app};
+use common::app::{Backend, Postgres, Sqlite};
+use rstest::rstest;
+
+use common::app::{APP, START, TestApp, expect_error, insert, push_body};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -24,9 +27,10 @@ async fn rejected(app: &TestApp, body: Value, status: StatusCode, code: &str) {
     assert_eq!(app.log_rows().await, 0, "nothing is written for {body}");
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_json_and_wrong_types_are_400() {
-    let app = spawn_app().await;
+async fn malformed_json_and_wrong_types_are_400(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     expect_error(
         post_raw(&app, "{\"changes\": [").await,
         StatusCode::BAD_REQUEST,
@@ -63,9 +67,10 @@ async fn malformed_json_and_wrong_types_are_400() {
     .await;
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unknown_op_is_400() {
-    let app = spawn_app().await;
+async fn an_unknown_op_is_400(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     rejected(
         &app,
         push_body(
@@ -79,9 +84,10 @@ async fn an_unknown_op_is_400() {
     .await;
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn empty_oversized_and_control_character_names_are_400() {
-    let app = spawn_app().await;
+async fn empty_oversized_and_control_character_names_are_400(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     let long_table = "t".repeat(129);
     let long_id = "i".repeat(257);
     for (table, id) in [
@@ -111,9 +117,10 @@ async fn empty_oversized_and_control_character_names_are_400() {
     expect_error(response, StatusCode::BAD_REQUEST, "invalid_name").await;
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nul_characters_anywhere_are_400_not_500() {
-    let app = spawn_app().await;
+async fn nul_characters_anywhere_are_400_not_500(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     for data in [
         json!({ "title": "a\u{0}b" }),
         json!({ "nested": { "k": ["\u{0}"] } }),
@@ -152,10 +159,11 @@ async fn nul_characters_anywhere_are_400_not_500() {
     assert_eq!(app.log_rows().await, 0);
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_body_declared_over_10_mb_is_413_before_it_is_sent() {
+async fn a_body_declared_over_10_mb_is_413_before_it_is_sent(#[values(Postgres, Sqlite)] store: Backend) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let app = spawn_app().await;
+    let app = store.spawn().await;
     let mut socket = tokio::net::TcpStream::connect(app.address.trim_start_matches("http://"))
         .await
         .unwrap();
@@ -183,9 +191,10 @@ async fn a_body_declared_over_10_mb_is_413_before_it_is_sent() {
     assert_eq!(app.log_rows().await, 0);
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_streamed_body_over_10_mb_is_413() {
-    let app = spawn_app().await;
+async fn a_streamed_body_over_10_mb_is_413(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     let body = vec![b' '; 10 * 1024 * 1024 + 1];
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> = body.chunks(256 * 1024).map(|c| Ok(c.to_vec())).collect();
     let streamed = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
@@ -198,9 +207,10 @@ async fn a_streamed_body_over_10_mb_is_413() {
     assert_eq!(app.log_rows().await, 0);
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn too_many_changes_in_one_batch_is_413() {
-    let app = common::app::spawn_app_with(&[("MAX_BATCH_CHANGES", "10")]).await;
+async fn too_many_changes_in_one_batch_is_413(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn_with(&[("MAX_BATCH_CHANGES", "10")]).await;
     let changes: Vec<Value> = (0..11).map(|i| insert("todos", &format!("r{i}"), json!({}))).collect();
     rejected(
         &app,
@@ -211,9 +221,10 @@ async fn too_many_changes_in_one_batch_is_413() {
     .await;
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_timestamps_and_cursors_are_400() {
-    let app = spawn_app().await;
+async fn bad_timestamps_and_cursors_are_400(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     rejected(
         &app,
         push_body("a", "last tuesday", json!([insert("todos", "x", json!({}))])),
@@ -251,9 +262,10 @@ async fn bad_timestamps_and_cursors_are_400() {
     .await;
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pull_parameters_out_of_bounds_are_400() {
-    let app = spawn_app().await;
+async fn pull_parameters_out_of_bounds_are_400(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     expect_error(
         app.pull("alice", "todos", START, Some(0)).await,
         StatusCode::BAD_REQUEST,
@@ -282,9 +294,10 @@ async fn pull_parameters_out_of_bounds_are_400() {
     expect_error(no_collection, StatusCode::BAD_REQUEST, "bad_request").await;
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_push_without_a_client_id_is_400() {
-    let app = spawn_app().await;
+async fn a_push_without_a_client_id_is_400(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     let response = app
         .http
         .post(app.url(&format!("/sync/{APP}")))
@@ -297,9 +310,10 @@ async fn a_push_without_a_client_id_is_400() {
     assert_eq!(app.log_rows().await, 0);
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_routes_and_methods_answer_json() {
-    let app = spawn_app().await;
+async fn unknown_routes_and_methods_answer_json(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     let missing = app.http.get(app.url("/nope")).send().await.unwrap();
     expect_error(missing, StatusCode::NOT_FOUND, "not_found").await;
     let wrong_method = app.http.delete(app.url(&format!("/sync/{APP}"))).send().await.unwrap();

@@ -75,7 +75,7 @@ impl SyncApi {
             ttl: state.config.idempotency_ttl,
         });
         let response = sync::push(
-            &state.pool,
+            &state.store,
             &state.notifier,
             &user.id,
             &app_id,
@@ -114,7 +114,7 @@ impl SyncApi {
         validate::name("collection", &collection)?;
         let since = validate::since(since.0.as_deref())?;
         let limit = limit.0.unwrap_or(DEFAULT_PULL_LIMIT).min(MAX_PULL_LIMIT);
-        let response = sync::pull(&state.pool, &user.id, &app_id, &collection, since, limit).await?;
+        let response = sync::pull(&state.store, &user.id, &app_id, &collection, since, limit).await?;
         Ok(Json(response))
     }
 }

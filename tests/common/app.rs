@@ -1,13 +1,24 @@
 //! A running server per test: its own database, its own JWKS, a random port.
+//!
+//! Tests that hold for any store take a [`Backend`] from rstest and run
+//! once per store:
+//!
+//! ```ignore
+//! #[rstest]
+//! #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+//! async fn name(#[values(Postgres, Sqlite)] store: Backend) {
+//!     let app = store.spawn().await;
+//! ```
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use mana_sync::config::Config;
 use mana_sync::startup::{self, AppState};
+use mana_sync::store::Store;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use sqlx::PgPool;
+use sqlx::{Connection, PgPool};
 
 use super::pg::{self, TestDatabase};
 use super::tokens::{self, JwksServer};
@@ -17,11 +28,62 @@ pub const APP: &str = "todo";
 /// The browser origin the test server allows.
 pub const ORIGIN: &str = "http://app.example";
 
+/// Which store a test's server uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// A database of its own on the harness's PostgreSQL.
+    Postgres,
+    /// A SQLite file in a temporary data directory of its own.
+    Sqlite,
+}
+
+#[allow(unused_imports)]
+pub use Backend::{Postgres, Sqlite};
+
+impl Backend {
+    /// A server on this store with the default test settings.
+    pub async fn spawn(self) -> TestApp {
+        self.spawn_with(&[]).await
+    }
+
+    /// A server on this store with some settings overridden.
+    pub async fn spawn_with(self, overrides: &[(&str, &str)]) -> TestApp {
+        let storage = match self {
+            Backend::Postgres => Storage::Postgres(Arc::new(pg::test_database().await)),
+            Backend::Sqlite => Storage::Sqlite(Arc::new(tempfile::tempdir().expect("a temporary data directory"))),
+        };
+        start(storage, Arc::new(JwksServer::start_default().await), overrides).await
+    }
+}
+
+/// Where a test server keeps its data; outlives the server when cloned.
+#[derive(Clone)]
+pub enum Storage {
+    Postgres(Arc<TestDatabase>),
+    /// The data directory (`DATABASE_URL` unset: the default SQLite file).
+    Sqlite(Arc<tempfile::TempDir>),
+}
+
+impl Storage {
+    /// The variables that point a server (or the binary) at this storage.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Storage::Postgres(db) => vec![("DATABASE_URL", db.app_url.clone())],
+            Storage::Sqlite(dir) => vec![
+                ("DATABASE_URL", String::new()),
+                ("DATA_DIR", dir.path().display().to_string()),
+            ],
+        }
+    }
+}
+
 pub struct TestApp {
     /// `http://127.0.0.1:<port>`
     pub address: String,
     pub http: reqwest::Client,
-    pub db: Arc<TestDatabase>,
+    pub storage: Storage,
+    /// The server's own store handle (a SQLite file admits no second opener).
+    pub store: Store,
     pub jwks: Arc<JwksServer>,
     pub config: Config,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -35,30 +97,18 @@ pub async fn spawn_app() -> TestApp {
 
 /// A server with some settings (environment variable names) overridden.
 pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
-    let db = Arc::new(pg::test_database().await);
-    let jwks = Arc::new(JwksServer::start_default().await);
-    start(db, jwks, overrides).await
+    Backend::Postgres.spawn_with(overrides).await
 }
 
-async fn start(db: Arc<TestDatabase>, jwks: Arc<JwksServer>, overrides: &[(&str, &str)]) -> TestApp {
-    let mut vars: HashMap<String, String> = HashMap::from([
-        ("DATABASE_URL".to_owned(), db.app_url.clone()),
-        ("JWKS_URL".to_owned(), jwks.url.clone()),
-        ("JWT_ISSUER".to_owned(), tokens::ISSUER.to_owned()),
-        ("JWT_AUDIENCE".to_owned(), tokens::AUDIENCE.to_owned()),
-        ("CORS_ORIGINS".to_owned(), ORIGIN.to_owned()),
-        ("DATABASE_MAX_CONNECTIONS".to_owned(), "10".to_owned()),
-        ("SHUTDOWN_TIMEOUT".to_owned(), "2s".to_owned()),
-    ]);
-    for (k, v) in overrides {
-        vars.insert((*k).to_owned(), (*v).to_owned());
-    }
-    let config = Config::from_lookup(|name| vars.get(name).cloned()).expect("test configuration is valid");
+/// A server on `storage`: the settings it gets, then `overrides` ("" unsets one).
+pub async fn start(storage: Storage, jwks: Arc<JwksServer>, overrides: &[(&str, &str)]) -> TestApp {
+    let config = test_config(&storage, &jwks, overrides);
+    let state = AppState::connect(config.clone()).await.expect("the server starts");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind a free port");
     let address = format!("http://{}", listener.local_addr().unwrap());
-    let state = AppState::connect(config.clone()).await.expect("the server starts");
+    let store = state.store.clone();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(startup::serve(state, listener, async {
         let _ = rx.await;
@@ -66,7 +116,8 @@ async fn start(db: Arc<TestDatabase>, jwks: Arc<JwksServer>, overrides: &[(&str,
     let app = TestApp {
         address,
         http: reqwest::Client::new(),
-        db,
+        storage,
+        store,
         jwks,
         config,
         shutdown: Some(tx),
@@ -74,6 +125,25 @@ async fn start(db: Arc<TestDatabase>, jwks: Arc<JwksServer>, overrides: &[(&str,
     };
     app.wait_until_listening().await;
     app
+}
+
+/// The configuration of a test server on `storage`.
+pub fn test_config(storage: &Storage, jwks: &JwksServer, overrides: &[(&str, &str)]) -> Config {
+    let mut vars: HashMap<String, String> = HashMap::from([
+        ("JWKS_URL".to_owned(), jwks.url.clone()),
+        ("JWT_ISSUER".to_owned(), tokens::ISSUER.to_owned()),
+        ("JWT_AUDIENCE".to_owned(), tokens::AUDIENCE.to_owned()),
+        ("CORS_ORIGINS".to_owned(), ORIGIN.to_owned()),
+        ("DATABASE_MAX_CONNECTIONS".to_owned(), "10".to_owned()),
+        ("SHUTDOWN_TIMEOUT".to_owned(), "2s".to_owned()),
+    ]);
+    for (k, v) in storage.env() {
+        vars.insert(k.to_owned(), v);
+    }
+    for (k, v) in overrides {
+        vars.insert((*k).to_owned(), (*v).to_owned());
+    }
+    Config::from_lookup(|name| vars.get(name).cloned()).expect("test configuration is valid")
 }
 
 /// A body for `POST /sync/{appId}`.
@@ -182,22 +252,35 @@ impl TestApp {
         }
     }
 
+    /// This test's PostgreSQL database (for PostgreSQL-only tests).
+    pub fn db(&self) -> &Arc<TestDatabase> {
+        match &self.storage {
+            Storage::Postgres(db) => db,
+            Storage::Sqlite(_) => panic!("a PostgreSQL-only helper used on a SQLite store"),
+        }
+    }
+
     /// A superuser pool on this test's database (bypasses RLS): for inspection.
     pub async fn admin(&self) -> PgPool {
-        self.db.admin_pool().await
+        self.db().admin_pool().await
+    }
+
+    /// A portable `SELECT count(*) …` over every user's rows.
+    pub async fn count(&self, sql: &'static str) -> i64 {
+        match &self.store {
+            Store::Postgres(_) => sqlx::query_scalar(sql).fetch_one(&self.admin().await).await.unwrap(),
+            Store::Sqlite(store) => sqlx::query_scalar(sql).fetch_one(store.reader()).await.unwrap(),
+        }
     }
 
     /// Rows in the change log, all users.
     pub async fn log_rows(&self) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM sync_changes")
-            .fetch_one(&self.admin().await)
-            .await
-            .unwrap()
+        self.count("SELECT count(*) FROM sync_changes").await
     }
 
     /// Another replica: a second server on the same database and JWKS.
     pub async fn spawn_replica(&self, overrides: &[(&str, &str)]) -> TestApp {
-        start(self.db.clone(), self.jwks.clone(), overrides).await
+        start(self.storage.clone(), self.jwks.clone(), overrides).await
     }
 
     /// `ws://…` for a path of this server.
@@ -211,7 +294,7 @@ impl TestApp {
         let admin = PgPool::connect(&pg::server_admin_url()).await.unwrap();
         sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND datname = $2")
             .bind(application)
-            .bind(&self.db.name)
+            .bind(&self.db().name)
             .fetch_all(&admin)
             .await
             .unwrap()
@@ -246,20 +329,36 @@ impl TestApp {
     /// Makes the database refuse to store record `id` (a trigger raising an
     /// error), so a push containing it fails while being recorded.
     pub async fn refuse_record(&self, id: &str) {
-        let admin = self.admin().await;
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "CREATE FUNCTION refuse_record() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN IF NEW.record_id = '{id}' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$"
-        )))
-        .execute(&admin)
-        .await
-        .unwrap();
-        sqlx::query(
-            "CREATE TRIGGER refuse_record BEFORE INSERT ON sync_records FOR EACH ROW EXECUTE FUNCTION refuse_record()",
-        )
-        .execute(&admin)
-        .await
-        .unwrap();
+        match &self.store {
+            Store::Postgres(_) => {
+                let admin = self.admin().await;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "CREATE FUNCTION refuse_record() RETURNS trigger LANGUAGE plpgsql AS $$
+                     BEGIN IF NEW.record_id = '{id}' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$"
+                )))
+                .execute(&admin)
+                .await
+                .unwrap();
+                sqlx::query(
+                    "CREATE TRIGGER refuse_record BEFORE INSERT ON sync_records FOR EACH ROW EXECUTE FUNCTION refuse_record()",
+                )
+                .execute(&admin)
+                .await
+                .unwrap();
+            }
+            Store::Sqlite(store) => {
+                let options = sqlx::sqlite::SqliteConnectOptions::new().filename(store.path());
+                let mut conn = sqlx::SqliteConnection::connect_with(&options).await.unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "CREATE TRIGGER refuse_record BEFORE INSERT ON sync_records WHEN NEW.record_id = '{id}'
+                     BEGIN SELECT RAISE(ABORT, 'refused'); END"
+                )))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+                conn.close().await.unwrap();
+            }
+        }
     }
 
     /// Waits (up to 10 s) until `/health` says the change listener listens.

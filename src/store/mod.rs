@@ -1,0 +1,316 @@
+//! Storage: one seam, two implementations.
+//!
+//! [`Store`] is where the log, the projection and idempotent outcomes
+//! live: PostgreSQL (`postgres://…`, production, any number of replicas)
+//! or SQLite (`sqlite://path`, or no `DATABASE_URL` at all: a file in
+//! `DATA_DIR`; one process, zero setup). Each dialect is a module of small
+//! SQL functions with the same names and shapes; everything above them
+//! (the fold, cursors, validation, push and pull, rebuild) is written once
+//! against [`Store`] and [`Tx`], which hand each call to the dialect in use.
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::TryStreamExt;
+use serde_json::Value;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::types::Json;
+use sqlx::{PgPool, Postgres, Sqlite, Transaction};
+
+use crate::change_log::{self, RecordKey};
+use crate::config::Config;
+use crate::cursor::Cursor;
+use crate::error::Result;
+use crate::fold::{LogEntry, RecordState};
+use crate::projection::{self, Page, Record};
+use crate::validate::Change;
+
+/// The database behind the server. Cheap to clone.
+#[derive(Clone)]
+pub enum Store {
+    Postgres(PgPool),
+    Sqlite(sqlite::SqliteStore),
+}
+
+/// A transaction scoped to one user: it reads and writes only that user's rows.
+pub enum Tx {
+    Postgres(Transaction<'static, Postgres>),
+    Sqlite(Transaction<'static, Sqlite>),
+}
+
+/// Runs `$body` with `$conn` bound to the transaction's connection and
+/// `$sql` to its dialect module: one body serves both stores.
+macro_rules! dialect {
+    ($tx:expr, |$conn:ident, $sql:ident| $body:expr) => {
+        match $tx {
+            Tx::Postgres(tx) => {
+                use crate::store::postgres as $sql;
+                let $conn: &mut sqlx::PgConnection = &mut *tx;
+                $body
+            }
+            Tx::Sqlite(tx) => {
+                use crate::store::sqlite as $sql;
+                let $conn: &mut sqlx::SqliteConnection = &mut *tx;
+                $body
+            }
+        }
+    };
+}
+
+impl Store {
+    /// The store `DATABASE_URL` names (`postgres://…` or `sqlite://path`), or
+    /// SQLite in `DATA_DIR` when it is unset. PostgreSQL connects lazily (see
+    /// [`Store::prepare`]); SQLite opens its file now and refuses it when
+    /// another process has it.
+    pub async fn open(config: &Config) -> anyhow::Result<Store> {
+        match config.database_url.as_deref() {
+            None => Ok(Store::Sqlite(sqlite::SqliteStore::open(None, config).await?)),
+            Some(url) if url.starts_with("sqlite:") => {
+                Ok(Store::Sqlite(sqlite::SqliteStore::open(Some(url), config).await?))
+            }
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Ok(Store::Postgres(postgres::pool(url, config)?))
+            }
+            // The URL is not echoed: it may hold a password.
+            Some(_) => anyhow::bail!(
+                "invalid configuration: DATABASE_URL must be postgres://… or sqlite://path (or unset: SQLite in DATA_DIR)"
+            ),
+        }
+    }
+
+    /// Makes the store ready to serve: waits for PostgreSQL to answer (up to
+    /// `deadline`, or for ever), then applies pending migrations.
+    pub async fn prepare(&self, deadline: Option<Duration>) -> anyhow::Result<()> {
+        match self {
+            Store::Postgres(pool) => {
+                postgres::wait_until_reachable(pool, deadline).await?;
+                postgres::migrate(pool).await
+            }
+            Store::Sqlite(store) => store.migrate().await,
+        }
+    }
+
+    /// What start-up logs: which store, and what it allows.
+    pub fn describe(&self) -> String {
+        match self {
+            Store::Postgres(pool) => {
+                let options = pool.connect_options();
+                format!(
+                    "PostgreSQL database {:?} on {}:{} (replicas fan out through NOTIFY)",
+                    options.get_database().unwrap_or_default(),
+                    options.get_host(),
+                    options.get_port()
+                )
+            }
+            Store::Sqlite(store) => format!(
+                "SQLite file {} (one process; fan-out in-process)",
+                store.path().display()
+            ),
+        }
+    }
+
+    /// `postgres` or `sqlite`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Store::Postgres(_) => "postgres",
+            Store::Sqlite(_) => "sqlite",
+        }
+    }
+
+    /// Where other replicas are told of pushes (PostgreSQL only: a SQLite
+    /// store serves one process, whose hub hears every push itself).
+    pub fn notify_options(&self) -> Option<PgConnectOptions> {
+        match self {
+            Store::Postgres(pool) => Some(pool.connect_options().as_ref().clone()),
+            Store::Sqlite(_) => None,
+        }
+    }
+
+    /// Begins a transaction that writes `user_id`'s data. On PostgreSQL the
+    /// first write of the user's clock then serialises the user's pushes;
+    /// SQLite takes its single write lock now. Waiting longer than
+    /// `LOCK_TIMEOUT` is [`Error::Busy`].
+    pub async fn begin_write(&self, user_id: &str) -> Result<Tx> {
+        match self {
+            Store::Postgres(pool) => Ok(Tx::Postgres(postgres::begin_for(pool, user_id).await?)),
+            Store::Sqlite(store) => Ok(Tx::Sqlite(store.begin_write().await?)),
+        }
+    }
+
+    /// Begins a transaction that only reads `user_id`'s data, from one snapshot.
+    pub async fn begin_read(&self, user_id: &str) -> Result<Tx> {
+        match self {
+            Store::Postgres(pool) => Ok(Tx::Postgres(postgres::begin_for(pool, user_id).await?)),
+            Store::Sqlite(store) => Ok(Tx::Sqlite(store.begin_read().await?)),
+        }
+    }
+
+    /// Every user who ever wrote (maintenance: the one cross-user read).
+    pub async fn users(&self) -> sqlx::Result<Vec<String>> {
+        match self {
+            Store::Postgres(pool) => postgres::users(pool).await,
+            Store::Sqlite(store) => sqlite::users(store.reader()).await,
+        }
+    }
+
+    /// The (app, table) pairs a user has records in, of one app if given:
+    /// what "pull everything" names.
+    pub async fn tables(&self, user_id: &str, app_id: Option<&str>) -> Result<Vec<(String, String)>> {
+        let mut tx = self.begin_read(user_id).await?;
+        let tables = dialect!(&mut tx, |conn, sql| sql::tables(conn, user_id, app_id).await?);
+        tx.commit().await?;
+        Ok(tables)
+    }
+
+    /// Whether the database answers within 2 s.
+    pub async fn ping(&self) -> bool {
+        let ping = async {
+            match self {
+                Store::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.is_ok(),
+                Store::Sqlite(store) => sqlx::query("SELECT 1").execute(store.reader()).await.is_ok(),
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(2), ping)
+            .await
+            .unwrap_or(false)
+    }
+}
+
+impl Tx {
+    /// Reserves `n` consecutive log positions for the user and returns the
+    /// first. The user's pushes are serialised until this transaction ends,
+    /// so positions are unique and increase in commit order. Positions are
+    /// nanosecond timestamps (the database's clock on PostgreSQL, one clock
+    /// for every replica), never going backwards.
+    pub async fn reserve(&mut self, user_id: &str, n: i64) -> sqlx::Result<i64> {
+        let last = dialect!(self, |conn, sql| sql::reserve(conn, user_id, n).await?);
+        Ok(last - n + 1)
+    }
+
+    /// Holds off the user's pushes until this transaction ends, without
+    /// advancing the clock (for maintenance).
+    pub async fn lock_clock(&mut self, user_id: &str) -> sqlx::Result<()> {
+        dialect!(self, |conn, sql| sql::lock_clock(conn, user_id).await)
+    }
+
+    /// Appends `changes` to the log at positions `first_seq..`, one row each.
+    pub async fn append(
+        &mut self,
+        user_id: &str,
+        app_id: &str,
+        client_id: &str,
+        first_seq: i64,
+        changes: &[Change],
+    ) -> sqlx::Result<()> {
+        let rows: Vec<change_log::NewRow> = change_log::new_rows(first_seq, changes).collect();
+        dialect!(self, |conn, sql| sql::append(conn, user_id, app_id, client_id, &rows)
+            .await)
+    }
+
+    /// Streams the user's whole log in order, calling `each` per entry;
+    /// returns how many there were.
+    pub async fn replay(&mut self, user_id: &str, mut each: impl FnMut(RecordKey, LogEntry)) -> sqlx::Result<u64> {
+        dialect!(self, |conn, sql| {
+            let mut rows = sql::replay(conn, user_id);
+            let mut count = 0;
+            while let Some(row) = rows.try_next().await? {
+                let (key, entry) = change_log::entry(row);
+                each(key, entry);
+                count += 1;
+            }
+            Ok(count)
+        })
+    }
+
+    /// The current state of the given records of one app (those that exist).
+    pub async fn load(
+        &mut self,
+        user_id: &str,
+        app_id: &str,
+        keys: &[(&str, &str)],
+    ) -> sqlx::Result<HashMap<(String, String), RecordState>> {
+        let rows = dialect!(self, |conn, sql| sql::load(conn, user_id, app_id, keys).await?);
+        Ok(rows
+            .into_iter()
+            .map(projection::record)
+            .map(|r| ((r.table, r.id), r.state))
+            .collect())
+    }
+
+    /// Writes the given records' state (insert or replace).
+    pub async fn save(&mut self, user_id: &str, app_id: &str, records: &[Record]) -> sqlx::Result<()> {
+        dialect!(self, |conn, sql| sql::save(conn, user_id, app_id, records).await)
+    }
+
+    /// Deletes the user's whole projection (to rebuild it).
+    pub async fn clear_records(&mut self, user_id: &str) -> sqlx::Result<()> {
+        dialect!(self, |conn, sql| sql::clear_records(conn, user_id).await)
+    }
+
+    /// A page of one app's records (of one table, if given) changed after
+    /// `since`; see [`projection::collect_page`]. Clock and records come from
+    /// one statement, hence one snapshot.
+    pub async fn changed_since(
+        &mut self,
+        user_id: &str,
+        app_id: &str,
+        table: Option<&str>,
+        since: Cursor,
+        limit: usize,
+        max_bytes: i64,
+    ) -> sqlx::Result<Page> {
+        dialect!(self, |conn, sql| {
+            let rows = sql::changed_since(conn, user_id, app_id, table, since, limit as i64 + 1);
+            projection::collect_page(rows, limit, max_bytes).await
+        })
+    }
+
+    /// The unexpired outcome stored for an idempotency key: (fingerprint, response).
+    pub async fn find_outcome(
+        &mut self,
+        user_id: &str,
+        key: &str,
+        ttl: Duration,
+    ) -> sqlx::Result<Option<(Vec<u8>, Value)>> {
+        let found = dialect!(self, |conn, sql| sql::find_outcome(conn, user_id, key, ttl).await?);
+        Ok(found.map(|(fingerprint, Json(response))| (fingerprint, response)))
+    }
+
+    /// Stores an outcome for replay, first dropping the user's expired ones
+    /// (so no cross-user sweep is needed).
+    pub async fn save_outcome(
+        &mut self,
+        user_id: &str,
+        key: &str,
+        fingerprint: &[u8],
+        response: &Value,
+        ttl: Duration,
+    ) -> sqlx::Result<()> {
+        dialect!(self, |conn, sql| sql::save_outcome(
+            conn,
+            user_id,
+            key,
+            fingerprint,
+            response,
+            ttl
+        )
+        .await)
+    }
+
+    pub async fn commit(self) -> sqlx::Result<()> {
+        match self {
+            Tx::Postgres(tx) => tx.commit().await,
+            Tx::Sqlite(tx) => tx.commit().await,
+        }
+    }
+
+    pub async fn rollback(self) -> sqlx::Result<()> {
+        match self {
+            Tx::Postgres(tx) => tx.rollback().await,
+            Tx::Sqlite(tx) => tx.rollback().await,
+        }
+    }
+}
