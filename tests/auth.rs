@@ -2,9 +2,12 @@
 
 mod common;
 
+use common::app::{Backend, Postgres, Sqlite};
+use rstest::rstest;
+
 use std::time::Duration;
 
-use common::app::{APP, expect_error, expect_json, spawn_app, spawn_app_with};
+use common::app::{APP, expect_error, expect_json};
 use common::tokens::{self, TestKey};
 use reqwest::StatusCode;
 use serde_json::json;
@@ -18,9 +21,10 @@ async fn pull_with(app: &common::app::TestApp, token: &str) -> reqwest::Response
         .unwrap()
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_kind_of_bad_token_is_a_json_401() {
-    let app = spawn_app().await;
+async fn every_kind_of_bad_token_is_a_json_401(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     let no_header = app
         .http
         .get(app.url(&format!("/sync/{APP}/pull?collection=todos")))
@@ -80,25 +84,28 @@ async fn every_kind_of_bad_token_is_a_json_401() {
     }
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn eddsa_rs256_and_es256_keys_of_the_jwks_are_accepted() {
-    let app = spawn_app().await;
+async fn eddsa_rs256_and_es256_keys_of_the_jwks_are_accepted(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     for key in [TestKey::ed(), TestKey::rsa(), TestKey::ec()] {
         let token = tokens::sign(&key, &tokens::claims_for("alice"));
         expect_json(pull_with(&app, &token).await, StatusCode::OK).await;
     }
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_small_clock_difference_is_tolerated() {
-    let app = spawn_app().await;
+async fn a_small_clock_difference_is_tolerated(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     let token = tokens::token_for_with("alice", |c| c["exp"] = json!(tokens::now() - 5));
     expect_json(pull_with(&app, &token).await, StatusCode::OK).await;
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_kids_trigger_at_most_one_jwks_fetch_per_interval() {
-    let app = spawn_app_with(&[("JWKS_MIN_REFRESH_INTERVAL", "1s")]).await;
+async fn unknown_kids_trigger_at_most_one_jwks_fetch_per_interval(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn_with(&[("JWKS_MIN_REFRESH_INTERVAL", "1s")]).await;
     // Let the interval since the start-up fetch pass, so a miss may fetch.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     app.jwks.reset_hits();
@@ -120,18 +127,20 @@ async fn unknown_kids_trigger_at_most_one_jwks_fetch_per_interval() {
     assert_eq!(app.jwks.hits(), 1, "no second fetch within the interval");
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_empty_key_set_does_not_log_everyone_out() {
-    let app = spawn_app_with(&[("JWKS_REFRESH_INTERVAL", "100ms")]).await;
+async fn an_empty_key_set_does_not_log_everyone_out(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn_with(&[("JWKS_REFRESH_INTERVAL", "100ms")]).await;
     app.jwks.set_keys(serde_json::json!({ "keys": [] }));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(app.jwks.hits() >= 2, "the empty set was fetched");
     expect_json(pull_with(&app, &tokens::token_for("alice")).await, StatusCode::OK).await;
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rotated_key_is_picked_up_on_its_first_token() {
-    let app = spawn_app_with(&[("JWKS_MIN_REFRESH_INTERVAL", "0s")]).await;
+async fn a_rotated_key_is_picked_up_on_its_first_token(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn_with(&[("JWKS_MIN_REFRESH_INTERVAL", "0s")]).await;
     let rotated = TestKey::ed().with_kid("ed-2");
     let token = tokens::sign(&rotated, &tokens::claims_for("alice"));
     expect_error(pull_with(&app, &token).await, StatusCode::UNAUTHORIZED, "unauthorized").await;
@@ -139,9 +148,12 @@ async fn a_rotated_key_is_picked_up_on_its_first_token() {
     expect_json(pull_with(&app, &token).await, StatusCode::OK).await;
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_jwks_outage_does_not_stop_tokens_signed_by_cached_keys() {
-    let app = spawn_app_with(&[("JWKS_MIN_REFRESH_INTERVAL", "0s"), ("JWKS_REFRESH_INTERVAL", "100ms")]).await;
+async fn a_jwks_outage_does_not_stop_tokens_signed_by_cached_keys(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store
+        .spawn_with(&[("JWKS_MIN_REFRESH_INTERVAL", "0s"), ("JWKS_REFRESH_INTERVAL", "100ms")])
+        .await;
     app.jwks.set_failing(true);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let hits_during_outage = app.jwks.hits();

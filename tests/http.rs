@@ -2,12 +2,16 @@
 
 mod common;
 
+use common::app::{Backend, Postgres, Sqlite};
+use rstest::rstest;
+
 use common::app::{APP, ORIGIN, expect_json, spawn_app};
 use reqwest::StatusCode;
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn preflights_from_an_allowed_origin_succeed() {
-    let app = spawn_app().await;
+async fn preflights_from_an_allowed_origin_succeed(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     let response = app
         .http
         .request(reqwest::Method::OPTIONS, app.url(&format!("/sync/{APP}")))
@@ -32,9 +36,10 @@ async fn preflights_from_an_allowed_origin_succeed() {
     }
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn errors_carry_the_allow_origin_header_too() {
-    let app = spawn_app().await;
+async fn errors_carry_the_allow_origin_header_too(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     let unauthorized = app
         .http
         .get(app.url(&format!("/sync/{APP}/pull?collection=todos")))
@@ -58,9 +63,10 @@ async fn errors_carry_the_allow_origin_header_too() {
     assert_eq!(bad.headers()["access-control-allow-origin"], ORIGIN);
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn other_origins_get_no_allow_origin_header() {
-    let app = spawn_app().await;
+async fn other_origins_get_no_allow_origin_header(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     let response = app
         .http
         .get(app.url("/health"))
@@ -71,9 +77,10 @@ async fn other_origins_get_no_allow_origin_header() {
     assert!(response.headers().get("access-control-allow-origin").is_none());
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_has_the_seeds_shape_and_checks_the_database() {
-    let app = spawn_app().await;
+async fn health_has_the_seeds_shape_and_checks_the_database(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     let health = expect_json(app.http.get(app.url("/health")).send().await.unwrap(), StatusCode::OK).await;
     assert_eq!(health["status"], "ok");
     assert_eq!(health["service"], "mana-sync");
@@ -83,9 +90,10 @@ async fn health_has_the_seeds_shape_and_checks_the_database() {
     assert!(health["connections"].is_u64() && health["users"].is_u64());
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_openapi_document_and_docs_page_are_served() {
-    let app = spawn_app().await;
+async fn the_openapi_document_and_docs_page_are_served(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     let spec = expect_json(
         app.http.get(app.url("/openapi.json")).send().await.unwrap(),
         StatusCode::OK,

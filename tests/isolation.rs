@@ -3,12 +3,16 @@
 
 mod common;
 
+use common::app::{Backend, Postgres, Sqlite};
+use rstest::rstest;
+
 use common::app::{START, change_for, insert, spawn_app, update};
 use serde_json::json;
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn another_user_can_neither_read_nor_overwrite_knowing_the_ids() {
-    let app = spawn_app().await;
+async fn another_user_can_neither_read_nor_overwrite_knowing_the_ids(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     app.push_ok(
         "alice",
         "a",

@@ -2,6 +2,9 @@
 
 mod common;
 
+use common::app::{Backend, Postgres, Sqlite};
+use rstest::rstest;
+
 use std::process::Command;
 
 use common::app::{APP, START, expect_error, expect_json, insert, push_body};
@@ -19,21 +22,23 @@ fn token_from_cli(data_dir: &std::path::Path, extra: &[(&str, &str)]) -> std::pr
     cmd.output().unwrap()
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_token_from_the_cli_is_accepted_and_no_other_key_is() {
+async fn a_token_from_the_cli_is_accepted_and_no_other_key_is(#[values(Postgres, Sqlite)] store: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let output = token_from_cli(dir.path(), &[]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let token = String::from_utf8(output.stdout).unwrap().trim().to_owned();
 
     let data_dir = dir.path().to_str().unwrap();
-    let app = common::app::spawn_app_with(&[
-        ("JWKS_URL", ""),
-        ("DATA_DIR", data_dir),
-        ("JWT_ISSUER", ""),
-        ("JWT_AUDIENCE", ""),
-    ])
-    .await;
+    let app = store
+        .spawn_with(&[
+            ("JWKS_URL", ""),
+            ("DATA_DIR", data_dir),
+            ("JWT_ISSUER", ""),
+            ("JWT_AUDIENCE", ""),
+        ])
+        .await;
     assert!(app.config.host.is_loopback());
     let push = |token: String| {
         let app = &app;
@@ -73,9 +78,10 @@ fn the_token_command_refuses_to_run_against_an_auth_service() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("JWKS_URL"));
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_a_jwks_url_there_is_no_local_key() {
-    let app = common::app::spawn_app().await;
+async fn with_a_jwks_url_there_is_no_local_key(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     let response = app.http.get(app.url("/.well-known/jwks.json")).send().await.unwrap();
     expect_error(response, StatusCode::NOT_FOUND, "not_found").await;
 }

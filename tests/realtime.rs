@@ -2,9 +2,12 @@
 
 mod common;
 
+use common::app::{Backend, Postgres, Sqlite};
+use rstest::rstest;
+
 use std::time::{Duration, Instant};
 
-use common::app::{START, insert, spawn_app, spawn_app_with};
+use common::app::{START, insert, spawn_app};
 use common::tokens;
 use common::ws::{self, Event};
 use serde_json::json;
@@ -53,9 +56,10 @@ async fn a_push_on_one_replica_reaches_the_users_other_devices_on_another() {
     assert_eq!(ws::next(&mut bob_on_b, QUIET).await, None, "another user hears nothing");
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_catch_up_after_auth_names_every_table() {
-    let app = spawn_app().await;
+async fn the_catch_up_after_auth_names_every_table(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     app.push_ok(
         "alice",
         "a",
@@ -72,9 +76,10 @@ async fn the_catch_up_after_auth_names_every_table() {
     );
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ping_is_answered_and_unknown_messages_get_an_error() {
-    let app = spawn_app().await;
+async fn ping_is_answered_and_unknown_messages_get_an_error(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     let mut socket = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), None).await;
     catch_up(&mut socket).await;
     ws::send(&mut socket, json!({ "type": "ping" })).await;
@@ -83,9 +88,10 @@ async fn ping_is_answered_and_unknown_messages_get_an_error() {
     assert_eq!(ws::expect_json(&mut socket, SOON).await["type"], "error");
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_socket_that_never_authenticates_is_closed_after_10_seconds() {
-    let app = spawn_app().await;
+async fn a_socket_that_never_authenticates_is_closed_after_10_seconds(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     let mut socket = ws::connect(&app, "/ws/todo").await;
     let opened = Instant::now();
     assert_eq!(ws::expect_close(&mut socket, Duration::from_secs(12)).await, Some(1008));
@@ -96,9 +102,10 @@ async fn a_socket_that_never_authenticates_is_closed_after_10_seconds() {
     );
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bad_token_is_refused() {
-    let app = spawn_app().await;
+async fn a_bad_token_is_refused(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     let mut socket = ws::connect(&app, "/ws/todo").await;
     ws::send(
         &mut socket,
@@ -109,9 +116,10 @@ async fn a_bad_token_is_refused() {
     assert_eq!(ws::expect_close(&mut socket, SOON).await, Some(1008));
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_expired_token_closes_the_socket_unless_renewed() {
-    let app = spawn_app().await;
+async fn an_expired_token_closes_the_socket_unless_renewed(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     let short = |secs: i64| tokens::token_for_with("alice", |c| c["exp"] = json!(tokens::now() + secs));
     let mut lapsing = ws::authed(&app, "/ws/todo", &short(2), None).await;
     let mut renewed = ws::authed(&app, "/ws/todo", &short(2), None).await;
@@ -146,9 +154,10 @@ async fn losing_the_listener_tells_every_socket_to_pull_and_notices_resume() {
     common::ws::told_to_pull_then_notified_again(&app, &mut socket, Duration::from_secs(5)).await;
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_user_over_the_socket_limit_is_refused_with_a_reason() {
-    let app = spawn_app_with(&[("MAX_SOCKETS_PER_USER", "2")]).await;
+async fn a_user_over_the_socket_limit_is_refused_with_a_reason(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn_with(&[("MAX_SOCKETS_PER_USER", "2")]).await;
     let _one = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), None).await;
     let _two = ws::authed(&app, "/ws", &tokens::token_for("alice"), None).await;
     let mut three = ws::connect(&app, "/ws/todo").await;
@@ -166,9 +175,10 @@ async fn a_user_over_the_socket_limit_is_refused_with_a_reason() {
     );
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutting_down_closes_sockets_with_1012() {
-    let app = spawn_app().await;
+async fn shutting_down_closes_sockets_with_1012(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     let mut socket = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), None).await;
     catch_up(&mut socket).await;
     let stopping = tokio::spawn(app.stop());
@@ -181,9 +191,10 @@ async fn shutting_down_closes_sockets_with_1012() {
 
 /// A socket whose client never reads cannot slow pushes or other sockets,
 /// and a burst coalesces into few notifications.
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_of_pushes_is_never_held_up_by_a_socket_that_does_not_read() {
-    let app = spawn_app().await;
+async fn a_burst_of_pushes_is_never_held_up_by_a_socket_that_does_not_read(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     let _stalled = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), None).await;
     let mut reader = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), Some("reader")).await;
     catch_up(&mut reader).await;
@@ -212,10 +223,12 @@ async fn a_burst_of_pushes_is_never_held_up_by_a_socket_that_does_not_read() {
     assert!((1..=100).contains(&messages), "{messages} notifications for 100 pushes");
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_push_notifies_nobody_and_a_local_push_notifies_once() {
-    let a = spawn_app().await;
-    let b = a.spawn_replica(&[]).await;
+async fn a_failed_push_notifies_nobody_and_a_local_push_notifies_once(#[values(Postgres, Sqlite)] store: Backend) {
+    let a = store.spawn().await;
+    let replica = a.another_replica().await;
+    let b = replica.as_ref().unwrap_or(&a);
     let mut on_a = ws::authed(&a, "/ws/todo", &tokens::token_for("alice"), Some("phone")).await;
     let mut on_b = ws::authed(&b, "/ws/todo", &tokens::token_for("alice"), Some("tablet")).await;
     catch_up(&mut on_a).await;
@@ -270,10 +283,11 @@ async fn losing_the_notifier_connection_delays_no_notice() {
     );
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn websocket_upgrades_from_other_origins_are_refused() {
+async fn websocket_upgrades_from_other_origins_are_refused(#[values(Postgres, Sqlite)] store: Backend) {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let app = spawn_app().await;
+    let app = store.spawn().await;
     let upgrade = |origin: &'static str| {
         let mut request = app.ws_url("/ws/todo").into_client_request().unwrap();
         request.headers_mut().insert("Origin", origin.parse().unwrap());

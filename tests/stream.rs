@@ -2,9 +2,12 @@
 
 mod common;
 
+use common::app::{Backend, Postgres, Sqlite};
+use rstest::rstest;
+
 use std::time::Duration;
 
-use common::app::{APP, START, TestApp, insert, spawn_app};
+use common::app::{APP, START, TestApp, insert};
 use eventsource_stream::Eventsource;
 use futures_util::{Stream, StreamExt};
 use serde_json::{Value, json};
@@ -63,10 +66,14 @@ fn ids(event: &Value) -> Vec<&str> {
         .collect()
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_gets_exactly_what_is_committed_after_its_cursor_on_any_replica() {
-    let a = spawn_app().await;
-    let b = a.spawn_replica(&[]).await;
+async fn a_stream_gets_exactly_what_is_committed_after_its_cursor_on_any_replica(
+    #[values(Postgres, Sqlite)] store: Backend,
+) {
+    let a = store.spawn().await;
+    let replica = a.another_replica().await;
+    let b = replica.as_ref().unwrap_or(&a);
     a.push_ok("alice", "d", START, json!([insert("todos", "before", json!({}))]))
         .await;
     let cursor = a.pull_ok("alice", "todos", START, None).await["syncedUntil"]
@@ -110,9 +117,10 @@ async fn a_stream_gets_exactly_what_is_committed_after_its_cursor_on_any_replica
     );
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reconnecting_stream_resumes_from_its_last_cursor_without_gaps() {
-    let app = spawn_app().await;
+async fn a_reconnecting_stream_resumes_from_its_last_cursor_without_gaps(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     let mut events = open(&app, "alice", "todos", START).await;
     changes(&mut events, Duration::from_secs(5)).await;
     app.push_ok("alice", "d", START, json!([insert("todos", "seen", json!({}))]))
@@ -129,9 +137,10 @@ async fn a_reconnecting_stream_resumes_from_its_last_cursor_without_gaps() {
     assert_eq!(ids(&catch_up), vec!["while-away"], "exactly the missed change");
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_quiet_stream_sends_heartbeats() {
-    let app = spawn_app().await;
+async fn a_quiet_stream_sends_heartbeats(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     let mut events = open(&app, "alice", "todos", START).await;
     changes(&mut events, Duration::from_secs(5)).await;
     let (name, _) = next(&mut events, Duration::from_secs(20))
@@ -140,9 +149,10 @@ async fn a_quiet_stream_sends_heartbeats() {
     assert_eq!(name, "heartbeat");
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streams_end_when_the_replica_shuts_down() {
-    let app = spawn_app().await;
+async fn streams_end_when_the_replica_shuts_down(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     let mut events = open(&app, "alice", "todos", START).await;
     changes(&mut events, Duration::from_secs(5)).await;
     let stopping = tokio::spawn(app.stop());
@@ -156,9 +166,10 @@ async fn streams_end_when_the_replica_shuts_down() {
         .unwrap();
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_needs_a_token_and_collections() {
-    let app = spawn_app().await;
+async fn a_stream_needs_a_token_and_collections(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     let anonymous = app
         .http
         .get(app.url(&format!("/sync/{APP}/stream?collections=todos")))
@@ -176,9 +187,10 @@ async fn a_stream_needs_a_token_and_collections() {
     common::app::expect_error(none, reqwest::StatusCode::BAD_REQUEST, "invalid_name").await;
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_ends_when_its_token_expires() {
-    let app = spawn_app().await;
+async fn a_stream_ends_when_its_token_expires(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
     let token = common::tokens::token_for_with("alice", |c| c["exp"] = json!(common::tokens::now() + 2));
     let response = app
         .http

@@ -283,6 +283,15 @@ impl TestApp {
         start(self.storage.clone(), self.jwks.clone(), overrides).await
     }
 
+    /// Another replica on PostgreSQL; none on SQLite (one process), where
+    /// `self` plays its part: `replica.as_ref().unwrap_or(&app)`.
+    pub async fn another_replica(&self) -> Option<TestApp> {
+        match self.storage {
+            Storage::Postgres(_) => Some(self.spawn_replica(&[]).await),
+            Storage::Sqlite(_) => None,
+        }
+    }
+
     /// `ws://…` for a path of this server.
     pub fn ws_url(&self, path: &str) -> String {
         format!("{}{}", self.address.replacen("http://", "ws://", 1), path)
