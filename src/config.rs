@@ -108,6 +108,18 @@ impl Config {
     }
 }
 
+/// Creates a data directory (and its parents) if missing, readable by
+/// this user only: it holds the signing key and the SQLite database.
+pub fn create_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder
+        .create(dir)
+        .map_err(|e| anyhow::anyhow!("failed to create the data directory {}: {e}", dir.display()))
+}
+
 struct Env<'a, F>(&'a F);
 
 impl<F: Fn(&str) -> Option<String>> Env<'_, F> {

@@ -33,8 +33,7 @@ impl LocalIssuer {
             SigningKey::from_pkcs8_pem(&pem)
                 .with_context(|| format!("{} is not an Ed25519 PKCS#8 key", path.display()))?
         } else {
-            std::fs::create_dir_all(data_dir)
-                .with_context(|| format!("failed to create DATA_DIR {}", data_dir.display()))?;
+            crate::config::create_data_dir(data_dir)?;
             let mut seed = [0u8; 32];
             getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness for a key: {e}"))?;
             let signing = SigningKey::from_bytes(&seed);

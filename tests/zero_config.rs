@@ -1,0 +1,179 @@
+//! A newcomer's first run: the built binary in an empty directory with no
+//! environment at all (so SQLite in `./data`, local tokens, loopback, port
+//! 3050), driven by the README's own three lines, then stopped and started
+//! again with its data intact. A second process on the same data is refused.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const ADDRESS: &str = "http://127.0.0.1:3050";
+
+/// `mana-sync` in `dir` with an empty environment.
+fn mana_sync(dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mana-sync"));
+    cmd.env_clear().current_dir(dir);
+    cmd
+}
+
+/// A server process, killed if the test ends early.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Server {
+    /// Starts `mana-sync` in `dir` and waits until `/health` says `ok`.
+    async fn start(dir: &Path, log: &Path) -> Server {
+        let log = std::fs::File::create(log).unwrap();
+        let child = mana_sync(dir)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("run mana-sync");
+        let mut server = Server(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = server.0.try_wait().unwrap() {
+                panic!("mana-sync exited at start-up ({status})");
+            }
+            if let Ok(response) = reqwest::get(format!("{ADDRESS}/health")).await {
+                let health: Value = response.json().await.unwrap();
+                assert_eq!(health["status"], "ok", "{health}");
+                assert_eq!(health["store"], "sqlite", "no DATABASE_URL: SQLite");
+                return server;
+            }
+            assert!(Instant::now() < deadline, "mana-sync never answered on {ADDRESS}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGTERM, and the exit status.
+    fn stop(mut self) -> std::process::ExitStatus {
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        self.0.wait().unwrap()
+    }
+}
+
+/// The README's three lines, run by bash in `dir`, with `cargo run -q
+/// --release --` standing for the binary this test built.
+fn readme_lines(dir: &Path) -> Output {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let block = readme
+        .split("<!-- zero-config: these three lines are run by tests/zero_config.rs -->")
+        .nth(1)
+        .and_then(|rest| rest.split("```sh\n").nth(1))
+        .and_then(|rest| rest.split("```").next())
+        .expect("the README's zero-config block");
+    assert_eq!(block.lines().count(), 3, "three lines: {block}");
+    let script = block.replace("cargo run -q --release --", env!("CARGO_BIN_EXE_mana-sync"));
+    Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &format!("{script}\necho\necho \"$TOKEN\"")])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .current_dir(dir)
+        .output()
+        .expect("run bash")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_runs_with_no_configuration_and_keeps_its_data_across_restarts() {
+    if let Err(e) = std::net::TcpListener::bind("127.0.0.1:3050") {
+        panic!("port 3050 is taken ({e}): this test runs the server on its default port, as a newcomer would; free it");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let server = Server::start(dir.path(), &logs.path().join("first.log")).await;
+    let cold_start = started.elapsed();
+    let log = std::fs::read_to_string(logs.path().join("first.log")).unwrap();
+    assert!(log.contains("SQLite"), "start-up names the store: {log}");
+    assert!(log.contains("LOCAL MODE"), "start-up names the mode: {log}");
+    assert!(dir.path().join("data/mana-sync.db").exists());
+
+    // The README's token, push and pull, exactly as written.
+    let output = readme_lines(dir.path());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the README's lines fail: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // curl prints the two answers back to back, then the script the token.
+    let (answers, token) = stdout.trim_end().rsplit_once('\n').expect("answers, then the token");
+    let answers: Vec<Value> = serde_json::Deserializer::from_str(answers)
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("the push and the pull answer JSON ({e}): {answers}"));
+    let [pushed, pulled] = &answers[..] else {
+        panic!("two answers: {answers:?}")
+    };
+    assert_eq!(pushed["serverChanges"][0]["data"]["title"], "Buy milk", "{pushed}");
+    assert_eq!(pulled["serverChanges"][0]["id"], "t1", "{pulled}");
+
+    // The data is this process's alone.
+    for args in [&["serve"][..], &["rebuild"][..]] {
+        let second = mana_sync(dir.path()).args(args).env("PORT", "0").output().unwrap();
+        let stderr = String::from_utf8_lossy(&second.stderr);
+        assert!(
+            !second.status.success(),
+            "a second `mana-sync {args:?}` must be refused"
+        );
+        assert!(stderr.contains("another mana-sync process"), "{stderr}");
+    }
+
+    assert!(server.stop().success(), "SIGTERM is a clean exit");
+    let server = Server::start(dir.path(), &logs.path().join("second.log")).await;
+    let pulled: Value = reqwest::Client::new()
+        .get(format!("{ADDRESS}/sync/todo/pull?collection=todos"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        pulled["serverChanges"][0]["data"]["title"], "Buy milk",
+        "the data and the signing key survive a restart: {pulled}"
+    );
+    assert!(server.stop().success());
+    eprintln!("cold start from an empty directory to a healthy server: {cold_start:?} (debug build)");
+}
+
+#[test]
+fn database_url_picks_the_store_and_names_what_it_cannot_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let migrate = |url: &str| {
+        mana_sync(dir.path())
+            .arg("migrate")
+            .env("DATABASE_URL", url)
+            .output()
+            .unwrap()
+    };
+
+    let file = dir.path().join("nested/dir/app.db");
+    let output = migrate(&format!("sqlite://{}", file.display()));
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(file.exists(), "sqlite://path creates the file and its directories");
+
+    for (url, expected) in [
+        ("sqlite::memory:", "in-memory"),
+        ("mysql://root:secret@localhost/db", "postgres://… or sqlite://path"),
+    ] {
+        let output = migrate(url);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{url} is refused");
+        assert!(stderr.contains(expected), "{url}: {stderr}");
+        assert!(
+            !stderr.contains("secret"),
+            "a DATABASE_URL's password is never echoed: {stderr}"
+        );
+    }
+}
