@@ -1,18 +1,20 @@
-//! Push and pull latency against a real PostgreSQL (started like the
-//! tests'), printed as numbers. `cargo bench --bench sync` runs it in full;
+//! Push and pull latency on both stores (PostgreSQL started like the
+//! tests', SQLite in a temporary file), printed as numbers. `cargo bench --bench sync` runs it in full;
 //! under `cargo test` (no `--bench` argument) it runs once with tiny sizes
 //! as a smoke test.
 //!
-//! What it shows: pulling a record updated 10,000 times costs the same as
-//! pulling one updated once (the projection), and what a push costs.
+//! What it shows, on each store: pulling a record updated 10,000 times
+//! costs the same as pulling one updated once (the projection), and what a
+//! push costs; on PostgreSQL, concurrent commits and cross-replica fan-out;
+//! and how long the binary takes from nothing to healthy.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::app::{START, TestApp, insert, spawn_app, update};
-use mana_sync::store::Tx;
+use common::app::{Postgres, START, Sqlite, TestApp, insert, update};
+use mana_sync::store::{Store, Tx};
 use serde_json::{Value, json};
 
 struct Sizes {
@@ -22,6 +24,7 @@ struct Sizes {
     page: usize,
     writers: usize,
     commits_per_writer: usize,
+    cold_starts: usize,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -88,10 +91,13 @@ async fn pull_vs_history(app: &TestApp, sizes: &Sizes) {
     println!("  ratio (many / once) = {:.2}", many.as_secs_f64() / once.as_secs_f64());
 }
 
-/// Gives the planner statistics, as autovacuum does on a live database
-/// (a brand-new table has none, and plans on it can be far off).
+/// Gives PostgreSQL's planner statistics, as autovacuum does on a live
+/// database (a brand-new table has none, and plans on it can be far off).
+/// SQLite's plans for these lookups do not depend on statistics.
 async fn analyze(app: &TestApp) {
-    sqlx::query("ANALYZE").execute(&app.admin().await).await.unwrap();
+    if let Store::Postgres(_) = app.store {
+        sqlx::query("ANALYZE").execute(&app.admin().await).await.unwrap();
+    }
 }
 
 /// Pushes as a device does: each push's `since` is the previous answer's
@@ -219,6 +225,38 @@ async fn fan_out_latency(app: &TestApp, sizes: &Sizes) {
     report("push on A → sync-available on B (incl. the push)", samples);
 }
 
+/// The binary from start to a healthy `/health`, in an empty directory with
+/// no configuration (SQLite and local tokens), as a newcomer runs it.
+async fn cold_start(sizes: &Sizes) {
+    let mut samples = Vec::with_capacity(sizes.cold_starts);
+    for _ in 0..sizes.cold_starts {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let started = Instant::now();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mana-sync"))
+            .env_clear()
+            .env("PORT", port.to_string())
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let health = format!("http://127.0.0.1:{port}/health");
+        while !reqwest::get(&health).await.is_ok_and(|r| r.status().is_success()) {
+            assert!(started.elapsed() < Duration::from_secs(20), "never became healthy");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        samples.push(started.elapsed());
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    report("cold start, empty data dir → healthy", samples);
+}
+
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let sizes = if full {
@@ -229,6 +267,7 @@ fn main() {
             page: 1000,
             writers: 8,
             commits_per_writer: 200,
+            cold_starts: 20,
         }
     } else {
         Sizes {
@@ -238,6 +277,7 @@ fn main() {
             page: 10,
             writers: 2,
             commits_per_writer: 2,
+            cold_starts: 1,
         }
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -246,12 +286,20 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let app = spawn_app().await;
+        println!("PostgreSQL store");
+        let app = Postgres.spawn().await;
         pull_vs_history(&app, &sizes).await;
         push_latency(&app, &sizes).await;
         pull_page(&app, &sizes).await;
         notify_cost(&app, &sizes).await;
         fan_out_latency(&app, &sizes).await;
+
+        println!("SQLite store (a file in a temporary directory, synchronous commits)");
+        let app = Sqlite.spawn().await;
+        pull_vs_history(&app, &sizes).await;
+        push_latency(&app, &sizes).await;
+        pull_page(&app, &sizes).await;
+        cold_start(&sizes).await;
     });
     if !full {
         println!("bench smoke run: 1 passed, 0 failed");
