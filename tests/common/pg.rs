@@ -796,7 +796,7 @@ async fn init_shared() -> Result<Shared, String> {
     // Migrate as the app role, exactly as a deployment would.
     let app_url = with_db(&app_server_url(), &template);
     let mut app = connect_retrying(&app_url, Duration::from_secs(5)).await?;
-    sqlx::migrate!("./migrations")
+    mana_sync::store::postgres::MIGRATOR
         .run(&mut app)
         .await
         .map_err(|e| format!("migrating the test template {template} as {APP_ROLE}: {e}"))?;
