@@ -169,6 +169,8 @@ mod tests {
         let c = config(&[]).unwrap();
         assert_eq!(c.port, 3050);
         assert_eq!(c.jwks_url, None, "no JWKS_URL: local mode");
+        assert_eq!(c.database_url, None, "no DATABASE_URL: SQLite in DATA_DIR");
+        assert_eq!(c.data_dir, std::path::PathBuf::from("./data"));
         assert!(c.host.is_loopback(), "local mode listens on loopback");
         let remote = config(&[("JWKS_URL", "https://auth.example/jwks")]).unwrap();
         assert!(remote.host.is_unspecified());
