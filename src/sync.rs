@@ -38,7 +38,13 @@ pub async fn push(
     idempotency: Option<&Idempotency>,
     limit: u32,
 ) -> Result<SyncResponse> {
-    let mut tx = store.begin_write(user_id).await?;
+    // A push that writes nothing (no changes, no outcome to keep) is a
+    // pull: it need not wait for writers (on SQLite, for any of them).
+    let mut tx = if batch.changes.is_empty() && idempotency.is_none() {
+        store.begin_read(user_id).await?
+    } else {
+        store.begin_write(user_id).await?
+    };
     // The clock lock comes first: it serialises the user's pushes, so an
     // idempotency key cannot be checked by two of them at once.
     record(&mut tx, user_id, app_id, batch).await?;

@@ -81,7 +81,7 @@ async fn a_stream_gets_exactly_what_is_committed_after_its_cursor_on_any_replica
         .unwrap()
         .to_owned();
 
-    let mut events = open(&b, "alice", "todos,notes", &cursor).await;
+    let mut events = open(b, "alice", "todos,notes", &cursor).await;
     let first = changes(&mut events, Duration::from_secs(5)).await;
     let second = changes(&mut events, Duration::from_secs(5)).await;
     assert_eq!(

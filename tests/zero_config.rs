@@ -95,7 +95,18 @@ async fn the_binary_runs_with_no_configuration_and_keeps_its_data_across_restart
     let log = std::fs::read_to_string(logs.path().join("first.log")).unwrap();
     assert!(log.contains("SQLite"), "start-up names the store: {log}");
     assert!(log.contains("LOCAL MODE"), "start-up names the mode: {log}");
-    assert!(dir.path().join("data/mana-sync.db").exists());
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |path: &str| std::fs::metadata(dir.path().join(path)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode("data"), 0o700, "the data directory is its owner's alone");
+        for file in [
+            "data/mana-sync.db",
+            "data/mana-sync.db-wal",
+            "data/local-signing-key.pem",
+        ] {
+            assert_eq!(mode(file), 0o600, "{file} is its owner's alone");
+        }
+    }
 
     // The README's token, push and pull, exactly as written.
     let output = readme_lines(dir.path());
@@ -165,6 +176,8 @@ fn database_url_picks_the_store_and_names_what_it_cannot_use() {
 
     for (url, expected) in [
         ("sqlite::memory:", "in-memory"),
+        ("sqlite://", "is not a file"),
+        ("sqlite://%3Amemory%3A", "is not a file"),
         ("mysql://root:secret@localhost/db", "postgres://… or sqlite://path"),
     ] {
         let output = migrate(url);

@@ -42,7 +42,9 @@ pub enum Tx {
 }
 
 /// Runs `$body` with `$conn` bound to the transaction's connection and
-/// `$sql` to its dialect module: one body serves both stores.
+/// `$sql` to its dialect module: one body serves both stores. SQL that both
+/// dialects read alike is written once, in the body (`$1`-style parameters
+/// work on both).
 macro_rules! dialect {
     ($tx:expr, |$conn:ident, $sql:ident| $body:expr) => {
         match $tx {
@@ -53,6 +55,18 @@ macro_rules! dialect {
             }
             Tx::Sqlite(tx) => {
                 use crate::store::sqlite as $sql;
+                let $conn: &mut sqlx::SqliteConnection = &mut *tx;
+                $body
+            }
+        }
+    };
+    ($tx:expr, |$conn:ident| $body:expr) => {
+        match $tx {
+            Tx::Postgres(tx) => {
+                let $conn: &mut sqlx::PgConnection = &mut *tx;
+                $body
+            }
+            Tx::Sqlite(tx) => {
                 let $conn: &mut sqlx::SqliteConnection = &mut *tx;
                 $body
             }
@@ -160,7 +174,16 @@ impl Store {
     /// what "pull everything" names.
     pub async fn tables(&self, user_id: &str, app_id: Option<&str>) -> Result<Vec<(String, String)>> {
         let mut tx = self.begin_read(user_id).await?;
-        let tables = dialect!(&mut tx, |conn, sql| sql::tables(conn, user_id, app_id).await?);
+        let tables = dialect!(&mut tx, |conn| {
+            sqlx::query_as(
+                "SELECT DISTINCT app_id, table_name FROM sync_records
+                 WHERE user_id = $1 AND (CAST($2 AS TEXT) IS NULL OR app_id = $2) ORDER BY 1, 2",
+            )
+            .bind(user_id)
+            .bind(app_id)
+            .fetch_all(conn)
+            .await?
+        });
         tx.commit().await?;
         Ok(tables)
     }
@@ -213,8 +236,13 @@ impl Tx {
     /// Streams the user's whole log in order, calling `each` per entry;
     /// returns how many there were.
     pub async fn replay(&mut self, user_id: &str, mut each: impl FnMut(RecordKey, LogEntry)) -> sqlx::Result<u64> {
-        dialect!(self, |conn, sql| {
-            let mut rows = sql::replay(conn, user_id);
+        dialect!(self, |conn| {
+            let mut rows = sqlx::query_as::<_, change_log::LogRow>(
+                "SELECT app_id, table_name, record_id, seq, data, field_timestamps
+                 FROM sync_changes WHERE user_id = $1 ORDER BY seq",
+            )
+            .bind(user_id)
+            .fetch(conn);
             let mut count = 0;
             while let Some(row) = rows.try_next().await? {
                 let (key, entry) = change_log::entry(row);
@@ -247,7 +275,13 @@ impl Tx {
 
     /// Deletes the user's whole projection (to rebuild it).
     pub async fn clear_records(&mut self, user_id: &str) -> sqlx::Result<()> {
-        dialect!(self, |conn, sql| sql::clear_records(conn, user_id).await)
+        dialect!(self, |conn| {
+            sqlx::query("DELETE FROM sync_records WHERE user_id = $1")
+                .bind(user_id)
+                .execute(conn)
+                .await?;
+            Ok(())
+        })
     }
 
     /// A page of one app's records (of one table, if given) changed after

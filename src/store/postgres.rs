@@ -12,7 +12,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::types::Json;
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool, Postgres, Transaction};
 
-use crate::change_log::{LogRow, NewRow};
+use crate::change_log::NewRow;
 use crate::config::Config;
 use crate::cursor::Cursor;
 use crate::fold::FieldState;
@@ -173,15 +173,6 @@ pub async fn append(
     Ok(())
 }
 
-pub fn replay<'c>(conn: &'c mut PgConnection, user_id: &'c str) -> BoxStream<'c, sqlx::Result<LogRow>> {
-    sqlx::query_as(
-        "SELECT app_id, table_name, record_id, seq, data, field_timestamps
-         FROM sync_changes WHERE user_id = $1 ORDER BY seq",
-    )
-    .bind(user_id)
-    .fetch(conn)
-}
-
 pub async fn load(
     conn: &mut PgConnection,
     user_id: &str,
@@ -233,14 +224,6 @@ pub async fn save(conn: &mut PgConnection, user_id: &str, app_id: &str, records:
     Ok(())
 }
 
-pub async fn clear_records(conn: &mut PgConnection, user_id: &str) -> sqlx::Result<()> {
-    sqlx::query("DELETE FROM sync_records WHERE user_id = $1")
-        .bind(user_id)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
 /// The user's clock with up to `fetch` records changed after `since`,
 /// oldest first (one row with nulls when none).
 pub fn changed_since<'c>(
@@ -281,21 +264,6 @@ pub fn changed_since<'c>(
         query = query.bind(table);
     }
     query.fetch(conn)
-}
-
-pub async fn tables(
-    conn: &mut PgConnection,
-    user_id: &str,
-    app_id: Option<&str>,
-) -> sqlx::Result<Vec<(String, String)>> {
-    sqlx::query_as(
-        "SELECT DISTINCT app_id, table_name FROM sync_records
-         WHERE user_id = $1 AND ($2::text IS NULL OR app_id = $2) ORDER BY 1, 2",
-    )
-    .bind(user_id)
-    .bind(app_id)
-    .fetch_all(conn)
-    .await
 }
 
 pub async fn find_outcome(

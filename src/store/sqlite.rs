@@ -24,7 +24,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::types::Json;
 use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
 
-use crate::change_log::{LogRow, NewRow};
+use crate::change_log::NewRow;
 use crate::config::Config;
 use crate::cursor::Cursor;
 use crate::error::{Error, Result};
@@ -53,27 +53,31 @@ impl SqliteStore {
     /// when it is unset. Fails when another process has the file.
     pub async fn open(url: Option<&str>, config: &Config) -> anyhow::Result<SqliteStore> {
         let options = match url {
-            Some(url) => {
-                anyhow::ensure!(
-                    !url.contains(":memory:") && !url.contains("mode=memory"),
-                    "invalid configuration: DATABASE_URL={url:?}: an in-memory database loses every change on restart; name a file (sqlite://path)"
-                );
-                SqliteConnectOptions::from_str(url)
-                    .context("invalid configuration: DATABASE_URL is not a SQLite URL")?
-            }
+            Some(url) => SqliteConnectOptions::from_str(url)
+                .with_context(|| format!("invalid configuration: DATABASE_URL={url:?} is not a SQLite URL"))?,
             None => SqliteConnectOptions::new().filename(config.data_dir.join(DEFAULT_FILE)),
         };
+        let named = options.get_filename().to_string_lossy();
+        // An empty name is a private temporary database per connection, and
+        // sqlx names in-memory ones `file:sqlx-in-memory-…`: either loses
+        // every acknowledged change.
+        anyhow::ensure!(
+            !named.is_empty()
+                && named != ":memory:"
+                && !named.starts_with("file:sqlx-in-memory")
+                && !url.is_some_and(|u| u.contains("mode=memory")),
+            "invalid configuration: DATABASE_URL={:?} is not a file: an in-memory or temporary database loses \
+             every change; name a file (sqlite://path)",
+            url.unwrap_or_default()
+        );
+        let path = create_file(options.get_filename())?;
+        let owner = claim(&path)?;
         let options = options
+            .filename(&path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(config.lock_timeout);
-        let path = options.get_filename().to_owned();
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("failed to create the data directory {}", dir.display()))?;
-        }
-        let owner = claim(&path)?;
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(config.lock_timeout)
@@ -121,6 +125,24 @@ impl SqliteStore {
     pub async fn begin_read(&self) -> sqlx::Result<Transaction<'static, Sqlite>> {
         self.reader.begin().await
     }
+}
+
+/// Creates the database file (and its directory) if missing, readable by
+/// this user only (SQLite gives its `-wal` and `-shm` files the same mode),
+/// and returns its canonical path, so every name of the file shares one lock.
+fn create_file(path: &Path) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::config::create_data_dir(dir)?;
+    }
+    let mut options = OpenOptions::new();
+    options.create(true).truncate(false).write(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
+        .open(path)
+        .with_context(|| format!("failed to create the SQLite database {}", path.display()))?;
+    path.canonicalize()
+        .with_context(|| format!("failed to resolve {}", path.display()))
 }
 
 /// Takes the lock file next to `db` for this process, or explains who has it.
@@ -212,15 +234,6 @@ pub async fn append(
     Ok(())
 }
 
-pub fn replay<'c>(conn: &'c mut SqliteConnection, user_id: &'c str) -> BoxStream<'c, sqlx::Result<LogRow>> {
-    sqlx::query_as(
-        "SELECT app_id, table_name, record_id, seq, data, field_timestamps
-         FROM sync_changes WHERE user_id = ?1 ORDER BY seq",
-    )
-    .bind(user_id)
-    .fetch(conn)
-}
-
 pub async fn load(
     conn: &mut SqliteConnection,
     user_id: &str,
@@ -261,14 +274,6 @@ pub async fn save(conn: &mut SqliteConnection, user_id: &str, app_id: &str, reco
     Ok(())
 }
 
-pub async fn clear_records(conn: &mut SqliteConnection, user_id: &str) -> sqlx::Result<()> {
-    sqlx::query("DELETE FROM sync_records WHERE user_id = ?1")
-        .bind(user_id)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
 /// The user's clock with up to `fetch` records changed after `since`,
 /// oldest first (one row with nulls when none). Writers are serialised and
 /// a read sees one snapshot, so every record it sees is at or below the
@@ -281,37 +286,35 @@ pub fn changed_since<'c>(
     since: Cursor,
     fetch: i64,
 ) -> BoxStream<'c, sqlx::Result<PageRow>> {
-    sqlx::query_as(
-        "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq,
-                length(CAST(r.fields AS BLOB))
-         FROM sync_clocks c LEFT JOIN (
-           SELECT * FROM sync_records
-           WHERE user_id = ?1 AND app_id = ?2 AND (?5 IS NULL OR table_name = ?5) AND touched_seq > ?3
-           ORDER BY touched_seq LIMIT ?4) r ON true
-         WHERE c.user_id = ?1
-         ORDER BY r.touched_seq",
-    )
-    .bind(user_id)
-    .bind(app_id)
-    .bind(since.0)
-    .bind(fetch)
-    .bind(table)
-    .fetch(conn)
-}
-
-pub async fn tables(
-    conn: &mut SqliteConnection,
-    user_id: &str,
-    app_id: Option<&str>,
-) -> sqlx::Result<Vec<(String, String)>> {
-    sqlx::query_as(
-        "SELECT DISTINCT app_id, table_name FROM sync_records
-         WHERE user_id = ?1 AND (?2 IS NULL OR app_id = ?2) ORDER BY 1, 2",
-    )
-    .bind(user_id)
-    .bind(app_id)
-    .fetch_all(conn)
-    .await
+    // Two statements rather than `?5 IS NULL OR ...`, so each searches its
+    // own index in touched_seq order.
+    let sql = match table {
+        Some(_) => {
+            "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq,
+                    length(CAST(r.fields AS BLOB))
+             FROM sync_clocks c LEFT JOIN (
+               SELECT * FROM sync_records
+               WHERE user_id = ?1 AND app_id = ?2 AND table_name = ?5 AND touched_seq > ?3
+               ORDER BY touched_seq LIMIT ?4) r ON r.touched_seq <= c.last_seq
+             WHERE c.user_id = ?1
+             ORDER BY r.touched_seq"
+        }
+        None => {
+            "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq,
+                    length(CAST(r.fields AS BLOB))
+             FROM sync_clocks c LEFT JOIN (
+               SELECT * FROM sync_records
+               WHERE user_id = ?1 AND app_id = ?2 AND touched_seq > ?3
+               ORDER BY touched_seq LIMIT ?4) r ON r.touched_seq <= c.last_seq
+             WHERE c.user_id = ?1
+             ORDER BY r.touched_seq"
+        }
+    };
+    let mut query = sqlx::query_as(sql).bind(user_id).bind(app_id).bind(since.0).bind(fetch);
+    if let Some(table) = table {
+        query = query.bind(table);
+    }
+    query.fetch(conn)
 }
 
 /// `created_at` is in Unix milliseconds, from SQLite's clock.
