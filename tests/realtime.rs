@@ -230,7 +230,7 @@ async fn a_failed_push_notifies_nobody_and_a_local_push_notifies_once(#[values(P
     let replica = a.another_replica().await;
     let b = replica.as_ref().unwrap_or(&a);
     let mut on_a = ws::authed(&a, "/ws/todo", &tokens::token_for("alice"), Some("phone")).await;
-    let mut on_b = ws::authed(&b, "/ws/todo", &tokens::token_for("alice"), Some("tablet")).await;
+    let mut on_b = ws::authed(b, "/ws/todo", &tokens::token_for("alice"), Some("tablet")).await;
     catch_up(&mut on_a).await;
     catch_up(&mut on_b).await;
 
