@@ -244,6 +244,7 @@ impl Authenticator {
         }
     }
 
+    #[tracing::instrument(name = "jwks.fetch", skip(self), fields(keys = tracing::field::Empty), err)]
     async fn fetch(&self, url: &str) -> anyhow::Result<HashMap<String, VerifyingKey>> {
         let set: JwkSet = self
             .inner
@@ -254,7 +255,7 @@ impl Authenticator {
             .error_for_status()?
             .json()
             .await?;
-        Ok(set
+        let keys: HashMap<String, VerifyingKey> = set
             .keys
             .iter()
             .filter_map(|jwk| match verifying_key(jwk) {
@@ -264,7 +265,9 @@ impl Authenticator {
                     None
                 }
             })
-            .collect())
+            .collect();
+        tracing::Span::current().record("keys", keys.len());
+        Ok(keys)
     }
 
     /// Re-fetches the JWKS every `interval`, so rotated keys are known
@@ -340,7 +343,6 @@ pub struct BearerAuth(pub User);
 async fn check_bearer(req: &Request, bearer: Bearer) -> poem::Result<User> {
     let state = req.data::<AppState>().expect("AppState is attached to every route");
     let user = state
-        .auth
         .verify(&bearer.token)
         .await
         .map_err(|e| ErrorResponse::from(Error::from(e)))?;

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{Executor, PgConnection};
+use tracing::Instrument;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -100,6 +101,10 @@ impl Notifier {
 
     /// Announces a committed push.
     pub fn publish(&self, notice: Notice) {
+        let notice = Notice {
+            committed_at: Some(crate::timestamp::Timestamp::now().0),
+            ..notice
+        };
         self.hub.publish(&notice);
         let Some(queue) = &self.queue else { return };
         let notice = Notice {
@@ -135,16 +140,28 @@ fn single_connection(options: &PgConnectOptions, name: &str) -> sqlx::PgPool {
         .connect_lazy_with(options.clone().application_name(name))
 }
 
-type Merged = BTreeMap<(String, String, String), Option<BTreeSet<String>>>;
+type Merged = BTreeMap<(String, String, String), Merging>;
+
+/// Notices of one user, app and device waiting to be NOTIFYed together.
+struct Merging {
+    /// `None`: every table.
+    tables: Option<BTreeSet<String>>,
+    /// The earliest commit among them.
+    committed_at: Option<i64>,
+}
 
 /// Merges a notice into what is waiting to go (one entry per user, app and device).
 fn merge(merged: &mut Merged, notice: Notice) {
     let entry = merged
         .entry((notice.user_id, notice.app_id, notice.client_id))
-        .or_insert_with(|| Some(BTreeSet::new()));
-    match (entry.as_mut(), notice.tables) {
+        .or_insert_with(|| Merging {
+            tables: Some(BTreeSet::new()),
+            committed_at: notice.committed_at,
+        });
+    entry.committed_at = crate::hub::earliest(entry.committed_at, notice.committed_at);
+    match (entry.tables.as_mut(), notice.tables) {
         (Some(set), Some(tables)) => set.extend(tables),
-        _ => *entry = None,
+        _ => entry.tables = None,
     }
 }
 
@@ -175,13 +192,14 @@ async fn notify_loop(
         }
         let payloads: Vec<String> = waiting
             .iter()
-            .map(|((user_id, app_id, client_id), tables)| {
+            .map(|((user_id, app_id, client_id), merging)| {
                 payload(&Notice {
                     user_id: user_id.clone(),
                     app_id: app_id.clone(),
                     client_id: client_id.clone(),
-                    tables: tables.as_ref().map(|t| t.iter().cloned().collect()),
+                    tables: merging.tables.as_ref().map(|t| t.iter().cloned().collect()),
                     replica: Some(replica.clone()),
+                    committed_at: merging.committed_at,
                 })
             })
             .collect();
@@ -192,6 +210,11 @@ async fn notify_loop(
                 .bind(&payloads)
                 .execute(&pool),
         )
+        .instrument(tracing::info_span!(
+            "fanout.notify",
+            notices = taken,
+            payloads = payloads.len()
+        ))
         .await;
         match sent {
             Ok(Ok(_)) => {
@@ -228,6 +251,7 @@ pub async fn listen_forever(options: PgConnectOptions, hub: Hub, replica: String
                 hub.publish_everything();
                 let reason = receive(&mut listener, &hub, &replica).await;
                 hub.set_listening(false);
+                hub.metrics().listener_reconnected();
                 tracing::warn!(%reason, "listener lost its connection; reconnecting");
             }
             Err(e) => {
@@ -290,6 +314,7 @@ mod tests {
             client_id: "c".repeat(256),
             tables: Some((0..500).map(long).collect()),
             replica: Some("r".repeat(32)),
+            committed_at: Some(i64::MAX),
         };
         let sent = payload(&notice);
         assert!(sent.len() <= MAX_PAYLOAD && MAX_PAYLOAD < 8000);

@@ -15,6 +15,9 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
+use crate::metrics::Metrics;
+use crate::timestamp::Timestamp;
+
 /// Past this many distinct tables pending for one app, a subscriber is
 /// simply told "all tables" (bounds the pending set).
 const MAX_PENDING_TABLES: usize = 64;
@@ -35,6 +38,17 @@ pub struct Notice {
     /// The replica that published it (its own listener skips it).
     #[serde(rename = "r", default, skip_serializing_if = "Option::is_none")]
     pub replica: Option<String>,
+    /// When the push committed, in Unix nanoseconds (for the fan-out delay metric).
+    #[serde(rename = "at", default, skip_serializing_if = "Option::is_none")]
+    pub committed_at: Option<i64>,
+}
+
+/// The earlier of two commit times, either of which may be unknown.
+pub fn earliest(a: Option<i64>, b: Option<i64>) -> Option<i64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// Tables pending for one app: `None` means every table.
@@ -59,8 +73,17 @@ pub struct Subscriber {
     pub app_id: Option<String>,
     /// The device behind it, if declared: its own pushes are not echoed.
     pub client_id: Option<String>,
-    pending: Mutex<Pending>,
+    pending: Mutex<Waiting>,
     wake: Notify,
+    metrics: Metrics,
+}
+
+/// What waits for a subscriber: the tables, and when the oldest of the
+/// notices behind them committed.
+#[derive(Default)]
+struct Waiting {
+    tables: Pending,
+    since: Option<i64>,
 }
 
 impl Subscriber {
@@ -69,24 +92,45 @@ impl Subscriber {
         self.wake.notified().await;
     }
 
-    /// Takes what is pending (possibly nothing).
+    /// Takes what is pending (possibly nothing), counting it as sent.
     pub fn take(&self) -> Pending {
-        std::mem::take(&mut *self.pending.lock().expect("pending lock"))
+        let waiting = std::mem::take(&mut *self.pending.lock().expect("pending lock"));
+        if !waiting.tables.is_empty() {
+            let delay = waiting
+                .since
+                .map(|at| std::time::Duration::from_nanos(Timestamp::now().0.saturating_sub(at).max(0) as u64));
+            self.metrics.notification_sent(delay);
+        }
+        waiting.tables
+    }
+
+    /// Counts what was taken but could not be sent (the socket is gone or too slow).
+    pub fn lost(&self) {
+        self.metrics.notification_dropped();
     }
 
     /// Marks every table of every app this subscriber follows as changed.
     pub fn mark_all(&self) {
         let mut pending = self.pending.lock().expect("pending lock");
-        pending.clear();
-        pending.insert(self.app_id.clone().unwrap_or_default(), None);
+        pending.tables.clear();
+        pending.tables.insert(self.app_id.clone().unwrap_or_default(), None);
         drop(pending);
         self.wake.notify_one();
     }
 
-    fn mark(&self, app_id: &str, tables: &Option<Vec<String>>) {
+    fn mark(&self, notice: &Notice) {
         let mut pending = self.pending.lock().expect("pending lock");
+        if pending.tables.is_empty() {
+            pending.since = notice.committed_at;
+        } else {
+            // Merged into a message already waiting: one send for both.
+            self.metrics.notification_coalesced();
+            pending.since = earliest(pending.since, notice.committed_at);
+        }
+        let tables = &notice.tables;
         let entry = pending
-            .entry(app_id.to_owned())
+            .tables
+            .entry(notice.app_id.clone())
             .or_insert_with(|| Some(BTreeSet::new()));
         match (entry.as_mut(), tables) {
             (Some(set), Some(tables)) => {
@@ -121,6 +165,7 @@ struct Inner {
     max_total: usize,
     listening: AtomicBool,
     closing: watch::Sender<bool>,
+    metrics: Metrics,
 }
 
 /// A registration; unregisters itself when dropped.
@@ -142,7 +187,7 @@ impl Drop for Subscription {
 }
 
 impl Hub {
-    pub fn new(max_per_user: usize, max_total: usize) -> Hub {
+    pub fn new(max_per_user: usize, max_total: usize, metrics: Metrics) -> Hub {
         Hub {
             inner: Arc::new(Inner {
                 users: Mutex::new(HashMap::new()),
@@ -151,6 +196,7 @@ impl Hub {
                 max_total,
                 listening: AtomicBool::new(false),
                 closing: watch::channel(false).0,
+                metrics,
             }),
         }
     }
@@ -179,8 +225,9 @@ impl Hub {
             user_id: user_id.to_owned(),
             app_id: app_id.map(str::to_owned),
             client_id: client_id.map(str::to_owned),
-            pending: Mutex::new(Pending::new()),
+            pending: Mutex::new(Waiting::default()),
             wake: Notify::new(),
+            metrics: self.inner.metrics.clone(),
         });
         list.push(subscriber.clone());
         Ok(Subscription {
@@ -191,15 +238,16 @@ impl Hub {
 
     /// Hands a notice to the user's subscribers on this replica; returns how many.
     pub fn publish(&self, notice: &Notice) -> usize {
+        let span = tracing::info_span!("fanout.deliver", app_id = %notice.app_id, told = tracing::field::Empty);
+        let _entered = span.enter();
         let users = self.inner.users.lock().expect("hub lock");
-        let Some(list) = users.get(&notice.user_id) else {
-            return 0;
-        };
-        let mut told = 0;
-        for subscriber in list.iter().filter(|s| s.wants(notice)) {
-            subscriber.mark(&notice.app_id, &notice.tables);
-            told += 1;
-        }
+        let told = users.get(&notice.user_id).map_or(0, |list| {
+            list.iter()
+                .filter(|s| s.wants(notice))
+                .inspect(|subscriber| subscriber.mark(notice))
+                .count()
+        });
+        span.record("told", told);
         told
     }
 
@@ -216,6 +264,11 @@ impl Hub {
     pub fn stats(&self) -> (u64, u64) {
         let users = self.inner.users.lock().expect("hub lock");
         (users.values().map(Vec::len).sum::<usize>() as u64, users.len() as u64)
+    }
+
+    /// The replica's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// Whether this replica's listener currently receives notices.
@@ -264,12 +317,13 @@ mod tests {
             client_id: client.into(),
             tables: Some(tables.iter().map(|t| t.to_string()).collect()),
             replica: None,
+            committed_at: None,
         }
     }
 
     #[test]
     fn notices_reach_the_users_other_devices_only() {
-        let hub = Hub::new(10, 100);
+        let hub = Hub::new(10, 100, Metrics::new());
         let mine = hub.subscribe("alice", Some("todo"), Some("laptop")).unwrap();
         let phone = hub.subscribe("alice", Some("todo"), Some("phone")).unwrap();
         let undeclared = hub.subscribe("alice", None, None).unwrap();
@@ -288,7 +342,7 @@ mod tests {
 
     #[test]
     fn a_burst_coalesces_into_one_pending_set() {
-        let hub = Hub::new(10, 100);
+        let hub = Hub::new(10, 100, Metrics::new());
         let s = hub.subscribe("alice", None, None).unwrap();
         for t in ["a", "b", "a", "c"] {
             hub.publish(&notice("alice", "todo", "x", &[t]));
@@ -305,7 +359,7 @@ mod tests {
 
     #[test]
     fn limits_are_enforced_and_dropping_unregisters() {
-        let hub = Hub::new(2, 3);
+        let hub = Hub::new(2, 3, Metrics::new());
         let a = hub.subscribe("alice", None, None).unwrap();
         let _b = hub.subscribe("alice", None, None).unwrap();
         assert_eq!(hub.subscribe("alice", None, None).err(), Some(Refusal::UserLimit));

@@ -16,6 +16,7 @@ pub mod fold;
 pub mod hub;
 pub mod idempotency;
 pub mod local_auth;
+pub mod metrics;
 pub mod projection;
 pub mod protocol;
 pub mod realtime;

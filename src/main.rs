@@ -41,8 +41,17 @@ async fn main() {
         println!("{}", startup::spec());
         return;
     }
-    telemetry::init();
-    if let Err(e) = run(cli.command.unwrap_or(Command::Serve)).await {
+    let telemetry = match telemetry::init() {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("mana-sync: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    let result = run(cli.command.unwrap_or(Command::Serve)).await;
+    // The last spans (the shutdown's included) go out before exiting.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    if let Err(e) = result {
         eprintln!("mana-sync: {e:#}");
         std::process::exit(1);
     }

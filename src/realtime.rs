@@ -136,7 +136,7 @@ async fn session(socket: WebSocketStream, state: AppState, app_id: Option<String
             _ = hub.closing() => return close(&mut sink, CloseCode::Restart, "service restart").await,
             message = stream.next() => match message {
                 Some(Ok(Message::Text(text))) => match serde_json::from_str::<ClientMessage>(&text) {
-                    Ok(ClientMessage::Auth { token, client_id }) => match state.auth.verify(&token).await {
+                    Ok(ClientMessage::Auth { token, client_id }) => match state.verify(&token).await {
                         Ok(user) => break (user, client_id.or_else(|| declared.clone())),
                         Err(e) => {
                             send(&mut sink, ServerMessage::Error { message: &e.to_string() }.frame()).await;
@@ -194,7 +194,7 @@ async fn session(socket: WebSocketStream, state: AppState, app_id: Option<String
             }
             message = stream.next() => match message.inspect(|_| heard = Instant::now()) {
                 Some(Ok(Message::Text(text))) => match serde_json::from_str::<ClientMessage>(&text) {
-                    Ok(ClientMessage::Auth { token, .. }) => match state.auth.verify(&token).await {
+                    Ok(ClientMessage::Auth { token, .. }) => match state.verify(&token).await {
                         Ok(renewed) if renewed.id == user.id => {
                             user = renewed;
                             expires = expiry(&user);
@@ -261,6 +261,7 @@ async fn notify(sink: &mut Sink, state: &AppState, subscription: &Subscription) 
             )
             .await
             {
+                subscriber.lost();
                 return false;
             }
         }

@@ -18,6 +18,7 @@ use crate::config::{Config, MAX_BODY_BYTES};
 use crate::error::json_error;
 use crate::fanout::{self, Notifier};
 use crate::hub::Hub;
+use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::{realtime, telemetry};
 
@@ -29,6 +30,7 @@ pub struct AppState {
     pub auth: Authenticator,
     pub hub: Hub,
     pub notifier: Notifier,
+    pub metrics: Metrics,
 }
 
 impl AppState {
@@ -50,7 +52,8 @@ impl AppState {
             tracing::warn!(host = %config.host, "LOCAL MODE ON A NON-LOOPBACK ADDRESS: anyone who can reach it and holds a local token gets in");
         }
         auth.refresh(true).await;
-        let hub = Hub::new(config.max_sockets_per_user, config.max_sockets);
+        let metrics = Metrics::new();
+        let hub = Hub::new(config.max_sockets_per_user, config.max_sockets, metrics.clone());
         let notifier = Notifier::start(store.notify_options(), hub.clone());
         Ok(AppState {
             config: Arc::new(config),
@@ -58,7 +61,19 @@ impl AppState {
             auth,
             hub,
             notifier,
+            metrics,
         })
+    }
+}
+
+impl AppState {
+    /// Checks a bearer token, counting refusals by reason.
+    pub async fn verify(&self, token: &str) -> Result<crate::auth::User, crate::auth::AuthError> {
+        let verified = self.auth.verify(token).await;
+        if let Err(e) = &verified {
+            self.metrics.jwt_failure(e.reason());
+        }
+        verified
     }
 }
 
@@ -69,6 +84,37 @@ pub fn openapi() -> OpenApiService<(SyncApi, StreamApi, HealthApi), ()> {
          what other devices changed, folded by field-level last-write-wins. Every error \
          is JSON `{code, message}`.",
     )
+}
+
+/// The route template a request path falls under (`/sync/todo` →
+/// `/sync/{appId}`), for span names and metric labels: never the path
+/// itself, whose ids would make them unbounded. `None`: no route.
+pub fn route_of(path: &str) -> Option<&'static str> {
+    static ROUTES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let routes = ROUTES.get_or_init(|| {
+        let spec: serde_json::Value = serde_json::from_str(&spec()).expect("the spec is JSON");
+        let mut routes: Vec<String> = spec["paths"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(p, _)| p.clone())
+            .collect();
+        // The routes `app` mounts outside the OpenAPI service.
+        routes.extend(["/openapi.json", "/.well-known/jwks.json", "/ws", "/ws/{appId}"].map(String::from));
+        routes
+    });
+    if path == "/docs" || path.starts_with("/docs/") {
+        return Some("/docs");
+    }
+    let segments: Vec<&str> = path.split('/').collect();
+    routes.iter().map(String::as_str).find(|route| {
+        let template: Vec<&str> = route.split('/').collect();
+        template.len() == segments.len()
+            && template
+                .iter()
+                .zip(&segments)
+                .all(|(t, s)| t == s || (t.starts_with('{') && !s.is_empty()))
+    })
 }
 
 /// The spec as served at `/openapi.json` and committed at `openapi/mana-sync.json`.

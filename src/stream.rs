@@ -81,6 +81,7 @@ pub fn changes(
                 let cursor = st.cursors[&table];
                 let page = match sync::pull(
                     &st.app.store,
+                    &st.app.metrics,
                     &st.user_id,
                     &st.app_id,
                     &table,

@@ -4,6 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use poem_openapi::types::{ParseFromJSON, ToJSON};
+use tracing::Instrument;
 
 use crate::config::MAX_PAGE_BYTES;
 use crate::cursor::Cursor;
@@ -11,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::fanout::Notifier;
 use crate::fold::{LogEntry, RecordDelta, RecordState};
 use crate::hub::Notice;
+use crate::metrics::Metrics;
 use crate::projection::{Page, Record};
 use crate::protocol::{FieldValue, Op, ServerChange, SyncResponse};
 use crate::store::{Store, Tx};
@@ -29,9 +31,23 @@ pub struct Idempotency {
 /// sent only after commit; then the user's other devices are told. A
 /// retry under the same idempotency key gets the first answer and records
 /// nothing.
+#[tracing::instrument(
+    name = "sync.push",
+    skip_all,
+    fields(
+        app_id = %app_id,
+        changes = batch.changes.len(),
+        tables = %tables(batch),
+        records = tracing::field::Empty,
+        replayed = tracing::field::Empty,
+    ),
+    err(Display)
+)]
+#[allow(clippy::too_many_arguments)]
 pub async fn push(
     store: &Store,
     notifier: &Notifier,
+    metrics: &Metrics,
     user_id: &str,
     app_id: &str,
     batch: &Batch,
@@ -55,6 +71,8 @@ pub async fn push(
         if fingerprint != idem.fingerprint {
             return Err(Error::IdempotencyKeyReused(idem.key.clone()));
         }
+        metrics.idempotent_replay();
+        tracing::Span::current().record("replayed", true);
         return SyncResponse::parse_from_json(Some(response)).map_err(|e| {
             Error::Internal(anyhow::anyhow!(
                 "stored idempotent response is unreadable: {}",
@@ -76,16 +94,33 @@ pub async fn push(
     // Commit and announce in a task of their own: if the client goes away
     // and this request is dropped, a committed batch is still announced.
     let announce = (!batch.changes.is_empty()).then(|| (notifier.clone(), notice(user_id, app_id, batch)));
-    tokio::spawn(async move {
-        tx.commit().await?;
-        if let Some((notifier, notice)) = announce {
-            notifier.publish(notice);
+    tokio::spawn(
+        async move {
+            tx.commit().await?;
+            if let Some((notifier, notice)) = announce {
+                notifier.publish(notice);
+            }
+            Ok::<_, sqlx::Error>(())
         }
-        Ok::<_, sqlx::Error>(())
-    })
+        .in_current_span(),
+    )
     .await
     .map_err(|e| Error::Internal(anyhow::Error::new(e).context("commit task failed")))??;
+    metrics.changes_appended(batch.changes.len());
+    counted(metrics, &response);
     Ok(response)
+}
+
+/// The distinct tables of a batch, for its span.
+fn tables(batch: &Batch) -> String {
+    let tables: BTreeSet<&str> = batch.changes.iter().map(|c| c.table.as_str()).collect();
+    tables.into_iter().collect::<Vec<_>>().join(",")
+}
+
+/// Counts the records an answer returns, and notes them on the current span.
+fn counted(metrics: &Metrics, response: &SyncResponse) {
+    metrics.records_pulled(response.server_changes.len());
+    tracing::Span::current().record("records", response.server_changes.len());
 }
 
 /// What a committed batch tells the user's other devices.
@@ -97,6 +132,7 @@ pub fn notice(user_id: &str, app_id: &str, batch: &Batch) -> Notice {
         client_id: batch.client_id.clone(),
         tables: Some(tables.into_iter().map(str::to_owned).collect()),
         replica: None,
+        committed_at: None,
     }
 }
 
@@ -137,8 +173,10 @@ pub async fn record(tx: &mut Tx, user_id: &str, app_id: &str, batch: &Batch) -> 
 }
 
 /// The folded delta of one collection since a cursor.
+#[tracing::instrument(name = "sync.pull", skip_all, fields(app_id = %app_id, table = %table, records = tracing::field::Empty), err(Display))]
 pub async fn pull(
     store: &Store,
+    metrics: &Metrics,
     user_id: &str,
     app_id: &str,
     table: &str,
@@ -148,6 +186,7 @@ pub async fn pull(
     let mut tx = store.begin_read(user_id).await?;
     let response = changes_since(&mut tx, user_id, app_id, Some(table), since, limit).await?;
     tx.commit().await?;
+    counted(metrics, &response);
     Ok(response)
 }
 

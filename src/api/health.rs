@@ -1,8 +1,9 @@
-//! `GET /health`: liveness in the seed's JSON shape, plus a database check.
+//! `GET /health`: liveness in the seed's JSON shape, plus a database check;
+//! `GET /ready`: readiness for load balancers; `GET /metrics`: Prometheus.
 
 use poem::web::Data;
-use poem_openapi::payload::Json;
-use poem_openapi::{Object, OpenApi};
+use poem_openapi::payload::{Json, PlainText};
+use poem_openapi::{ApiResponse, Object, OpenApi};
 
 use crate::api::ApiTags;
 use crate::startup::AppState;
@@ -34,6 +35,26 @@ pub struct Health {
     pub listener: String,
 }
 
+/// Whether this replica should receive traffic.
+#[derive(Debug, Object)]
+pub struct Readiness {
+    /// `ready` or `not_ready`.
+    pub status: String,
+    /// Why not, when not: `database unreachable`, `change listener reconnecting`.
+    #[oai(skip_serializing_if_is_none)]
+    pub reason: Option<String>,
+}
+
+#[derive(ApiResponse)]
+pub enum ReadyResponse {
+    /// The database answers and the change listener listens.
+    #[oai(status = 200)]
+    Ready(Json<Readiness>),
+    /// Not ready; `reason` says why.
+    #[oai(status = 503)]
+    NotReady(Json<Readiness>),
+}
+
 #[OpenApi(tag = "ApiTags::Health")]
 impl HealthApi {
     /// Liveness
@@ -56,5 +77,42 @@ impl HealthApi {
             store: state.store.kind().to_owned(),
             listener: if listening { "listening" } else { "reconnecting" }.to_owned(),
         })
+    }
+
+    /// Readiness
+    ///
+    /// 200 when the database answers and the change listener listens (so
+    /// this replica both serves requests and hears other replicas' pushes);
+    /// 503 with the reason otherwise. For load balancers and Kubernetes.
+    #[oai(path = "/ready", method = "get", operation_id = "ready")]
+    async fn ready(&self, state: Data<&AppState>) -> ReadyResponse {
+        let reason = if !state.store.ping().await {
+            Some("database unreachable")
+        } else if !state.hub.is_listening() {
+            Some("change listener reconnecting")
+        } else {
+            None
+        };
+        match reason {
+            None => ReadyResponse::Ready(Json(Readiness {
+                status: "ready".to_owned(),
+                reason: None,
+            })),
+            Some(reason) => ReadyResponse::NotReady(Json(Readiness {
+                status: "not_ready".to_owned(),
+                reason: Some(reason.to_owned()),
+            })),
+        }
+    }
+
+    /// Prometheus metrics
+    ///
+    /// This replica's metrics in the Prometheus text format: requests by
+    /// route and status, changes appended, records pulled, idempotent
+    /// replays, token refusals, sockets and users, notifications, listener
+    /// reconnects, fan-out delay and database pool connections.
+    #[oai(path = "/metrics", method = "get", operation_id = "metrics")]
+    async fn metrics(&self, state: Data<&AppState>) -> PlainText<String> {
+        PlainText(state.metrics.render(state.hub.stats(), state.store.pool_stats()))
     }
 }

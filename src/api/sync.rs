@@ -77,6 +77,7 @@ impl SyncApi {
         let response = sync::push(
             &state.store,
             &state.notifier,
+            &state.metrics,
             &user.id,
             &app_id,
             &batch,
@@ -114,7 +115,16 @@ impl SyncApi {
         validate::name("collection", &collection)?;
         let since = validate::since(since.0.as_deref())?;
         let limit = limit.0.unwrap_or(DEFAULT_PULL_LIMIT).min(MAX_PULL_LIMIT);
-        let response = sync::pull(&state.store, &user.id, &app_id, &collection, since, limit).await?;
+        let response = sync::pull(
+            &state.store,
+            &state.metrics,
+            &user.id,
+            &app_id,
+            &collection,
+            since,
+            limit,
+        )
+        .await?;
         Ok(Json(response))
     }
 }

@@ -188,6 +188,22 @@ impl Store {
         Ok(tables)
     }
 
+    /// Pool connections (in use, idle).
+    pub fn pool_stats(&self) -> (u32, u32) {
+        let stats = |pool_size: u32, idle: usize| (pool_size.saturating_sub(idle as u32), idle as u32);
+        match self {
+            Store::Postgres(pool) => stats(pool.size(), pool.num_idle()),
+            Store::Sqlite(store) => {
+                let (writer, reader) = store.pools();
+                let (a, b) = (
+                    stats(writer.size(), writer.num_idle()),
+                    stats(reader.size(), reader.num_idle()),
+                );
+                (a.0 + b.0, a.1 + b.1)
+            }
+        }
+    }
+
     /// Whether the database answers within 2 s.
     pub async fn ping(&self) -> bool {
         let ping = async {

@@ -101,6 +101,11 @@ impl SqliteStore {
         &self.path
     }
 
+    /// (writer, reader) pools.
+    pub fn pools(&self) -> (&SqlitePool, &SqlitePool) {
+        (&self.writer, &self.reader)
+    }
+
     /// The pool of read-only work.
     pub fn reader(&self) -> &SqlitePool {
         &self.reader

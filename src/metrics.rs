@@ -1,0 +1,233 @@
+//! Prometheus metrics, served at `GET /metrics` in the text format.
+//!
+//! One [`Metrics`] per server (no global registry), so tests and several
+//! servers in one process each count their own. Gauges that describe
+//! current state (sockets, users, pool connections) are read when scraped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+pub use prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: String,
+    route: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabels {
+    state: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Latencies from 0.25 ms to ~16 s.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 17))
+}
+
+/// The server's metrics. Cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: HistogramFamily<RequestLabels>,
+    changes_appended: Counter,
+    records_pulled: Counter,
+    idempotent_replays: Counter,
+    jwt_failures: Family<ReasonLabels, Counter>,
+    connections: Gauge,
+    users_connected: Gauge,
+    notifications_sent: Counter,
+    notifications_coalesced: Counter,
+    notifications_dropped: Counter,
+    listener_reconnects: Counter,
+    fanout_delay: Histogram,
+    pool_connections: Family<PoolLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("mana_sync");
+        let inner = Inner {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency_histogram),
+            changes_appended: Counter::default(),
+            records_pulled: Counter::default(),
+            idempotent_replays: Counter::default(),
+            jwt_failures: Family::default(),
+            connections: Gauge::default(),
+            users_connected: Gauge::default(),
+            notifications_sent: Counter::default(),
+            notifications_coalesced: Counter::default(),
+            notifications_dropped: Counter::default(),
+            listener_reconnects: Counter::default(),
+            fanout_delay: latency_histogram(),
+            pool_connections: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "http_requests",
+            "HTTP requests by method, route and status",
+            inner.requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency by method, route and status",
+            inner.request_duration.clone(),
+        );
+        registry.register(
+            "changes_appended",
+            "Changes appended to the change log",
+            inner.changes_appended.clone(),
+        );
+        registry.register(
+            "records_pulled",
+            "Records returned by pulls, pushes and change streams",
+            inner.records_pulled.clone(),
+        );
+        registry.register(
+            "idempotent_replays",
+            "Pushes answered from a stored outcome (retries under an Idempotency-Key)",
+            inner.idempotent_replays.clone(),
+        );
+        registry.register("jwt_failures", "Refused tokens by reason", inner.jwt_failures.clone());
+        // The seed's names, kept for its dashboards.
+        registry.register(
+            "connections_total",
+            "Open WebSockets and change streams on this replica",
+            inner.connections.clone(),
+        );
+        registry.register(
+            "users_connected",
+            "Distinct users with an open WebSocket or change stream on this replica",
+            inner.users_connected.clone(),
+        );
+        registry.register(
+            "notifications_sent",
+            "Change notices handed to a socket or stream",
+            inner.notifications_sent.clone(),
+        );
+        registry.register(
+            "notifications_coalesced",
+            "Change notices merged into one already waiting for the same socket",
+            inner.notifications_coalesced.clone(),
+        );
+        registry.register(
+            "notifications_dropped",
+            "Change notices lost with a socket that was gone or too slow to take them",
+            inner.notifications_dropped.clone(),
+        );
+        registry.register(
+            "listener_reconnects",
+            "Times the cross-replica change listener reconnected",
+            inner.listener_reconnects.clone(),
+        );
+        registry.register(
+            "fanout_delay_seconds",
+            "Time from a push's commit to its notice reaching a socket or stream (any replica)",
+            inner.fanout_delay.clone(),
+        );
+        registry.register(
+            "db_pool_connections",
+            "Database pool connections by state (in_use, idle)",
+            inner.pool_connections.clone(),
+        );
+        Metrics {
+            inner: Arc::new(Inner { registry, ..inner }),
+        }
+    }
+
+    /// A request answered.
+    pub fn request(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
+        let labels = RequestLabels {
+            method: method.to_owned(),
+            route: route.to_owned(),
+            status,
+        };
+        self.inner
+            .request_duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+        self.inner.requests.get_or_create(&labels).inc();
+    }
+
+    pub fn changes_appended(&self, n: usize) {
+        self.inner.changes_appended.inc_by(n as u64);
+    }
+
+    pub fn records_pulled(&self, n: usize) {
+        self.inner.records_pulled.inc_by(n as u64);
+    }
+
+    pub fn idempotent_replay(&self) {
+        self.inner.idempotent_replays.inc();
+    }
+
+    pub fn jwt_failure(&self, reason: &'static str) {
+        self.inner.jwt_failures.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// A notice handed to a socket or stream, `delay` after its commit.
+    pub fn notification_sent(&self, delay: Option<Duration>) {
+        self.inner.notifications_sent.inc();
+        if let Some(delay) = delay {
+            self.inner.fanout_delay.observe(delay.as_secs_f64());
+        }
+    }
+
+    pub fn notification_coalesced(&self) {
+        self.inner.notifications_coalesced.inc();
+    }
+
+    pub fn notification_dropped(&self) {
+        self.inner.notifications_dropped.inc();
+    }
+
+    pub fn listener_reconnected(&self) {
+        self.inner.listener_reconnects.inc();
+    }
+
+    /// The text exposition, with the current sockets, users and pool state.
+    pub fn render(&self, (connections, users): (u64, u64), (in_use, idle): (u32, u32)) -> String {
+        let inner = &self.inner;
+        inner.connections.set(connections as i64);
+        inner.users_connected.set(users as i64);
+        inner
+            .pool_connections
+            .get_or_create(&PoolLabels { state: "in_use" })
+            .set(in_use.into());
+        inner
+            .pool_connections
+            .get_or_create(&PoolLabels { state: "idle" })
+            .set(idle.into());
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &inner.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}

@@ -1,0 +1,184 @@
+//! Traces: the built binary, pointed at an OTLP receiver started here (a
+//! small HTTP server decoding the protobuf export), continues a caller's
+//! `traceparent` through a push and exports its spans, flushing them on
+//! shutdown.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use poem::web::Data;
+use poem::{EndpointExt, Route, handler, post};
+use prost::Message;
+use serde_json::json;
+
+type Received = Arc<Mutex<Vec<(String, Span)>>>;
+
+/// `POST /v1/traces`: keeps every span with its service name.
+#[handler]
+async fn export(body: Vec<u8>, received: Data<&Received>) -> poem::Result<()> {
+    let request = ExportTraceServiceRequest::decode(body.as_slice())
+        .map_err(|e| poem::Error::from_string(e.to_string(), poem::http::StatusCode::BAD_REQUEST))?;
+    let mut received = received.lock().unwrap();
+    for resource_spans in request.resource_spans {
+        let service = resource_spans
+            .resource
+            .iter()
+            .flat_map(|r| &r.attributes)
+            .find(|kv| kv.key == "service.name")
+            .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                AnyValue::StringValue(s) => Some(s.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        for scope in resource_spans.scope_spans {
+            received.extend(scope.spans.into_iter().map(|span| (service.clone(), span)));
+        }
+    }
+    Ok(())
+}
+
+/// An OTLP/HTTP receiver on a free port; returns its base URL.
+async fn otlp_receiver(received: Received) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = Route::new().at("/v1/traces", post(export)).data(received);
+    let acceptor = poem::listener::TcpAcceptor::from_tokio(listener).unwrap();
+    tokio::spawn(poem::Server::new_with_acceptor(acceptor).run(app));
+    url
+}
+
+fn attribute(span: &Span, key: &str) -> Option<String> {
+    let value = span
+        .attributes
+        .iter()
+        .find(|kv| kv.key == key)?
+        .value
+        .as_ref()?
+        .value
+        .as_ref()?;
+    Some(match value {
+        AnyValue::StringValue(s) => s.clone(),
+        AnyValue::IntValue(i) => i.to_string(),
+        AnyValue::BoolValue(b) => b.to_string(),
+        AnyValue::DoubleValue(d) => d.to_string(),
+        other => format!("{other:?}"),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_continues_the_callers_trace_and_its_spans_reach_the_collector() {
+    let received: Received = Arc::default();
+    let endpoint = otlp_receiver(received.clone()).await;
+    let db = common::pg::test_database().await;
+    let jwks = common::tokens::JwksServer::start_default().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mana-sync"))
+        .env("DATABASE_URL", &db.app_url)
+        .env("JWKS_URL", &jwks.url)
+        .env("HOST", "127.0.0.1")
+        .env("PORT", port.to_string())
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .env_remove("OTEL_SERVICE_NAME")
+        .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !http
+        .get(format!("{base}/ready"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(Instant::now() < deadline, "the server never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let response = http
+        .post(format!("{base}/sync/todo"))
+        .bearer_auth(common::tokens::token_for("alice"))
+        .header("traceparent", format!("00-{trace_id}-{caller_span}-01"))
+        .json(&json!({
+            "clientId": "laptop",
+            "changes": [
+                { "table": "todos", "id": "t1", "op": "insert", "data": { "title": "x" } },
+                { "table": "notes", "id": "n1", "op": "insert", "data": { "body": "y" } },
+            ],
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{}", response.text().await.unwrap());
+
+    // SIGTERM: the spans still buffered are flushed before the exit.
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "clean exit: {status}");
+
+    let spans = received.lock().unwrap().clone();
+    let trace = hex(trace_id);
+    let in_trace: Vec<&Span> = spans.iter().map(|(_, s)| s).filter(|s| s.trace_id == trace).collect();
+    let names: Vec<&str> = in_trace.iter().map(|s| s.name.as_str()).collect();
+    let named = |name: &str| {
+        *in_trace
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no {name:?} span in the caller's trace; got {names:?}"))
+    };
+
+    let request = named("POST /sync/{appId}");
+    assert_eq!(
+        request.parent_span_id,
+        hex(caller_span),
+        "the request continues the caller's span"
+    );
+    assert_eq!(attribute(request, "http.route").as_deref(), Some("/sync/{appId}"));
+    assert_eq!(attribute(request, "http.response.status_code").as_deref(), Some("200"));
+    assert_eq!(attribute(request, "user_id").as_deref(), Some("alice"));
+    assert_eq!(attribute(request, "app_id").as_deref(), Some("todo"));
+
+    let push = named("sync.push");
+    assert_eq!(push.parent_span_id, request.span_id);
+    assert_eq!(attribute(push, "changes").as_deref(), Some("2"));
+    assert_eq!(attribute(push, "tables").as_deref(), Some("notes,todos"));
+    assert_eq!(attribute(push, "records").as_deref(), Some("2"));
+
+    let deliver = named("fanout.deliver");
+    assert_eq!(
+        deliver.parent_span_id, push.span_id,
+        "the fan-out follows the push's commit"
+    );
+    assert_eq!(attribute(deliver, "told").as_deref(), Some("0"), "no socket was open");
+
+    let services: Vec<&str> = spans.iter().map(|(service, _)| service.as_str()).collect();
+    assert!(services.iter().all(|s| *s == "mana-sync"), "service name: {services:?}");
+    let all: Vec<&str> = spans.iter().map(|(_, s)| s.name.as_str()).collect();
+    for name in ["jwks.fetch", "fanout.notify"] {
+        assert!(all.contains(&name), "no {name:?} span exported; got {all:?}");
+    }
+}
+
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
