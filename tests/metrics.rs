@@ -1,0 +1,193 @@
+//! `GET /metrics`, scraped and parsed as Prometheus text after known
+//! traffic: every counter moved by exactly what the traffic did.
+
+mod common;
+
+use std::time::Duration;
+
+use common::app::{Backend, Postgres, START, Sqlite, TestApp, insert, push_body};
+use common::{tokens, ws};
+use openmetrics_parser::prometheus::parse_prometheus;
+use openmetrics_parser::{MetricNumber, MetricsExposition, PrometheusType, PrometheusValue};
+use reqwest::StatusCode;
+use rstest::rstest;
+use serde_json::json;
+
+type Scrape = MetricsExposition<PrometheusType, PrometheusValue>;
+
+async fn scrape(app: &TestApp) -> Scrape {
+    let response = app.http.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain"),
+        "Prometheus text format"
+    );
+    let text = response.text().await.unwrap();
+    parse_prometheus(&text).unwrap_or_else(|e| panic!("not valid Prometheus text ({e:?}): {text}"))
+}
+
+fn number(n: &MetricNumber) -> f64 {
+    match n {
+        MetricNumber::Float(f) => *f,
+        MetricNumber::Int(i) => *i as f64,
+    }
+}
+
+/// The sum of a metric's samples with these labels (0 when there are
+/// none): a counter's or gauge's value, or a histogram's count.
+fn value(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    let Some(family) = scrape
+        .families
+        .get(metric)
+        .or_else(|| scrape.families.get(metric.trim_end_matches("_total")))
+    else {
+        return 0.0;
+    };
+    family
+        .iter_samples()
+        .filter(|sample| {
+            let set = sample.get_labelset().expect("a parsed sample has labels");
+            labels.iter().all(|(k, v)| set.get_label_value(k) == Some(*v))
+        })
+        .map(|sample| match &sample.value {
+            PrometheusValue::Unknown(n) | PrometheusValue::Gauge(n) => number(n),
+            PrometheusValue::Counter(c) => number(&c.value),
+            PrometheusValue::Histogram(h) => h.count.unwrap_or(0) as f64,
+            PrometheusValue::Summary(_) => panic!("{metric} is a summary"),
+        })
+        .sum()
+}
+
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_move_by_exactly_what_the_traffic_did(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
+    let before = scrape(&app).await;
+
+    let mut phone = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), Some("phone")).await;
+    ws::expect_json(&mut phone, Duration::from_secs(5)).await; // the catch-up
+    app.push_ok(
+        "alice",
+        "laptop",
+        START,
+        json!([
+            insert("todos", "a", json!({})),
+            insert("todos", "b", json!({})),
+            insert("notes", "c", json!({}))
+        ]),
+    )
+    .await;
+    let told = ws::expect_json(&mut phone, Duration::from_secs(5)).await;
+    assert_eq!(told["type"], "sync-available");
+    let keyed = |key: &'static str| {
+        let app = &app;
+        async move {
+            app.http
+                .post(app.url("/sync/todo"))
+                .bearer_auth(tokens::token_for("alice"))
+                .header("Idempotency-Key", key)
+                .json(&push_body("laptop", START, json!([insert("todos", "d", json!({}))])))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(keyed("k").await.status(), StatusCode::OK);
+    assert_eq!(keyed("k").await.status(), StatusCode::OK, "the retry is replayed");
+    let pulled = app.pull_ok("alice", "todos", START, None).await;
+    assert_eq!(pulled["serverChanges"].as_array().unwrap().len(), 3);
+    let refused = app
+        .http
+        .get(app.url("/sync/todo/pull?collection=todos"))
+        .bearer_auth("not-a-jwt")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+
+    let after = scrape(&app).await;
+    let moved = |metric: &str, labels: &[(&str, &str)]| value(&after, metric, labels) - value(&before, metric, labels);
+    let push_ok = [("method", "POST"), ("route", "/sync/{appId}"), ("status", "200")];
+    assert_eq!(moved("mana_sync_http_requests_total", &push_ok), 3.0, "three pushes");
+    assert_eq!(moved("mana_sync_http_request_duration_seconds", &push_ok), 3.0);
+    let pull_401 = [("route", "/sync/{appId}/pull"), ("status", "401")];
+    assert_eq!(moved("mana_sync_http_requests_total", &pull_401), 1.0);
+    assert_eq!(
+        moved("mana_sync_changes_appended_total", &[]),
+        4.0,
+        "3 + 1; the replay appends nothing"
+    );
+    assert_eq!(moved("mana_sync_idempotent_replays_total", &[]), 1.0);
+    // The answers: the first push's 3 records, the keyed push's 4 (its
+    // replay is the stored answer, not counted again), the pull's 3.
+    assert_eq!(moved("mana_sync_records_pulled_total", &[]), 3.0 + 4.0 + 3.0);
+    assert_eq!(moved("mana_sync_jwt_failures_total", &[("reason", "malformed")]), 1.0);
+    assert_eq!(
+        value(&after, "mana_sync_connections_total", &[]),
+        1.0,
+        "the seed's gauge name"
+    );
+    assert_eq!(value(&after, "mana_sync_users_connected", &[]), 1.0);
+    assert!(
+        moved("mana_sync_notifications_sent_total", &[]) >= 2.0,
+        "catch-up and the push"
+    );
+    assert!(
+        moved("mana_sync_fanout_delay_seconds", &[]) >= 1.0,
+        "the push's delay was observed"
+    );
+    assert!(value(&after, "mana_sync_db_pool_connections", &[("state", "idle")]) >= 1.0);
+    assert_eq!(value(&after, "mana_sync_listener_reconnects_total", &[]), 0.0);
+    for metric in [
+        "mana_sync_notifications_coalesced_total",
+        "mana_sync_notifications_dropped_total",
+    ] {
+        let exposed =
+            after.families.contains_key(metric) || after.families.contains_key(metric.trim_end_matches("_total"));
+        assert!(exposed, "{metric} is exposed");
+    }
+
+    drop(phone);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while value(&scrape(&app).await, "mana_sync_connections_total", &[]) != 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gauge follows a closed socket"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Notices for a socket that is busy coalesce into one message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_notices_for_one_socket_is_counted_as_coalesced() {
+    let app = Postgres.spawn().await;
+    let mut phone = ws::authed(&app, "/ws/todo", &tokens::token_for("bob"), Some("phone")).await;
+    ws::expect_json(&mut phone, Duration::from_secs(5)).await;
+    let before = value(&scrape(&app).await, "mana_sync_notifications_coalesced_total", &[]);
+    // Pushes published faster than the socket's task takes them.
+    let pushes: Vec<_> = (0..20)
+        .map(|i| {
+            let body = push_body("laptop", START, json!([insert("todos", &format!("t{i}"), json!({}))]));
+            let app = &app;
+            async move { app.push("bob", "laptop", &body).await }
+        })
+        .collect();
+    for response in futures_util::future::join_all(pushes).await {
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    let mut messages = 0;
+    while ws::next(&mut phone, Duration::from_millis(300)).await.is_some() {
+        messages += 1;
+    }
+    let after = scrape(&app).await;
+    let coalesced = value(&after, "mana_sync_notifications_coalesced_total", &[]) - before;
+    assert_eq!(
+        coalesced + messages as f64,
+        20.0,
+        "every notice was either sent ({messages}) or merged into one waiting ({coalesced})"
+    );
+}
