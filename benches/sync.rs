@@ -257,6 +257,87 @@ async fn cold_start(sizes: &Sizes) {
     report("cold start, empty data dir → healthy", samples);
 }
 
+/// Push latency of the binary with tracing off (no OTLP endpoint) and on
+/// (every span exported to a collector that accepts and discards them).
+async fn tracing_overhead(sizes: &Sizes) {
+    let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let collector = format!("http://{}", sink.local_addr().unwrap());
+    let accept = poem::Route::new().at(
+        "/v1/traces",
+        poem::post(poem::endpoint::make(|_req: poem::Request| async { "" })),
+    );
+    tokio::spawn(poem::Server::new_with_acceptor(poem::listener::TcpAcceptor::from_tokio(sink).unwrap()).run(accept));
+    for traced in [false, true, false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let binary = env!("CARGO_BIN_EXE_mana-sync");
+        let mut command = std::process::Command::new(binary);
+        command
+            .env_clear()
+            .env("PORT", port.to_string())
+            .env("RUST_LOG", "warn")
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if traced {
+            command.env("OTEL_EXPORTER_OTLP_ENDPOINT", &collector);
+        }
+        let mut child = command.spawn().unwrap();
+        let token = std::process::Command::new(binary)
+            .args(["token", "--sub", "bench"])
+            .env_clear()
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        while !http
+            .get(format!("{base}/ready"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut cursor = START.to_owned();
+        let mut samples = Vec::with_capacity(sizes.samples);
+        for s in 0..sizes.samples + 20 {
+            let body = common::app::push_body("d", &cursor, json!([insert("todos", &format!("t{s}"), json!({}))]));
+            let started = Instant::now();
+            let answer: Value = http
+                .post(format!("{base}/sync/todo"))
+                .bearer_auth(&token)
+                .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if s >= 20 {
+                samples.push(started.elapsed()); // after a warm-up
+            }
+            cursor = answer["syncedUntil"].as_str().unwrap().to_owned();
+        }
+        report(
+            if traced {
+                "push, 1 change, tracing on (OTLP export)"
+            } else {
+                "push, 1 change, tracing off"
+            },
+            samples,
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let sizes = if full {
@@ -300,6 +381,9 @@ fn main() {
         push_latency(&app, &sizes).await;
         pull_page(&app, &sizes).await;
         cold_start(&sizes).await;
+
+        println!("The binary on SQLite, as a client sees it");
+        tracing_overhead(&sizes).await;
     });
     if !full {
         println!("bench smoke run: 1 passed, 0 failed");

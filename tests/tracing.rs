@@ -75,6 +75,7 @@ fn attribute(span: &Span, key: &str) -> Option<String> {
 async fn a_push_continues_the_callers_trace_and_its_spans_reach_the_collector() {
     let received: Received = Arc::default();
     let endpoint = otlp_receiver(received.clone()).await;
+    let log_file = tempfile::NamedTempFile::new().unwrap();
     let db = common::pg::test_database().await;
     let jwks = common::tokens::JwksServer::start_default().await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -91,7 +92,9 @@ async fn a_push_continues_the_callers_trace_and_its_spans_reach_the_collector() 
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
         .env_remove("OTEL_SERVICE_NAME")
         .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
-        .stderr(Stdio::null())
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stderr(log_file.reopen().unwrap())
         .spawn()
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");
@@ -107,16 +110,17 @@ async fn a_push_continues_the_callers_trace_and_its_spans_reach_the_collector() 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    let token = common::tokens::token_for("alice");
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller_span = "00f067aa0ba902b7";
     let response = http
         .post(format!("{base}/sync/todo"))
-        .bearer_auth(common::tokens::token_for("alice"))
+        .bearer_auth(&token)
         .header("traceparent", format!("00-{trace_id}-{caller_span}-01"))
         .json(&json!({
             "clientId": "laptop",
             "changes": [
-                { "table": "todos", "id": "t1", "op": "insert", "data": { "title": "x" } },
+                { "table": "todos", "id": "t1", "op": "insert", "data": { "title": "secret-title" } },
                 { "table": "notes", "id": "n1", "op": "insert", "data": { "body": "y" } },
             ],
         }))
@@ -132,6 +136,24 @@ async fn a_push_continues_the_callers_trace_and_its_spans_reach_the_collector() 
         .await
         .unwrap();
     assert!(status.success(), "clean exit: {status}");
+
+    // One JSON log line for the request: route, status, duration, user
+    // and app; never the token or what was written.
+    let logs = std::fs::read_to_string(log_file.path()).unwrap();
+    assert!(!logs.contains(&token), "a token was logged");
+    assert!(!logs.contains("secret-title"), "record contents were logged");
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON log lines"))
+        .collect();
+    let request = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "request" && l["span"]["route"] == "/sync/{appId}")
+        .unwrap_or_else(|| panic!("no request line for the push: {logs}"));
+    assert_eq!(request["fields"]["status"], 200);
+    assert!(request["fields"]["duration_ms"].as_f64().is_some());
+    assert_eq!(request["span"]["user_id"], "alice");
+    assert_eq!(request["span"]["app_id"], "todo");
 
     let spans = received.lock().unwrap().clone();
     let trace = hex(trace_id);
