@@ -78,6 +78,16 @@ fn tracer_provider() -> anyhow::Result<Option<SdkTracerProvider>> {
     {
         return Ok(None);
     }
+    // The exporter speaks plain HTTP/2 or HTTP/1.1 to a collector nearby
+    // (a sidecar or node agent), which forwards over TLS.
+    for name in ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"] {
+        if std::env::var(name).is_ok_and(|v| v.trim().starts_with("https://")) {
+            anyhow::bail!(
+                "invalid configuration: {name} uses https://, which this build does not speak: \
+                 point it at an OpenTelemetry collector over http:// (it forwards over TLS)"
+            );
+        }
+    }
     let (name, protocol) = ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"]
         .into_iter()
         .find_map(|name| std::env::var(name).ok().map(|v| (name, v.trim().to_owned())))

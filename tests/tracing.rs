@@ -89,7 +89,8 @@ async fn a_push_continues_the_callers_trace_and_its_spans_reach_the_collector() 
         .env("HOST", "127.0.0.1")
         .env("PORT", port.to_string())
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
-        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        // Nothing is exported before shutdown: the flush at exit must send it all.
+        .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
         .env_remove("OTEL_SERVICE_NAME")
         .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
         .env("LOG_FORMAT", "json")
@@ -195,6 +196,27 @@ async fn a_push_continues_the_callers_trace_and_its_spans_reach_the_collector() 
     let all: Vec<&str> = spans.iter().map(|(_, s)| s.name.as_str()).collect();
     for name in ["jwks.fetch", "fanout.notify"] {
         assert!(all.contains(&name), "no {name:?} span exported; got {all:?}");
+    }
+}
+
+#[test]
+fn a_misconfigured_exporter_stops_start_up_with_the_variable_named() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, value) in [
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector.example:4318"),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_mana-sync"))
+            .arg("migrate")
+            .current_dir(dir.path())
+            .env_clear()
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+            .env(name, value)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{name}={value} must stop start-up");
+        assert!(stderr.contains(name), "the error names {name}: {stderr}");
     }
 }
 
