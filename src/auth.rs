@@ -244,7 +244,8 @@ impl Authenticator {
         }
     }
 
-    #[tracing::instrument(name = "jwks.fetch", skip(self), fields(keys = tracing::field::Empty), err)]
+    // The URL is left out: it may carry credentials.
+    #[tracing::instrument(name = "jwks.fetch", skip_all, fields(keys = tracing::field::Empty), err)]
     async fn fetch(&self, url: &str) -> anyhow::Result<HashMap<String, VerifyingKey>> {
         let set: JwkSet = self
             .inner

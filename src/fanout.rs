@@ -103,6 +103,7 @@ impl Notifier {
     pub fn publish(&self, notice: Notice) {
         let notice = Notice {
             committed_at: Some(crate::timestamp::Timestamp::now().0),
+            traceparent: crate::telemetry::current_traceparent(),
             ..notice
         };
         self.hub.publish(&notice);
@@ -148,7 +149,12 @@ struct Merging {
     tables: Option<BTreeSet<String>>,
     /// The earliest commit among them.
     committed_at: Option<i64>,
+    /// The traces of the pushes behind them (the first few).
+    traceparents: Vec<String>,
 }
+
+/// Most traces one NOTIFY links to (and the first carries on).
+const MAX_LINKS: usize = 32;
 
 /// Merges a notice into what is waiting to go (one entry per user, app and device).
 fn merge(merged: &mut Merged, notice: Notice) {
@@ -157,8 +163,14 @@ fn merge(merged: &mut Merged, notice: Notice) {
         .or_insert_with(|| Merging {
             tables: Some(BTreeSet::new()),
             committed_at: notice.committed_at,
+            traceparents: Vec::new(),
         });
     entry.committed_at = crate::hub::earliest(entry.committed_at, notice.committed_at);
+    if let Some(traceparent) = notice.traceparent
+        && entry.traceparents.len() < MAX_LINKS
+    {
+        entry.traceparents.push(traceparent);
+    }
     match (entry.tables.as_mut(), notice.tables) {
         (Some(set), Some(tables)) => set.extend(tables),
         _ => entry.tables = None,
@@ -200,9 +212,15 @@ async fn notify_loop(
                     tables: merging.tables.as_ref().map(|t| t.iter().cloned().collect()),
                     replica: Some(replica.clone()),
                     committed_at: merging.committed_at,
+                    traceparent: merging.traceparents.first().cloned(),
                 })
             })
             .collect();
+        // One NOTIFY for many pushes: linked to each of their traces.
+        let span = tracing::info_span!("fanout.notify", notices = taken, payloads = payloads.len());
+        for traceparent in waiting.values().flat_map(|m| &m.traceparents).take(MAX_LINKS) {
+            crate::telemetry::link_trace(&span, traceparent);
+        }
         let sent = tokio::time::timeout(
             NOTIFY_TIMEOUT,
             sqlx::query("SELECT pg_notify($1, p) FROM UNNEST($2::text[]) AS p")
@@ -210,11 +228,7 @@ async fn notify_loop(
                 .bind(&payloads)
                 .execute(&pool),
         )
-        .instrument(tracing::info_span!(
-            "fanout.notify",
-            notices = taken,
-            payloads = payloads.len()
-        ))
+        .instrument(span)
         .await;
         match sent {
             Ok(Ok(_)) => {
@@ -315,6 +329,7 @@ mod tests {
             tables: Some((0..500).map(long).collect()),
             replica: Some("r".repeat(32)),
             committed_at: Some(i64::MAX),
+            traceparent: Some(format!("00-{}-{}-01", "a".repeat(32), "b".repeat(16))),
         };
         let sent = payload(&notice);
         assert!(sent.len() <= MAX_PAYLOAD && MAX_PAYLOAD < 8000);

@@ -41,6 +41,10 @@ pub struct Notice {
     /// When the push committed, in Unix nanoseconds (for the fan-out delay metric).
     #[serde(rename = "at", default, skip_serializing_if = "Option::is_none")]
     pub committed_at: Option<i64>,
+    /// The push's W3C `traceparent`, when it is traced: every replica's
+    /// fan-out joins the push's trace.
+    #[serde(rename = "tp", default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// The earlier of two commit times, either of which may be unknown.
@@ -78,6 +82,13 @@ pub struct Subscriber {
     metrics: Metrics,
 }
 
+/// What a subscriber took: the tables per app, and when the oldest of the
+/// notices behind them committed.
+pub struct Taken {
+    pub tables: Pending,
+    pub committed_at: Option<i64>,
+}
+
 /// What waits for a subscriber: the tables, and when the oldest of the
 /// notices behind them committed.
 #[derive(Default)]
@@ -92,16 +103,23 @@ impl Subscriber {
         self.wake.notified().await;
     }
 
-    /// Takes what is pending (possibly nothing), counting it as sent.
-    pub fn take(&self) -> Pending {
+    /// Takes what is pending (possibly nothing), with the commit time of
+    /// the oldest notice behind it (`None` for a catch-up).
+    pub fn take(&self) -> Taken {
         let waiting = std::mem::take(&mut *self.pending.lock().expect("pending lock"));
-        if !waiting.tables.is_empty() {
-            let delay = waiting
-                .since
-                .map(|at| std::time::Duration::from_nanos(Timestamp::now().0.saturating_sub(at).max(0) as u64));
-            self.metrics.notification_sent(delay);
+        Taken {
+            tables: waiting.tables,
+            committed_at: waiting.since,
         }
-        waiting.tables
+    }
+
+    /// Counts a message sent for what was taken: the notices behind it
+    /// reached the socket (or stream) this long after their commit.
+    pub fn sent(&self, taken: &Taken) {
+        let delay = taken
+            .committed_at
+            .map(|at| std::time::Duration::from_nanos(Timestamp::now().0.saturating_sub(at).max(0) as u64));
+        self.metrics.notification_sent(delay);
     }
 
     /// Counts what was taken but could not be sent (the socket is gone or too slow).
@@ -120,13 +138,11 @@ impl Subscriber {
 
     fn mark(&self, notice: &Notice) {
         let mut pending = self.pending.lock().expect("pending lock");
-        if pending.tables.is_empty() {
-            pending.since = notice.committed_at;
-        } else {
+        if pending.tables.contains_key(&notice.app_id) {
             // Merged into a message already waiting: one send for both.
             self.metrics.notification_coalesced();
-            pending.since = earliest(pending.since, notice.committed_at);
         }
+        pending.since = earliest(pending.since, notice.committed_at);
         let tables = &notice.tables;
         let entry = pending
             .tables
@@ -176,6 +192,10 @@ pub struct Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
+        if !self.subscriber.pending.lock().expect("pending lock").tables.is_empty() {
+            // Gone with a notice still waiting.
+            self.subscriber.lost();
+        }
         let mut users = self.hub.inner.users.lock().expect("hub lock");
         if let Some(list) = users.get_mut(&self.subscriber.user_id) {
             list.retain(|s| s.id != self.subscriber.id);
@@ -238,15 +258,23 @@ impl Hub {
 
     /// Hands a notice to the user's subscribers on this replica; returns how many.
     pub fn publish(&self, notice: &Notice) -> usize {
-        let span = tracing::info_span!("fanout.deliver", app_id = %notice.app_id, told = tracing::field::Empty);
-        let _entered = span.enter();
         let users = self.inner.users.lock().expect("hub lock");
-        let told = users.get(&notice.user_id).map_or(0, |list| {
-            list.iter()
-                .filter(|s| s.wants(notice))
-                .inspect(|subscriber| subscriber.mark(notice))
-                .count()
-        });
+        let Some(list) = users
+            .get(&notice.user_id)
+            .filter(|list| list.iter().any(|s| s.wants(notice)))
+        else {
+            return 0; // nobody here to tell: no span either
+        };
+        let span = tracing::info_span!("fanout.deliver", app_id = %notice.app_id, told = tracing::field::Empty);
+        if let Some(traceparent) = &notice.traceparent {
+            crate::telemetry::continue_trace(&span, traceparent);
+        }
+        let _entered = span.enter();
+        let told = list
+            .iter()
+            .filter(|s| s.wants(notice))
+            .inspect(|subscriber| subscriber.mark(notice))
+            .count();
         span.record("told", told);
         told
     }
@@ -318,6 +346,7 @@ mod tests {
             tables: Some(tables.iter().map(|t| t.to_string()).collect()),
             replica: None,
             committed_at: None,
+            traceparent: None,
         }
     }
 
@@ -330,14 +359,14 @@ mod tests {
         let other_app = hub.subscribe("alice", Some("notes"), None).unwrap();
         let bob = hub.subscribe("bob", None, None).unwrap();
         assert_eq!(hub.publish(&notice("alice", "todo", "laptop", &["todos"])), 2);
-        assert!(mine.subscriber.take().is_empty());
-        assert!(other_app.subscriber.take().is_empty());
-        assert!(bob.subscriber.take().is_empty());
+        assert!(mine.subscriber.take().tables.is_empty());
+        assert!(other_app.subscriber.take().tables.is_empty());
+        assert!(bob.subscriber.take().tables.is_empty());
         assert_eq!(
-            phone.subscriber.take()["todo"],
+            phone.subscriber.take().tables["todo"],
             Some(BTreeSet::from(["todos".to_owned()]))
         );
-        assert!(undeclared.subscriber.take().contains_key("todo"));
+        assert!(undeclared.subscriber.take().tables.contains_key("todo"));
     }
 
     #[test]
@@ -348,13 +377,17 @@ mod tests {
             hub.publish(&notice("alice", "todo", "x", &[t]));
         }
         hub.publish(&notice("alice", "notes", "x", &["n"]));
-        let pending = s.subscriber.take();
+        let pending = s.subscriber.take().tables;
         assert_eq!(pending.len(), 2);
         assert_eq!(pending["todo"].as_ref().unwrap().len(), 3);
         let many: Vec<String> = (0..=MAX_PENDING_TABLES).map(|i| format!("t{i}")).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
         hub.publish(&notice("alice", "todo", "x", &many));
-        assert_eq!(s.subscriber.take()["todo"], None, "too many tables becomes 'all'");
+        assert_eq!(
+            s.subscriber.take().tables["todo"],
+            None,
+            "too many tables becomes 'all'"
+        );
     }
 
     #[test]

@@ -14,8 +14,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-pub use prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     method: String,
@@ -129,17 +127,17 @@ impl Metrics {
         );
         registry.register(
             "notifications_sent",
-            "Change notices handed to a socket or stream",
+            "Messages sent to sockets (sync-available, catch-ups included) and notices taken by change streams",
             inner.notifications_sent.clone(),
         );
         registry.register(
             "notifications_coalesced",
-            "Change notices merged into one already waiting for the same socket",
+            "Change notices merged into a message already waiting for the same socket and app",
             inner.notifications_coalesced.clone(),
         );
         registry.register(
             "notifications_dropped",
-            "Change notices lost with a socket that was gone or too slow to take them",
+            "Messages lost with a socket that was gone or too slow to take them",
             inner.notifications_dropped.clone(),
         );
         registry.register(
@@ -149,7 +147,7 @@ impl Metrics {
         );
         registry.register(
             "fanout_delay_seconds",
-            "Time from a push's commit to its notice reaching a socket or stream (any replica)",
+            "Time from a push's commit to the message sent for it to a socket or stream (any replica)",
             inner.fanout_delay.clone(),
         );
         registry.register(

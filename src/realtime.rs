@@ -228,7 +228,8 @@ async fn session(socket: WebSocketStream, state: AppState, app_id: Option<String
 /// Returns false when the socket is gone.
 async fn notify(sink: &mut Sink, state: &AppState, subscription: &Subscription) -> bool {
     let subscriber = &subscription.subscriber;
-    for (app, tables) in subscriber.take() {
+    let taken = subscriber.take();
+    for (app, tables) in taken.tables.clone() {
         let messages: Vec<(String, Vec<String>)> = match tables {
             Some(tables) => vec![(app, tables.into_iter().collect())],
             None => {
@@ -264,6 +265,7 @@ async fn notify(sink: &mut Sink, state: &AppState, subscription: &Subscription) 
                 subscriber.lost();
                 return false;
             }
+            subscriber.sent(&taken);
         }
     }
     true

@@ -114,7 +114,12 @@ pub fn changes(
                 _ = tokio::time::sleep_until(st.expires) => return None,
                 _ = st.heartbeat.tick() => return Some((None, st)),
                 _ = st.subscription.subscriber.changed() => {
-                    for (app, tables) in st.subscription.subscriber.take() {
+                    let taken = st.subscription.subscriber.take();
+                    if !taken.tables.is_empty() {
+                        // The stream pulls what the notice names and sends it next.
+                        st.subscription.subscriber.sent(&taken);
+                    }
+                    for (app, tables) in taken.tables {
                         if app != st.app_id && !app.is_empty() {
                             continue;
                         }

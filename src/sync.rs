@@ -40,8 +40,7 @@ pub struct Idempotency {
         tables = %tables(batch),
         records = tracing::field::Empty,
         replayed = tracing::field::Empty,
-    ),
-    err(Display)
+    )
 )]
 #[allow(clippy::too_many_arguments)]
 pub async fn push(
@@ -133,6 +132,7 @@ pub fn notice(user_id: &str, app_id: &str, batch: &Batch) -> Notice {
         tables: Some(tables.into_iter().map(str::to_owned).collect()),
         replica: None,
         committed_at: None,
+        traceparent: None,
     }
 }
 
@@ -173,7 +173,7 @@ pub async fn record(tx: &mut Tx, user_id: &str, app_id: &str, batch: &Batch) -> 
 }
 
 /// The folded delta of one collection since a cursor.
-#[tracing::instrument(name = "sync.pull", skip_all, fields(app_id = %app_id, table = %table, records = tracing::field::Empty), err(Display))]
+#[tracing::instrument(name = "sync.pull", skip_all, fields(app_id = %app_id, table = %table, records = tracing::field::Empty))]
 pub async fn pull(
     store: &Store,
     metrics: &Metrics,

@@ -69,28 +69,44 @@ pub fn init() -> anyhow::Result<Telemetry> {
     Ok(Telemetry { tracer_provider })
 }
 
+/// A standard `OTEL_*` variable; empty counts as unset, as the spec says.
+fn otel_var(name: &str) -> Option<String> {
+    std::env::var(name)
+        .ok()
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+}
+
 /// The OTLP pipeline, when an endpoint is configured.
 fn tracer_provider() -> anyhow::Result<Option<SdkTracerProvider>> {
-    let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
-    if !(set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
-        || std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.trim().eq_ignore_ascii_case("true"))
-        || std::env::var("OTEL_TRACES_EXPORTER").is_ok_and(|v| v.trim() == "none")
-    {
+    let endpoint = ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]
+        .into_iter()
+        .find_map(|name| otel_var(name).map(|value| (name, value)));
+    let exporters = otel_var("OTEL_TRACES_EXPORTER").unwrap_or_else(|| "otlp".to_owned());
+    let Some((endpoint_name, endpoint)) = endpoint else {
+        return Ok(None);
+    };
+    if otel_var("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
         return Ok(None);
     }
-    // The exporter speaks plain HTTP/2 or HTTP/1.1 to a collector nearby
-    // (a sidecar or node agent), which forwards over TLS.
-    for name in ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"] {
-        if std::env::var(name).is_ok_and(|v| v.trim().starts_with("https://")) {
-            anyhow::bail!(
-                "invalid configuration: {name} uses https://, which this build does not speak: \
-                 point it at an OpenTelemetry collector over http:// (it forwards over TLS)"
-            );
+    if !exporters.split(',').any(|e| e.trim() == "otlp") {
+        // `none`, or only exporters this server does not have (`console`, `zipkin`).
+        if exporters != "none" {
+            eprintln!("mana-sync: OTEL_TRACES_EXPORTER={exporters:?}: only `otlp` is supported; not exporting traces");
         }
+        return Ok(None);
+    }
+    // The exporter speaks plain HTTP to a collector nearby (a sidecar or
+    // node agent), which forwards over TLS.
+    if endpoint.starts_with("https://") {
+        anyhow::bail!(
+            "invalid configuration: {endpoint_name} uses https://, which this build does not speak: \
+             point it at an OpenTelemetry collector over http:// (it forwards over TLS)"
+        );
     }
     let (name, protocol) = ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"]
         .into_iter()
-        .find_map(|name| std::env::var(name).ok().map(|v| (name, v.trim().to_owned())))
+        .find_map(|name| otel_var(name).map(|value| (name, value)))
         .unwrap_or(("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".to_owned()));
     // The exporters read the endpoint, headers, timeout and compression
     // from the standard variables themselves.
@@ -108,8 +124,12 @@ fn tracer_provider() -> anyhow::Result<Option<SdkTracerProvider>> {
     }
     .context("invalid OTLP exporter configuration (OTEL_EXPORTER_OTLP_*)")?;
     let mut resource = opentelemetry_sdk::Resource::builder();
-    let named = set("OTEL_SERVICE_NAME")
-        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| v.contains("service.name="));
+    let named = otel_var("OTEL_SERVICE_NAME").is_some()
+        || otel_var("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|attributes| {
+            attributes
+                .split(',')
+                .any(|pair| pair.split('=').next().is_some_and(|key| key.trim() == "service.name"))
+        });
     if !named {
         resource = resource.with_service_name("mana-sync");
     }
@@ -128,12 +148,21 @@ fn tracer_provider() -> anyhow::Result<Option<SdkTracerProvider>> {
 /// is counted in the metrics by route and status.
 pub async fn log_request<E: poem::Endpoint>(next: E, req: poem::Request) -> poem::Result<poem::Response> {
     use tracing::Instrument;
-    let method = req.method().clone();
+    // Only the standard methods become labels and span names; anything
+    // else is `_OTHER` (OpenTelemetry's HTTP conventions), so a client
+    // cannot mint new series.
+    const METHODS: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+    ];
+    let method = METHODS
+        .into_iter()
+        .find(|m| *m == req.method().as_str())
+        .unwrap_or("_OTHER");
     let path = req.uri().path().to_owned();
     let route = crate::startup::route_of(&path).unwrap_or("unmatched");
     let span = tracing::info_span!(
         "request",
-        otel.name = format!("{method} {route}"),
+        otel.name = if method == "_OTHER" { format!("HTTP {route}") } else { format!("{method} {route}") },
         otel.kind = "server",
         otel.status_code = tracing::field::Empty,
         %method,
@@ -141,7 +170,7 @@ pub async fn log_request<E: poem::Endpoint>(next: E, req: poem::Request) -> poem
         user_id = tracing::field::Empty,
         app_id = tracing::field::Empty,
     );
-    let parent = TraceContextPropagator::new().extract(&HeaderExtractor(req.headers()));
+    let parent = TraceContextPropagator::new().extract(&opentelemetry_http::HeaderExtractor(req.headers()));
     // Fails only when no trace layer is installed: nothing to continue then.
     let _ = span.set_parent(parent);
     let metrics = req.data::<AppState>().map(|state| state.metrics.clone());
@@ -152,7 +181,7 @@ pub async fn log_request<E: poem::Endpoint>(next: E, req: poem::Request) -> poem
         let status = response.status().as_u16();
         let span = tracing::Span::current();
         // OpenTelemetry's HTTP attributes go to the trace only, not the logs.
-        span.set_attribute("http.request.method", method.to_string());
+        span.set_attribute("http.request.method", method);
         span.set_attribute("http.route", route);
         span.set_attribute("url.path", path);
         span.set_attribute("http.response.status_code", i64::from(status));
@@ -164,7 +193,7 @@ pub async fn log_request<E: poem::Endpoint>(next: E, req: poem::Request) -> poem
             tracing::info!(status, duration_ms, "request");
         }
         if let Some(metrics) = metrics {
-            metrics.request(method.as_str(), route, status, elapsed);
+            metrics.request(method, route, status, elapsed);
         }
         Ok(response)
     }
@@ -172,15 +201,31 @@ pub async fn log_request<E: poem::Endpoint>(next: E, req: poem::Request) -> poem
     .await
 }
 
-/// Reads W3C trace context from request headers.
-struct HeaderExtractor<'a>(&'a poem::http::HeaderMap);
+/// The current span's W3C `traceparent`, to carry it across a queue or to
+/// another replica (`None` when no trace is being recorded).
+pub fn current_traceparent() -> Option<String> {
+    let mut carrier = std::collections::HashMap::new();
+    TraceContextPropagator::new().inject_context(&tracing::Span::current().context(), &mut carrier);
+    carrier.remove("traceparent")
+}
 
-impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
+/// The trace context a carried `traceparent` names.
+fn carried(traceparent: &str) -> opentelemetry::Context {
+    let carrier = std::collections::HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    TraceContextPropagator::new().extract(&carrier)
+}
 
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(|k| k.as_str()).collect()
+/// Makes `span` (not yet entered) a child of a carried `traceparent`.
+pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
+    let _ = span.set_parent(carried(traceparent));
+}
+
+/// Links `span` to the trace a carried `traceparent` names.
+pub fn link_trace(span: &tracing::Span, traceparent: &str) {
+    use opentelemetry::trace::TraceContextExt as _;
+    let context = carried(traceparent);
+    let linked = context.span().span_context().clone();
+    if linked.is_valid() {
+        span.add_link(linked);
     }
 }

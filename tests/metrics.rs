@@ -5,61 +5,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::app::{Backend, Postgres, START, Sqlite, TestApp, insert, push_body};
+use common::app::{Backend, Postgres, START, Sqlite, insert, push_body};
+use common::metrics::{scrape, value};
 use common::{tokens, ws};
-use openmetrics_parser::prometheus::parse_prometheus;
-use openmetrics_parser::{MetricNumber, MetricsExposition, PrometheusType, PrometheusValue};
 use reqwest::StatusCode;
 use rstest::rstest;
 use serde_json::json;
-
-type Scrape = MetricsExposition<PrometheusType, PrometheusValue>;
-
-async fn scrape(app: &TestApp) -> Scrape {
-    let response = app.http.get(app.url("/metrics")).send().await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    assert!(
-        response.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/plain"),
-        "Prometheus text format"
-    );
-    let text = response.text().await.unwrap();
-    parse_prometheus(&text).unwrap_or_else(|e| panic!("not valid Prometheus text ({e:?}): {text}"))
-}
-
-fn number(n: &MetricNumber) -> f64 {
-    match n {
-        MetricNumber::Float(f) => *f,
-        MetricNumber::Int(i) => *i as f64,
-    }
-}
-
-/// The sum of a metric's samples with these labels (0 when there are
-/// none): a counter's or gauge's value, or a histogram's count.
-fn value(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
-    let Some(family) = scrape
-        .families
-        .get(metric)
-        .or_else(|| scrape.families.get(metric.trim_end_matches("_total")))
-    else {
-        return 0.0;
-    };
-    family
-        .iter_samples()
-        .filter(|sample| {
-            let set = sample.get_labelset().expect("a parsed sample has labels");
-            labels.iter().all(|(k, v)| set.get_label_value(k) == Some(*v))
-        })
-        .map(|sample| match &sample.value {
-            PrometheusValue::Unknown(n) | PrometheusValue::Gauge(n) => number(n),
-            PrometheusValue::Counter(c) => number(&c.value),
-            PrometheusValue::Histogram(h) => h.count.unwrap_or(0) as f64,
-            PrometheusValue::Summary(_) => panic!("{metric} is a summary"),
-        })
-        .sum()
-}
 
 #[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,6 +58,10 @@ async fn counters_move_by_exactly_what_the_traffic_did(#[values(Postgres, Sqlite
         .await
         .unwrap();
     assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    for made_up in ["ZZMETHOD0", "ZZMETHOD1"] {
+        let method = reqwest::Method::from_bytes(made_up.as_bytes()).unwrap();
+        app.http.request(method, app.url("/health")).send().await.unwrap();
+    }
 
     let after = scrape(&app).await;
     let moved = |metric: &str, labels: &[(&str, &str)]| value(&after, metric, labels) - value(&before, metric, labels);
@@ -140,7 +95,10 @@ async fn counters_move_by_exactly_what_the_traffic_did(#[values(Postgres, Sqlite
         "the push's delay was observed"
     );
     let pool = |state| value(&after, "mana_sync_db_pool_connections", &[("state", state)]);
-    assert!(pool("in_use") + pool("idle") >= 1.0, "the pool's open connections are shown");
+    assert!(
+        pool("in_use") + pool("idle") >= 1.0,
+        "the pool's open connections are shown"
+    );
     assert_eq!(value(&after, "mana_sync_listener_reconnects_total", &[]), 0.0);
     for metric in [
         "mana_sync_notifications_coalesced_total",

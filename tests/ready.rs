@@ -54,4 +54,9 @@ async fn ready_is_503_while_the_database_is_down_and_200_when_it_is_back() {
         assert!(Instant::now() < deadline, "/ready never recovered");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let metrics = common::metrics::scrape(&app).await;
+    assert!(
+        common::metrics::value(&metrics, "mana_sync_listener_reconnects_total", &[]) >= 1.0,
+        "the listener's reconnect is counted"
+    );
 }

@@ -112,6 +112,20 @@ async fn a_push_continues_the_callers_trace_and_its_spans_reach_the_collector() 
     }
 
     let token = common::tokens::token_for("alice");
+    // A phone listening, so the push's fan-out tells somebody.
+    let (mut phone, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws/todo"))
+        .await
+        .unwrap();
+    {
+        use futures_util::{SinkExt, StreamExt};
+        let auth = json!({ "type": "auth", "token": token, "clientId": "phone" });
+        phone
+            .send(tokio_tungstenite::tungstenite::Message::text(auth.to_string()))
+            .await
+            .unwrap();
+        phone.next().await.unwrap().unwrap(); // auth-ok
+        phone.next().await.unwrap().unwrap(); // the catch-up
+    }
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller_span = "00f067aa0ba902b7";
     let response = http
@@ -129,6 +143,25 @@ async fn a_push_continues_the_callers_trace_and_its_spans_reach_the_collector() 
         .await
         .unwrap();
     assert!(response.status().is_success(), "{}", response.text().await.unwrap());
+    let pull_span = "b7ad6b7169203331";
+    let pulled = http
+        .get(format!("{base}/sync/todo/pull?collection=todos"))
+        .bearer_auth(&token)
+        .header("traceparent", format!("00-{trace_id}-{pull_span}-01"))
+        .header("tracestate", "vendor=opaque")
+        .send()
+        .await
+        .unwrap();
+    assert!(pulled.status().is_success());
+    // A malformed traceparent starts a new trace rather than failing.
+    let fresh = http
+        .get(format!("{base}/sync/todo/pull?collection=notes"))
+        .bearer_auth(&token)
+        .header("traceparent", "not-a-traceparent")
+        .send()
+        .await
+        .unwrap();
+    assert!(fresh.status().is_success());
 
     // SIGTERM: the spans still buffered are flushed before the exit.
     // SAFETY: kill(2) on our own child's pid.
@@ -189,14 +222,41 @@ async fn a_push_continues_the_callers_trace_and_its_spans_reach_the_collector() 
         deliver.parent_span_id, push.span_id,
         "the fan-out follows the push's commit"
     );
-    assert_eq!(attribute(deliver, "told").as_deref(), Some("0"), "no socket was open");
+    assert_eq!(attribute(deliver, "told").as_deref(), Some("1"), "the phone was told");
+
+    let pull = named("sync.pull");
+    let pull_request = named("GET /sync/{appId}/pull");
+    assert_eq!(pull.parent_span_id, pull_request.span_id);
+    assert_eq!(pull_request.parent_span_id, hex(pull_span));
+    assert_eq!(pull_request.trace_state, "vendor=opaque", "tracestate is carried on");
+    assert_eq!(attribute(pull, "table").as_deref(), Some("todos"));
+    assert_eq!(attribute(pull, "records").as_deref(), Some("1"));
+    let fresh_pull = spans
+        .iter()
+        .map(|(_, s)| s)
+        .find(|s| s.name == "sync.pull" && attribute(s, "table").as_deref() == Some("notes"))
+        .expect("the pull with a malformed traceparent is traced too");
+    assert_ne!(fresh_pull.trace_id, trace, "in a trace of its own");
+
+    // The NOTIFY, shared by whatever pushes were waiting, links to their traces.
+    let notify = spans
+        .iter()
+        .map(|(_, s)| s)
+        .find(|s| s.name == "fanout.notify")
+        .expect("a fanout.notify span");
+    assert!(
+        notify
+            .links
+            .iter()
+            .any(|l| l.trace_id == trace && l.span_id == push.span_id),
+        "the NOTIFY links to the push: {:?}",
+        notify.links
+    );
 
     let services: Vec<&str> = spans.iter().map(|(service, _)| service.as_str()).collect();
     assert!(services.iter().all(|s| *s == "mana-sync"), "service name: {services:?}");
     let all: Vec<&str> = spans.iter().map(|(_, s)| s.name.as_str()).collect();
-    for name in ["jwks.fetch", "fanout.notify"] {
-        assert!(all.contains(&name), "no {name:?} span exported; got {all:?}");
-    }
+    assert!(all.contains(&"jwks.fetch"), "no jwks.fetch span exported; got {all:?}");
 }
 
 #[test]

@@ -40,7 +40,8 @@ pub struct Health {
 pub struct Readiness {
     /// `ready` or `not_ready`.
     pub status: String,
-    /// Why not, when not: `database unreachable`, `change listener reconnecting`.
+    /// Why not, when not: `shutting down`, `database unreachable`,
+    /// `change listener reconnecting`.
     #[oai(skip_serializing_if_is_none)]
     pub reason: Option<String>,
 }
@@ -53,6 +54,13 @@ pub enum ReadyResponse {
     /// Not ready; `reason` says why.
     #[oai(status = 503)]
     NotReady(Json<Readiness>),
+}
+
+#[derive(ApiResponse)]
+pub enum MetricsResponse {
+    /// The Prometheus text format, version 0.0.4.
+    #[oai(status = 200, content_type = "text/plain; version=0.0.4; charset=utf-8")]
+    Ok(PlainText<String>),
 }
 
 #[OpenApi(tag = "ApiTags::Health")]
@@ -83,10 +91,13 @@ impl HealthApi {
     ///
     /// 200 when the database answers and the change listener listens (so
     /// this replica both serves requests and hears other replicas' pushes);
-    /// 503 with the reason otherwise. For load balancers and Kubernetes.
+    /// 503 with the reason otherwise, and while the replica shuts down. For
+    /// load balancers and Kubernetes.
     #[oai(path = "/ready", method = "get", operation_id = "ready")]
     async fn ready(&self, state: Data<&AppState>) -> ReadyResponse {
-        let reason = if !state.store.ping().await {
+        let reason = if state.hub.is_closing() {
+            Some("shutting down")
+        } else if !state.store.ping().await {
             Some("database unreachable")
         } else if !state.hub.is_listening() {
             Some("change listener reconnecting")
@@ -112,7 +123,9 @@ impl HealthApi {
     /// replays, token refusals, sockets and users, notifications, listener
     /// reconnects, fan-out delay and database pool connections.
     #[oai(path = "/metrics", method = "get", operation_id = "metrics")]
-    async fn metrics(&self, state: Data<&AppState>) -> PlainText<String> {
-        PlainText(state.metrics.render(state.hub.stats(), state.store.pool_stats()))
+    async fn metrics(&self, state: Data<&AppState>) -> MetricsResponse {
+        MetricsResponse::Ok(PlainText(
+            state.metrics.render(state.hub.stats(), state.store.pool_stats()),
+        ))
     }
 }

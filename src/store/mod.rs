@@ -204,18 +204,27 @@ impl Store {
         }
     }
 
-    /// Whether the database answers within 2 s.
+    /// Whether the database answers within 2 s. A pool whose connections
+    /// are all busy counts as answering (they are live, and a ping would
+    /// only queue behind them): under load a replica stays ready.
     pub async fn ping(&self) -> bool {
         let ping = async {
             match self {
-                Store::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.is_ok(),
-                Store::Sqlite(store) => sqlx::query("SELECT 1").execute(store.reader()).await.is_ok(),
+                Store::Postgres(pool) => saturated(pool) || sqlx::query("SELECT 1").execute(pool).await.is_ok(),
+                Store::Sqlite(store) => {
+                    saturated(store.reader()) || sqlx::query("SELECT 1").execute(store.reader()).await.is_ok()
+                }
             }
         };
         tokio::time::timeout(Duration::from_secs(2), ping)
             .await
             .unwrap_or(false)
     }
+}
+
+/// Every connection the pool may open is open and in use.
+fn saturated<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) -> bool {
+    pool.num_idle() == 0 && pool.size() >= pool.options().get_max_connections()
 }
 
 impl Tx {

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod app;
+pub mod metrics;
 pub mod pg;
 pub mod tokens;
 pub mod ws;
