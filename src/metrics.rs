@@ -70,8 +70,8 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("mana_sync");
-        let inner = Inner {
+        let mut inner = Inner {
+            registry: Registry::with_prefix("mana_sync"),
             requests: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram),
             changes_appended: Counter::default(),
@@ -86,8 +86,8 @@ impl Metrics {
             listener_reconnects: Counter::default(),
             fanout_delay: latency_histogram(),
             pool_connections: Family::default(),
-            registry: Registry::default(),
         };
+        let registry = &mut inner.registry;
         registry.register(
             "http_requests",
             "HTTP requests by method, route and status",
@@ -155,9 +155,7 @@ impl Metrics {
             "Database pool connections by state (in_use, idle)",
             inner.pool_connections.clone(),
         );
-        Metrics {
-            inner: Arc::new(Inner { registry, ..inner }),
-        }
+        Metrics { inner: Arc::new(inner) }
     }
 
     /// A request answered.
