@@ -1,7 +1,8 @@
 //! Traces: the built binary, pointed at an OTLP receiver started here (a
-//! small HTTP server decoding the protobuf export), continues a caller's
-//! `traceparent` through a push and exports its spans, flushing them on
-//! shutdown.
+//! small HTTP server decoding the protobuf or JSON export, or a gRPC
+//! collector service, with the opentelemetry-proto types), continues a
+//! caller's `traceparent` through a push and exports its spans, flushing
+//! them on shutdown.
 
 mod common;
 
@@ -9,22 +10,28 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use poem::web::Data;
 use poem::{EndpointExt, Route, handler, post};
 use prost::Message;
+use rstest::rstest;
 use serde_json::json;
 
-type Received = Arc<Mutex<Vec<(String, Span)>>>;
+/// What the receiver got: spans with their service names, and how each
+/// export came (`grpc`, or the HTTP content type).
+#[derive(Clone, Default)]
+struct Received {
+    spans: Arc<Mutex<Vec<(String, Span)>>>,
+    formats: Arc<Mutex<Vec<String>>>,
+}
 
-/// `POST /v1/traces`: keeps every span with its service name.
-#[handler]
-async fn export(body: Vec<u8>, received: Data<&Received>) -> poem::Result<()> {
-    let request = ExportTraceServiceRequest::decode(body.as_slice())
-        .map_err(|e| poem::Error::from_string(e.to_string(), poem::http::StatusCode::BAD_REQUEST))?;
-    let mut received = received.lock().unwrap();
+/// Keeps every span of an export with its service name.
+fn keep(received: &Received, format: &str, request: ExportTraceServiceRequest) {
+    received.formats.lock().unwrap().push(format.to_owned());
+    let mut received = received.spans.lock().unwrap();
     for resource_spans in request.resource_spans {
         let service = resource_spans
             .resource
@@ -40,16 +47,53 @@ async fn export(body: Vec<u8>, received: Data<&Received>) -> poem::Result<()> {
             received.extend(scope.spans.into_iter().map(|span| (service.clone(), span)));
         }
     }
+}
+
+/// OTLP/HTTP `POST /v1/traces`, protobuf or JSON.
+#[handler]
+async fn export(req: &poem::Request, body: Vec<u8>, received: Data<&Received>) -> poem::Result<()> {
+    let bad = |e: String| poem::Error::from_string(e, poem::http::StatusCode::BAD_REQUEST);
+    let format = req.content_type().unwrap_or_default();
+    let request = if format == "application/json" {
+        serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?
+    } else {
+        ExportTraceServiceRequest::decode(body.as_slice()).map_err(|e| bad(e.to_string()))?
+    };
+    keep(&received, format, request);
     Ok(())
 }
 
-/// An OTLP/HTTP receiver on a free port; returns its base URL.
-async fn otlp_receiver(received: Received) -> String {
+/// OTLP/gRPC.
+struct Collector(Received);
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        keep(&self.0, "grpc", request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// An OTLP receiver for `protocol` on a free port; returns its base URL.
+async fn otlp_receiver(protocol: &str, received: Received) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let app = Route::new().at("/v1/traces", post(export)).data(received);
-    let acceptor = poem::listener::TcpAcceptor::from_tokio(listener).unwrap();
-    tokio::spawn(poem::Server::new_with_acceptor(acceptor).run(app));
+    if protocol == "grpc" {
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let service = TraceServiceServer::new(Collector(received));
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(incoming),
+        );
+    } else {
+        let app = Route::new().at("/v1/traces", post(export)).data(received);
+        let acceptor = poem::listener::TcpAcceptor::from_tokio(listener).unwrap();
+        tokio::spawn(poem::Server::new_with_acceptor(acceptor).run(app));
+    }
     url
 }
 
@@ -71,10 +115,13 @@ fn attribute(span: &Span, key: &str) -> Option<String> {
     })
 }
 
+#[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_push_continues_the_callers_trace_and_its_spans_reach_the_collector() {
-    let received: Received = Arc::default();
-    let endpoint = otlp_receiver(received.clone()).await;
+async fn a_push_continues_the_callers_trace_and_its_spans_reach_the_collector(
+    #[values("http/protobuf", "http/json", "grpc")] protocol: &str,
+) {
+    let received = Received::default();
+    let endpoint = otlp_receiver(protocol, received.clone()).await;
     let log_file = tempfile::NamedTempFile::new().unwrap();
     let db = common::pg::test_database().await;
     let jwks = common::tokens::JwksServer::start_default().await;
@@ -92,7 +139,7 @@ async fn a_push_continues_the_callers_trace_and_its_spans_reach_the_collector() 
         // Nothing is exported before shutdown: the flush at exit must send it all.
         .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
         .env_remove("OTEL_SERVICE_NAME")
-        .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
         .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "info")
         .stderr(log_file.reopen().unwrap())
@@ -189,7 +236,17 @@ async fn a_push_continues_the_callers_trace_and_its_spans_reach_the_collector() 
     assert_eq!(request["span"]["user_id"], "alice");
     assert_eq!(request["span"]["app_id"], "todo");
 
-    let spans = received.lock().unwrap().clone();
+    let expected_format = match protocol {
+        "http/protobuf" => "application/x-protobuf",
+        "http/json" => "application/json",
+        _ => "grpc",
+    };
+    let formats = received.formats.lock().unwrap().clone();
+    assert!(
+        !formats.is_empty() && formats.iter().all(|f| f == expected_format),
+        "{protocol} exports as {expected_format}: {formats:?}"
+    );
+    let spans = received.spans.lock().unwrap().clone();
     let trace = hex(trace_id);
     let in_trace: Vec<&Span> = spans.iter().map(|(_, s)| s).filter(|s| s.trace_id == trace).collect();
     let names: Vec<&str> = in_trace.iter().map(|s| s.name.as_str()).collect();
