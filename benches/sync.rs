@@ -231,11 +231,7 @@ async fn cold_start(sizes: &Sizes) {
     let mut samples = Vec::with_capacity(sizes.cold_starts);
     for _ in 0..sizes.cold_starts {
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = common::free_port();
         let started = Instant::now();
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mana-sync"))
             .env_clear()
@@ -269,11 +265,7 @@ async fn tracing_overhead(sizes: &Sizes) {
     tokio::spawn(poem::Server::new_with_acceptor(poem::listener::TcpAcceptor::from_tokio(sink).unwrap()).run(accept));
     for traced in [false, true, false, true] {
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = common::free_port();
         let binary = env!("CARGO_BIN_EXE_mana-sync");
         let mut command = std::process::Command::new(binary);
         command

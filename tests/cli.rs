@@ -24,11 +24,7 @@ fn a_malformed_setting_stops_start_up_with_one_line_naming_it() {
 
 #[test]
 fn an_unreachable_database_is_retried_and_logged_not_fatal() {
-    let free_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let free_port = common::free_port();
     let mut child = mana_sync()
         .env("DATABASE_URL", format!("postgres://nobody@127.0.0.1:{free_port}/none"))
         .env("PORT", "0")
@@ -89,11 +85,7 @@ async fn sigterm_closes_sockets_with_1012_and_exits_in_time() {
 
     let db = common::pg::test_database().await;
     let jwks = common::tokens::JwksServer::start_default().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let mut child = mana_sync()
         .env("DATABASE_URL", &db.app_url)
         .env("JWKS_URL", &jwks.url)

@@ -125,11 +125,7 @@ async fn a_push_continues_the_callers_trace_and_its_spans_reach_the_collector(
     let log_file = tempfile::NamedTempFile::new().unwrap();
     let db = common::pg::test_database().await;
     let jwks = common::tokens::JwksServer::start_default().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_mana-sync"))
         .env("DATABASE_URL", &db.app_url)
         .env("JWKS_URL", &jwks.url)

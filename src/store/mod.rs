@@ -322,8 +322,20 @@ impl Tx {
         max_bytes: i64,
     ) -> sqlx::Result<Page> {
         dialect!(self, |conn, sql| {
-            let rows = sql::changed_since(conn, user_id, app_id, table, since, limit as i64 + 1);
-            projection::collect_page(rows, limit, max_bytes).await
+            let statement = if table.is_some() {
+                sql::PAGE_OF_TABLE
+            } else {
+                sql::PAGE_OF_APP
+            };
+            let mut query = sqlx::query_as(statement)
+                .bind(user_id)
+                .bind(app_id)
+                .bind(since.0)
+                .bind(limit as i64 + 1);
+            if let Some(table) = table {
+                query = query.bind(table);
+            }
+            projection::collect_page(query.fetch(conn), limit, max_bytes).await
         })
     }
 

@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context;
-use futures_util::stream::BoxStream;
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::types::Json;
@@ -14,9 +13,8 @@ use sqlx::{ConnectOptions, Connection, PgConnection, PgPool, Postgres, Transacti
 
 use crate::change_log::NewRow;
 use crate::config::Config;
-use crate::cursor::Cursor;
 use crate::fold::FieldState;
-use crate::projection::{PageRow, Record, Row};
+use crate::projection::{Record, Row};
 
 /// The migrations under `migrations/postgres/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -224,47 +222,29 @@ pub async fn save(conn: &mut PgConnection, user_id: &str, app_id: &str, records:
     Ok(())
 }
 
-/// The user's clock with up to `fetch` records changed after `since`,
-/// oldest first (one row with nulls when none).
-pub fn changed_since<'c>(
-    conn: &'c mut PgConnection,
-    user_id: &'c str,
-    app_id: &'c str,
-    table: Option<&'c str>,
-    since: Cursor,
-    fetch: i64,
-) -> BoxStream<'c, sqlx::Result<PageRow>> {
-    // Two statements rather than `table IS NULL OR ...`, so each keeps a
-    // plan that walks its own index in touched_seq order. The bound by the
-    // clock keeps out records committed after the clock was read.
-    let sql = match table {
-        Some(_) => {
-            "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq,
+/// A page of one table (parameters: user, app, since, how many, table):
+/// the user's clock with the records changed after `since`, oldest first
+/// (one row with nulls when none). The bound by the clock keeps out records
+/// committed after the clock was read. A statement per case rather than
+/// `table IS NULL OR ...`, so each keeps a plan that walks its own index in
+/// touched_seq order.
+pub const PAGE_OF_TABLE: &str = "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq,
                     octet_length(r.fields::text)::bigint
              FROM sync_clocks c LEFT JOIN LATERAL (
                SELECT * FROM sync_records r
                WHERE r.user_id = c.user_id AND r.app_id = $2 AND r.table_name = $5
                  AND r.touched_seq > $3 AND r.touched_seq <= c.last_seq
                ORDER BY r.touched_seq LIMIT $4) r ON true
-             WHERE c.user_id = $1"
-        }
-        None => {
-            "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq,
+             WHERE c.user_id = $1";
+/// A page of a whole app (parameters: user, app, since, how many).
+pub const PAGE_OF_APP: &str = "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq,
                     octet_length(r.fields::text)::bigint
              FROM sync_clocks c LEFT JOIN LATERAL (
                SELECT * FROM sync_records r
                WHERE r.user_id = c.user_id AND r.app_id = $2
                  AND r.touched_seq > $3 AND r.touched_seq <= c.last_seq
                ORDER BY r.touched_seq LIMIT $4) r ON true
-             WHERE c.user_id = $1"
-        }
-    };
-    let mut query = sqlx::query_as(sql).bind(user_id).bind(app_id).bind(since.0).bind(fetch);
-    if let Some(table) = table {
-        query = query.bind(table);
-    }
-    query.fetch(conn)
-}
+             WHERE c.user_id = $1";
 
 pub async fn find_outcome(
     conn: &mut PgConnection,

@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use futures_util::stream::BoxStream;
 use serde_json::{Value, json};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::types::Json;
@@ -26,9 +25,8 @@ use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
 
 use crate::change_log::NewRow;
 use crate::config::Config;
-use crate::cursor::Cursor;
 use crate::error::{Error, Result};
-use crate::projection::{PageRow, Record, Row};
+use crate::projection::{Record, Row};
 use crate::timestamp::Timestamp;
 
 /// The migrations under `migrations/sqlite/`, embedded in the binary.
@@ -279,48 +277,29 @@ pub async fn save(conn: &mut SqliteConnection, user_id: &str, app_id: &str, reco
     Ok(())
 }
 
-/// The user's clock with up to `fetch` records changed after `since`,
-/// oldest first (one row with nulls when none). Writers are serialised and
-/// a read sees one snapshot, so every record it sees is at or below the
-/// clock it sees.
-pub fn changed_since<'c>(
-    conn: &'c mut SqliteConnection,
-    user_id: &'c str,
-    app_id: &'c str,
-    table: Option<&'c str>,
-    since: Cursor,
-    fetch: i64,
-) -> BoxStream<'c, sqlx::Result<PageRow>> {
-    // Two statements rather than `?5 IS NULL OR ...`, so each searches its
-    // own index in touched_seq order.
-    let sql = match table {
-        Some(_) => {
-            "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq,
+/// A page of one table (parameters: user, app, since, how many, table):
+/// the user's clock with the records changed after `since`, oldest first
+/// (one row with nulls when none). Writers are serialised and a read sees
+/// one snapshot, so every record it sees is at or below the clock it sees.
+/// A statement per case rather than `?5 IS NULL OR ...`, so each searches
+/// its own index in touched_seq order.
+pub const PAGE_OF_TABLE: &str = "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq,
                     length(CAST(r.fields AS BLOB))
              FROM sync_clocks c LEFT JOIN (
                SELECT * FROM sync_records
                WHERE user_id = ?1 AND app_id = ?2 AND table_name = ?5 AND touched_seq > ?3
                ORDER BY touched_seq LIMIT ?4) r ON r.touched_seq <= c.last_seq
              WHERE c.user_id = ?1
-             ORDER BY r.touched_seq"
-        }
-        None => {
-            "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq,
+             ORDER BY r.touched_seq";
+/// A page of a whole app (parameters: user, app, since, how many).
+pub const PAGE_OF_APP: &str = "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq,
                     length(CAST(r.fields AS BLOB))
              FROM sync_clocks c LEFT JOIN (
                SELECT * FROM sync_records
                WHERE user_id = ?1 AND app_id = ?2 AND touched_seq > ?3
                ORDER BY touched_seq LIMIT ?4) r ON r.touched_seq <= c.last_seq
              WHERE c.user_id = ?1
-             ORDER BY r.touched_seq"
-        }
-    };
-    let mut query = sqlx::query_as(sql).bind(user_id).bind(app_id).bind(since.0).bind(fetch);
-    if let Some(table) = table {
-        query = query.bind(table);
-    }
-    query.fetch(conn)
-}
+             ORDER BY r.touched_seq";
 
 /// `created_at` is in Unix milliseconds, from SQLite's clock.
 pub async fn find_outcome(

@@ -8,3 +8,12 @@ pub mod metrics;
 pub mod pg;
 pub mod tokens;
 pub mod ws;
+
+/// A loopback port nothing listens on (for a server process to bind).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind a free port")
+        .local_addr()
+        .unwrap()
+        .port()
+}
