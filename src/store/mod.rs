@@ -49,11 +49,13 @@ macro_rules! dialect {
     ($tx:expr, |$conn:ident, $sql:ident| $body:expr) => {
         match $tx {
             Tx::Postgres(tx) => {
+                #[allow(unused_imports)]
                 use crate::store::postgres as $sql;
                 let $conn: &mut sqlx::PgConnection = &mut *tx;
                 $body
             }
             Tx::Sqlite(tx) => {
+                #[allow(unused_imports)]
                 use crate::store::sqlite as $sql;
                 let $conn: &mut sqlx::SqliteConnection = &mut *tx;
                 $body
@@ -61,16 +63,7 @@ macro_rules! dialect {
         }
     };
     ($tx:expr, |$conn:ident| $body:expr) => {
-        match $tx {
-            Tx::Postgres(tx) => {
-                let $conn: &mut sqlx::PgConnection = &mut *tx;
-                $body
-            }
-            Tx::Sqlite(tx) => {
-                let $conn: &mut sqlx::SqliteConnection = &mut *tx;
-                $body
-            }
-        }
+        dialect!($tx, |$conn, _dialect| $body)
     };
 }
 
@@ -346,7 +339,14 @@ impl Tx {
         key: &str,
         ttl: Duration,
     ) -> sqlx::Result<Option<(Vec<u8>, Value)>> {
-        let found = dialect!(self, |conn, sql| sql::find_outcome(conn, user_id, key, ttl).await?);
+        let found: Option<(Vec<u8>, Json<Value>)> = dialect!(self, |conn, sql| {
+            sqlx::query_as(sql::FIND_OUTCOME)
+                .bind(user_id)
+                .bind(key)
+                .bind(ttl.as_secs_f64())
+                .fetch_optional(conn)
+                .await?
+        });
         Ok(found.map(|(fingerprint, Json(response))| (fingerprint, response)))
     }
 
@@ -360,15 +360,21 @@ impl Tx {
         response: &Value,
         ttl: Duration,
     ) -> sqlx::Result<()> {
-        dialect!(self, |conn, sql| sql::save_outcome(
-            conn,
-            user_id,
-            key,
-            fingerprint,
-            response,
-            ttl
-        )
-        .await)
+        dialect!(self, |conn, sql| {
+            sqlx::query(sql::EXPIRE_OUTCOMES)
+                .bind(user_id)
+                .bind(ttl.as_secs_f64())
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query(sql::SAVE_OUTCOME)
+                .bind(user_id)
+                .bind(key)
+                .bind(fingerprint)
+                .bind(Json(response))
+                .execute(conn)
+                .await?;
+            Ok(())
+        })
     }
 
     pub async fn commit(self) -> sqlx::Result<()> {

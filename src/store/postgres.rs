@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context;
-use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::types::Json;
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool, Postgres, Transaction};
@@ -246,45 +245,13 @@ pub const PAGE_OF_APP: &str = "SELECT c.last_seq, r.table_name, r.record_id, r.f
                ORDER BY r.touched_seq LIMIT $4) r ON true
              WHERE c.user_id = $1";
 
-pub async fn find_outcome(
-    conn: &mut PgConnection,
-    user_id: &str,
-    key: &str,
-    ttl: Duration,
-) -> sqlx::Result<Option<(Vec<u8>, Json<Value>)>> {
-    sqlx::query_as(
-        "SELECT request_hash, response FROM sync_idempotency
-         WHERE user_id = $1 AND idempotency_key = $2 AND created_at > now() - make_interval(secs => $3)",
-    )
-    .bind(user_id)
-    .bind(key)
-    .bind(ttl.as_secs_f64())
-    .fetch_optional(conn)
-    .await
-}
-
-pub async fn save_outcome(
-    conn: &mut PgConnection,
-    user_id: &str,
-    key: &str,
-    fingerprint: &[u8],
-    response: &Value,
-    ttl: Duration,
-) -> sqlx::Result<()> {
-    sqlx::query("DELETE FROM sync_idempotency WHERE user_id = $1 AND created_at <= now() - make_interval(secs => $2)")
-        .bind(user_id)
-        .bind(ttl.as_secs_f64())
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query(
-        "INSERT INTO sync_idempotency (user_id, idempotency_key, request_hash, response) VALUES ($1, $2, $3, $4)
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(user_id)
-    .bind(key)
-    .bind(fingerprint)
-    .bind(Json(response))
-    .execute(conn)
-    .await?;
-    Ok(())
-}
+/// Idempotent outcomes (parameters: user, key, then the TTL in seconds):
+/// the unexpired one for a key, as (fingerprint, response).
+pub const FIND_OUTCOME: &str = "SELECT request_hash, response FROM sync_idempotency
+     WHERE user_id = $1 AND idempotency_key = $2 AND created_at > now() - make_interval(secs => $3)";
+/// Drops a user's expired outcomes (parameters: user, TTL in seconds).
+pub const EXPIRE_OUTCOMES: &str =
+    "DELETE FROM sync_idempotency WHERE user_id = $1 AND created_at <= now() - make_interval(secs => $2)";
+/// Keeps an outcome (parameters: user, key, fingerprint, response).
+pub const SAVE_OUTCOME: &str = "INSERT INTO sync_idempotency (user_id, idempotency_key, request_hash, response)
+     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING";

@@ -301,49 +301,15 @@ pub const PAGE_OF_APP: &str = "SELECT c.last_seq, r.table_name, r.record_id, r.f
              WHERE c.user_id = ?1
              ORDER BY r.touched_seq";
 
-/// `created_at` is in Unix milliseconds, from SQLite's clock.
-pub async fn find_outcome(
-    conn: &mut SqliteConnection,
-    user_id: &str,
-    key: &str,
-    ttl: Duration,
-) -> sqlx::Result<Option<(Vec<u8>, Json<Value>)>> {
-    sqlx::query_as(
-        "SELECT request_hash, response FROM sync_idempotency
-         WHERE user_id = ?1 AND idempotency_key = ?2 AND created_at > CAST(unixepoch('subsec') * 1000 AS INTEGER) - ?3",
-    )
-    .bind(user_id)
-    .bind(key)
-    .bind(ttl.as_millis() as i64)
-    .fetch_optional(conn)
-    .await
-}
-
-pub async fn save_outcome(
-    conn: &mut SqliteConnection,
-    user_id: &str,
-    key: &str,
-    fingerprint: &[u8],
-    response: &Value,
-    ttl: Duration,
-) -> sqlx::Result<()> {
-    sqlx::query(
-        "DELETE FROM sync_idempotency WHERE user_id = ?1 AND created_at <= CAST(unixepoch('subsec') * 1000 AS INTEGER) - ?2",
-    )
-    .bind(user_id)
-    .bind(ttl.as_millis() as i64)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(
-        "INSERT INTO sync_idempotency (user_id, idempotency_key, request_hash, response, created_at)
-         VALUES (?1, ?2, ?3, ?4, CAST(unixepoch('subsec') * 1000 AS INTEGER))
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(user_id)
-    .bind(key)
-    .bind(fingerprint)
-    .bind(Json(response))
-    .execute(conn)
-    .await?;
-    Ok(())
-}
+/// Idempotent outcomes (parameters: user, key, then the TTL in seconds):
+/// the unexpired one for a key, as (fingerprint, response). `created_at` is
+/// in Unix milliseconds, from SQLite's clock.
+pub const FIND_OUTCOME: &str = "SELECT request_hash, response FROM sync_idempotency
+     WHERE user_id = ?1 AND idempotency_key = ?2 AND created_at > unixepoch('subsec') * 1000 - ?3 * 1000";
+/// Drops a user's expired outcomes (parameters: user, TTL in seconds).
+pub const EXPIRE_OUTCOMES: &str =
+    "DELETE FROM sync_idempotency WHERE user_id = ?1 AND created_at <= unixepoch('subsec') * 1000 - ?2 * 1000";
+/// Keeps an outcome (parameters: user, key, fingerprint, response).
+pub const SAVE_OUTCOME: &str =
+    "INSERT INTO sync_idempotency (user_id, idempotency_key, request_hash, response, created_at)
+     VALUES (?1, ?2, ?3, ?4, CAST(unixepoch('subsec') * 1000 AS INTEGER)) ON CONFLICT DO NOTHING";
