@@ -171,11 +171,11 @@ async fn notify_cost(app: &TestApp, sizes: &Sizes) {
                                 table: "todos".into(),
                                 id: format!("n{i}"),
                                 op: mana_sync::protocol::Op::Insert,
-                                writes: vec![FieldWrite {
-                                    name: "title".into(),
-                                    value: json!("x"),
-                                    at: mana_sync::timestamp::Timestamp::now(),
-                                }],
+                                writes: vec![FieldWrite::timed(
+                                    "title",
+                                    json!("x"),
+                                    mana_sync::timestamp::Timestamp::now(),
+                                )],
                             }],
                         };
                         let tx = mana_sync::store::postgres::begin_for(&pool, &user).await.unwrap();

@@ -20,6 +20,10 @@ pub struct NewRow<'a> {
     pub data: Value,
     /// `{field: "<RFC 3339>"}`
     pub stamps: Value,
+    /// The change's writes are untimed (see [`FieldWrite::untimed`]).
+    /// Validation makes a change's writes all timed or all untimed (an
+    /// insert's `data` has one time), so the log keeps one flag per row.
+    pub untimed: bool,
 }
 
 /// The rows of `changes` at positions `first_seq..`, one each.
@@ -34,6 +38,7 @@ pub fn new_rows(first_seq: i64, changes: &[Change]) -> impl Iterator<Item = NewR
             op: change.op.as_str(),
             data,
             stamps,
+            untimed: change.writes.iter().any(|w| w.untimed),
         }
     })
 }
@@ -51,9 +56,9 @@ fn columns(writes: &[FieldWrite]) -> (Value, Value) {
 }
 
 /// The inverse of [`columns`]. A field without a readable timestamp is
-/// taken at the epoch (it then loses to any timed write) rather than
-/// failing a whole rebuild.
-fn writes(data: Value, times: &Value) -> Vec<FieldWrite> {
+/// taken untimed at the epoch (it then loses to any other write) rather
+/// than failing a whole rebuild.
+fn writes(data: Value, times: &Value, untimed: bool) -> Vec<FieldWrite> {
     let Value::Object(values) = data else { return Vec::new() };
     values
         .into_iter()
@@ -61,9 +66,13 @@ fn writes(data: Value, times: &Value) -> Vec<FieldWrite> {
             let at = times
                 .get(&name)
                 .and_then(Value::as_str)
-                .and_then(|s| Timestamp::parse(s).ok())
-                .unwrap_or(Timestamp::EPOCH);
-            FieldWrite { name, value, at }
+                .and_then(|s| Timestamp::parse(s).ok());
+            FieldWrite {
+                name,
+                value,
+                at: at.unwrap_or(Timestamp::EPOCH),
+                untimed: untimed || at.is_none(),
+            }
         })
         .collect()
 }
@@ -76,16 +85,16 @@ pub struct RecordKey {
     pub id: String,
 }
 
-/// A log row as read back: (app, table, record, seq, data, timestamps).
-pub type LogRow = (String, String, String, i64, Json<Value>, Json<Value>);
+/// A log row as read back: (app, table, record, seq, data, timestamps, untimed).
+pub type LogRow = (String, String, String, i64, Json<Value>, Json<Value>, bool);
 
 /// A log row as the fold takes it.
-pub fn entry((app_id, table, id, seq, Json(data), Json(times)): LogRow) -> (RecordKey, LogEntry) {
+pub fn entry((app_id, table, id, seq, Json(data), Json(times), untimed): LogRow) -> (RecordKey, LogEntry) {
     (
         RecordKey { app_id, table, id },
         LogEntry {
             seq,
-            writes: writes(data, &times),
+            writes: writes(data, &times, untimed),
         },
     )
 }
@@ -98,21 +107,18 @@ mod tests {
 
     #[test]
     fn log_columns_round_trip_to_the_same_writes() {
-        let original = vec![
-            FieldWrite {
-                name: "title".into(),
-                value: json!("x"),
-                at: Timestamp(1_704_103_575_123_456_789),
-            },
-            FieldWrite {
-                name: "tags".into(),
-                value: json!(["a", {"b": null}]),
-                at: Timestamp(5),
-            },
+        let mut original = vec![
+            FieldWrite::timed("title", json!("x"), Timestamp(1_704_103_575_123_456_789)),
+            FieldWrite::timed("tags", json!(["a", {"b": null}]), Timestamp(5)),
         ];
-        let (data, times) = columns(&original);
-        let mut back = writes(data, &times);
-        back.sort_by(|a, b| b.name.cmp(&a.name));
-        assert_eq!(back, original);
+        for untimed in [false, true] {
+            for write in &mut original {
+                write.untimed = untimed;
+            }
+            let (data, times) = columns(&original);
+            let mut back = writes(data, &times, untimed);
+            back.sort_by(|a, b| b.name.cmp(&a.name));
+            assert_eq!(back, original);
+        }
     }
 }

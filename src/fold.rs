@@ -2,12 +2,20 @@
 //!
 //! Every accepted change is an immutable log entry that writes some fields
 //! of one record, each field with a timestamp. A record's state is the fold
-//! of its entries: each field holds the value of the write with the greatest
-//! `(timestamp, seq)`, so equal timestamps go to the later log entry. The
-//! fold is a per-field maximum, hence commutative: whatever order the
-//! entries are applied in, the state is the same. That lets the server keep
-//! the fold incrementally (the `sync_records` projection) and rebuild it
-//! from the log at any time.
+//! of its entries: each field holds the value of the write that ranks
+//! highest: timed writes above untimed ones (an insert's data that came
+//! without a timestamp of its own: a default that any explicit write of
+//! the field supersedes), then the greatest timestamp, then the later log
+//! entry. The fold is a per-field maximum, hence commutative: whatever
+//! order the entries are applied in, the state is the same. That lets the
+//! server keep the fold incrementally (the `sync_records` projection) and
+//! rebuild it from the log at any time.
+//!
+//! A record's `updatedAt` is what the original client holds: a record
+//! written by one change is exactly what that change sent (the client
+//! stores an insert with `put(data)`); once another change touches it,
+//! `updatedAt` is the latest timestamp of any of its fields, which is what
+//! the client sets when it applies an update.
 //!
 //! Nothing here touches HTTP or SQL.
 
@@ -21,6 +29,8 @@ use crate::timestamp::Timestamp;
 
 /// The field a delete writes; a record whose folded `deletedAt` is set is deleted.
 pub const DELETED_AT: &str = "deletedAt";
+/// The field that holds a record's last-write time (see [`RecordState::data`]).
+pub const UPDATED_AT: &str = "updatedAt";
 
 /// One field written by one change, at the change's (already clamped) time.
 #[derive(Clone, Debug, PartialEq)]
@@ -28,6 +38,25 @@ pub struct FieldWrite {
     pub name: String,
     pub value: Value,
     pub at: Timestamp,
+    /// The change gave no time for this write (an insert's `data` without
+    /// `updatedAt` or `createdAt`): `at` is the receive time, and the write
+    /// ranks below every timed write of the field, whatever its time. A
+    /// receive time and a device's clock are not comparable: the device's
+    /// may lag, or count whole seconds.
+    pub untimed: bool,
+}
+
+impl FieldWrite {
+    /// A write at a time the change gave (or the receive time of an
+    /// explicit update or delete, which takes effect when received).
+    pub fn timed(name: impl Into<String>, value: Value, at: Timestamp) -> FieldWrite {
+        FieldWrite {
+            name: name.into(),
+            value,
+            at,
+            untimed: false,
+        }
+    }
 }
 
 /// One log entry as the fold sees it: its position and the fields it writes.
@@ -54,6 +83,18 @@ pub struct FieldState {
     /// device that sent it is told the value that beat it.
     #[serde(rename = "w")]
     pub written: i64,
+    /// The winning write is untimed (see [`FieldWrite::untimed`]).
+    #[serde(rename = "u", default, skip_serializing_if = "std::ops::Not::not")]
+    pub untimed: bool,
+}
+
+impl FieldState {
+    /// Where the winning write ranks: timed above untimed, then by
+    /// timestamp, then by log position. A total order, so the fold is a
+    /// maximum and does not depend on arrival order.
+    fn rank(&self) -> (bool, i64, i64) {
+        (!self.untimed, self.at, self.seq)
+    }
 }
 
 /// The folded state of one record.
@@ -79,7 +120,8 @@ impl Default for RecordState {
 /// What a client must do to bring its copy of a record up to date.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RecordDelta {
-    /// The record did not exist at the cursor: `data` is all of it.
+    /// The record did not exist at the cursor (or was deleted then):
+    /// `data` is all of it.
     Insert { data: Map<String, Value> },
     /// `fields` are the fields written after the cursor, with their winning
     /// value and timestamp; `data` is the whole folded record.
@@ -103,6 +145,7 @@ impl RecordState {
                 at: write.at.0,
                 seq: entry.seq,
                 written: entry.seq,
+                untimed: write.untimed,
             };
             match self.fields.get_mut(&write.name) {
                 None => {
@@ -110,7 +153,7 @@ impl RecordState {
                 }
                 Some(current) => {
                     let written = current.written.max(entry.seq);
-                    if (candidate.at, candidate.seq) > (current.at, current.seq) {
+                    if candidate.rank() > current.rank() {
                         *current = candidate;
                     }
                     current.written = written;
@@ -132,13 +175,34 @@ impl RecordState {
         self.fields.get(DELETED_AT).is_some_and(|f| !f.value.is_null())
     }
 
-    /// The record as a client stores it: every folded field plus `id`.
+    /// The latest timestamp of any field, winning writes only.
+    fn latest(&self) -> Option<Timestamp> {
+        self.fields.values().map(|f| Timestamp(f.at)).max()
+    }
+
+    /// The record's `updatedAt` once a second change has touched it: the
+    /// latest timestamp of any field, in the form the server writes every
+    /// timestamp (`2024-01-01T10:05:00.000Z`, as `toISOString()` writes it,
+    /// and as a device then holds it). `None` while one change wrote the
+    /// record: it is what that change sent.
+    fn updated_at(&self) -> Option<String> {
+        if self.created == self.touched {
+            return None;
+        }
+        self.latest().map(Timestamp::to_short_string)
+    }
+
+    /// The record as a client stores it: every folded field plus `id`, and
+    /// `updatedAt` as devices that applied each change hold it.
     pub fn data(&self, id: &str) -> Map<String, Value> {
         let mut data: Map<String, Value> = self
             .fields
             .iter()
             .map(|(name, f)| (name.clone(), f.value.clone()))
             .collect();
+        if let Some(updated_at) = self.updated_at() {
+            data.insert(UPDATED_AT.to_owned(), Value::String(updated_at));
+        }
         data.insert("id".to_owned(), Value::String(id.to_owned()));
         data
     }
@@ -154,15 +218,29 @@ impl RecordState {
             });
         }
         let data = self.data(id);
-        if self.created > since.0 {
+        // A record created after the cursor is sent whole; so is one whose
+        // `deletedAt` was written since and is now live: a device may hold
+        // it deleted, without the edits that came with or after the delete.
+        let undeleted = self.fields.get(DELETED_AT).is_some_and(|f| f.written > since.0);
+        if self.created > since.0 || undeleted {
             return Some(RecordDelta::Insert { data });
         }
-        let fields = self
+        let mut fields: BTreeMap<String, (Value, Timestamp)> = self
             .fields
             .iter()
             .filter(|(_, f)| f.written > since.0)
             .map(|(name, f)| (name.clone(), (f.value.clone(), Timestamp(f.at))))
             .collect();
+        // The original client sets `updatedAt` to the latest time among the
+        // fields it applies: when the record's latest time is not among
+        // them, or `updatedAt` is (its value is the record's, not the
+        // field's), `updatedAt` is listed with the record's latest time.
+        if let (Some(latest), Some(updated_at)) = (self.latest(), data.get(UPDATED_AT)) {
+            let listed = fields.values().map(|(_, at)| *at).max();
+            if fields.contains_key(UPDATED_AT) || listed < Some(latest) {
+                fields.insert(UPDATED_AT.to_owned(), (updated_at.clone(), latest));
+            }
+        }
         Some(RecordDelta::Update { data, fields })
     }
 }
@@ -179,17 +257,20 @@ mod tests {
             seq,
             writes: writes
                 .iter()
-                .map(|(name, value, at)| FieldWrite {
-                    name: (*name).to_owned(),
-                    value: value.clone(),
-                    at: Timestamp(*at),
-                })
+                .map(|(name, value, at)| FieldWrite::timed(*name, value.clone(), Timestamp(*at)))
                 .collect(),
         }
     }
 
-    fn values(state: &RecordState) -> BTreeMap<String, Value> {
-        state.fields.iter().map(|(k, f)| (k.clone(), f.value.clone())).collect()
+    fn untimed(mut entry: LogEntry) -> LogEntry {
+        for write in &mut entry.writes {
+            write.untimed = true;
+        }
+        entry
+    }
+
+    fn object(value: Value) -> Map<String, Value> {
+        value.as_object().unwrap().clone()
     }
 
     #[test]
@@ -214,6 +295,92 @@ mod tests {
     }
 
     #[test]
+    fn an_untimed_write_ranks_below_any_timed_one_whatever_the_times() {
+        // The seed's own flow: an insert without timestamps (received at
+        // 400), then an edit stamped in whole seconds (at 0).
+        let insert = untimed(entry(1, &[("title", json!("draft"), 400), ("done", json!(false), 400)]));
+        let edit = entry(2, &[("title", json!("final"), 0)]);
+        for state in [RecordState::fold([&insert, &edit]), RecordState::fold([&edit, &insert])] {
+            assert_eq!(state.fields["title"].value, json!("final"));
+            assert_eq!(
+                state.fields["done"].value,
+                json!(false),
+                "untouched fields keep the insert's"
+            );
+        }
+        // Among untimed writes, the later received wins.
+        let again = untimed(entry(3, &[("done", json!(true), 500)]));
+        assert_eq!(
+            RecordState::fold([&insert, &edit, &again]).fields["done"].value,
+            json!(true)
+        );
+    }
+
+    #[test]
+    fn updated_at_is_as_sent_until_a_second_change_then_the_latest_field_time() {
+        let created = entry(
+            10,
+            &[
+                ("title", json!("a"), 100),
+                (UPDATED_AT, json!("1970-01-01T00:00:00.0000001Z"), 100),
+            ],
+        );
+        let once = RecordState::fold([&created]);
+        assert_eq!(
+            once.data("r"),
+            object(json!({"id": "r", "title": "a", "updatedAt": "1970-01-01T00:00:00.0000001Z"}))
+        );
+        let edited = entry(20, &[("title", json!("b"), 2_000_000)]);
+        let twice = RecordState::fold([&created, &edited]);
+        assert_eq!(twice.data("r")[UPDATED_AT], json!("1970-01-01T00:00:00.002Z"));
+        // A record that never had `updatedAt` gets one once edited, as it does on a device.
+        let bare = RecordState::fold([&entry(10, &[("title", json!("a"), 100)]), &edited]);
+        assert_eq!(bare.data("r")[UPDATED_AT], json!("1970-01-01T00:00:00.002Z"));
+    }
+
+    #[test]
+    fn an_update_lists_updated_at_when_its_fields_would_not_tell_the_latest_time() {
+        let created = entry(
+            10,
+            &[("title", json!("a"), 5_000_000), ("done", json!(false), 5_000_000)],
+        );
+        let late_clock = entry(20, &[("rank", json!(1), 3_000_000)]);
+        let state = RecordState::fold([&created, &late_clock]);
+        let Some(RecordDelta::Update { fields, data }) = state.delta_since("r", Cursor(10)) else {
+            panic!("expected an update");
+        };
+        assert_eq!(fields["rank"], (json!(1), Timestamp(3_000_000)));
+        assert_eq!(
+            fields[UPDATED_AT],
+            (json!("1970-01-01T00:00:00.005Z"), Timestamp(5_000_000)),
+            "the title's time is the latest"
+        );
+        assert_eq!(data[UPDATED_AT], json!("1970-01-01T00:00:00.005Z"));
+        // When a listed field holds the latest time, nothing is added.
+        let newer = entry(30, &[("done", json!(false), 9_000_000)]);
+        let state = RecordState::fold([&created, &late_clock, &newer]);
+        let Some(RecordDelta::Update { fields, .. }) = state.delta_since("r", Cursor(20)) else {
+            panic!("expected an update");
+        };
+        assert_eq!(fields.keys().collect::<Vec<_>>(), vec!["done"]);
+    }
+
+    #[test]
+    fn a_record_live_again_is_sent_whole() {
+        let created = entry(10, &[("title", json!("a"), 100)]);
+        let deleted = entry(20, &[(DELETED_AT, json!("2024-01-01T00:00:00.000Z"), 200)]);
+        let edited = entry(30, &[("title", json!("b"), 300)]);
+        let restored = entry(40, &[(DELETED_AT, Value::Null, 400)]);
+        let state = RecordState::fold([&created, &deleted, &edited, &restored]);
+        // A device that saw the delete at 20 missed the edit at 30.
+        assert!(matches!(
+            state.delta_since("r", Cursor(20)),
+            Some(RecordDelta::Insert { .. })
+        ));
+        assert!(state.delta_since("r", Cursor(40)).is_none());
+    }
+
+    #[test]
     fn delta_distinguishes_insert_update_and_delete() {
         let created = entry(10, &[("title", json!("a"), 100), ("done", json!(false), 100)]);
         let edited = entry(20, &[("done", json!(true), 200)]);
@@ -222,10 +389,7 @@ mod tests {
         match state.delta_since("r1", Cursor(5)).unwrap() {
             RecordDelta::Insert { data } => assert_eq!(
                 data,
-                json!({"id": "r1", "title": "a", "done": true})
-                    .as_object()
-                    .unwrap()
-                    .clone()
+                object(json!({"id": "r1", "title": "a", "done": true, "updatedAt": "1970-01-01T00:00:00.000000200Z"}))
             ),
             other => panic!("expected insert, got {other:?}"),
         }
@@ -248,26 +412,62 @@ mod tests {
         );
     }
 
+    /// Histories of up to 12 entries at positions 10, 20, ...: each writes
+    /// 1-3 fields at times in milliseconds (as browsers stamp them), and is
+    /// untimed now and then (an insert without a timestamp).
     fn arb_history() -> impl Strategy<Value = Vec<LogEntry>> {
-        let field = prop::sample::select(vec!["title", "done", "rank", DELETED_AT]);
+        let field = prop::sample::select(vec!["title", "done", "rank", UPDATED_AT, DELETED_AT]);
         let write = (field, prop::option::of(0i64..5), 0i64..6);
-        prop::collection::vec(prop::collection::vec(write, 1..4), 1..12).prop_map(|entries| {
+        let entry = (prop::collection::vec(write, 1..4), prop::bool::weighted(0.2));
+        prop::collection::vec(entry, 1..12).prop_map(|entries| {
             entries
                 .into_iter()
                 .enumerate()
-                .map(|(i, writes)| LogEntry {
+                .map(|(i, (writes, untimed))| LogEntry {
                     seq: (i as i64 + 1) * 10,
                     writes: writes
                         .into_iter()
                         .map(|(name, v, at)| FieldWrite {
                             name: name.to_owned(),
-                            value: v.map_or(Value::Null, |v| json!(v)),
-                            at: Timestamp(at),
+                            value: match (name, v) {
+                                (_, None) => Value::Null,
+                                (DELETED_AT, Some(_)) => json!("2024-01-01T00:00:00.000Z"),
+                                (_, Some(v)) => json!(v),
+                            },
+                            at: Timestamp(at * 1_000_000),
+                            untimed,
                         })
                         .collect(),
                 })
                 .collect()
         })
+    }
+
+    /// A device's copy of a record, changed the way the original client
+    /// applies a delta: `put(data)` for an insert; for an update, each
+    /// field's value and then `updatedAt` set to the latest of the fields'
+    /// times (compared as strings, as the client does); for a delete,
+    /// `deletedAt`. `None`: the device does not hold the record.
+    fn apply(copy: &mut Option<Map<String, Value>>, delta: RecordDelta) {
+        match delta {
+            RecordDelta::Insert { data } => *copy = Some(data),
+            RecordDelta::Update { fields, .. } => {
+                let record = copy
+                    .as_mut()
+                    .expect("an update is only sent for a record the device has");
+                let mut latest = String::new();
+                for (name, (value, at)) in fields {
+                    record.insert(name, value);
+                    latest = latest.max(at.to_short_string());
+                }
+                record.insert(UPDATED_AT.to_owned(), Value::String(latest));
+            }
+            RecordDelta::Delete { deleted_at } => {
+                if let Some(record) = copy {
+                    record.insert(DELETED_AT.to_owned(), deleted_at);
+                }
+            }
+        }
     }
 
     proptest! {
@@ -283,34 +483,54 @@ mod tests {
             prop_assert_eq!(in_order, shuffled);
         }
 
-        /// A client holding the state at C that applies the delta since C
-        /// (put `data`, or merge `fields` into what it had) holds the state now.
+        /// A device holding the record as of cursor C that applies the
+        /// delta since C holds the record as it is now: its fields merged,
+        /// or `data` put, equal the folded record.
         #[test]
-        fn delta_since_a_cursor_brings_the_state_at_that_cursor_up_to_date(
+        fn delta_since_a_cursor_brings_the_copy_at_that_cursor_up_to_date(
             history in arb_history(), cut in 0usize..12
         ) {
             let cut = cut.min(history.len());
             let since = Cursor(cut as i64 * 10);
             let now = RecordState::fold(&history);
-            let then = RecordState::fold(&history[..cut]);
-            let mut client = if cut == 0 { None } else { Some(values(&then)) };
-            match now.delta_since("r", since) {
-                None => prop_assert_eq!(client.clone(), Some(values(&now))),
-                Some(RecordDelta::Delete { .. }) => prop_assert!(now.is_deleted()),
-                Some(RecordDelta::Insert { data }) => {
-                    prop_assert!(client.is_none());
-                    client = Some(data.into_iter().filter(|(k, _)| k != "id").collect());
-                    prop_assert_eq!(client, Some(values(&now)));
+            let mut copy = (cut > 0).then(|| RecordState::fold(&history[..cut]).data("r"));
+            let delta = now.delta_since("r", since);
+            let deleted = matches!(delta, Some(RecordDelta::Delete { .. }));
+            if let Some(RecordDelta::Update { data, .. }) = &delta {
+                prop_assert_eq!(data, &now.data("r"));
+            }
+            if let Some(delta) = delta {
+                apply(&mut copy, delta);
+            }
+            if deleted {
+                prop_assert!(now.is_deleted());
+            } else {
+                prop_assert_eq!(copy, Some(now.data("r")));
+            }
+        }
+
+        /// The issue's rule: after any history, a device that applied a
+        /// delta at every step of its own choosing holds exactly what a new
+        /// device gets from the beginning.
+        #[test]
+        fn a_device_that_followed_every_step_holds_what_a_new_device_pulls(
+            history in arb_history(), steps in prop::collection::btree_set(1usize..12, 0..6)
+        ) {
+            let mut follower = None;
+            let mut cursor = Cursor::START;
+            for cut in steps.into_iter().filter(|&c| c < history.len()).chain([history.len()]) {
+                if let Some(delta) = RecordState::fold(&history[..cut]).delta_since("r", cursor) {
+                    apply(&mut follower, delta);
                 }
-                Some(RecordDelta::Update { data, fields }) => {
-                    let mut merged = client.clone().expect("an update is only sent for a record the client had");
-                    for (name, (value, _)) in fields {
-                        merged.insert(name, value);
-                    }
-                    prop_assert_eq!(&merged, &values(&now));
-                    let put: BTreeMap<_, _> = data.into_iter().filter(|(k, _)| k != "id").collect();
-                    prop_assert_eq!(put, values(&now));
-                }
+                cursor = Cursor(cut as i64 * 10);
+            }
+            let now = RecordState::fold(&history);
+            let mut fresh = None;
+            apply(&mut fresh, now.delta_since("r", Cursor::START).expect("the record exists"));
+            if now.is_deleted() {
+                prop_assert!(fresh.is_none(), "a new device never holds a deleted record");
+            } else {
+                prop_assert_eq!(follower, fresh);
             }
         }
     }

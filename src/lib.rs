@@ -15,6 +15,7 @@ pub mod fanout;
 pub mod fold;
 pub mod hub;
 pub mod idempotency;
+pub mod listener;
 pub mod local_auth;
 pub mod metrics;
 pub mod projection;

@@ -106,7 +106,8 @@ pub struct ChangeInput {
     pub id: Text,
     pub op: Op,
     /// `insert`: the record's fields. Their timestamp is `data.updatedAt`,
-    /// else `data.createdAt`, else the server's receive time.
+    /// else `data.createdAt`; without either they are the record's initial
+    /// content, which any timed write of a field supersedes.
     pub data: Option<BTreeMap<String, Value>>,
     /// `update`: the changed fields, each with its own timestamp. An update
     /// without `fields` writes `data` like an insert; an update of a record
@@ -151,13 +152,21 @@ pub struct SyncResponse {
 pub struct ServerChange {
     pub table: String,
     pub id: String,
-    /// `insert` if the record did not exist at the cursor, `delete` if it is
-    /// now deleted, else `update`.
+    /// `insert` if the record did not exist at the cursor (or was deleted
+    /// and is live again), `delete` if it is now deleted, else `update`.
     pub op: Op,
-    /// The whole folded record, `id` included (absent for deletes).
+    /// The whole folded record, `id` included (absent for deletes). A
+    /// record written by one change is exactly what it sent; once another
+    /// change touched it, `updatedAt` is the latest timestamp of any of its
+    /// fields.
     #[oai(skip_serializing_if_is_none)]
     pub data: Option<BTreeMap<String, Value>>,
-    /// `update`: the fields written after the cursor, with their winning value and timestamp.
+    /// `update`: the fields written after the cursor, with their winning
+    /// value and timestamp. `updatedAt` is listed with the record's own
+    /// when it was written after the cursor, or when the record's latest
+    /// time is later than every listed field's: a device that sets
+    /// `updatedAt` to the latest time of the fields it applies then holds
+    /// the record's.
     #[oai(skip_serializing_if_is_none)]
     pub fields: Option<BTreeMap<String, FieldValue>>,
     /// `delete`: when the record was deleted.

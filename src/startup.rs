@@ -5,9 +5,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use poem::http::Method;
-use poem::listener::{Acceptor, TcpAcceptor};
+use poem::listener::TcpAcceptor;
 use poem::middleware::Cors;
-use poem::web::{LocalAddr, RemoteAddr};
 use poem::{Endpoint, EndpointExt, IntoEndpoint, Request, Response, Route, Server, get};
 use poem_openapi::OpenApiService;
 
@@ -18,6 +17,7 @@ use crate::config::{Config, MAX_BODY_BYTES};
 use crate::error::json_error;
 use crate::fanout::{self, Notifier};
 use crate::hub::Hub;
+use crate::listener::Listener;
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::{realtime, telemetry};
@@ -175,13 +175,21 @@ async fn limit_body(mut req: Request) -> poem::Result<Request> {
     Ok(req)
 }
 
+/// The 413 for a body over the limit. The rest of the body is never read,
+/// so the connection cannot carry another request: `Connection: close`
+/// says so, and the lingering close (`listener`) lets the answer arrive
+/// while the client is still sending.
 fn too_large() -> poem::Error {
-    poem::Error::from_string(
-        format!(
-            "the request body is over the {} MB limit",
-            MAX_BODY_BYTES / (1024 * 1024)
-        ),
-        poem::http::StatusCode::PAYLOAD_TOO_LARGE,
+    let body = serde_json::json!({
+        "code": "payload_too_large",
+        "message": format!("the request body is over the {} MB limit", MAX_BODY_BYTES / (1024 * 1024)),
+    });
+    poem::Error::from_response(
+        Response::builder()
+            .status(poem::http::StatusCode::PAYLOAD_TOO_LARGE)
+            .header(poem::http::header::CONNECTION, "close")
+            .content_type("application/json")
+            .body(body.to_string()),
     )
 }
 
@@ -234,7 +242,7 @@ pub async fn serve(
         hub.close_all();
     };
     tracing::info!(%addr, "mana-sync listening");
-    let result = Server::new_with_acceptor(NoDelay(TcpAcceptor::from_tokio(listener)?))
+    let result = Server::new_with_acceptor(Listener(TcpAcceptor::from_tokio(listener)?))
         .run_with_graceful_shutdown(app(state), shutdown, Some(timeout))
         .await
         .context("server failed");
@@ -247,23 +255,4 @@ pub async fn serve(
         task.abort();
     }
     result
-}
-
-/// Accepts TCP connections with Nagle's algorithm off: a response written
-/// in several pieces would otherwise wait for the client's delayed ACK
-/// (tens of milliseconds) between them.
-struct NoDelay(TcpAcceptor);
-
-impl Acceptor for NoDelay {
-    type Io = tokio::net::TcpStream;
-
-    fn local_addr(&self) -> Vec<LocalAddr> {
-        self.0.local_addr()
-    }
-
-    async fn accept(&mut self) -> std::io::Result<(Self::Io, LocalAddr, RemoteAddr, poem::http::uri::Scheme)> {
-        let accepted = self.0.accept().await?;
-        accepted.0.set_nodelay(true)?;
-        Ok(accepted)
-    }
 }

@@ -29,6 +29,14 @@ impl Timestamp {
         Timestamp::from_datetime(OffsetDateTime::now_utc()).expect("the system clock is within i64 nanoseconds")
     }
 
+    /// The instant at millisecond precision (rounded down): the precision
+    /// browsers stamp with (`Date.toISOString()`). The server's own field
+    /// times are kept at it, so every time it writes has their fixed-width
+    /// form and a plain string comparison of two of them stays in order.
+    pub fn floor_millis(self) -> Timestamp {
+        Timestamp(self.0 - self.0.rem_euclid(1_000_000))
+    }
+
     /// Parses any RFC 3339 form (any offset, any number of fractional digits).
     pub fn parse(s: &str) -> Result<Timestamp, TimestampError> {
         let dt = OffsetDateTime::parse(s, &Rfc3339).map_err(|_| TimestampError::Malformed(s.to_owned()))?;
@@ -119,5 +127,11 @@ mod tests {
         assert_eq!(t.to_short_string(), "2024-01-01T10:05:00.000Z");
         let fine = Timestamp(t.0 + 1);
         assert_eq!(fine.to_short_string(), "2024-01-01T10:05:00.000000001Z");
+        assert_eq!(fine.floor_millis(), t);
+        assert_eq!(
+            Timestamp(-1).floor_millis(),
+            Timestamp(-1_000_000),
+            "rounds down before 1970 too"
+        );
     }
 }

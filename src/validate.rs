@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::cursor::Cursor;
 use crate::error::{Error, Result};
-use crate::fold::{DELETED_AT, FieldWrite};
+use crate::fold::{DELETED_AT, FieldWrite, UPDATED_AT};
 use crate::protocol::{ChangeInput, Op, PushRequest};
 use crate::timestamp::Timestamp;
 
@@ -113,9 +113,13 @@ pub fn since(value: Option<&str>) -> Result<Cursor> {
 }
 
 /// Checks a whole push and resolves every write's effective timestamp.
-/// `now` is the server's receive time: the default timestamp, and what a
-/// timestamp further ahead than `max_clock_skew` is clamped to.
+/// `now` is the server's receive time (taken at millisecond precision, see
+/// [`Timestamp::floor_millis`]): the time of an update or delete that gives
+/// none, and what a timestamp further ahead than `max_clock_skew` is
+/// clamped to. An insert's `data` without a time is untimed (see
+/// [`FieldWrite::untimed`]).
 pub fn push(header_client_id: Option<&str>, request: PushRequest, now: Timestamp, limits: Limits) -> Result<Batch> {
+    let now = now.floor_millis();
     let client_id = header_client_id
         .filter(|c| !c.is_empty())
         .or(request.client_id.as_deref())
@@ -228,7 +232,7 @@ fn change(input: ChangeInput, clock: Clock) -> Result<Change> {
                 .map(|(field, change)| {
                     let what = format!("fields.{field}.updatedAt");
                     let at = clock.resolve(&what, change.updated_at.as_deref().or(change.at.as_deref()))?;
-                    field_write(field, change.value, at)
+                    field_write(field, change.value, at, false)
                 })
                 .collect::<Result<_>>()?,
             (None, Some(data)) => data_writes(&input.id, data, clock)?,
@@ -236,11 +240,7 @@ fn change(input: ChangeInput, clock: Clock) -> Result<Change> {
         },
         Op::Delete => {
             let at = clock.resolve("deletedAt", input.deleted_at.as_deref())?;
-            vec![FieldWrite {
-                name: DELETED_AT.to_owned(),
-                value: Value::String(at.to_short_string()),
-                at,
-            }]
+            vec![FieldWrite::timed(DELETED_AT, Value::String(at.to_short_string()), at)]
         }
     };
     Ok(Change {
@@ -252,7 +252,8 @@ fn change(input: ChangeInput, clock: Clock) -> Result<Change> {
 }
 
 /// The writes of a whole record: every field of `data` at its
-/// `updatedAt`, else `createdAt`, else the receive time.
+/// `updatedAt`, else `createdAt`, else untimed at the receive time (a
+/// record's initial content, which any timed write of a field supersedes).
 fn data_writes(
     record_id: &str,
     data: std::collections::BTreeMap<String, Value>,
@@ -263,22 +264,22 @@ fn data_writes(
     }
     // Only the timestamp that is used is checked: a record whose
     // `createdAt` no one reads must not be refused for its form.
-    let at = match ["updatedAt", "createdAt"]
+    let (at, untimed) = match [UPDATED_AT, "createdAt"]
         .into_iter()
         .find(|f| data.get(*f).is_some_and(|v| !v.is_null()))
     {
-        Some(field) => clock.resolve_value(&format!("data.{field}"), &data[field])?,
-        None => clock.now,
+        Some(field) => (clock.resolve_value(&format!("data.{field}"), &data[field])?, false),
+        None => (clock.now, true),
     };
     data.into_iter()
         .filter(|(field, _)| field != "id")
-        .map(|(field, value)| field_write(field, value, at))
+        .map(|(field, value)| field_write(field, value, at, untimed))
         .collect()
 }
 
 /// One checked field write. `deletedAt` decides whether a record is
 /// deleted, so it must be a timestamp or null, never just any value.
-fn field_write(name: String, value: Value, at: Timestamp) -> Result<FieldWrite> {
+fn field_write(name: String, value: Value, at: Timestamp, untimed: bool) -> Result<FieldWrite> {
     self::name("field name", &name)?;
     no_nul(&name, &value)?;
     if name == DELETED_AT && !value.is_null() {
@@ -292,7 +293,12 @@ fn field_write(name: String, value: Value, at: Timestamp) -> Result<FieldWrite> 
             }
         }
     }
-    Ok(FieldWrite { name, value, at })
+    Ok(FieldWrite {
+        name,
+        value,
+        at,
+        untimed,
+    })
 }
 
 #[cfg(test)]
@@ -329,10 +335,10 @@ mod tests {
             { "table": "todos", "id": "b", "op": "insert", "data": { "title": "y", "createdAt": "2023-01-01T00:00:00Z" } },
             { "table": "todos", "id": "c", "op": "insert", "data": { "title": "z" } }
         ])), now(), LIMITS).unwrap();
-        let first_at = |i: usize| batch.changes[i].writes[0].at;
-        assert_eq!(first_at(0), Timestamp::parse("2024-01-01T10:00:00Z").unwrap());
-        assert_eq!(first_at(1), Timestamp::parse("2023-01-01T00:00:00Z").unwrap());
-        assert_eq!(first_at(2), now());
+        let first = |i: usize| (batch.changes[i].writes[0].at, batch.changes[i].writes[0].untimed);
+        assert_eq!(first(0), (Timestamp::parse("2024-01-01T10:00:00Z").unwrap(), false));
+        assert_eq!(first(1), (Timestamp::parse("2023-01-01T00:00:00Z").unwrap(), false));
+        assert_eq!(first(2), (now(), true), "no time: untimed, at the receive time");
         assert!(
             batch.changes[0].writes.iter().all(|w| w.name != "id"),
             "id is the record key, not a field"
@@ -389,11 +395,35 @@ mod tests {
         .unwrap();
         assert_eq!(
             batch.changes[0].writes,
-            vec![FieldWrite {
-                name: DELETED_AT.into(),
-                value: json!("2024-01-01T10:06:00.000Z"),
-                at: Timestamp::parse("2024-01-01T10:06:00Z").unwrap(),
-            }]
+            vec![FieldWrite::timed(
+                DELETED_AT,
+                json!("2024-01-01T10:06:00.000Z"),
+                Timestamp::parse("2024-01-01T10:06:00Z").unwrap()
+            )]
+        );
+    }
+
+    #[test]
+    fn explicit_changes_without_a_time_take_the_receive_time_in_milliseconds() {
+        let received = Timestamp(now().0 + 123_456_789);
+        let batch = push(
+            None,
+            request(json!([
+                { "table": "t", "id": "a", "op": "update", "fields": { "title": { "value": "x" } } },
+                { "table": "t", "id": "a", "op": "delete" }
+            ])),
+            received,
+            LIMITS,
+        )
+        .unwrap();
+        let ms = Timestamp(now().0 + 123_000_000);
+        assert_eq!(
+            batch.changes[0].writes,
+            vec![FieldWrite::timed("title", json!("x"), ms)]
+        );
+        assert_eq!(
+            batch.changes[1].writes,
+            vec![FieldWrite::timed(DELETED_AT, json!("2024-01-01T12:00:00.123Z"), ms)]
         );
     }
 

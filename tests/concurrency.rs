@@ -34,11 +34,7 @@ fn batch(ids: &[String]) -> Batch {
             table: "todos".into(),
             id: id.clone(),
             op: Op::Insert,
-            writes: vec![FieldWrite {
-                name: "title".into(),
-                value: json!(id),
-                at: Timestamp::now(),
-            }],
+            writes: vec![FieldWrite::timed("title", json!(id), Timestamp::now())],
         })
         .collect();
     Batch {

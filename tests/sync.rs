@@ -125,9 +125,11 @@ async fn the_latest_field_timestamp_wins_even_when_it_arrives_first(#[values(Pos
             ]),
         )
         .await;
+    // `updatedAt` is the record's latest field time (the newer title's), as
+    // on the devices that applied the updates; no longer the insert's.
     assert_eq!(
         change_for(&late, "t").unwrap()["data"],
-        json!({ "id": "t", "title": "newer", "done": true, "updatedAt": "2024-01-01T10:00:00Z" })
+        json!({ "id": "t", "title": "newer", "done": true, "updatedAt": "2024-01-01T10:05:30.000Z" })
     );
     let pulled = app.pull_ok("alice", "todos", START, None).await;
     assert_eq!(change_for(&pulled, "t").unwrap()["data"]["title"], "newer");

@@ -256,7 +256,7 @@ impl Tx {
     pub async fn replay(&mut self, user_id: &str, mut each: impl FnMut(RecordKey, LogEntry)) -> sqlx::Result<u64> {
         dialect!(self, |conn| {
             let mut rows = sqlx::query_as::<_, change_log::LogRow>(
-                "SELECT app_id, table_name, record_id, seq, data, field_timestamps
+                "SELECT app_id, table_name, record_id, seq, data, field_timestamps, untimed
                  FROM sync_changes WHERE user_id = $1 ORDER BY seq",
             )
             .bind(user_id)

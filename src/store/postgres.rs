@@ -150,10 +150,10 @@ pub async fn append(
     rows: &[NewRow<'_>],
 ) -> sqlx::Result<()> {
     sqlx::query(
-        "INSERT INTO sync_changes (id, seq, app_id, table_name, record_id, user_id, op, data, field_timestamps, client_id)
-         SELECT u.id, u.seq, $1, u.table_name, u.record_id, $2, u.op, u.data, u.stamps, $3
-         FROM UNNEST($4::uuid[], $5::bigint[], $6::text[], $7::text[], $8::text[], $9::jsonb[], $10::jsonb[])
-           AS u(id, seq, table_name, record_id, op, data, stamps)",
+        "INSERT INTO sync_changes (id, seq, app_id, table_name, record_id, user_id, op, data, field_timestamps, untimed, client_id)
+         SELECT u.id, u.seq, $1, u.table_name, u.record_id, $2, u.op, u.data, u.stamps, u.untimed, $3
+         FROM UNNEST($4::uuid[], $5::bigint[], $6::text[], $7::text[], $8::text[], $9::jsonb[], $10::jsonb[], $11::bool[])
+           AS u(id, seq, table_name, record_id, op, data, stamps, untimed)",
     )
     .bind(app_id)
     .bind(user_id)
@@ -165,6 +165,7 @@ pub async fn append(
     .bind(rows.iter().map(|r| r.op).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| &r.data).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| &r.stamps).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.untimed).collect::<Vec<_>>())
     .execute(conn)
     .await?;
     Ok(())

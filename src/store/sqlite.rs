@@ -220,12 +220,23 @@ pub async fn append(
     // parameters, one round trip to the connection's thread.
     let rows: Vec<Value> = rows
         .iter()
-        .map(|r| json!([r.id.to_string(), r.seq, r.table, r.record_id, r.op, r.data, r.stamps]))
+        .map(|r| {
+            json!([
+                r.id.to_string(),
+                r.seq,
+                r.table,
+                r.record_id,
+                r.op,
+                r.data,
+                r.stamps,
+                r.untimed
+            ])
+        })
         .collect();
     sqlx::query(
-        "INSERT INTO sync_changes (id, seq, app_id, table_name, record_id, user_id, op, data, field_timestamps, client_id)
+        "INSERT INTO sync_changes (id, seq, app_id, table_name, record_id, user_id, op, data, field_timestamps, untimed, client_id)
          SELECT j.value ->> 0, j.value ->> 1, ?1, j.value ->> 2, j.value ->> 3, ?2, j.value ->> 4,
-                j.value ->> 5, j.value ->> 6, ?3
+                j.value ->> 5, j.value ->> 6, j.value ->> 7, ?3
          FROM json_each(?4) AS j",
     )
     .bind(app_id)
