@@ -44,7 +44,11 @@ pub struct Config {
     pub max_batch_changes: usize,
     /// How long a push's outcome is kept for replay under its `Idempotency-Key`.
     pub idempotency_ttl: Duration,
-    /// Longest wait of a push for another push of the same user (then 429).
+    /// Longest a push waits for its turn (behind the user's other pushes on
+    /// PostgreSQL, every other push on SQLite) or for a database
+    /// connection, before a 429. The original client retries a refused push
+    /// only on its next edit, so a push waits rather than being refused
+    /// unless the server is truly overloaded.
     pub lock_timeout: Duration,
     /// Most WebSockets and streams one user may hold on one replica.
     pub max_sockets_per_user: usize,
@@ -100,7 +104,7 @@ impl Config {
             max_clock_skew: env.duration("MAX_CLOCK_SKEW", "5m")?,
             max_batch_changes: env.parse("MAX_BATCH_CHANGES", "5000")?,
             idempotency_ttl: env.duration("IDEMPOTENCY_TTL", "24h")?,
-            lock_timeout: env.duration("LOCK_TIMEOUT", "5s")?,
+            lock_timeout: env.duration("LOCK_TIMEOUT", "30s")?,
             max_sockets_per_user: env.parse("MAX_SOCKETS_PER_USER", "20")?,
             max_sockets: env.parse("MAX_SOCKETS", "10000")?,
             shutdown_timeout: env.duration("SHUTDOWN_TIMEOUT", "30s")?,

@@ -28,8 +28,9 @@ pub enum Error {
     /// A stream would exceed a connection limit.
     #[error("{0}")]
     TooManyConnections(&'static str),
-    /// Another push of the same user held its lock for longer than `LOCK_TIMEOUT`.
-    #[error("another push of this user is still in progress; retry shortly")]
+    /// The request waited longer than `LOCK_TIMEOUT` for its turn (another
+    /// push holding the lock it needs) or for a database connection.
+    #[error("the server is busy with other pushes; retry shortly")]
     Busy,
     /// A server-side fault: logged with its cause chain, answered with a bare 500.
     #[error(transparent)]
@@ -64,9 +65,13 @@ impl From<crate::hub::Refusal> for Error {
 
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
-        // PostgreSQL's SQLSTATE 55P03 lock_not_available (`lock_timeout`
-        // expired), or SQLite's BUSY (its busy timeout expired: another
-        // process writes to the file, which the lock file should prevent).
+        // No pooled connection came free in time; PostgreSQL's SQLSTATE
+        // 55P03 lock_not_available (`lock_timeout` expired); or SQLite's
+        // BUSY (its busy timeout expired: another process writes to the
+        // file, which the lock file should prevent).
+        if let sqlx::Error::PoolTimedOut = e {
+            return Error::Busy;
+        }
         if let Some("55P03" | "5" | "261" | "517") = e.as_database_error().and_then(|d| d.code()).as_deref() {
             return Error::Busy;
         }
@@ -108,7 +113,8 @@ pub enum ErrorResponse {
     /// The `Idempotency-Key` was already used for a different request.
     #[oai(status = 422)]
     Unprocessable(Json<ErrorBody>),
-    /// Another push of the same user is still being recorded, or a
+    /// The server is overloaded (this push waited longer than
+    /// `LOCK_TIMEOUT` for its turn or for a database connection), or a
     /// connection limit is reached; retry after the given seconds.
     #[oai(status = 429)]
     TooManyRequests(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),

@@ -288,3 +288,62 @@ async fn untimed_data_yields_to_timed_writes_and_survives_a_rebuild(#[values(Pos
         "the rebuild changes nothing"
     );
 }
+
+/// The original client retries a refused push only on its next edit, so a
+/// push waits its turn: here behind another push stuck for 6 s, longer than
+/// the old default of 5 s, with the default `LOCK_TIMEOUT`.
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_waits_its_turn_rather_than_being_refused(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn_with(&[("LOCK_TIMEOUT", "")]).await;
+    assert!(app.config.lock_timeout > std::time::Duration::from_secs(6));
+    app.push_ok(
+        "alice",
+        "a",
+        START,
+        json!([common::app::insert("todos", "first", json!({}))]),
+    )
+    .await;
+    let mut stuck = app.store.begin_write("alice").await.unwrap();
+    stuck.reserve("alice", 1).await.unwrap();
+    let started = std::time::Instant::now();
+    let waiting = app.push_ok(
+        "alice",
+        "b",
+        START,
+        json!([common::app::insert("todos", "second", json!({}))]),
+    );
+    let release = async {
+        tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+        stuck.rollback().await.unwrap();
+    };
+    let (answer, ()) = tokio::join!(waiting, release);
+    assert!(started.elapsed() >= std::time::Duration::from_secs(6), "it waited");
+    assert!(common::app::change_for(&answer, "second").is_some(), "{answer}");
+    assert_eq!(app.log_rows().await, 2);
+}
+
+/// Refused only when truly overloaded, and then as a 429 with
+/// `Retry-After` (never a 500): here no database connection (PostgreSQL)
+/// or writer (SQLite) comes free within `LOCK_TIMEOUT`.
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_that_gets_no_connection_in_time_is_told_to_retry(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store
+        .spawn_with(&[("LOCK_TIMEOUT", "300ms"), ("DATABASE_MAX_CONNECTIONS", "1")])
+        .await;
+    let held = app.store.begin_write("bob").await.unwrap();
+    let body = common::app::push_body("a", START, json!([common::app::insert("todos", "t", json!({}))]));
+    let response = app.push("alice", "a", &body).await;
+    assert_eq!(response.headers()["retry-after"], "1");
+    common::app::expect_error(response, reqwest::StatusCode::TOO_MANY_REQUESTS, "busy").await;
+    held.rollback().await.unwrap();
+    assert_eq!(app.log_rows().await, 0, "nothing is written");
+    app.push_ok(
+        "alice",
+        "a",
+        START,
+        json!([common::app::insert("todos", "t", json!({}))]),
+    )
+    .await;
+}

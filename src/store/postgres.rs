@@ -22,11 +22,13 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/post
 pub fn pool(url: &str, config: &Config) -> anyhow::Result<PgPool> {
     let options: PgConnectOptions = url.parse().context("invalid DATABASE_URL")?;
     // A push waits for the user's clock row only so long (then 429), so
-    // one user's pile of pushes cannot hold every pooled connection.
+    // one user's pile of pushes cannot hold every pooled connection; and
+    // for a connection only so long (also a 429, not a fault: the server
+    // is overloaded).
     let lock_timeout = format!("{}ms", config.lock_timeout.as_millis());
     Ok(PgPoolOptions::new()
         .max_connections(config.database_max_connections)
-        .acquire_timeout(Duration::from_secs(10))
+        .acquire_timeout(config.lock_timeout)
         .connect_lazy_with(
             options
                 .application_name("mana-sync")
