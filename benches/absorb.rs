@@ -8,7 +8,9 @@
 //! first all of one user (on PostgreSQL they queue on that user's clock
 //! row; on SQLite every push queues for the one writer), then each of a
 //! user of its own. N doubles until the first refusal or `--max` (default
-//! 4096). Server, client and database share the machine.
+//! 4096). Then one user's burst of `--max`/4 with pushes of `--max`/16
+//! other users in the middle of it: whether they wait for it. Server,
+//! client and database share the machine.
 //!
 //! `cargo bench --bench absorb` runs it in full (set `TEST_DATABASE_URL` to
 //! a PostgreSQL with `fsync` on for production figures: the self-started
@@ -123,6 +125,33 @@ async fn ramp(store: Backend, lock_timeout: &str, one_user: bool, max: usize, ro
     taken
 }
 
+/// One user's burst of `n` pushes and, starting a moment later, `others`
+/// pushes each of a user of its own: whether the others wait for the burst.
+async fn crowd(store: Backend, n: usize, others: usize, round: &mut usize) {
+    let app = store.spawn_with(&[("DATABASE_MAX_CONNECTIONS", "")]).await;
+    *round += 2;
+    let one_user = burst(&app, *round - 1, n, true);
+    let bystanders = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        burst(&app, *round, others, false).await
+    };
+    let (one_user, bystanders) = tokio::join!(one_user, bystanders);
+    println!(
+        "{store:?}: {n} pushes of one user, with {others} of other users sent 100 ms later: \
+         the others' slowest answer {:.0} ms ({} refused); the one user's slowest {:.0} ms ({} refused)",
+        bystanders.slowest.as_secs_f64() * 1e3,
+        bystanders.refused,
+        one_user.slowest.as_secs_f64() * 1e3,
+        one_user.refused
+    );
+    assert_eq!(
+        one_user.failed + bystanders.failed,
+        0,
+        "a push failed other than by a 429"
+    );
+    app.stop().await;
+}
+
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let max = std::env::args()
@@ -146,6 +175,7 @@ fn main() {
                     }
                 }
             }
+            crowd(store, (max / 4).max(1), (max / 16).max(1), &mut round).await;
         }
     });
     if !full {

@@ -28,9 +28,9 @@ pub enum Error {
     /// A stream would exceed a connection limit.
     #[error("{0}")]
     TooManyConnections(&'static str),
-    /// The request waited longer than `LOCK_TIMEOUT` for its turn (another
-    /// push holding the lock it needs) or for a database connection.
-    #[error("the server is busy with other pushes; retry shortly")]
+    /// The request waited too long for its turn (longer than `LOCK_TIMEOUT`
+    /// behind other pushes) or for a database connection (every one in use).
+    #[error("the server is busy; retry shortly")]
     Busy,
     /// A server-side fault: logged with its cause chain, answered with a bare 500.
     #[error(transparent)]
@@ -65,13 +65,9 @@ impl From<crate::hub::Refusal> for Error {
 
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
-        // No pooled connection came free in time; PostgreSQL's SQLSTATE
-        // 55P03 lock_not_available (`lock_timeout` expired); or SQLite's
-        // BUSY (its busy timeout expired: another process writes to the
-        // file, which the lock file should prevent).
-        if let sqlx::Error::PoolTimedOut = e {
-            return Error::Busy;
-        }
+        // PostgreSQL's SQLSTATE 55P03 lock_not_available (`lock_timeout`
+        // expired), or SQLite's BUSY (its busy timeout expired: another
+        // process writes to the file, which the lock file should prevent).
         if let Some("55P03" | "5" | "261" | "517") = e.as_database_error().and_then(|d| d.code()).as_deref() {
             return Error::Busy;
         }
@@ -114,8 +110,8 @@ pub enum ErrorResponse {
     #[oai(status = 422)]
     Unprocessable(Json<ErrorBody>),
     /// The server is overloaded (this push waited longer than
-    /// `LOCK_TIMEOUT` for its turn or for a database connection), or a
-    /// connection limit is reached; retry after the given seconds.
+    /// `LOCK_TIMEOUT` for its turn, or every database connection stayed in
+    /// use), or a connection limit is reached; retry after the given seconds.
     #[oai(status = 429)]
     TooManyRequests(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
     /// A server fault; details are in the server's log, never in the response.

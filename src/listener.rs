@@ -13,6 +13,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use poem::listener::{Acceptor, TcpAcceptor};
 use poem::web::{LocalAddr, RemoteAddr};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 
 /// Longest a closed connection is read from (nginx's `lingering_time`).
 pub const LINGER_TIME: Duration = Duration::from_secs(30);
@@ -27,33 +29,60 @@ pub const LINGER_TIME: Duration = Duration::from_secs(30);
 pub const LINGER_IDLE: Duration = Duration::from_secs(5);
 /// Most bytes read and discarded after the answer (several bodies' worth).
 pub const LINGER_BYTES: usize = 64 * 1024 * 1024;
+/// Most connections lingering at once; past it, a connection just closes.
+pub const MAX_LINGERING: usize = 1024;
 
 /// Accepts TCP connections with Nagle's algorithm off (a response written
 /// in several pieces would otherwise wait for the client's delayed ACK,
 /// tens of milliseconds, between them), each closed lingering.
-pub struct Listener(pub TcpAcceptor);
+pub struct Listener {
+    acceptor: TcpAcceptor,
+    lingering: Arc<Semaphore>,
+}
+
+impl Listener {
+    pub fn new(acceptor: TcpAcceptor) -> Listener {
+        Listener {
+            acceptor,
+            lingering: Arc::new(Semaphore::new(MAX_LINGERING)),
+        }
+    }
+}
 
 impl Acceptor for Listener {
     type Io = Lingering;
 
     fn local_addr(&self) -> Vec<LocalAddr> {
-        self.0.local_addr()
+        self.acceptor.local_addr()
     }
 
     async fn accept(&mut self) -> io::Result<(Self::Io, LocalAddr, RemoteAddr, poem::http::uri::Scheme)> {
-        let (stream, local, remote, scheme) = self.0.accept().await?;
+        let (stream, local, remote, scheme) = self.acceptor.accept().await?;
         stream.set_nodelay(true)?;
-        Ok((Lingering(Some(stream)), local, remote, scheme))
+        let connection = Lingering {
+            stream: Some(stream),
+            lingering: self.lingering.clone(),
+        };
+        Ok((connection, local, remote, scheme))
     }
 }
 
 /// A connection that, when dropped, is closed lingering (see the module
-/// docs). It is only `None` once dropped.
-pub struct Lingering(Option<TcpStream>);
+/// docs), while fewer than [`MAX_LINGERING`] others are.
+pub struct Lingering {
+    /// `None` only once dropped.
+    stream: Option<TcpStream>,
+    lingering: Arc<Semaphore>,
+}
 
 impl Lingering {
     fn stream(self: Pin<&mut Self>) -> Pin<&mut TcpStream> {
-        Pin::new(self.get_mut().0.as_mut().expect("a connection is open until dropped"))
+        Pin::new(
+            self.get_mut()
+                .stream
+                .as_mut()
+                .expect("a connection is open until dropped"),
+        )
     }
 }
 
@@ -85,16 +114,23 @@ impl AsyncWrite for Lingering {
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.0.as_ref().is_some_and(|s| s.is_write_vectored())
+        self.stream.as_ref().is_some_and(|s| s.is_write_vectored())
     }
 }
 
 impl Drop for Lingering {
     fn drop(&mut self) {
         // Dropping happens inside the connection's task, on the runtime;
-        // without one (the runtime is going away) the socket just closes.
-        if let (Some(stream), Ok(runtime)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
-            runtime.spawn(linger(stream));
+        // without one (the runtime is going away), or with too many
+        // connections lingering already, the socket just closes.
+        let (Some(stream), Ok(runtime)) = (self.stream.take(), tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        if let Ok(permit) = self.lingering.clone().try_acquire_owned() {
+            runtime.spawn(async move {
+                linger(stream).await;
+                drop(permit);
+            });
         }
     }
 }

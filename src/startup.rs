@@ -2,12 +2,13 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
-use poem::http::Method;
+use poem::http::{Method, header};
 use poem::listener::TcpAcceptor;
 use poem::middleware::Cors;
-use poem::{Endpoint, EndpointExt, IntoEndpoint, Request, Response, Route, Server, get};
+use poem::{Endpoint, EndpointExt, IntoEndpoint, IntoResponse, Request, Response, Route, Server, get};
 use poem_openapi::OpenApiService;
 
 use crate::api::health::HealthApi;
@@ -138,6 +139,7 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
         .catch_all_error(json_error)
         .with(cors)
         .catch_all_error(json_error)
+        .around(close_if_body_unread)
         .around(telemetry::log_request)
         .data(state)
         .into_endpoint()
@@ -152,12 +154,38 @@ fn local_jwks(poem::web::Data(state): poem::web::Data<&AppState>) -> poem::Resul
     }
 }
 
+/// Set once a request's body has been read in full (by [`limit_body`]).
+#[derive(Clone, Default)]
+struct BodyRead(Arc<AtomicBool>);
+
+/// An answer given before the request's body was read in full (a 413, a
+/// refused origin) says `Connection: close`: the rest of the body is never
+/// read, so the connection cannot carry another request. The lingering
+/// close (`listener`) then lets the answer arrive while the client is
+/// still sending.
+async fn close_if_body_unread<E: Endpoint>(ep: E, mut req: Request) -> poem::Result<Response> {
+    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|n| n.as_bytes() != b"0");
+    let read = BodyRead::default();
+    req.extensions_mut().insert(read.clone());
+    let mut response = ep.call(req).await?.into_response();
+    if has_body && !read.0.load(Ordering::Relaxed) {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+    }
+    Ok(response)
+}
+
 /// Reads the body up to the limit, so an oversized one is a 413 whether or
 /// not it declares its length.
 async fn limit_body(mut req: Request) -> poem::Result<Request> {
     let declared = req
         .headers()
-        .get(poem::http::header::CONTENT_LENGTH)
+        .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > MAX_BODY_BYTES) {
@@ -172,24 +200,19 @@ async fn limit_body(mut req: Request) -> poem::Result<Request> {
             other => other.into(),
         })?;
     req.set_body(body);
+    if let Some(read) = req.extensions().get::<BodyRead>() {
+        read.0.store(true, Ordering::Relaxed);
+    }
     Ok(req)
 }
 
-/// The 413 for a body over the limit. The rest of the body is never read,
-/// so the connection cannot carry another request: `Connection: close`
-/// says so, and the lingering close (`listener`) lets the answer arrive
-/// while the client is still sending.
 fn too_large() -> poem::Error {
-    let body = serde_json::json!({
-        "code": "payload_too_large",
-        "message": format!("the request body is over the {} MB limit", MAX_BODY_BYTES / (1024 * 1024)),
-    });
-    poem::Error::from_response(
-        Response::builder()
-            .status(poem::http::StatusCode::PAYLOAD_TOO_LARGE)
-            .header(poem::http::header::CONNECTION, "close")
-            .content_type("application/json")
-            .body(body.to_string()),
+    poem::Error::from_string(
+        format!(
+            "the request body is over the {} MB limit",
+            MAX_BODY_BYTES / (1024 * 1024)
+        ),
+        poem::http::StatusCode::PAYLOAD_TOO_LARGE,
     )
 }
 
@@ -242,7 +265,7 @@ pub async fn serve(
         hub.close_all();
     };
     tracing::info!(%addr, "mana-sync listening");
-    let result = Server::new_with_acceptor(Listener(TcpAcceptor::from_tokio(listener)?))
+    let result = Server::new_with_acceptor(Listener::new(TcpAcceptor::from_tokio(listener)?))
         .run_with_graceful_shutdown(app(state), shutdown, Some(timeout))
         .await
         .context("server failed");

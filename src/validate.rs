@@ -175,8 +175,13 @@ impl Clock {
         Ok(self.clamp(at))
     }
 
+    /// Field times are kept in milliseconds, the precision of every
+    /// client's clock (JavaScript's `Date`): finer digits would make a
+    /// device that compares times as strings, or as `Date`s, pick another
+    /// latest time than the server (`…00.001Z` sorts after `…00.0015Z`).
+    /// Writes within one millisecond go to the later log entry.
     fn clamp(self, at: Timestamp) -> Timestamp {
-        if at > self.latest { self.now } else { at }
+        if at > self.latest { self.now } else { at.floor_millis() }
     }
 
     /// A record's own timestamp field: an RFC 3339 string, or a number of

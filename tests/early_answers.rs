@@ -113,18 +113,24 @@ async fn an_11_mb_body_sent_whole_before_reading_gets_the_413(#[values(Postgres,
 async fn any_early_refusal_of_a_request_with_a_body_reaches_the_client(#[values(Postgres, Sqlite)] store: Backend) {
     let app = store.spawn().await;
     // A page of an origin that is not allowed: refused before the body is read.
-    let body = push_of(4 * 1024 * 1024);
+    let large = push_of(ELEVEN_MB);
     let refused = send_all_then_read(
         &app,
         push_head(&format!(
             "Origin: http://elsewhere.example\r\nContent-Length: {}\r\n",
-            body.len()
+            large.len()
         )),
-        &body,
+        &large,
     )
     .await;
     assert_eq!(refused.status, 403, "{}", refused.body);
     assert_eq!(refused.body["code"], "forbidden");
+    assert!(
+        refused.headers.iter().any(|h| h == "connection: close"),
+        "{:?}",
+        refused.headers
+    );
+    let body = push_of(4 * 1024 * 1024);
     // The allowed origin gets its push recorded, on the same kind of exchange.
     let accepted = send_all_then_read(
         &app,

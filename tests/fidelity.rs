@@ -39,11 +39,15 @@ impl Device {
         }
     }
 
-    /// `new Date().toISOString()` on this device.
+    /// `new Date().toISOString()` on this device; on a device whose name
+    /// starts with `py-`, Python's `isoformat()` (microseconds, `+00:00`).
     fn now(&self) -> String {
-        Timestamp(Timestamp::now().0 + self.skew_ms * 1_000_000)
-            .floor_millis()
-            .to_short_string()
+        let now = Timestamp(Timestamp::now().0 + self.skew_ms * 1_000_000);
+        if self.name.starts_with("py-") {
+            format!("{}+00:00", &now.to_fixed_string()[..26])
+        } else {
+            now.floor_millis().to_short_string()
+        }
     }
 
     /// Applies an answer's `serverChanges` the way the original engine
@@ -167,7 +171,7 @@ async fn a_new_device_pulls_byte_for_byte_what_the_devices_that_followed_hold(
     let mut rng = StdRng::seed_from_u64(seed);
     let app = store.spawn().await;
     // Clocks a few seconds apart, as devices' are: edits arrive out of time order.
-    let mut devices: Vec<Device> = ["phone", "laptop", "tablet"]
+    let mut devices: Vec<Device> = ["phone", "laptop", "py-script"]
         .iter()
         .map(|name| Device::new(name, rng.random_range(-3000..3000)))
         .collect();

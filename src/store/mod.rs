@@ -10,6 +10,7 @@
 
 pub mod postgres;
 pub mod sqlite;
+pub mod turns;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -18,7 +19,7 @@ use futures_util::TryStreamExt;
 use serde_json::Value;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::types::Json;
-use sqlx::{PgPool, Postgres, Sqlite, Transaction};
+use sqlx::{Sqlite, Transaction};
 
 use crate::change_log::{self, RecordKey};
 use crate::config::Config;
@@ -31,13 +32,13 @@ use crate::validate::Change;
 /// The database behind the server. Cheap to clone.
 #[derive(Clone)]
 pub enum Store {
-    Postgres(PgPool),
+    Postgres(postgres::PgStore),
     Sqlite(sqlite::SqliteStore),
 }
 
 /// A transaction scoped to one user: it reads and writes only that user's rows.
 pub enum Tx {
-    Postgres(Transaction<'static, Postgres>),
+    Postgres(postgres::PgTx),
     Sqlite(Transaction<'static, Sqlite>),
 }
 
@@ -79,7 +80,7 @@ impl Store {
                 Ok(Store::Sqlite(sqlite::SqliteStore::open(Some(url), config).await?))
             }
             Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-                Ok(Store::Postgres(postgres::pool(url, config)?))
+                Ok(Store::Postgres(postgres::PgStore::new(url, config)?))
             }
             // The URL is not echoed: it may hold a password.
             Some(_) => anyhow::bail!(
@@ -92,9 +93,9 @@ impl Store {
     /// `deadline`, or for ever), then applies pending migrations.
     pub async fn prepare(&self, deadline: Option<Duration>) -> anyhow::Result<()> {
         match self {
-            Store::Postgres(pool) => {
-                postgres::wait_until_reachable(pool, deadline).await?;
-                postgres::migrate(pool).await
+            Store::Postgres(store) => {
+                postgres::wait_until_reachable(&store.pool, deadline).await?;
+                postgres::migrate(&store.pool).await
             }
             Store::Sqlite(store) => store.migrate().await,
         }
@@ -103,8 +104,8 @@ impl Store {
     /// What start-up logs: which store, and what it allows.
     pub fn describe(&self) -> String {
         match self {
-            Store::Postgres(pool) => {
-                let options = pool.connect_options();
+            Store::Postgres(store) => {
+                let options = store.pool.connect_options();
                 format!(
                     "PostgreSQL database {:?} on {}:{} (replicas fan out through NOTIFY)",
                     options.get_database().unwrap_or_default(),
@@ -131,18 +132,21 @@ impl Store {
     /// store serves one process, whose hub hears every push itself).
     pub fn notify_options(&self) -> Option<PgConnectOptions> {
         match self {
-            Store::Postgres(pool) => Some(pool.connect_options().as_ref().clone()),
+            Store::Postgres(store) => Some(store.pool.connect_options().as_ref().clone()),
             Store::Sqlite(_) => None,
         }
     }
 
     /// Begins a transaction that writes `user_id`'s data. On PostgreSQL the
-    /// first write of the user's clock then serialises the user's pushes;
-    /// SQLite takes its single write lock now. Waiting longer than
-    /// `LOCK_TIMEOUT` is [`Error::Busy`].
+    /// user's writes on this replica take turns first (see [`turns`]), and
+    /// the first write of the user's clock then serialises them with other
+    /// replicas'; SQLite takes its single write lock now. Waiting longer
+    /// than `LOCK_TIMEOUT` is [`Error::Busy`].
+    ///
+    /// [`Error::Busy`]: crate::error::Error::Busy
     pub async fn begin_write(&self, user_id: &str) -> Result<Tx> {
         match self {
-            Store::Postgres(pool) => Ok(Tx::Postgres(postgres::begin_for(pool, user_id).await?)),
+            Store::Postgres(store) => Ok(Tx::Postgres(store.begin_write(user_id).await?)),
             Store::Sqlite(store) => Ok(Tx::Sqlite(store.begin_write().await?)),
         }
     }
@@ -150,15 +154,22 @@ impl Store {
     /// Begins a transaction that only reads `user_id`'s data, from one snapshot.
     pub async fn begin_read(&self, user_id: &str) -> Result<Tx> {
         match self {
-            Store::Postgres(pool) => Ok(Tx::Postgres(postgres::begin_for(pool, user_id).await?)),
-            Store::Sqlite(store) => Ok(Tx::Sqlite(store.begin_read().await?)),
+            Store::Postgres(store) => {
+                let tx = postgres::begin_for(&store.pool, user_id)
+                    .await
+                    .map_err(|e| acquire_error(&store.pool, e))?;
+                Ok(Tx::Postgres(postgres::PgTx::new(tx, None)))
+            }
+            Store::Sqlite(store) => Ok(Tx::Sqlite(
+                store.begin_read().await.map_err(|e| acquire_error(store.reader(), e))?,
+            )),
         }
     }
 
     /// Every user who ever wrote (maintenance: the one cross-user read).
     pub async fn users(&self) -> sqlx::Result<Vec<String>> {
         match self {
-            Store::Postgres(pool) => postgres::users(pool).await,
+            Store::Postgres(store) => postgres::users(&store.pool).await,
             Store::Sqlite(store) => sqlite::users(store.reader()).await,
         }
     }
@@ -185,7 +196,7 @@ impl Store {
     pub fn pool_stats(&self) -> (u32, u32) {
         let stats = |pool_size: u32, idle: usize| (pool_size.saturating_sub(idle as u32), idle as u32);
         match self {
-            Store::Postgres(pool) => stats(pool.size(), pool.num_idle()),
+            Store::Postgres(store) => stats(store.pool.size(), store.pool.num_idle()),
             Store::Sqlite(store) => {
                 let (writer, reader) = store.pools();
                 let (a, b) = (
@@ -203,7 +214,9 @@ impl Store {
     pub async fn ping(&self) -> bool {
         let ping = async {
             match self {
-                Store::Postgres(pool) => saturated(pool) || sqlx::query("SELECT 1").execute(pool).await.is_ok(),
+                Store::Postgres(store) => {
+                    saturated(&store.pool) || sqlx::query("SELECT 1").execute(&store.pool).await.is_ok()
+                }
                 Store::Sqlite(store) => {
                     saturated(store.reader()) || sqlx::query("SELECT 1").execute(store.reader()).await.is_ok()
                 }
@@ -218,6 +231,18 @@ impl Store {
 /// Every connection the pool may open is open and in use.
 fn saturated<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) -> bool {
     pool.num_idle() == 0 && pool.size() >= pool.options().get_max_connections()
+}
+
+/// A pool that gave no connection in time: with every connection it may
+/// open open, the replica is overloaded ([`Error::Busy`], a 429); with
+/// fewer, connecting failed, and the database does not answer (a fault).
+///
+/// [`Error::Busy`]: crate::error::Error::Busy
+fn acquire_error<DB: sqlx::Database>(pool: &sqlx::Pool<DB>, e: sqlx::Error) -> crate::error::Error {
+    match e {
+        sqlx::Error::PoolTimedOut if pool.size() >= pool.options().get_max_connections() => crate::error::Error::Busy,
+        e => e.into(),
+    }
 }
 
 impl Tx {
@@ -379,14 +404,14 @@ impl Tx {
 
     pub async fn commit(self) -> sqlx::Result<()> {
         match self {
-            Tx::Postgres(tx) => tx.commit().await,
+            Tx::Postgres(tx) => tx.tx.commit().await,
             Tx::Sqlite(tx) => tx.commit().await,
         }
     }
 
     pub async fn rollback(self) -> sqlx::Result<()> {
         match self {
-            Tx::Postgres(tx) => tx.rollback().await,
+            Tx::Postgres(tx) => tx.tx.rollback().await,
             Tx::Sqlite(tx) => tx.rollback().await,
         }
     }

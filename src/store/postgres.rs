@@ -14,21 +14,84 @@ use crate::change_log::NewRow;
 use crate::config::Config;
 use crate::fold::FieldState;
 use crate::projection::{Record, Row};
+use crate::store::turns::{Turn, Turns};
 
 /// The migrations under `migrations/postgres/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
+/// The PostgreSQL store: its pool, and the queues in which each user's
+/// pushes wait for their turn before they take a connection.
+#[derive(Clone)]
+pub struct PgStore {
+    pub pool: PgPool,
+    pub turns: Turns,
+    /// Longest wait for a turn (`LOCK_TIMEOUT`).
+    pub lock_timeout: Duration,
+}
+
+/// A transaction of the PostgreSQL store, holding its user's turn (when it
+/// writes through [`PgStore`]) until it ends.
+pub struct PgTx {
+    pub tx: Transaction<'static, Postgres>,
+    _turn: Option<Turn>,
+}
+
+impl PgTx {
+    pub fn new(tx: Transaction<'static, Postgres>, turn: Option<Turn>) -> PgTx {
+        PgTx { tx, _turn: turn }
+    }
+}
+
+impl std::ops::Deref for PgTx {
+    type Target = Transaction<'static, Postgres>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for PgTx {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.tx
+    }
+}
+
+/// Longest wait for a pooled connection (or a push's `LOCK_TIMEOUT`, if
+/// shorter). A push waits for its turn without one, so pushes of distinct
+/// users are all that compete for connections; beyond this, the replica is
+/// overloaded or the database does not answer.
+const CONNECTION_WAIT: Duration = Duration::from_secs(10);
+
+impl PgStore {
+    /// The store `url` names, connecting on demand; see [`wait_until_reachable`].
+    pub fn new(url: &str, config: &Config) -> anyhow::Result<PgStore> {
+        Ok(PgStore {
+            pool: pool(url, config)?,
+            turns: Turns::default(),
+            lock_timeout: config.lock_timeout,
+        })
+    }
+
+    /// Waits for `user_id`'s turn, then begins a transaction that writes
+    /// the user's data and holds the turn until it ends.
+    pub async fn begin_write(&self, user_id: &str) -> crate::error::Result<PgTx> {
+        let turn = self.turns.wait(user_id, self.lock_timeout).await?;
+        let tx = begin_for(&self.pool, user_id)
+            .await
+            .map_err(|e| super::acquire_error(&self.pool, e))?;
+        Ok(PgTx::new(tx, Some(turn)))
+    }
+}
+
 /// A pool that connects on demand; see [`wait_until_reachable`].
-pub fn pool(url: &str, config: &Config) -> anyhow::Result<PgPool> {
+fn pool(url: &str, config: &Config) -> anyhow::Result<PgPool> {
     let options: PgConnectOptions = url.parse().context("invalid DATABASE_URL")?;
-    // A push waits for the user's clock row only so long (then 429), so
-    // one user's pile of pushes cannot hold every pooled connection; and
-    // for a connection only so long (also a 429, not a fault: the server
-    // is overloaded).
+    // A push waits for the user's clock row (pushes of the same user on
+    // other replicas) only so long, then 429.
     let lock_timeout = format!("{}ms", config.lock_timeout.as_millis());
     Ok(PgPoolOptions::new()
         .max_connections(config.database_max_connections)
-        .acquire_timeout(config.lock_timeout)
+        .acquire_timeout(config.lock_timeout.min(CONNECTION_WAIT))
         .connect_lazy_with(
             options
                 .application_name("mana-sync")
