@@ -12,10 +12,10 @@
 //! rebuild it from the log at any time.
 //!
 //! A record's `updatedAt` is what the original client holds: a record
-//! written by one change is exactly what that change sent (the client
-//! stores an insert with `put(data)`); once another change touches it,
-//! `updatedAt` is the latest timestamp of any of its fields, which is what
-//! the client sets when it applies an update.
+//! whose fields one change wrote is exactly what that change sent (the
+//! client stores an insert with `put(data)`); once another change writes a
+//! field of it, `updatedAt` is the latest timestamp of any of its fields,
+//! which is what the client sets when it applies an update.
 //!
 //! Nothing here touches HTTP or SQL.
 

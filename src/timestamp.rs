@@ -30,11 +30,12 @@ impl Timestamp {
     }
 
     /// The instant at millisecond precision (rounded down): the precision
-    /// browsers stamp with (`Date.toISOString()`). The server's own field
-    /// times are kept at it, so every time it writes has their fixed-width
-    /// form and a plain string comparison of two of them stays in order.
+    /// browsers stamp with (`Date.toISOString()`). Field times are kept at
+    /// it, so every time the server writes has their fixed-width form and a
+    /// plain string comparison of two of them stays in order.
     pub fn floor_millis(self) -> Timestamp {
-        Timestamp(self.0 - self.0.rem_euclid(1_000_000))
+        // Saturating: the first microsecond of the range has no millisecond below it.
+        Timestamp(self.0.saturating_sub(self.0.rem_euclid(1_000_000)))
     }
 
     /// Parses any RFC 3339 form (any offset, any number of fractional digits).
@@ -132,6 +133,11 @@ mod tests {
             Timestamp(-1).floor_millis(),
             Timestamp(-1_000_000),
             "rounds down before 1970 too"
+        );
+        assert_eq!(
+            Timestamp(i64::MIN + 308).floor_millis(),
+            Timestamp(i64::MIN),
+            "never wraps"
         );
     }
 }

@@ -328,26 +328,80 @@ async fn a_push_waits_its_turn_rather_than_being_refused(#[values(Postgres, Sqli
 }
 
 /// Refused only when truly overloaded, and then as a 429 with
-/// `Retry-After` (never a 500): here no database connection (PostgreSQL)
-/// or writer (SQLite) comes free within `LOCK_TIMEOUT`.
+/// `Retry-After` (never a 500), writing nothing: here 200 pushes of as
+/// many users at once on one database connection (PostgreSQL) or the one
+/// writer (SQLite), none waiting more than 100 ms.
 #[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_that_gets_no_connection_in_time_is_told_to_retry(#[values(Postgres, Sqlite)] store: Backend) {
     let app = store
-        .spawn_with(&[("LOCK_TIMEOUT", "300ms"), ("DATABASE_MAX_CONNECTIONS", "1")])
+        .spawn_with(&[("LOCK_TIMEOUT", "100ms"), ("DATABASE_MAX_CONNECTIONS", "1")])
         .await;
-    let held = app.store.begin_write("bob").await.unwrap();
-    let body = common::app::push_body("a", START, json!([common::app::insert("todos", "t", json!({}))]));
-    let response = app.push("alice", "a", &body).await;
-    assert_eq!(response.headers()["retry-after"], "1");
-    common::app::expect_error(response, reqwest::StatusCode::TOO_MANY_REQUESTS, "busy").await;
-    held.rollback().await.unwrap();
-    assert_eq!(app.log_rows().await, 0, "nothing is written");
-    app.push_ok(
-        "alice",
-        "a",
-        START,
-        json!([common::app::insert("todos", "t", json!({}))]),
-    )
-    .await;
+    let pushes = (0..200).map(|i| {
+        let body = common::app::push_body("a", START, json!([common::app::insert("todos", "t", json!({}))]));
+        let app = &app;
+        async move { app.push(&format!("user-{i}"), "a", &body).await }
+    });
+    let (mut accepted, mut refused) = (0, 0);
+    for response in futures_util::future::join_all(pushes).await {
+        match response.status().as_u16() {
+            200 => accepted += 1,
+            429 => {
+                assert_eq!(response.headers()["retry-after"], "1");
+                common::app::expect_error(response, reqwest::StatusCode::TOO_MANY_REQUESTS, "busy").await;
+                refused += 1;
+            }
+            other => panic!("a push answered {other}: {}", response.text().await.unwrap()),
+        }
+    }
+    assert!(accepted > 0 && refused > 0, "{accepted} accepted, {refused} refused");
+    assert_eq!(app.log_rows().await, accepted, "a refused push writes nothing");
+}
+
+/// On PostgreSQL a user's waiting pushes hold no database connection: a
+/// pile of them, more than the pool, stuck behind one of theirs, leaves
+/// other users' pushes going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_users_pile_of_pushes_does_not_hold_up_other_users() {
+    let app = Postgres.spawn().await;
+    assert_eq!(app.config.database_max_connections, 10);
+    let mut stuck = app.store.begin_write("alice").await.unwrap();
+    stuck.reserve("alice", 1).await.unwrap(); // holds her clock row too
+    let pile: Vec<_> = (0..30)
+        .map(|i| {
+            let body = common::app::push_body(
+                "a",
+                START,
+                json!([common::app::insert("todos", &format!("a{i}"), json!({}))]),
+            );
+            let (http, url) = (app.http.clone(), app.url(&format!("/sync/{APP}")));
+            tokio::spawn(async move {
+                http.post(url)
+                    .bearer_auth(common::tokens::token_for("alice"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    app.push_ok("bob", "b", START, json!([common::app::insert("todos", "b", json!({}))]))
+        .await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "bob waited {:?} for alice's pile",
+        started.elapsed()
+    );
+    assert!(
+        pile.iter().all(|p| !p.is_finished()),
+        "alice's pushes still wait for their turn"
+    );
+    stuck.rollback().await.unwrap();
+    for push in pile {
+        assert_eq!(push.await.unwrap(), reqwest::StatusCode::OK);
+    }
+    assert_eq!(app.log_rows().await, 31);
 }

@@ -154,15 +154,8 @@ impl Store {
     /// Begins a transaction that only reads `user_id`'s data, from one snapshot.
     pub async fn begin_read(&self, user_id: &str) -> Result<Tx> {
         match self {
-            Store::Postgres(store) => {
-                let tx = postgres::begin_for(&store.pool, user_id)
-                    .await
-                    .map_err(|e| acquire_error(&store.pool, e))?;
-                Ok(Tx::Postgres(postgres::PgTx::new(tx, None)))
-            }
-            Store::Sqlite(store) => Ok(Tx::Sqlite(
-                store.begin_read().await.map_err(|e| acquire_error(store.reader(), e))?,
-            )),
+            Store::Postgres(store) => Ok(Tx::Postgres(store.begin_read(user_id).await?)),
+            Store::Sqlite(store) => Ok(Tx::Sqlite(store.begin_read().await?)),
         }
     }
 
@@ -231,18 +224,6 @@ impl Store {
 /// Every connection the pool may open is open and in use.
 fn saturated<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) -> bool {
     pool.num_idle() == 0 && pool.size() >= pool.options().get_max_connections()
-}
-
-/// A pool that gave no connection in time: with every connection it may
-/// open open, the replica is overloaded ([`Error::Busy`], a 429); with
-/// fewer, connecting failed, and the database does not answer (a fault).
-///
-/// [`Error::Busy`]: crate::error::Error::Busy
-fn acquire_error<DB: sqlx::Database>(pool: &sqlx::Pool<DB>, e: sqlx::Error) -> crate::error::Error {
-    match e {
-        sqlx::Error::PoolTimedOut if pool.size() >= pool.options().get_max_connections() => crate::error::Error::Busy,
-        e => e.into(),
-    }
 }
 
 impl Tx {

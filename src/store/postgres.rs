@@ -3,7 +3,9 @@
 //! idempotent outcomes.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -12,6 +14,7 @@ use sqlx::{ConnectOptions, Connection, PgConnection, PgPool, Postgres, Transacti
 
 use crate::change_log::NewRow;
 use crate::config::Config;
+use crate::error::{Error, Result};
 use crate::fold::FieldState;
 use crate::projection::{Record, Row};
 use crate::store::turns::{Turn, Turns};
@@ -27,6 +30,10 @@ pub struct PgStore {
     pub turns: Turns,
     /// Longest wait for a turn (`LOCK_TIMEOUT`).
     pub lock_timeout: Duration,
+    /// When a request last got a connection, in milliseconds since `since`
+    /// plus [`CONNECTION_WAIT`] (0: never).
+    last_connected: Arc<AtomicU64>,
+    since: Instant,
 }
 
 /// A transaction of the PostgreSQL store, holding its user's turn (when it
@@ -69,17 +76,43 @@ impl PgStore {
             pool: pool(url, config)?,
             turns: Turns::default(),
             lock_timeout: config.lock_timeout,
+            last_connected: Arc::default(),
+            since: Instant::now(),
         })
     }
 
     /// Waits for `user_id`'s turn, then begins a transaction that writes
     /// the user's data and holds the turn until it ends.
-    pub async fn begin_write(&self, user_id: &str) -> crate::error::Result<PgTx> {
+    pub async fn begin_write(&self, user_id: &str) -> Result<PgTx> {
         let turn = self.turns.wait(user_id, self.lock_timeout).await?;
-        let tx = begin_for(&self.pool, user_id)
-            .await
-            .map_err(|e| super::acquire_error(&self.pool, e))?;
-        Ok(PgTx::new(tx, Some(turn)))
+        Ok(PgTx::new(self.begin(user_id).await?, Some(turn)))
+    }
+
+    /// Begins a transaction that only reads `user_id`'s data.
+    pub async fn begin_read(&self, user_id: &str) -> Result<PgTx> {
+        Ok(PgTx::new(self.begin(user_id).await?, None))
+    }
+
+    /// [`begin_for`] on the pool. A pool that gives no connection in time,
+    /// although requests got connections up to [`CONNECTION_WAIT`] before
+    /// this one asked or since, is overloaded ([`Error::Busy`], a 429); one
+    /// that gave none for longer is failing to reach the database (a fault,
+    /// not something to retry in a second).
+    async fn begin(&self, user_id: &str) -> Result<Transaction<'static, Postgres>> {
+        let now = || self.since.elapsed().as_millis() as u64 + CONNECTION_WAIT.as_millis() as u64;
+        let asked = now();
+        match begin_for(&self.pool, user_id).await {
+            Ok(tx) => {
+                self.last_connected.fetch_max(now(), Ordering::Relaxed);
+                Ok(tx)
+            }
+            Err(sqlx::Error::PoolTimedOut)
+                if self.last_connected.load(Ordering::Relaxed) + CONNECTION_WAIT.as_millis() as u64 >= asked =>
+            {
+                Err(Error::Busy)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 }
 

@@ -125,8 +125,13 @@ impl SqliteStore {
         }
     }
 
-    pub async fn begin_read(&self) -> sqlx::Result<Transaction<'static, Sqlite>> {
-        self.reader.begin().await
+    /// Begins a read; every reader busy for 10 s is [`Error::Busy`] (the
+    /// file is local: a pool that gives no connection is overloaded).
+    pub async fn begin_read(&self) -> Result<Transaction<'static, Sqlite>> {
+        match self.reader.begin().await {
+            Err(sqlx::Error::PoolTimedOut) => Err(Error::Busy),
+            other => Ok(other?),
+        }
     }
 }
 

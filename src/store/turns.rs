@@ -18,55 +18,48 @@ use crate::error::{Error, Result};
 
 /// The queues, one per user with a push in flight or waiting. Cheap to clone.
 #[derive(Clone, Default)]
-pub struct Turns(Arc<Mutex<HashMap<String, Weak<Queue<()>>>>>);
+pub struct Turns(Arc<Mutex<Queues>>);
 
-/// A user's turn: held until dropped (the push's transaction ends).
-pub struct Turn {
-    turns: Turns,
-    user_id: String,
-    guard: Option<OwnedMutexGuard<()>>,
+#[derive(Default)]
+struct Queues {
+    by_user: HashMap<String, Weak<Queue<()>>>,
+    /// Queues made since the map was last rid of unused ones: once they
+    /// outnumber the map's entries, it is (so each costs O(1) amortised,
+    /// and the map holds at most twice the users with a push in flight).
+    made: usize,
 }
+
+/// A user's turn: held until dropped (when the push's transaction ends).
+pub struct Turn(#[allow(dead_code)] OwnedMutexGuard<()>);
 
 impl Turns {
     /// Waits for `user_id`'s turn, at most `timeout` ([`Error::Busy`] then).
     pub async fn wait(&self, user_id: &str, timeout: Duration) -> Result<Turn> {
-        let queue = {
-            let mut queues = self.0.lock().expect("the turns map is never poisoned");
-            match queues.get(user_id).and_then(Weak::upgrade) {
-                Some(queue) => queue,
-                None => {
-                    let queue = Arc::new(Queue::new(()));
-                    queues.insert(user_id.to_owned(), Arc::downgrade(&queue));
-                    queue
-                }
-            }
-        };
+        let queue = self.queue(user_id);
         let guard = tokio::time::timeout(timeout, queue.lock_owned())
             .await
             .map_err(|_| Error::Busy)?;
-        Ok(Turn {
-            turns: self.clone(),
-            user_id: user_id.to_owned(),
-            guard: Some(guard),
-        })
+        Ok(Turn(guard))
     }
 
-    /// Users with a queue (for tests: an idle user has none).
-    pub fn queued(&self) -> usize {
-        self.0.lock().expect("the turns map is never poisoned").len()
-    }
-}
-
-impl Drop for Turn {
-    fn drop(&mut self) {
-        let mut queues = self.turns.0.lock().expect("the turns map is never poisoned");
-        let guard = self.guard.take().expect("a turn is released once");
-        // Nobody else holds or waits for this queue (each waiter holds an
-        // `Arc` of it, and none can take one while the map is locked): forget it.
-        if Arc::strong_count(OwnedMutexGuard::mutex(&guard)) == 1 {
-            queues.remove(&self.user_id);
+    fn queue(&self, user_id: &str) -> Arc<Queue<()>> {
+        let mut queues = self.0.lock().expect("the turns map is never poisoned");
+        if let Some(queue) = queues.by_user.get(user_id).and_then(Weak::upgrade) {
+            return queue;
         }
-        drop(guard);
+        let queue = Arc::new(Queue::new(()));
+        queues.by_user.insert(user_id.to_owned(), Arc::downgrade(&queue));
+        queues.made += 1;
+        if queues.made > queues.by_user.len() / 2 {
+            queues.by_user.retain(|_, queue| queue.strong_count() > 0);
+            queues.made = 0;
+        }
+        queue
+    }
+
+    /// Entries in the map (for tests).
+    pub fn entries(&self) -> usize {
+        self.0.lock().expect("the turns map is never poisoned").by_user.len()
     }
 }
 
@@ -75,11 +68,11 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn turns_are_taken_in_order_one_at_a_time_and_forgotten_when_idle() {
+    async fn turns_are_taken_in_order_one_at_a_time() {
         let turns = Turns::default();
         let first = turns.wait("alice", Duration::from_secs(1)).await.unwrap();
         // Another user is not held up; the same user waits, then gives up.
-        let other = turns.wait("bob", Duration::from_millis(10)).await.unwrap();
+        let _other = turns.wait("bob", Duration::from_millis(10)).await.unwrap();
         assert!(matches!(
             turns.wait("alice", Duration::from_millis(20)).await,
             Err(Error::Busy)
@@ -92,7 +85,16 @@ mod tests {
         assert!(!waiting.is_finished(), "alice's second push waits for the first");
         drop(first);
         waiting.await.unwrap().unwrap();
-        drop(other);
-        assert_eq!(turns.queued(), 0, "no queue is kept for idle users");
+    }
+
+    #[tokio::test]
+    async fn the_map_keeps_no_more_than_twice_the_users_in_flight() {
+        let turns = Turns::default();
+        let held = turns.wait("held", Duration::from_secs(1)).await.unwrap();
+        for i in 0..1000 {
+            drop(turns.wait(&format!("user-{i}"), Duration::from_secs(1)).await.unwrap());
+            assert!(turns.entries() <= 4, "{} entries after {i}", turns.entries());
+        }
+        drop(held);
     }
 }
