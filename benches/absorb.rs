@@ -159,12 +159,7 @@ fn main() {
         .nth(1)
         .and_then(|v| v.parse().ok())
         .unwrap_or(if full { 4096 } else { 4 });
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    common::runtime().block_on(async {
         let mut round = 0;
         for store in [Postgres, Sqlite] {
             for lock_timeout in if full { vec!["5s", ""] } else { vec![""] } {

@@ -353,12 +353,7 @@ fn main() {
             cold_starts: 1,
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    common::runtime().block_on(async {
         println!("PostgreSQL store");
         let app = Postgres.spawn().await;
         pull_vs_history(&app, &sizes).await;

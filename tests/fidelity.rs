@@ -9,8 +9,11 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
-use common::app::{APP, Backend, Postgres, START, Sqlite, TestApp};
+use common::app::{
+    APP, Backend, Postgres, START, Sqlite, TestApp, change_for, expect_error, insert, push_body, update,
+};
 use mana_sync::timestamp::Timestamp;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -241,7 +244,7 @@ async fn the_original_shell_flow_shows_the_update(#[values(Postgres, Sqlite)] st
         String::from_utf8_lossy(&output.stderr)
     );
     let pulled: Value = serde_json::from_slice(&output.stdout).expect("the pull answers JSON");
-    let record = &common::app::change_for(&pulled, "e2e-1").expect("the record is pulled")["data"];
+    let record = &change_for(&pulled, "e2e-1").expect("the record is pulled")["data"];
     assert_eq!(record["title"], "Buy oat milk", "{pulled}");
     assert_eq!(record["completed"], true, "{pulled}");
 }
@@ -256,7 +259,7 @@ async fn untimed_data_yields_to_timed_writes_and_survives_a_rebuild(#[values(Pos
     let app = store.spawn().await;
     let an_hour_ago = Timestamp(Timestamp::now().0 - 3_600_000_000_000).to_short_string();
     let untimed = |id: &str, title: &str| json!({ "table": "todos", "id": id, "op": "insert", "data": { "title": title, "note": "kept" } });
-    let edit = |id: &str| common::app::update("todos", id, "title", json!("edited"), &an_hour_ago);
+    let edit = |id: &str| update("todos", id, "title", json!("edited"), &an_hour_ago);
     // Insert first, then the (earlier-stamped) edit; and the edit first, then the insert.
     app.push_ok("alice", "a", START, json!([untimed("first", "draft")]))
         .await;
@@ -275,11 +278,11 @@ async fn untimed_data_yields_to_timed_writes_and_survives_a_rebuild(#[values(Pos
     .await;
     let check = |pulled: &Value| {
         for id in ["first", "second"] {
-            let data = &common::app::change_for(pulled, id).unwrap()["data"];
+            let data = &change_for(pulled, id).unwrap()["data"];
             assert_eq!(data["title"], "edited", "{id}: {pulled}");
             assert_eq!(data["note"], "kept", "{id}: {pulled}");
         }
-        let gone = common::app::change_for(pulled, "gone").unwrap();
+        let gone = change_for(pulled, "gone").unwrap();
         assert_eq!(gone["op"], "delete", "{pulled}");
     };
     let before = app.pull_ok("alice", "todos", START, None).await;
@@ -300,30 +303,20 @@ async fn untimed_data_yields_to_timed_writes_and_survives_a_rebuild(#[values(Pos
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_waits_its_turn_rather_than_being_refused(#[values(Postgres, Sqlite)] store: Backend) {
     let app = store.spawn_with(&[("LOCK_TIMEOUT", "")]).await;
-    assert!(app.config.lock_timeout > std::time::Duration::from_secs(6));
-    app.push_ok(
-        "alice",
-        "a",
-        START,
-        json!([common::app::insert("todos", "first", json!({}))]),
-    )
-    .await;
+    assert!(app.config.lock_timeout > Duration::from_secs(6));
+    app.push_ok("alice", "a", START, json!([insert("todos", "first", json!({}))]))
+        .await;
     let mut stuck = app.store.begin_write("alice").await.unwrap();
     stuck.reserve("alice", 1).await.unwrap();
-    let started = std::time::Instant::now();
-    let waiting = app.push_ok(
-        "alice",
-        "b",
-        START,
-        json!([common::app::insert("todos", "second", json!({}))]),
-    );
+    let started = Instant::now();
+    let waiting = app.push_ok("alice", "b", START, json!([insert("todos", "second", json!({}))]));
     let release = async {
-        tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+        tokio::time::sleep(Duration::from_secs(6)).await;
         stuck.rollback().await.unwrap();
     };
     let (answer, ()) = tokio::join!(waiting, release);
-    assert!(started.elapsed() >= std::time::Duration::from_secs(6), "it waited");
-    assert!(common::app::change_for(&answer, "second").is_some(), "{answer}");
+    assert!(started.elapsed() >= Duration::from_secs(6), "it waited");
+    assert!(change_for(&answer, "second").is_some(), "{answer}");
     assert_eq!(app.log_rows().await, 2);
 }
 
@@ -338,7 +331,7 @@ async fn a_push_that_gets_no_connection_in_time_is_told_to_retry(#[values(Postgr
         .spawn_with(&[("LOCK_TIMEOUT", "100ms"), ("DATABASE_MAX_CONNECTIONS", "1")])
         .await;
     let pushes = (0..200).map(|i| {
-        let body = common::app::push_body("a", START, json!([common::app::insert("todos", "t", json!({}))]));
+        let body = push_body("a", START, json!([insert("todos", "t", json!({}))]));
         let app = &app;
         async move { app.push(&format!("user-{i}"), "a", &body).await }
     });
@@ -348,7 +341,7 @@ async fn a_push_that_gets_no_connection_in_time_is_told_to_retry(#[values(Postgr
             200 => accepted += 1,
             429 => {
                 assert_eq!(response.headers()["retry-after"], "1");
-                common::app::expect_error(response, reqwest::StatusCode::TOO_MANY_REQUESTS, "busy").await;
+                expect_error(response, reqwest::StatusCode::TOO_MANY_REQUESTS, "busy").await;
                 refused += 1;
             }
             other => panic!("a push answered {other}: {}", response.text().await.unwrap()),
@@ -369,11 +362,7 @@ async fn one_users_pile_of_pushes_does_not_hold_up_other_users() {
     stuck.reserve("alice", 1).await.unwrap(); // holds her clock row too
     let pile: Vec<_> = (0..30)
         .map(|i| {
-            let body = common::app::push_body(
-                "a",
-                START,
-                json!([common::app::insert("todos", &format!("a{i}"), json!({}))]),
-            );
+            let body = push_body("a", START, json!([insert("todos", &format!("a{i}"), json!({}))]));
             let (http, url) = (app.http.clone(), app.url(&format!("/sync/{APP}")));
             tokio::spawn(async move {
                 http.post(url)
@@ -386,12 +375,12 @@ async fn one_users_pile_of_pushes_does_not_hold_up_other_users() {
             })
         })
         .collect();
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let started = std::time::Instant::now();
-    app.push_ok("bob", "b", START, json!([common::app::insert("todos", "b", json!({}))]))
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    app.push_ok("bob", "b", START, json!([insert("todos", "b", json!({}))]))
         .await;
     assert!(
-        started.elapsed() < std::time::Duration::from_secs(3),
+        started.elapsed() < Duration::from_secs(3),
         "bob waited {:?} for alice's pile",
         started.elapsed()
     );

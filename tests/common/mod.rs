@@ -17,3 +17,13 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A runtime of two workers, as many as the machine has cores: the
+/// benchmarks' `main` runs in one.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
