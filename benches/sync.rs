@@ -148,8 +148,8 @@ async fn pull_page(app: &TestApp, sizes: &Sizes) {
 /// commit, on its own connection) and with it. A transaction that NOTIFYs
 /// takes a database-wide lock at commit; this shows what that costs.
 async fn notify_cost(app: &TestApp, sizes: &Sizes) {
+    use mana_sync::change_log::{Batch, Change};
     use mana_sync::fold::FieldWrite;
-    use mana_sync::validate::{Batch, Change};
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(16)
         .connect(&app.db().app_url)

@@ -1,13 +1,32 @@
-//! The append-only change log (`sync_changes`): how a change becomes log
-//! rows and a log row becomes a fold entry. The SQL is in `store`.
+//! The append-only change log (`sync_changes`): the changes a push
+//! appends, how a change becomes log rows and a log row becomes a fold
+//! entry. The SQL is in `store`.
 
 use serde_json::{Map, Value};
 use sqlx::types::Json;
 use uuid::Uuid;
 
+use crate::cursor::Cursor;
 use crate::fold::{FieldWrite, LogEntry};
+use crate::protocol::Op;
 use crate::timestamp::Timestamp;
-use crate::validate::Change;
+
+/// A validated push: ready to append.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub client_id: String,
+    pub since: Cursor,
+    pub changes: Vec<Change>,
+}
+
+/// One validated change: the fields it writes at their effective times.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub table: String,
+    pub id: String,
+    pub op: Op,
+    pub writes: Vec<FieldWrite>,
+}
 
 /// One log row about to be appended.
 pub struct NewRow<'a> {

@@ -7,16 +7,6 @@ use std::net::IpAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
-/// Largest accepted request body (PROTOCOL.md: over 10 MB is a 413).
-pub const MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
-/// Records per pull page when the client names no `limit`.
-pub const DEFAULT_PULL_LIMIT: u32 = 1000;
-/// The largest `limit` a pull may ask for.
-pub const MAX_PULL_LIMIT: u32 = 5000;
-/// A page stops once its records' JSON passes this size (it always holds at
-/// least one record), so a page of large records cannot exhaust memory.
-pub const MAX_PAGE_BYTES: i64 = 8 * 1024 * 1024;
-
 #[derive(Clone, Debug)]
 pub struct Config {
     pub host: IpAddr,

@@ -27,7 +27,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::hub::{Hub, Notice};
+use crate::hub::{self, Hub, Notice};
+use crate::telemetry;
+use crate::timestamp::Timestamp;
 
 /// The NOTIFY channel.
 pub const CHANNEL: &str = "mana_sync_changes";
@@ -102,8 +104,8 @@ impl Notifier {
     /// Announces a committed push.
     pub fn publish(&self, notice: Notice) {
         let notice = Notice {
-            committed_at: Some(crate::timestamp::Timestamp::now().0),
-            traceparent: crate::telemetry::current_traceparent(),
+            committed_at: Some(Timestamp::now().0),
+            traceparent: telemetry::current_traceparent(),
             ..notice
         };
         self.hub.publish(&notice);
@@ -117,13 +119,10 @@ impl Notifier {
         let _ = queue.send(notice);
     }
 
-    /// Waits (at most `limit`) until every published notice is NOTIFYed:
-    /// at shutdown, the last pushes still reach the other replicas.
-    pub async fn flushed(&self, limit: Duration) {
-        let deadline = tokio::time::Instant::now() + limit;
-        while self.unsent.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    /// Notices published but not yet NOTIFYed (at shutdown, the last
+    /// pushes are waited for, so they still reach the other replicas).
+    pub fn unsent(&self) -> usize {
+        self.unsent.load(Ordering::SeqCst)
     }
 }
 
@@ -165,7 +164,7 @@ fn merge(merged: &mut Merged, notice: Notice) {
             committed_at: notice.committed_at,
             traceparents: Vec::new(),
         });
-    entry.committed_at = crate::hub::earliest(entry.committed_at, notice.committed_at);
+    entry.committed_at = hub::earliest(entry.committed_at, notice.committed_at);
     if let Some(traceparent) = notice.traceparent
         && entry.traceparents.len() < MAX_LINKS
     {
@@ -219,7 +218,7 @@ async fn notify_loop(
         // One NOTIFY for many pushes: linked to each of their traces.
         let span = tracing::info_span!("fanout.notify", notices = taken, payloads = payloads.len());
         for traceparent in waiting.values().flat_map(|m| &m.traceparents).take(MAX_LINKS) {
-            crate::telemetry::link_trace(&span, traceparent);
+            telemetry::link_trace(&span, traceparent);
         }
         let sent = tokio::time::timeout(
             NOTIFY_TIMEOUT,

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
 use crate::metrics::Metrics;
+use crate::telemetry;
 use crate::timestamp::Timestamp;
 
 /// Past this many distinct tables pending for one app, a subscriber is
@@ -58,14 +59,17 @@ pub fn earliest(a: Option<i64>, b: Option<i64>) -> Option<i64> {
 /// Tables pending for one app: `None` means every table.
 pub type Pending = BTreeMap<String, Option<BTreeSet<String>>>;
 
-/// Why a subscription was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why a subscription was refused; its message is what the client is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     /// The user already has `MAX_SOCKETS_PER_USER` subscriptions on this replica.
+    #[error("too many connections for this user")]
     UserLimit,
     /// The replica already has `MAX_SOCKETS` subscriptions.
+    #[error("this replica is full; try another")]
     ServerLimit,
     /// The replica is shutting down.
+    #[error("this replica is shutting down; reconnect")]
     ShuttingDown,
 }
 
@@ -267,7 +271,7 @@ impl Hub {
         };
         let span = tracing::info_span!("fanout.deliver", app_id = %notice.app_id, told = tracing::field::Empty);
         if let Some(traceparent) = &notice.traceparent {
-            crate::telemetry::continue_trace(&span, traceparent);
+            telemetry::continue_trace(&span, traceparent);
         }
         let _entered = span.enter();
         let told = list
@@ -311,15 +315,6 @@ impl Hub {
     /// Asks every subscriber to close (the replica is shutting down).
     pub fn close_all(&self) {
         self.inner.closing.send_replace(true);
-    }
-
-    /// Waits (at most `limit`) until every subscriber has gone, so their
-    /// close frames are out before the process exits.
-    pub async fn drained(&self, limit: std::time::Duration) {
-        let deadline = tokio::time::Instant::now() + limit;
-        while self.stats().0 > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
     }
 
     /// Whether [`Hub::close_all`] was called.

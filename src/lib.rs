@@ -4,6 +4,17 @@
 //! immutable log (`change_log`), folded by field-level last-write-wins
 //! (`fold`) into a projection (`projection`), and served back as deltas
 //! since a gap-free `cursor`.
+//!
+//! The modules, from the ground up (each imports only from those before it):
+//! - leaves: `config`, `error`, `metrics`, `telemetry`;
+//! - the pure core: `timestamp`, `cursor`, `fold`, `protocol` (limits and
+//!   wire types), `change_log`, `projection`, `validate`, `idempotency`;
+//! - `store`: the PostgreSQL and SQLite dialects behind one contract;
+//! - services: `sync` (push, pull, rebuild), `hub` (this replica's
+//!   subscribers), `fanout` (NOTIFY/LISTEN between replicas), `auth`;
+//! - `state`: what every handler shares;
+//! - `api`: everything HTTP;
+//! - `startup`: runs it all.
 
 pub mod api;
 pub mod auth;
@@ -15,15 +26,12 @@ pub mod fanout;
 pub mod fold;
 pub mod hub;
 pub mod idempotency;
-pub mod listener;
-pub mod local_auth;
 pub mod metrics;
 pub mod projection;
 pub mod protocol;
-pub mod realtime;
 pub mod startup;
+pub mod state;
 pub mod store;
-pub mod stream;
 pub mod sync;
 pub mod telemetry;
 pub mod timestamp;

@@ -1,9 +1,10 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use mana_sync::auth::local::LocalIssuer;
 use mana_sync::config::Config;
-use mana_sync::startup::{self, AppState};
+use mana_sync::state::AppState;
 use mana_sync::store::Store;
-use mana_sync::{projection, telemetry};
+use mana_sync::{api, startup, sync, telemetry, validate};
 
 /// Sync server for local-first apps. Configured by environment variables (see README).
 #[derive(Parser)]
@@ -38,7 +39,7 @@ enum Command {
 async fn main() {
     let cli = Cli::parse();
     if let Some(Command::Openapi) = cli.command {
-        println!("{}", startup::spec());
+        println!("{}", api::spec());
         return;
     }
     let telemetry = match telemetry::init() {
@@ -77,7 +78,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Rebuild => {
             let store = Store::open(&config).await?;
             store.prepare(Some(std::time::Duration::from_secs(60))).await?;
-            let (users, entries, records) = projection::rebuild(&store).await?;
+            let (users, entries, records) = sync::rebuild(&store).await?;
             tracing::info!(users, entries, records, "projection rebuilt from the change log");
             Ok(())
         }
@@ -86,8 +87,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 config.jwks_url.is_none(),
                 "JWKS_URL is set: tokens come from the auth service, not from mana-sync"
             );
-            mana_sync::validate::id("--sub", &sub)?;
-            let issuer = mana_sync::local_auth::LocalIssuer::load_or_create(&config.data_dir)?;
+            validate::id("--sub", &sub)?;
+            let issuer = LocalIssuer::load_or_create(&config.data_dir)?;
             println!("{}", issuer.token(&sub, ttl)?);
             Ok(())
         }

@@ -1,17 +1,19 @@
 //! The projection of the fold (`sync_records`): every record's current
 //! field-level state, kept up to date by each push in the same transaction
 //! as its log rows, so a pull reads one row per record however long the
-//! record's history is. Derived from the log alone: [`rebuild`] re-derives it.
+//! record's history is. Derived from the log alone: `sync::rebuild`
+//! re-derives it.
 
 use std::collections::BTreeMap;
 
-use anyhow::Context;
 use futures_util::{Stream, TryStreamExt};
 use sqlx::types::Json;
 
-use crate::change_log::RecordKey;
 use crate::fold::{FieldState, RecordState};
-use crate::store::Store;
+
+/// A page stops once its records' JSON passes this size (it always holds at
+/// least one record), so a page of large records cannot exhaust memory.
+pub const MAX_PAGE_BYTES: i64 = 8 * 1024 * 1024;
 
 /// A record of one app with its folded state.
 #[derive(Clone, Debug, PartialEq)]
@@ -92,46 +94,4 @@ pub async fn collect_page(
         page.records.push(record((table, id, fields, created, touched)));
     }
     Ok(page)
-}
-
-/// Re-derives the whole projection from the log, one user at a time. Each
-/// user's pushes wait meanwhile rather than interleave.
-/// Returns (users, log entries, records).
-pub async fn rebuild(store: &Store) -> anyhow::Result<(u64, u64, u64)> {
-    let users = store.users().await?;
-    let (mut entries, mut records) = (0, 0);
-    for user in &users {
-        let (e, r) = rebuild_user(store, user)
-            .await
-            .with_context(|| format!("failed to rebuild user {user:?}"))?;
-        entries += e;
-        records += r;
-    }
-    Ok((users.len() as u64, entries, records))
-}
-
-async fn rebuild_user(store: &Store, user_id: &str) -> anyhow::Result<(u64, u64)> {
-    let mut tx = store.begin_write(user_id).await?;
-    tx.lock_clock(user_id).await?;
-    let mut folded: BTreeMap<RecordKey, RecordState> = BTreeMap::new();
-    let entries = tx
-        .replay(user_id, |key, entry| folded.entry(key).or_default().apply(&entry))
-        .await?;
-    tx.clear_records(user_id).await?;
-    let mut by_app: BTreeMap<String, Vec<Record>> = BTreeMap::new();
-    let count = folded.len() as u64;
-    for (key, state) in folded {
-        by_app.entry(key.app_id).or_default().push(Record {
-            table: key.table,
-            id: key.id,
-            state,
-        });
-    }
-    for (app_id, records) in by_app {
-        for chunk in records.chunks(1000) {
-            tx.save(user_id, &app_id, chunk).await?;
-        }
-    }
-    tx.commit().await?;
-    Ok((entries, count))
 }

@@ -1,5 +1,7 @@
-//! Wire types of the sync protocol, as old (Dexie) clients send and read
-//! them: camelCase JSON. Their `///` docs become the OpenAPI schema.
+//! The sync protocol: its limits, and its wire types as old (Dexie)
+//! clients send and read them (camelCase JSON). The types derive
+//! poem-openapi's schema traits, so their `///` docs become the OpenAPI
+//! schema; nothing here knows of requests, responses or statuses.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -9,6 +11,43 @@ use poem_openapi::registry::{MetaSchema, MetaSchemaRef};
 use poem_openapi::types::{ParseError, ParseFromJSON, ParseResult, ToJSON, Type};
 use poem_openapi::{Enum, Object};
 use serde_json::Value;
+
+/// Largest accepted request body (over 10 MB is a 413).
+pub const MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
+/// Longest app id, table (collection) or field name, in bytes.
+pub const MAX_NAME_BYTES: usize = 128;
+/// Longest record id, client id, user id or idempotency key, in bytes.
+pub const MAX_ID_BYTES: usize = 256;
+/// Records per pull page when the client names no `limit`.
+pub const DEFAULT_PULL_LIMIT: u32 = 1000;
+/// The largest `limit` a pull may ask for.
+pub const MAX_PULL_LIMIT: u32 = 5000;
+
+/// How a name or id breaks the protocol's rule for them: 1 to `max` bytes,
+/// no control characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadText {
+    /// Empty, or longer than the limit.
+    Length,
+    /// A NUL character, which the database cannot store.
+    Nul,
+    /// Another control character.
+    Control,
+}
+
+/// Checks a name or id against the protocol's rule: 1 to `max` bytes, no
+/// control characters.
+pub fn check_text(value: &str, max: usize) -> Result<(), BadText> {
+    if value.is_empty() || value.len() > max {
+        Err(BadText::Length)
+    } else if value.contains('\0') {
+        Err(BadText::Nul)
+    } else if value.chars().any(char::is_control) {
+        Err(BadText::Control)
+    } else {
+        Ok(())
+    }
+}
 
 /// A JSON string, strictly: unlike poem-openapi's `String`, a number or a
 /// boolean where a string belongs is a 400, not silently converted.
@@ -146,6 +185,18 @@ pub struct SyncResponse {
     pub has_more: bool,
 }
 
+impl SyncResponse {
+    /// The response as its JSON (to keep it for an idempotent replay).
+    pub fn to_value(&self) -> Value {
+        self.to_json().unwrap_or_default()
+    }
+
+    /// A response kept by [`SyncResponse::to_value`].
+    pub fn from_value(value: Value) -> Result<SyncResponse, String> {
+        SyncResponse::parse_from_json(Some(value)).map_err(|e| e.into_message())
+    }
+}
+
 /// A record that changed since the cursor.
 #[derive(Debug, Clone, Object)]
 #[oai(rename_all = "camelCase")]
@@ -181,4 +232,18 @@ pub struct FieldValue {
     pub value: Value,
     /// The winning write's timestamp.
     pub updated_at: String,
+}
+
+/// `event: changes` of the change stream: one collection's folded delta.
+#[derive(Debug, Clone, Object)]
+#[oai(rename_all = "camelCase")]
+pub struct ChangeEvent {
+    /// The collection.
+    pub table: String,
+    /// Each record of it changed after the previous event's cursor.
+    pub changes: Vec<ServerChange>,
+    /// Resume from here (per collection).
+    pub synced_until: String,
+    /// More is coming at once in further events.
+    pub has_more: bool,
 }

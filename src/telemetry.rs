@@ -12,7 +12,7 @@
 use std::io::IsTerminal;
 
 use anyhow::Context as _;
-use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{Protocol, WithExportConfig as _};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -22,8 +22,6 @@ use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
-
-use crate::startup::AppState;
 
 /// Keeps the trace exporter alive; [`Telemetry::shutdown`] flushes it.
 #[must_use = "dropping it without shutdown loses the last spans"]
@@ -142,65 +140,6 @@ fn tracer_provider() -> anyhow::Result<Option<SdkTracerProvider>> {
     ))
 }
 
-/// One span and one log line per request: method, route, status, duration,
-/// and (once known) the user and app. Never the token or record contents.
-/// The span continues the caller's trace (`traceparent`), and the request
-/// is counted in the metrics by route and status.
-pub async fn log_request<E: poem::Endpoint>(next: E, req: poem::Request) -> poem::Result<poem::Response> {
-    use tracing::Instrument;
-    // Only the standard methods become labels and span names; anything
-    // else is `_OTHER` (OpenTelemetry's HTTP conventions), so a client
-    // cannot mint new series.
-    const METHODS: [&str; 9] = [
-        "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
-    ];
-    let method = METHODS
-        .into_iter()
-        .find(|m| *m == req.method().as_str())
-        .unwrap_or("_OTHER");
-    let path = req.uri().path().to_owned();
-    let route = crate::startup::route_of(&path).unwrap_or("unmatched");
-    let span = tracing::info_span!(
-        "request",
-        otel.name = if method == "_OTHER" { format!("HTTP {route}") } else { format!("{method} {route}") },
-        otel.kind = "server",
-        otel.status_code = tracing::field::Empty,
-        %method,
-        route,
-        user_id = tracing::field::Empty,
-        app_id = tracing::field::Empty,
-    );
-    let parent = TraceContextPropagator::new().extract(&opentelemetry_http::HeaderExtractor(req.headers()));
-    // Fails only when no trace layer is installed: nothing to continue then.
-    let _ = span.set_parent(parent);
-    let metrics = req.data::<AppState>().map(|state| state.metrics.clone());
-    async move {
-        let started = std::time::Instant::now();
-        let response = next.get_response(req).await;
-        let elapsed = started.elapsed();
-        let status = response.status().as_u16();
-        let span = tracing::Span::current();
-        // OpenTelemetry's HTTP attributes go to the trace only, not the logs.
-        span.set_attribute("http.request.method", method);
-        span.set_attribute("http.route", route);
-        span.set_attribute("url.path", path);
-        span.set_attribute("http.response.status_code", i64::from(status));
-        let duration_ms = elapsed.as_secs_f64() * 1e3;
-        if response.status().is_server_error() {
-            span.record("otel.status_code", "ERROR");
-            tracing::error!(status, duration_ms, "request failed");
-        } else {
-            tracing::info!(status, duration_ms, "request");
-        }
-        if let Some(metrics) = metrics {
-            metrics.request(method, route, status, elapsed);
-        }
-        Ok(response)
-    }
-    .instrument(span)
-    .await
-}
-
 /// The current span's W3C `traceparent`, to carry it across a queue or to
 /// another replica (`None` when no trace is being recorded).
 pub fn current_traceparent() -> Option<String> {
@@ -213,6 +152,13 @@ pub fn current_traceparent() -> Option<String> {
 fn carried(traceparent: &str) -> opentelemetry::Context {
     let carrier = std::collections::HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
     TraceContextPropagator::new().extract(&carrier)
+}
+
+/// Makes `span` (not yet entered) a child of the trace `carrier` names
+/// (W3C `traceparent` and `tracestate`, e.g. a request's headers).
+pub fn continue_from(span: &tracing::Span, carrier: &dyn Extractor) {
+    // Fails only when no trace layer is installed: nothing to continue then.
+    let _ = span.set_parent(TraceContextPropagator::new().extract(carrier));
 }
 
 /// Makes `span` (not yet entered) a child of a carried `traceparent`.

@@ -5,33 +5,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::change_log::{Batch, Change};
 use crate::cursor::Cursor;
 use crate::error::{Error, Result};
 use crate::fold::{DELETED_AT, FieldWrite, UPDATED_AT};
-use crate::protocol::{ChangeInput, Op, PushRequest};
+use crate::protocol::{BadText, ChangeInput, MAX_ID_BYTES, MAX_NAME_BYTES, Op, PushRequest, check_text};
 use crate::timestamp::Timestamp;
-
-/// Longest app id, table (collection) or field name, in bytes.
-pub const MAX_NAME_BYTES: usize = 128;
-/// Longest record id, client id or user id, in bytes.
-pub const MAX_ID_BYTES: usize = 256;
-
-/// A validated push: ready to append.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Batch {
-    pub client_id: String,
-    pub since: Cursor,
-    pub changes: Vec<Change>,
-}
-
-/// One validated change: the fields it writes at their effective times.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Change {
-    pub table: String,
-    pub id: String,
-    pub op: Op,
-    pub writes: Vec<FieldWrite>,
-}
 
 /// The rules a push is checked against.
 #[derive(Debug, Clone, Copy)]
@@ -51,22 +30,18 @@ pub fn id(what: &str, value: &str) -> Result<()> {
 }
 
 fn bounded(what: &str, value: &str, max: usize) -> Result<()> {
-    if value.is_empty() || value.len() > max {
-        return Err(Error::invalid(
+    match check_text(value, max) {
+        Ok(()) => Ok(()),
+        Err(BadText::Length) => Err(Error::invalid(
             "invalid_name",
             format!("{what} must be 1 to {max} bytes long"),
-        ));
-    }
-    if value.contains('\0') {
-        return Err(nul(what));
-    }
-    if value.chars().any(char::is_control) {
-        return Err(Error::invalid(
+        )),
+        Err(BadText::Nul) => Err(nul(what)),
+        Err(BadText::Control) => Err(Error::invalid(
             "invalid_name",
             format!("{what} must not contain control characters"),
-        ));
+        )),
     }
-    Ok(())
 }
 
 fn nul(what: &str) -> Error {
@@ -95,7 +70,7 @@ fn no_nul(what: &str, value: &Value) -> Result<()> {
 
 /// Checks an `Idempotency-Key`: 1-256 bytes, no control characters.
 pub fn idempotency_key(key: &str) -> Result<()> {
-    if key.is_empty() || key.len() > MAX_ID_BYTES || key.chars().any(char::is_control) {
+    if check_text(key, MAX_ID_BYTES).is_err() {
         return Err(Error::invalid(
             "invalid_idempotency_key",
             format!("Idempotency-Key must be 1 to {MAX_ID_BYTES} bytes without control characters"),

@@ -13,10 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::app::{APP, START, TestApp, insert};
+use mana_sync::change_log::{Batch, Change};
 use mana_sync::fold::FieldWrite;
 use mana_sync::protocol::Op;
 use mana_sync::timestamp::Timestamp;
-use mana_sync::validate::{Batch, Change};
 use rand::Rng;
 use serde_json::{Value, json};
 

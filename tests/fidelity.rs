@@ -287,7 +287,7 @@ async fn untimed_data_yields_to_timed_writes_and_survives_a_rebuild(#[values(Pos
     };
     let before = app.pull_ok("alice", "todos", START, None).await;
     check(&before);
-    mana_sync::projection::rebuild(&app.store).await.unwrap();
+    mana_sync::sync::rebuild(&app.store).await.unwrap();
     let after = app.pull_ok("alice", "todos", START, None).await;
     check(&after);
     assert_eq!(

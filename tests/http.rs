@@ -111,7 +111,7 @@ async fn the_openapi_document_and_docs_page_are_served(#[values(Postgres, Sqlite
 fn the_committed_openapi_document_matches_the_code() {
     let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/mana-sync.json"))
         .expect("openapi/mana-sync.json exists");
-    let generated = mana_sync::startup::spec();
+    let generated = mana_sync::api::spec();
     assert!(
         committed.trim_end() == generated.trim_end(),
         "openapi/mana-sync.json is stale: run `cargo run -- openapi > openapi/mana-sync.json`"
@@ -120,7 +120,7 @@ fn the_committed_openapi_document_matches_the_code() {
 
 #[test]
 fn every_operation_and_error_status_is_documented() {
-    let spec: serde_json::Value = serde_json::from_str(&mana_sync::startup::spec()).unwrap();
+    let spec: serde_json::Value = serde_json::from_str(&mana_sync::api::spec()).unwrap();
     for (path, method) in [
         ("/sync/{appId}", "post"),
         ("/sync/{appId}/pull", "get"),

@@ -72,7 +72,7 @@ async fn a_rebuilt_projection_equals_the_incrementally_maintained_one(#[values(P
     let incremental = snapshot(&app).await;
     assert_eq!(incremental.len(), 6);
 
-    let (users, entries, records) = mana_sync::projection::rebuild(&app.store).await.unwrap();
+    let (users, entries, records) = mana_sync::sync::rebuild(&app.store).await.unwrap();
     assert_eq!((users, entries, records), (2, 12, 6));
     assert_eq!(snapshot(&app).await, incremental, "rebuilt == incremental");
 }

@@ -6,7 +6,7 @@ use poem_openapi::payload::{Json, PlainText};
 use poem_openapi::{ApiResponse, Object, OpenApi};
 
 use crate::api::ApiTags;
-use crate::startup::AppState;
+use crate::state::AppState;
 use crate::timestamp::Timestamp;
 
 pub struct HealthApi;

@@ -1,9 +1,34 @@
-//! The HTTP API: one poem-openapi struct per area, composed in `startup`.
+//! Everything HTTP: the operations of the OpenAPI spec (one poem-openapi
+//! struct per area), the WebSocket and SSE endpoints, the bearer
+//! extractor, the mapping of errors to statuses, the middleware, and the
+//! connection handling. [`app`] puts them together.
 
+pub mod auth;
+pub mod error;
 pub mod health;
+pub mod listener;
+pub mod middleware;
+pub mod realtime;
+pub mod stream;
 pub mod sync;
 
-use poem_openapi::Tags;
+use std::future::Future;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::Context;
+use poem::listener::TcpAcceptor;
+use poem::web::{Data, Json};
+use poem::{Endpoint, EndpointExt, IntoEndpoint, Response, Route, Server, get};
+use poem_openapi::{OpenApi, OpenApiService, Tags};
+
+use crate::state::AppState;
+
+use self::error::json_error;
+use self::health::HealthApi;
+use self::listener::Listener;
+use self::stream::StreamApi;
+use self::sync::SyncApi;
 
 #[derive(Tags)]
 pub enum ApiTags {
@@ -11,4 +36,95 @@ pub enum ApiTags {
     Sync,
     /// Liveness and status.
     Health,
+}
+
+/// Every operation of the spec.
+type Operations = (SyncApi, StreamApi, HealthApi);
+
+/// The OpenAPI service: every operation of the server.
+pub fn openapi() -> OpenApiService<Operations, ()> {
+    OpenApiService::new((SyncApi, StreamApi, HealthApi), "mana-sync", env!("CARGO_PKG_VERSION")).description(
+        "Sync server for local-first apps. Devices push field-level changes and pull \
+         what other devices changed, folded by field-level last-write-wins. Every error \
+         is JSON `{code, message}`.",
+    )
+}
+
+/// The spec as served at `/openapi.json` and committed at `openapi/mana-sync.json`.
+pub fn spec() -> String {
+    openapi().spec()
+}
+
+/// The routes [`app`] mounts outside the OpenAPI service, as templates.
+const OTHER_ROUTES: [&str; 4] = ["/openapi.json", "/.well-known/jwks.json", "/ws", "/ws/{appId}"];
+
+/// The whole HTTP application for `state`.
+pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
+    let api = openapi();
+    let (spec, docs) = (api.spec_endpoint(), api.swagger_ui());
+    let cors = middleware::cors(&state.config.cors_origins);
+    Route::new()
+        .at("/openapi.json", spec)
+        .at("/.well-known/jwks.json", get(local_jwks))
+        .at("/ws", get(realtime::user_socket))
+        .at("/ws/:appId", get(realtime::app_socket))
+        .nest("/docs", docs)
+        .nest("/", api)
+        .around(|ep, req| async move { ep.call(middleware::limit_body(req).await?).await })
+        .catch_all_error(json_error)
+        .with(cors)
+        .catch_all_error(json_error)
+        .around(middleware::close_if_body_unread)
+        .around(middleware::log_request)
+        .data(state)
+        .into_endpoint()
+}
+
+/// The route template a request path falls under (`/sync/todo` →
+/// `/sync/{appId}`), for span names and metric labels: never the path
+/// itself, whose ids would make them unbounded. `None`: no route.
+pub fn route_of(path: &str) -> Option<&'static str> {
+    static ROUTES: OnceLock<Vec<String>> = OnceLock::new();
+    let routes = ROUTES.get_or_init(|| {
+        let operations = Operations::meta().into_iter().flat_map(|api| api.paths);
+        operations
+            .map(|p| p.path)
+            .chain(OTHER_ROUTES.map(String::from))
+            .collect()
+    });
+    if path == "/docs" || path.starts_with("/docs/") {
+        return Some("/docs");
+    }
+    let segments: Vec<&str> = path.split('/').collect();
+    routes.iter().map(String::as_str).find(|route| {
+        let template: Vec<&str> = route.split('/').collect();
+        template.len() == segments.len()
+            && template
+                .iter()
+                .zip(&segments)
+                .all(|(t, s)| t == s || (t.starts_with('{') && !s.is_empty()))
+    })
+}
+
+/// `GET /.well-known/jwks.json`: in local mode, the key tokens are signed with.
+#[poem::handler]
+fn local_jwks(Data(state): Data<&AppState>) -> poem::Result<Json<serde_json::Value>> {
+    match state.auth.local() {
+        Some(issuer) => Ok(Json(issuer.jwks())),
+        None => Err(poem::Error::from_status(poem::http::StatusCode::NOT_FOUND)),
+    }
+}
+
+/// Serves [`app`] on `listener` until `shutdown` resolves, then lets
+/// in-flight requests finish for up to `grace`.
+pub async fn serve(
+    state: AppState,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    Server::new_with_acceptor(Listener::new(TcpAcceptor::from_tokio(listener)?))
+        .run_with_graceful_shutdown(app(state), shutdown, Some(grace))
+        .await
+        .context("server failed")
 }

@@ -1,29 +1,72 @@
-//! `POST /sync/{appId}` and `GET /sync/{appId}/pull`.
+//! `POST /sync/{appId}` (push) and `GET /sync/{appId}/pull` (pull).
 
-use futures_util::StreamExt;
-use futures_util::stream::BoxStream;
 use poem::web::Data;
-use poem::web::sse::Event as SseEvent;
-use poem_openapi::OpenApi;
 use poem_openapi::param::{Header, Path, Query};
-use poem_openapi::payload::{EventStream, Json};
+use poem_openapi::payload::Json;
 use poem_openapi::types::ToJSON;
+use poem_openapi::{ApiResponse, OpenApi};
 
 use crate::api::ApiTags;
-use crate::auth::BearerAuth;
-use crate::config::{DEFAULT_PULL_LIMIT, MAX_PULL_LIMIT};
-use crate::error::{Error, ErrorResponse};
+use crate::api::auth::BearerAuth;
+use crate::api::error::{ErrorBody, operation_errors};
 use crate::idempotency;
-use crate::protocol::{PushRequest, SyncResponse};
-use crate::startup::AppState;
-use crate::stream::{self, ChangeEvent};
+use crate::protocol::{DEFAULT_PULL_LIMIT, MAX_PULL_LIMIT, PushRequest, SyncResponse};
+use crate::state::AppState;
 use crate::sync::{self, Idempotency};
 use crate::timestamp::Timestamp;
 use crate::validate::{self, Limits};
 
 pub struct SyncApi;
 
-pub struct StreamApi;
+/// Why a push was refused.
+#[derive(Debug, ApiResponse)]
+pub enum PushError {
+    /// The request is malformed: bad JSON, wrong types, an unknown `op`, an
+    /// empty, oversized or non-printable name, a NUL character, a bad
+    /// timestamp or cursor, a missing client id or a bad `Idempotency-Key`.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    /// The bearer token is missing, malformed, expired, or not signed by a key of the JWKS.
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorBody>),
+    /// The body is over the size limit (10 MB) or the batch has more than
+    /// `MAX_BATCH_CHANGES` changes.
+    #[oai(status = 413)]
+    PayloadTooLarge(Json<ErrorBody>),
+    /// The `Idempotency-Key` was already used for a different request.
+    #[oai(status = 422)]
+    Unprocessable(Json<ErrorBody>),
+    /// The server is overloaded: this push waited longer than
+    /// `LOCK_TIMEOUT` for its turn, or every database connection stayed in
+    /// use. Nothing was recorded; retry after the given seconds.
+    #[oai(status = 429)]
+    TooManyRequests(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
+    /// A server fault; details are in the server's log, never in the response.
+    #[oai(status = 500)]
+    Internal(Json<ErrorBody>),
+}
+
+operation_errors!(PushError, PayloadTooLarge, Unprocessable);
+
+/// Why a pull was refused.
+#[derive(Debug, ApiResponse)]
+pub enum PullError {
+    /// A bad `appId`, `collection`, `since` or `limit`.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    /// The bearer token is missing, malformed, expired, or not signed by a key of the JWKS.
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorBody>),
+    /// The server is overloaded (every database connection stayed in use);
+    /// retry after the given seconds.
+    #[oai(status = 429)]
+    TooManyRequests(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
+    /// A server fault; details are in the server's log, never in the response.
+    #[oai(status = 500)]
+    Internal(Json<ErrorBody>),
+}
+
+operation_errors!(PullError);
 
 #[OpenApi(tag = "ApiTags::Sync")]
 impl SyncApi {
@@ -53,7 +96,7 @@ impl SyncApi {
         #[oai(name = "Idempotency-Key")]
         idempotency_key: Header<Option<String>>,
         body: Json<PushRequest>,
-    ) -> Result<Json<SyncResponse>, ErrorResponse> {
+    ) -> Result<Json<SyncResponse>, PushError> {
         let user = auth.0;
         validate::name("appId", &app_id)?;
         tracing::Span::current().record("app_id", app_id.as_str());
@@ -108,7 +151,7 @@ impl SyncApi {
         /// Most records to return: 1 to 5000, default 1000.
         #[oai(validator(minimum(value = "1"), maximum(value = "5000")))]
         limit: Query<Option<u32>>,
-    ) -> Result<Json<SyncResponse>, ErrorResponse> {
+    ) -> Result<Json<SyncResponse>, PullError> {
         let user = auth.0;
         validate::name("appId", &app_id)?;
         tracing::Span::current().record("app_id", app_id.as_str());
@@ -126,67 +169,5 @@ impl SyncApi {
         )
         .await?;
         Ok(Json(response))
-    }
-}
-
-#[OpenApi(tag = "ApiTags::Sync")]
-impl StreamApi {
-    /// Stream changes as they happen
-    ///
-    /// Server-Sent Events. First a catch-up: for each collection, `event:
-    /// changes` with its folded delta since `since` (several events while
-    /// `hasMore`). Then, whenever a push on any replica changes one of the
-    /// collections, `event: changes` with the delta since that collection's
-    /// previous `syncedUntil`. `event: heartbeat` (data `null`) every 15 s.
-    /// To resume after a disconnect, reconnect with the smallest
-    /// `syncedUntil` received. The stream ends when the bearer token expires
-    /// (reconnect with a fresh one) and with the replica's shutdown.
-    #[oai(path = "/sync/:appId/stream", method = "get", operation_id = "stream")]
-    async fn stream(
-        &self,
-        state: Data<&AppState>,
-        auth: BearerAuth,
-        /// The app (1-128 bytes).
-        #[oai(name = "appId")]
-        app_id: Path<String>,
-        /// Comma-separated collections to follow (at least one).
-        collections: Query<String>,
-        /// A cursor this server returned, or any RFC 3339 timestamp. Defaults to the beginning.
-        since: Query<Option<String>>,
-    ) -> Result<EventStream<BoxStream<'static, Option<ChangeEvent>>>, ErrorResponse> {
-        let user = auth.0;
-        validate::name("appId", &app_id)?;
-        tracing::Span::current().record("app_id", app_id.as_str());
-        let collections: Vec<String> = collections
-            .split(',')
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .map(str::to_owned)
-            .collect();
-        if collections.is_empty() {
-            return Err(Error::invalid("invalid_name", "collections must name at least one collection").into());
-        }
-        for collection in &collections {
-            validate::name("collection", collection)?;
-        }
-        let since = validate::since(since.0.as_deref())?;
-        let subscription = state
-            .hub
-            .subscribe(&user.id, Some(&app_id), None)
-            .map_err(Error::from)?;
-        let expires = crate::realtime::expiry(&user);
-        let events = stream::changes(
-            state.clone(),
-            user.id,
-            app_id.0,
-            collections,
-            since,
-            subscription,
-            expires,
-        );
-        Ok(EventStream::new(events.boxed()).to_event(|item| match item {
-            Some(event) => SseEvent::message(event.to_json_string()).event_type("changes"),
-            None => SseEvent::message("null").event_type("heartbeat"),
-        }))
     }
 }

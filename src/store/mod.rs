@@ -21,13 +21,13 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::types::Json;
 use sqlx::{Sqlite, Transaction};
 
+use crate::change_log::Change;
 use crate::change_log::{self, RecordKey};
 use crate::config::Config;
 use crate::cursor::Cursor;
 use crate::error::Result;
 use crate::fold::{LogEntry, RecordState};
 use crate::projection::{self, Page, Record};
-use crate::validate::Change;
 
 /// The database behind the server. Cheap to clone.
 #[derive(Clone)]

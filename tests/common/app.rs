@@ -14,7 +14,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use mana_sync::config::Config;
-use mana_sync::startup::{self, AppState};
+use mana_sync::startup;
+use mana_sync::state::AppState;
 use mana_sync::store::Store;
 use reqwest::StatusCode;
 use serde_json::{Value, json};

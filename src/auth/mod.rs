@@ -13,15 +13,14 @@ use std::time::{Duration, Instant};
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm, OctetKeyPairType};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use poem::Request;
-use poem_openapi::{SecurityScheme, auth::Bearer};
 use serde::Deserialize;
 
 use crate::config::Config;
-use crate::error::{Error, ErrorResponse};
-use crate::local_auth::LocalIssuer;
-use crate::startup::AppState;
-use crate::validate::MAX_ID_BYTES;
+use crate::protocol::{MAX_ID_BYTES, check_text};
+
+pub mod local;
+
+use self::local::LocalIssuer;
 
 /// The authenticated caller: the token's `sub`. Every read and write is scoped to it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -137,13 +136,7 @@ impl Authenticator {
             None => Some(LocalIssuer::load_or_create(&config.data_dir)?),
         };
         let keys = match &local {
-            Some(issuer) => {
-                let set: JwkSet = serde_json::from_value(issuer.jwks()).expect("the local JWKS parses");
-                set.keys
-                    .iter()
-                    .filter_map(|jwk| Some((jwk.common.key_id.clone()?, verifying_key(jwk)?)))
-                    .collect()
-            }
+            Some(issuer) => verifying_keys(&serde_json::from_value(issuer.jwks()).expect("the local JWKS parses")),
             None => HashMap::new(),
         };
         Ok(Authenticator {
@@ -199,12 +192,10 @@ impl Authenticator {
         validation.set_required_spec_claims(&required);
         let data = jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(classify)?;
         match data.claims.sub {
-            Some(sub) if !sub.is_empty() && sub.len() <= MAX_ID_BYTES && !sub.chars().any(char::is_control) => {
-                Ok(User {
-                    id: sub,
-                    expires_at: data.claims.exp,
-                })
-            }
+            Some(sub) if check_text(&sub, MAX_ID_BYTES).is_ok() => Ok(User {
+                id: sub,
+                expires_at: data.claims.exp,
+            }),
             _ => Err(AuthError::InvalidSubject),
         }
     }
@@ -256,17 +247,7 @@ impl Authenticator {
             .error_for_status()?
             .json()
             .await?;
-        let keys: HashMap<String, VerifyingKey> = set
-            .keys
-            .iter()
-            .filter_map(|jwk| match verifying_key(jwk) {
-                Some(key) => Some((jwk.common.key_id.clone()?, key)),
-                None => {
-                    tracing::debug!(kid = ?jwk.common.key_id, "skipping a JWK of an unsupported type");
-                    None
-                }
-            })
-            .collect();
+        let keys = verifying_keys(&set);
         tracing::Span::current().record("keys", keys.len());
         Ok(keys)
     }
@@ -283,6 +264,20 @@ impl Authenticator {
             }
         })
     }
+}
+
+/// The keys of a JWKS we accept, by `kid` (a key without one cannot be named by a token).
+fn verifying_keys(set: &JwkSet) -> HashMap<String, VerifyingKey> {
+    set.keys
+        .iter()
+        .filter_map(|jwk| match verifying_key(jwk) {
+            Some(key) => Some((jwk.common.key_id.clone()?, key)),
+            None => {
+                tracing::debug!(kid = ?jwk.common.key_id, "skipping a JWK of an unsupported type");
+                None
+            }
+        })
+        .collect()
 }
 
 /// The key and algorithm a JWK stands for, if it is one we accept.
@@ -334,19 +329,4 @@ fn classify(e: jsonwebtoken::errors::Error) -> AuthError {
         }
         other => AuthError::Invalid(format!("{other:?}")),
     }
-}
-
-/// `Authorization: Bearer <JWT>` signed by a key of the auth service's JWKS.
-#[derive(SecurityScheme)]
-#[oai(ty = "bearer", bearer_format = "JWT", checker = "check_bearer")]
-pub struct BearerAuth(pub User);
-
-async fn check_bearer(req: &Request, bearer: Bearer) -> poem::Result<User> {
-    let state = req.data::<AppState>().expect("AppState is attached to every route");
-    let user = state
-        .verify(&bearer.token)
-        .await
-        .map_err(|e| ErrorResponse::from(Error::from(e)))?;
-    tracing::Span::current().record("user_id", user.id.as_str());
-    Ok(user)
 }

@@ -1,22 +1,23 @@
-//! Push and pull: the change log, the fold and the cursor put together,
-//! one transaction per request.
+//! The sync service: push, pull and [`rebuild`], the change log, the fold
+//! and the cursor put together, one transaction per request.
+
+mod rebuild;
 
 use std::collections::{BTreeSet, HashMap};
 
-use poem_openapi::types::{ParseFromJSON, ToJSON};
 use tracing::Instrument;
 
-use crate::config::MAX_PAGE_BYTES;
+pub use self::rebuild::rebuild;
+use crate::change_log::Batch;
 use crate::cursor::Cursor;
 use crate::error::{Error, Result};
 use crate::fanout::Notifier;
 use crate::fold::{LogEntry, RecordDelta, RecordState};
 use crate::hub::Notice;
 use crate::metrics::Metrics;
-use crate::projection::{Page, Record};
+use crate::projection::{MAX_PAGE_BYTES, Page, Record};
 use crate::protocol::{FieldValue, Op, ServerChange, SyncResponse};
 use crate::store::{Store, Tx};
-use crate::validate::Batch;
 
 /// An `Idempotency-Key` and the fingerprint of the request it came with.
 pub struct Idempotency {
@@ -72,23 +73,13 @@ pub async fn push(
         }
         metrics.idempotent_replay();
         tracing::Span::current().record("replayed", true);
-        return SyncResponse::parse_from_json(Some(response)).map_err(|e| {
-            Error::Internal(anyhow::anyhow!(
-                "stored idempotent response is unreadable: {}",
-                e.into_message()
-            ))
-        });
+        return SyncResponse::from_value(response)
+            .map_err(|e| Error::Internal(anyhow::anyhow!("stored idempotent response is unreadable: {e}")));
     }
     let response = changes_since(&mut tx, user_id, app_id, None, batch.since, limit).await?;
     if let Some(idem) = idempotency {
-        tx.save_outcome(
-            user_id,
-            &idem.key,
-            &idem.fingerprint,
-            &response.to_json().unwrap_or_default(),
-            idem.ttl,
-        )
-        .await?;
+        tx.save_outcome(user_id, &idem.key, &idem.fingerprint, &response.to_value(), idem.ttl)
+            .await?;
     }
     // Commit and announce in a task of their own: if the client goes away
     // and this request is dropped, a committed batch is still announced.

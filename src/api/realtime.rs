@@ -28,9 +28,11 @@ use poem::{IntoResponse, handler};
 use serde::{Deserialize, Serialize};
 use tokio::time::{Instant, sleep_until, timeout};
 
+use crate::api::error::Answer;
 use crate::auth::User;
 use crate::hub::{Refusal, Subscription};
-use crate::startup::AppState;
+use crate::state::AppState;
+use crate::validate;
 
 /// A socket that has not authenticated by then is closed.
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -89,7 +91,7 @@ pub async fn app_socket(
     ws: WebSocket,
     Data(state): Data<&AppState>,
 ) -> poem::Result<impl IntoResponse> {
-    crate::validate::name("appId", &app_id).map_err(|e| poem::Error::from(crate::error::ErrorResponse::from(e)))?;
+    validate::name("appId", &app_id).map_err(Answer::from)?;
     let state = state.clone();
     Ok(ws.on_upgrade(move |socket| session(socket, state, Some(app_id), params.client_id)))
 }
@@ -115,6 +117,17 @@ async fn close(sink: &mut Sink, code: CloseCode, reason: &str) {
     let _ = timeout(SEND_TIMEOUT, sink.send(Message::close_with(code, reason))).await;
 }
 
+/// Closes a socket the hub refused (or no longer holds), with the code
+/// that tells the client what to do.
+async fn refuse(sink: &mut Sink, refusal: Refusal) {
+    let code = match refusal {
+        Refusal::UserLimit => CloseCode::Policy,
+        Refusal::ServerLimit => CloseCode::Again,
+        Refusal::ShuttingDown => CloseCode::Restart,
+    };
+    close(sink, code, &refusal.to_string()).await
+}
+
 /// The instant a user's token expires.
 pub fn expiry(user: &User) -> Instant {
     let now = SystemTime::now()
@@ -133,7 +146,7 @@ async fn session(socket: WebSocketStream, state: AppState, app_id: Option<String
     let (mut user, client_id) = loop {
         tokio::select! {
             _ = sleep_until(deadline) => return close(&mut sink, CloseCode::Policy, "authentication timeout").await,
-            _ = hub.closing() => return close(&mut sink, CloseCode::Restart, "service restart").await,
+            _ = hub.closing() => return refuse(&mut sink, Refusal::ShuttingDown).await,
             message = stream.next() => match message {
                 Some(Ok(Message::Text(text))) => match serde_json::from_str::<ClientMessage>(&text) {
                     Ok(ClientMessage::Auth { token, client_id }) => match state.verify(&token).await {
@@ -158,13 +171,7 @@ async fn session(socket: WebSocketStream, state: AppState, app_id: Option<String
 
     let subscription = match hub.subscribe(&user.id, app_id.as_deref(), client_id.as_deref()) {
         Ok(s) => s,
-        Err(Refusal::UserLimit) => {
-            return close(&mut sink, CloseCode::Policy, "too many connections for this user").await;
-        }
-        Err(Refusal::ServerLimit) => {
-            return close(&mut sink, CloseCode::Again, "server full, try another replica").await;
-        }
-        Err(Refusal::ShuttingDown) => return close(&mut sink, CloseCode::Restart, "service restart").await,
+        Err(refusal) => return refuse(&mut sink, refusal).await,
     };
     if !send(&mut sink, ServerMessage::AuthOk.frame()).await {
         return;
@@ -185,7 +192,7 @@ async fn session(socket: WebSocketStream, state: AppState, app_id: Option<String
                     return;
                 }
             }
-            _ = hub.closing() => return close(&mut sink, CloseCode::Restart, "service restart").await,
+            _ = hub.closing() => return refuse(&mut sink, Refusal::ShuttingDown).await,
             _ = sleep_until(expires) => return close(&mut sink, CloseCode::from(TOKEN_EXPIRED), "token expired").await,
             _ = subscription.subscriber.changed() => {
                 if !notify(&mut sink, &state, &subscription).await {

@@ -1,0 +1,20 @@
+//! The bearer extractor of the authenticated operations.
+
+use poem::Request;
+use poem_openapi::{SecurityScheme, auth::Bearer};
+
+use crate::api::error::Answer;
+use crate::auth::User;
+use crate::state::AppState;
+
+/// `Authorization: Bearer <JWT>` signed by a key of the auth service's JWKS.
+#[derive(SecurityScheme)]
+#[oai(ty = "bearer", bearer_format = "JWT", checker = "check_bearer")]
+pub struct BearerAuth(pub User);
+
+async fn check_bearer(req: &Request, bearer: Bearer) -> poem::Result<User> {
+    let state = req.data::<AppState>().expect("AppState is attached to every route");
+    let user = state.verify(&bearer.token).await.map_err(|e| Answer::from(&e))?;
+    tracing::Span::current().record("user_id", user.id.as_str());
+    Ok(user)
+}

@@ -1,0 +1,153 @@
+//! The one place where errors become HTTP answers.
+//!
+//! Every error is JSON `{code, message}`. [`Answer`] maps the domain's
+//! [`Error`], a refused token and a refused subscription to a status; each
+//! operation's own error type (declared beside it, with
+//! [`operation_errors!`]) lists in the spec exactly the statuses that
+//! operation can give. [`json_error`] gives poem's own refusals (no route,
+//! a malformed parameter or body, a body over the limit) the same shape.
+
+use poem::http::StatusCode;
+use poem_openapi::{ApiResponse, Object, payload::Json};
+
+use crate::auth::AuthError;
+use crate::error::Error;
+use crate::hub::Refusal;
+
+/// The body of every error response.
+#[derive(Debug, Clone, Object, serde::Deserialize)]
+pub struct ErrorBody {
+    /// Stable machine-readable error code, e.g. `invalid_timestamp`, `unauthorized`.
+    pub code: String,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+fn body(code: &str, message: impl Into<String>) -> Json<ErrorBody> {
+    Json(ErrorBody {
+        code: code.to_owned(),
+        message: message.into(),
+    })
+}
+
+/// An error as the API answers it, whatever the operation.
+#[derive(Debug, ApiResponse)]
+pub enum Answer {
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorBody>),
+    #[oai(status = 413)]
+    PayloadTooLarge(Json<ErrorBody>),
+    #[oai(status = 422)]
+    Unprocessable(Json<ErrorBody>),
+    #[oai(status = 429)]
+    TooManyRequests(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
+    #[oai(status = 500)]
+    Internal(Json<ErrorBody>),
+}
+
+impl From<Error> for Answer {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Invalid { code, message } => Answer::BadRequest(body(code, message)),
+            Error::TooLarge { code, message } => Answer::PayloadTooLarge(body(code, message)),
+            e @ Error::IdempotencyKeyReused(_) => Answer::Unprocessable(body("idempotency_key_reused", e.to_string())),
+            e @ Error::Busy => Answer::TooManyRequests(body("busy", e.to_string()), 1),
+            Error::Internal(e) => {
+                tracing::error!(error = ?e, "request failed");
+                Answer::Internal(internal())
+            }
+        }
+    }
+}
+
+impl From<&AuthError> for Answer {
+    fn from(e: &AuthError) -> Self {
+        tracing::debug!(reason = e.reason(), "token rejected: {e}");
+        Answer::Unauthorized(body("unauthorized", e.to_string()))
+    }
+}
+
+impl From<Refusal> for Answer {
+    fn from(refusal: Refusal) -> Self {
+        Answer::TooManyRequests(body("too_many_connections", refusal.to_string()), 5)
+    }
+}
+
+impl Answer {
+    /// The body of a 500 for an operation whose error type has no place
+    /// for this answer: a fault of the server (its spec tells clients
+    /// nothing of it), logged as such.
+    pub fn unlisted(self, operation: &str) -> Json<ErrorBody> {
+        if !matches!(self, Answer::Internal(_)) {
+            tracing::error!(operation, answer = ?self, "an operation gave an error its spec does not list");
+        }
+        internal()
+    }
+}
+
+fn internal() -> Json<ErrorBody> {
+    body("internal", "internal server error")
+}
+
+/// Declares how `$operation`'s error type (an `ApiResponse` enum with
+/// variants `BadRequest`, `Unauthorized`, `TooManyRequests` and
+/// `Internal`, plus the `$extra` ones, named as in [`Answer`]) is made
+/// from an [`Answer`] and, through it, from an [`Error`], so `?` works in
+/// the operation.
+macro_rules! operation_errors {
+    ($operation:ident $(, $extra:ident)*) => {
+        impl From<$crate::api::error::Answer> for $operation {
+            fn from(answer: $crate::api::error::Answer) -> Self {
+                use $crate::api::error::Answer;
+                match answer {
+                    Answer::BadRequest(body) => $operation::BadRequest(body),
+                    Answer::Unauthorized(body) => $operation::Unauthorized(body),
+                    Answer::TooManyRequests(body, retry_after) => $operation::TooManyRequests(body, retry_after),
+                    $(Answer::$extra(body) => $operation::$extra(body),)*
+                    other => $operation::Internal(other.unlisted(stringify!($operation))),
+                }
+            }
+        }
+
+        impl From<$crate::error::Error> for $operation {
+            fn from(e: $crate::error::Error) -> Self {
+                $crate::api::error::Answer::from(e).into()
+            }
+        }
+    };
+}
+pub(crate) use operation_errors;
+
+/// Turns an error poem raised itself (no route, bad payload, missing
+/// token, body too large...) into the same JSON shape as ours. Responses
+/// built by our handlers pass through untouched.
+pub async fn json_error(err: poem::Error) -> poem::Response {
+    if err.is_from_response() {
+        return err.into_response();
+    }
+    let status = err.status();
+    let code = match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::TOO_MANY_REQUESTS => "busy",
+        s if s.is_client_error() => "bad_request",
+        _ => "internal",
+    };
+    let message = if status.is_server_error() {
+        tracing::error!(error = %err, "request failed");
+        "internal server error".to_owned()
+    } else {
+        err.to_string()
+    };
+    poem::Response::builder()
+        .status(status)
+        .content_type("application/json")
+        .body(serde_json::json!({ "code": code, "message": message }).to_string())
+}

@@ -1,0 +1,218 @@
+//! `GET /sync/{appId}/stream`: Server-Sent Events. A catch-up of each
+//! collection's folded delta since the cursor, then new deltas as they are
+//! committed on any replica (the hub wakes the stream), each event
+//! carrying its collection's `syncedUntil` so a reconnecting client
+//! resumes without a gap, and a heartbeat every 15 s ([`HEARTBEAT`]). The
+//! stream ends when the bearer token expires (reconnect with a
+//! fresh one) or the replica shuts down.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use futures_util::stream::BoxStream;
+use futures_util::{Stream, StreamExt};
+use poem::web::Data;
+use poem::web::sse::Event as SseEvent;
+use poem_openapi::param::{Path, Query};
+use poem_openapi::payload::{EventStream, Json};
+use poem_openapi::types::ToJSON;
+use poem_openapi::{ApiResponse, OpenApi};
+
+use crate::api::ApiTags;
+use crate::api::auth::BearerAuth;
+use crate::api::error::{Answer, ErrorBody, operation_errors};
+use crate::api::realtime::expiry;
+use crate::cursor::Cursor;
+use crate::error::Error;
+use crate::hub::Subscription;
+use crate::protocol::{ChangeEvent, DEFAULT_PULL_LIMIT};
+use crate::state::AppState;
+use crate::{sync, validate};
+
+pub struct StreamApi;
+
+/// Why a change stream was refused.
+#[derive(Debug, ApiResponse)]
+pub enum StreamError {
+    /// A bad `appId`, `collections` or `since`.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    /// The bearer token is missing, malformed, expired, or not signed by a key of the JWKS.
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorBody>),
+    /// The user or the replica has as many streams and sockets as allowed
+    /// (`MAX_SOCKETS_PER_USER`, `MAX_SOCKETS`), or the replica is shutting
+    /// down; retry after the given seconds.
+    #[oai(status = 429)]
+    TooManyRequests(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
+    /// A server fault; details are in the server's log, never in the response.
+    #[oai(status = 500)]
+    Internal(Json<ErrorBody>),
+}
+
+operation_errors!(StreamError);
+
+#[OpenApi(tag = "ApiTags::Sync")]
+impl StreamApi {
+    /// Stream changes as they happen
+    ///
+    /// Server-Sent Events. First a catch-up: for each collection, `event:
+    /// changes` with its folded delta since `since` (several events while
+    /// `hasMore`). Then, whenever a push on any replica changes one of the
+    /// collections, `event: changes` with the delta since that collection's
+    /// previous `syncedUntil`. `event: heartbeat` (data `null`) every 15 s.
+    /// To resume after a disconnect, reconnect with the smallest
+    /// `syncedUntil` received. The stream ends when the bearer token expires
+    /// (reconnect with a fresh one) and with the replica's shutdown.
+    #[oai(path = "/sync/:appId/stream", method = "get", operation_id = "stream")]
+    async fn stream(
+        &self,
+        state: Data<&AppState>,
+        auth: BearerAuth,
+        /// The app (1-128 bytes).
+        #[oai(name = "appId")]
+        app_id: Path<String>,
+        /// Comma-separated collections to follow (at least one).
+        collections: Query<String>,
+        /// A cursor this server returned, or any RFC 3339 timestamp. Defaults to the beginning.
+        since: Query<Option<String>>,
+    ) -> Result<EventStream<BoxStream<'static, Option<ChangeEvent>>>, StreamError> {
+        let user = auth.0;
+        validate::name("appId", &app_id)?;
+        tracing::Span::current().record("app_id", app_id.as_str());
+        let collections: Vec<String> = collections
+            .split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if collections.is_empty() {
+            return Err(Error::invalid("invalid_name", "collections must name at least one collection").into());
+        }
+        for collection in &collections {
+            validate::name("collection", collection)?;
+        }
+        let since = validate::since(since.0.as_deref())?;
+        let subscription = state
+            .hub
+            .subscribe(&user.id, Some(&app_id), None)
+            .map_err(Answer::from)?;
+        let expires = expiry(&user);
+        let events = changes(
+            state.clone(),
+            user.id,
+            app_id.0,
+            collections,
+            since,
+            subscription,
+            expires,
+        );
+        Ok(EventStream::new(events.boxed()).to_event(|item| match item {
+            Some(event) => SseEvent::message(event.to_json_string()).event_type("changes"),
+            None => SseEvent::message("null").event_type("heartbeat"),
+        }))
+    }
+}
+
+/// How often a quiet stream sends `event: heartbeat`.
+pub const HEARTBEAT: Duration = Duration::from_secs(15);
+
+struct State {
+    app: AppState,
+    user_id: String,
+    app_id: String,
+    cursors: BTreeMap<String, Cursor>,
+    /// Collections with changes to send.
+    due: VecDeque<String>,
+    subscription: Subscription,
+    heartbeat: tokio::time::Interval,
+    /// When the bearer token expires: the stream ends then.
+    expires: tokio::time::Instant,
+}
+
+/// The stream of events: `Some` is `event: changes`, `None` a heartbeat.
+/// It ends when the replica shuts down or the database fails.
+fn changes(
+    app: AppState,
+    user_id: String,
+    app_id: String,
+    collections: Vec<String>,
+    since: Cursor,
+    subscription: Subscription,
+    expires: tokio::time::Instant,
+) -> impl Stream<Item = Option<ChangeEvent>> + Send + 'static {
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    heartbeat.reset();
+    let state = State {
+        app,
+        user_id,
+        app_id,
+        cursors: collections.iter().map(|c| (c.clone(), since)).collect(),
+        due: collections.into_iter().collect(),
+        subscription,
+        heartbeat,
+        expires,
+    };
+    futures_util::stream::unfold(state, |mut st| async move {
+        loop {
+            if st.app.hub.is_closing() || tokio::time::Instant::now() >= st.expires {
+                return None;
+            }
+            if let Some(table) = st.due.pop_front() {
+                let cursor = st.cursors[&table];
+                let page = match sync::pull(
+                    &st.app.store,
+                    &st.app.metrics,
+                    &st.user_id,
+                    &st.app_id,
+                    &table,
+                    cursor,
+                    DEFAULT_PULL_LIMIT,
+                )
+                .await
+                {
+                    Ok(page) => page,
+                    Err(e) => {
+                        tracing::error!(error = ?e, "change stream failed; closing it");
+                        return None;
+                    }
+                };
+                st.cursors
+                    .insert(table.clone(), Cursor::parse(&page.synced_until).unwrap_or(cursor));
+                if page.has_more {
+                    st.due.push_front(table.clone());
+                }
+                let event = ChangeEvent {
+                    table,
+                    changes: page.server_changes,
+                    synced_until: page.synced_until,
+                    has_more: page.has_more,
+                };
+                return Some((Some(event), st));
+            }
+            tokio::select! {
+                _ = st.app.hub.closing() => return None,
+                _ = tokio::time::sleep_until(st.expires) => return None,
+                _ = st.heartbeat.tick() => return Some((None, st)),
+                _ = st.subscription.subscriber.changed() => {
+                    let taken = st.subscription.subscriber.take();
+                    if !taken.tables.is_empty() {
+                        // The stream pulls what the notice names and sends it next.
+                        st.subscription.subscriber.sent(&taken);
+                    }
+                    for (app, tables) in taken.tables {
+                        if app != st.app_id && !app.is_empty() {
+                            continue;
+                        }
+                        for table in st.cursors.keys() {
+                            let named = tables.as_ref().is_none_or(|t| t.contains(table));
+                            if named && !st.due.contains(table) {
+                                st.due.push_back(table.clone());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,63 @@
+//! What every request handler shares: the one application state.
+
+use std::sync::Arc;
+
+use crate::auth::{AuthError, Authenticator, User};
+use crate::config::Config;
+use crate::fanout::Notifier;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// The server's shared state. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub auth: Authenticator,
+    pub hub: Hub,
+    pub notifier: Notifier,
+    pub metrics: Metrics,
+}
+
+impl AppState {
+    /// Opens the store (waiting until PostgreSQL answers), migrates, and
+    /// loads the JWKS.
+    pub async fn connect(config: Config) -> anyhow::Result<AppState> {
+        let store = Store::open(&config).await?;
+        store.prepare(None).await?;
+        tracing::info!(store = store.kind(), "storing in {}", store.describe());
+        let auth = Authenticator::new(&config)?;
+        match &config.jwks_url {
+            Some(url) => tracing::info!(jwks_url = %url, "tokens are checked against the JWKS"),
+            None => tracing::warn!(
+                data_dir = %config.data_dir.display(),
+                "LOCAL MODE: no JWKS_URL, so this server issues and accepts its own tokens (`mana-sync token --sub <user>`)"
+            ),
+        }
+        if config.jwks_url.is_none() && !config.host.is_loopback() {
+            tracing::warn!(host = %config.host, "LOCAL MODE ON A NON-LOOPBACK ADDRESS: anyone who can reach it and holds a local token gets in");
+        }
+        auth.refresh(true).await;
+        let metrics = Metrics::new();
+        let hub = Hub::new(config.max_sockets_per_user, config.max_sockets, metrics.clone());
+        let notifier = Notifier::start(store.notify_options(), hub.clone());
+        Ok(AppState {
+            config: Arc::new(config),
+            store,
+            auth,
+            hub,
+            notifier,
+            metrics,
+        })
+    }
+
+    /// Checks a bearer token, counting refusals by reason.
+    pub async fn verify(&self, token: &str) -> Result<User, AuthError> {
+        let verified = self.auth.verify(token).await;
+        if let Err(e) = &verified {
+            self.metrics.jwt_failure(e.reason());
+        }
+        verified
+    }
+}
