@@ -1,13 +1,11 @@
 //! The append-only change log (`sync_changes`): the changes a push
-//! appends, how a change becomes log rows and a log row becomes a fold
-//! entry. The SQL is in `store`.
+//! appends, and how their writes are kept in a log row's columns. The rows
+//! and the SQL are in `store`.
 
 use serde_json::{Map, Value};
-use sqlx::types::Json;
-use uuid::Uuid;
 
 use crate::cursor::Cursor;
-use crate::fold::{FieldWrite, LogEntry};
+use crate::fold::FieldWrite;
 use crate::protocol::Op;
 use crate::timestamp::Timestamp;
 
@@ -28,43 +26,9 @@ pub struct Change {
     pub writes: Vec<FieldWrite>,
 }
 
-/// One log row about to be appended.
-pub struct NewRow<'a> {
-    pub id: Uuid,
-    pub seq: i64,
-    pub table: &'a str,
-    pub record_id: &'a str,
-    pub op: &'a str,
-    /// `{field: value}`
-    pub data: Value,
-    /// `{field: "<RFC 3339>"}`
-    pub stamps: Value,
-    /// The change's writes are untimed (see [`FieldWrite::untimed`]).
-    /// Validation makes a change's writes all timed or all untimed (an
-    /// insert's `data` has one time), so the log keeps one flag per row.
-    pub untimed: bool,
-}
-
-/// The rows of `changes` at positions `first_seq..`, one each.
-pub fn new_rows(first_seq: i64, changes: &[Change]) -> impl Iterator<Item = NewRow<'_>> {
-    (first_seq..).zip(changes).map(|(seq, change)| {
-        let (data, stamps) = columns(&change.writes);
-        NewRow {
-            id: Uuid::now_v7(),
-            seq,
-            table: &change.table,
-            record_id: &change.id,
-            op: change.op.as_str(),
-            data,
-            stamps,
-            untimed: change.writes.iter().any(|w| w.untimed),
-        }
-    })
-}
-
 /// A change's writes as the log stores them: `{field: value}` and
 /// `{field: "<RFC 3339>"}`.
-fn columns(writes: &[FieldWrite]) -> (Value, Value) {
+pub fn columns(writes: &[FieldWrite]) -> (Value, Value) {
     let mut values = Map::with_capacity(writes.len());
     let mut times = Map::with_capacity(writes.len());
     for w in writes {
@@ -77,7 +41,7 @@ fn columns(writes: &[FieldWrite]) -> (Value, Value) {
 /// The inverse of [`columns`]. A field without a readable timestamp is
 /// taken untimed at the epoch (it then loses to any other write) rather
 /// than failing a whole rebuild.
-fn writes(data: Value, times: &Value, untimed: bool) -> Vec<FieldWrite> {
+pub fn writes(data: Value, times: &Value, untimed: bool) -> Vec<FieldWrite> {
     let Value::Object(values) = data else { return Vec::new() };
     values
         .into_iter()
@@ -102,20 +66,6 @@ pub struct RecordKey {
     pub app_id: String,
     pub table: String,
     pub id: String,
-}
-
-/// A log row as read back: (app, table, record, seq, data, timestamps, untimed).
-pub type LogRow = (String, String, String, i64, Json<Value>, Json<Value>, bool);
-
-/// A log row as the fold takes it.
-pub fn entry((app_id, table, id, seq, Json(data), Json(times), untimed): LogRow) -> (RecordKey, LogEntry) {
-    (
-        RecordKey { app_id, table, id },
-        LogEntry {
-            seq,
-            writes: writes(data, &times, untimed),
-        },
-    )
 }
 
 #[cfg(test)]

@@ -42,15 +42,3 @@ impl Error {
         }
     }
 }
-
-impl From<sqlx::Error> for Error {
-    fn from(e: sqlx::Error) -> Self {
-        // PostgreSQL's SQLSTATE 55P03 lock_not_available (`lock_timeout`
-        // expired), or SQLite's BUSY (its busy timeout expired: another
-        // process writes to the file, which the lock file should prevent).
-        if let Some("55P03" | "5" | "261" | "517") = e.as_database_error().and_then(|d| d.code()).as_deref() {
-            return Error::Busy;
-        }
-        Error::Internal(anyhow::Error::new(e).context("database error"))
-    }
-}

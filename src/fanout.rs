@@ -19,8 +19,8 @@
 
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
-use sqlx::{Executor, PgConnection};
+use sqlx::PgConnection;
+use sqlx::postgres::{PgConnectOptions, PgListener};
 use tracing::Instrument;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::hub::{self, Hub, Notice};
+use crate::store::postgres::{single_connection, sql};
 use crate::telemetry;
 use crate::timestamp::Timestamp;
 
@@ -56,12 +57,7 @@ fn payload(notice: &Notice) -> String {
 /// it at commit). The server uses [`Notifier`] instead; this is the
 /// in-transaction form the benchmark compares it with.
 pub async fn announce_in_transaction(conn: &mut PgConnection, notice: &Notice) -> sqlx::Result<()> {
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(CHANNEL)
-        .bind(payload(notice))
-        .execute(conn)
-        .await?;
-    Ok(())
+    sql::notify(conn, CHANNEL, &payload(notice)).await
 }
 
 /// Hands committed pushes' notices to the local hub and, through NOTIFY,
@@ -129,16 +125,6 @@ impl Notifier {
 /// Longest a NOTIFY round trip may take before its connection is
 /// presumed half-open and replaced.
 const NOTIFY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A pool of one connection, made afresh after each failure: a connection
-/// lost half-open can stay stuck for minutes in its old pool's only slot.
-fn single_connection(options: &PgConnectOptions, name: &str) -> sqlx::PgPool {
-    PgPoolOptions::new()
-        .max_connections(1)
-        .min_connections(0)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_lazy_with(options.clone().application_name(name))
-}
 
 type Merged = BTreeMap<(String, String, String), Merging>;
 
@@ -220,15 +206,9 @@ async fn notify_loop(
         for traceparent in waiting.values().flat_map(|m| &m.traceparents).take(MAX_LINKS) {
             telemetry::link_trace(&span, traceparent);
         }
-        let sent = tokio::time::timeout(
-            NOTIFY_TIMEOUT,
-            sqlx::query("SELECT pg_notify($1, p) FROM UNNEST($2::text[]) AS p")
-                .bind(CHANNEL)
-                .bind(&payloads)
-                .execute(&pool),
-        )
-        .instrument(span)
-        .await;
+        let sent = tokio::time::timeout(NOTIFY_TIMEOUT, sql::notify_all(&pool, CHANNEL, &payloads))
+            .instrument(span)
+            .await;
         match sent {
             Ok(Ok(_)) => {
                 waiting.clear();
@@ -255,7 +235,8 @@ pub async fn listen_forever(options: PgConnectOptions, hub: Hub, replica: String
     let mut backoff = Duration::from_millis(100);
     loop {
         let pool = single_connection(&options, "mana-sync-listener");
-        match listen(&pool).await {
+        // It does not reconnect by itself: this loop does, knowing notices may have been lost.
+        match sql::listen(&pool, CHANNEL).await {
             Ok(mut listener) => {
                 hub.set_listening(true);
                 backoff = Duration::from_millis(100);
@@ -274,14 +255,6 @@ pub async fn listen_forever(options: PgConnectOptions, hub: Hub, replica: String
             }
         }
     }
-}
-
-async fn listen(pool: &sqlx::PgPool) -> sqlx::Result<PgListener> {
-    let mut listener = PgListener::connect_with(pool).await?;
-    // We reconnect ourselves, so that we know when notices may have been lost.
-    listener.eager_reconnect(false);
-    listener.listen(CHANNEL).await?;
-    Ok(listener)
 }
 
 /// Hands notices to the hub until the connection fails; returns why.
@@ -304,7 +277,7 @@ async fn receive(listener: &mut PgListener, hub: &Hub, replica: &str) -> String 
                 Err(e) => return e.to_string(),
             },
             _ = ping.tick() => {
-                match tokio::time::timeout(PING_TIMEOUT, listener.execute("SELECT 1")).await {
+                match tokio::time::timeout(PING_TIMEOUT, sql::ping_listener(listener)).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => return format!("ping failed: {e}"),
                     Err(_) => return "ping timed out (half-open connection)".to_owned(),

@@ -252,8 +252,8 @@ async fn notify(sink: &mut Sink, state: &AppState, subscription: &Subscription) 
                 if let Some(app) = only {
                     by_app.entry(app.to_owned()).or_default();
                 }
-                for (app, table) in known {
-                    by_app.entry(app).or_default().push(table);
+                for known in known {
+                    by_app.entry(known.app_id).or_default().push(known.table_name);
                 }
                 by_app.into_iter().collect()
             }

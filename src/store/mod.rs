@@ -3,12 +3,15 @@
 //! [`Store`] is where the log, the projection and idempotent outcomes
 //! live: PostgreSQL (`postgres://…`, production, any number of replicas)
 //! or SQLite (`sqlite://path`, or no `DATABASE_URL` at all: a file in
-//! `DATA_DIR`; one process, zero setup). Each dialect is a module of small
-//! SQL functions with the same names and shapes; everything above them
-//! (the fold, cursors, validation, push and pull, rebuild) is written once
-//! against [`Store`] and [`Tx`], which hand each call to the dialect in use.
+//! `DATA_DIR`; one process, zero setup). Every statement is a method of
+//! [`Dialect`], implemented by each dialect in its `sql.rs`; the row
+//! shapes are in [`rows`]. Everything above (push and pull, rebuild) is
+//! written once against [`Store`] and [`Tx`], which hand each call to the
+//! dialect in use and return the domain's errors.
 
+pub mod dialect;
 pub mod postgres;
+pub mod rows;
 pub mod sqlite;
 pub mod turns;
 
@@ -18,16 +21,16 @@ use std::time::Duration;
 use futures_util::TryStreamExt;
 use serde_json::Value;
 use sqlx::postgres::PgConnectOptions;
-use sqlx::types::Json;
-use sqlx::{Sqlite, Transaction};
+use sqlx::{PgConnection, Sqlite, SqliteConnection, Transaction};
 
-use crate::change_log::Change;
-use crate::change_log::{self, RecordKey};
+use self::dialect::{Dialect, fault};
+use self::rows::{NewRow, TableRow};
+use crate::change_log::{Change, RecordKey};
 use crate::config::Config;
 use crate::cursor::Cursor;
 use crate::error::Result;
 use crate::fold::{LogEntry, RecordState};
-use crate::projection::{self, Page, Record};
+use crate::projection::{Page, PageBuilder, Record};
 
 /// The database behind the server. Cheap to clone.
 #[derive(Clone)]
@@ -42,29 +45,21 @@ pub enum Tx {
     Sqlite(Transaction<'static, Sqlite>),
 }
 
-/// Runs `$body` with `$conn` bound to the transaction's connection and
-/// `$sql` to its dialect module: one body serves both stores. SQL that both
-/// dialects read alike is written once, in the body (`$1`-style parameters
-/// work on both).
+/// Runs `$call` with `$conn` bound to the transaction's connection, whose
+/// type implements [`Dialect`] for its database, and maps its errors as
+/// that dialect says: one line serves both stores.
 macro_rules! dialect {
-    ($tx:expr, |$conn:ident, $sql:ident| $body:expr) => {
+    ($tx:expr, |$conn:ident| $call:expr) => {
         match $tx {
             Tx::Postgres(tx) => {
-                #[allow(unused_imports)]
-                use crate::store::postgres as $sql;
                 let $conn: &mut sqlx::PgConnection = &mut *tx;
-                $body
+                $call.map_err(fault::<sqlx::PgConnection>)
             }
             Tx::Sqlite(tx) => {
-                #[allow(unused_imports)]
-                use crate::store::sqlite as $sql;
                 let $conn: &mut sqlx::SqliteConnection = &mut *tx;
-                $body
+                $call.map_err(fault::<sqlx::SqliteConnection>)
             }
         }
-    };
-    ($tx:expr, |$conn:ident| $body:expr) => {
-        dialect!($tx, |$conn, _dialect| $body)
     };
 }
 
@@ -160,27 +155,20 @@ impl Store {
     }
 
     /// Every user who ever wrote (maintenance: the one cross-user read).
-    pub async fn users(&self) -> sqlx::Result<Vec<String>> {
+    pub async fn users(&self) -> Result<Vec<String>> {
         match self {
-            Store::Postgres(store) => postgres::users(&store.pool).await,
-            Store::Sqlite(store) => sqlite::users(store.reader()).await,
+            Store::Postgres(store) => postgres::sql::users(&store.pool).await.map_err(fault::<PgConnection>),
+            Store::Sqlite(store) => sqlite::sql::users(store.reader())
+                .await
+                .map_err(fault::<SqliteConnection>),
         }
     }
 
     /// The (app, table) pairs a user has records in, of one app if given:
     /// what "pull everything" names.
-    pub async fn tables(&self, user_id: &str, app_id: Option<&str>) -> Result<Vec<(String, String)>> {
+    pub async fn tables(&self, user_id: &str, app_id: Option<&str>) -> Result<Vec<TableRow>> {
         let mut tx = self.begin_read(user_id).await?;
-        let tables = dialect!(&mut tx, |conn| {
-            sqlx::query_as(
-                "SELECT DISTINCT app_id, table_name FROM sync_records
-                 WHERE user_id = $1 AND (CAST($2 AS TEXT) IS NULL OR app_id = $2) ORDER BY 1, 2",
-            )
-            .bind(user_id)
-            .bind(app_id)
-            .fetch_all(conn)
-            .await?
-        });
+        let tables = dialect!(&mut tx, |conn| conn.tables(user_id, app_id).await)?;
         tx.commit().await?;
         Ok(tables)
     }
@@ -207,12 +195,8 @@ impl Store {
     pub async fn ping(&self) -> bool {
         let ping = async {
             match self {
-                Store::Postgres(store) => {
-                    saturated(&store.pool) || sqlx::query("SELECT 1").execute(&store.pool).await.is_ok()
-                }
-                Store::Sqlite(store) => {
-                    saturated(store.reader()) || sqlx::query("SELECT 1").execute(store.reader()).await.is_ok()
-                }
+                Store::Postgres(store) => saturated(&store.pool) || postgres::sql::ping(&store.pool).await.is_ok(),
+                Store::Sqlite(store) => saturated(store.reader()) || sqlite::sql::ping(store.reader()).await.is_ok(),
             }
         };
         tokio::time::timeout(Duration::from_secs(2), ping)
@@ -232,15 +216,15 @@ impl Tx {
     /// so positions are unique and increase in commit order. Positions are
     /// nanosecond timestamps (the database's clock on PostgreSQL, one clock
     /// for every replica), never going backwards.
-    pub async fn reserve(&mut self, user_id: &str, n: i64) -> sqlx::Result<i64> {
-        let last = dialect!(self, |conn, sql| sql::reserve(conn, user_id, n).await?);
+    pub async fn reserve(&mut self, user_id: &str, n: i64) -> Result<i64> {
+        let last = dialect!(self, |conn| conn.reserve(user_id, n).await)?;
         Ok(last - n + 1)
     }
 
     /// Holds off the user's pushes until this transaction ends, without
     /// advancing the clock (for maintenance).
-    pub async fn lock_clock(&mut self, user_id: &str) -> sqlx::Result<()> {
-        dialect!(self, |conn, sql| sql::lock_clock(conn, user_id).await)
+    pub async fn lock_clock(&mut self, user_id: &str) -> Result<()> {
+        dialect!(self, |conn| conn.lock_clock(user_id).await)
     }
 
     /// Appends `changes` to the log at positions `first_seq..`, one row each.
@@ -251,29 +235,28 @@ impl Tx {
         client_id: &str,
         first_seq: i64,
         changes: &[Change],
-    ) -> sqlx::Result<()> {
-        let rows: Vec<change_log::NewRow> = change_log::new_rows(first_seq, changes).collect();
-        dialect!(self, |conn, sql| sql::append(conn, user_id, app_id, client_id, &rows)
-            .await)
+    ) -> Result<()> {
+        let rows = NewRow::of(first_seq, changes);
+        dialect!(self, |conn| conn.append(user_id, app_id, client_id, &rows).await)
     }
 
     /// Streams the user's whole log in order, calling `each` per entry;
     /// returns how many there were.
-    pub async fn replay(&mut self, user_id: &str, mut each: impl FnMut(RecordKey, LogEntry)) -> sqlx::Result<u64> {
+    pub async fn replay(&mut self, user_id: &str, mut each: impl FnMut(RecordKey, LogEntry)) -> Result<u64> {
         dialect!(self, |conn| {
-            let mut rows = sqlx::query_as::<_, change_log::LogRow>(
-                "SELECT app_id, table_name, record_id, seq, data, field_timestamps, untimed
-                 FROM sync_changes WHERE user_id = $1 ORDER BY seq",
-            )
-            .bind(user_id)
-            .fetch(conn);
+            let mut rows = conn.replay(user_id);
             let mut count = 0;
-            while let Some(row) = rows.try_next().await? {
-                let (key, entry) = change_log::entry(row);
-                each(key, entry);
-                count += 1;
+            loop {
+                match rows.try_next().await {
+                    Ok(Some(row)) => {
+                        let (key, entry) = row.into_entry();
+                        each(key, entry);
+                        count += 1;
+                    }
+                    Ok(None) => break Ok(count),
+                    Err(e) => break Err(e),
+                }
             }
-            Ok(count)
         })
     }
 
@@ -283,34 +266,28 @@ impl Tx {
         user_id: &str,
         app_id: &str,
         keys: &[(&str, &str)],
-    ) -> sqlx::Result<HashMap<(String, String), RecordState>> {
-        let rows = dialect!(self, |conn, sql| sql::load(conn, user_id, app_id, keys).await?);
+    ) -> Result<HashMap<(String, String), RecordState>> {
+        let rows = dialect!(self, |conn| conn.load(user_id, app_id, keys).await)?;
         Ok(rows
             .into_iter()
-            .map(projection::record)
+            .map(Record::from)
             .map(|r| ((r.table, r.id), r.state))
             .collect())
     }
 
     /// Writes the given records' state (insert or replace).
-    pub async fn save(&mut self, user_id: &str, app_id: &str, records: &[Record]) -> sqlx::Result<()> {
-        dialect!(self, |conn, sql| sql::save(conn, user_id, app_id, records).await)
+    pub async fn save(&mut self, user_id: &str, app_id: &str, records: &[Record]) -> Result<()> {
+        dialect!(self, |conn| conn.save(user_id, app_id, records).await)
     }
 
     /// Deletes the user's whole projection (to rebuild it).
-    pub async fn clear_records(&mut self, user_id: &str) -> sqlx::Result<()> {
-        dialect!(self, |conn| {
-            sqlx::query("DELETE FROM sync_records WHERE user_id = $1")
-                .bind(user_id)
-                .execute(conn)
-                .await?;
-            Ok(())
-        })
+    pub async fn clear_records(&mut self, user_id: &str) -> Result<()> {
+        dialect!(self, |conn| conn.clear_records(user_id).await)
     }
 
     /// A page of one app's records (of one table, if given) changed after
-    /// `since`; see [`projection::collect_page`]. Clock and records come from
-    /// one statement, hence one snapshot.
+    /// `since`; see [`PageBuilder`]. Clock and records come from one
+    /// statement, hence one snapshot.
     pub async fn changed_since(
         &mut self,
         user_id: &str,
@@ -319,41 +296,30 @@ impl Tx {
         since: Cursor,
         limit: usize,
         max_bytes: i64,
-    ) -> sqlx::Result<Page> {
-        dialect!(self, |conn, sql| {
-            let statement = if table.is_some() {
-                sql::PAGE_OF_TABLE
-            } else {
-                sql::PAGE_OF_APP
-            };
-            let mut query = sqlx::query_as(statement)
-                .bind(user_id)
-                .bind(app_id)
-                .bind(since.0)
-                .bind(limit as i64 + 1);
-            if let Some(table) = table {
-                query = query.bind(table);
+    ) -> Result<Page> {
+        let mut page = PageBuilder::new(limit, max_bytes);
+        dialect!(self, |conn| {
+            let mut rows = conn.page(user_id, app_id, table, since, limit as i64 + 1);
+            loop {
+                match rows.try_next().await {
+                    Ok(Some(row)) => {
+                        let (clock, record) = row.into_parts();
+                        if !page.offer(clock, record) {
+                            break Ok(());
+                        }
+                    }
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
             }
-            projection::collect_page(query.fetch(conn), limit, max_bytes).await
-        })
+        })?;
+        Ok(page.finish())
     }
 
     /// The unexpired outcome stored for an idempotency key: (fingerprint, response).
-    pub async fn find_outcome(
-        &mut self,
-        user_id: &str,
-        key: &str,
-        ttl: Duration,
-    ) -> sqlx::Result<Option<(Vec<u8>, Value)>> {
-        let found: Option<(Vec<u8>, Json<Value>)> = dialect!(self, |conn, sql| {
-            sqlx::query_as(sql::FIND_OUTCOME)
-                .bind(user_id)
-                .bind(key)
-                .bind(ttl.as_secs_f64())
-                .fetch_optional(conn)
-                .await?
-        });
-        Ok(found.map(|(fingerprint, Json(response))| (fingerprint, response)))
+    pub async fn find_outcome(&mut self, user_id: &str, key: &str, ttl: Duration) -> Result<Option<(Vec<u8>, Value)>> {
+        let found = dialect!(self, |conn| conn.find_outcome(user_id, key, ttl).await)?;
+        Ok(found.map(|row| (row.request_hash, row.response.0)))
     }
 
     /// Stores an outcome for replay, first dropping the user's expired ones
@@ -365,35 +331,24 @@ impl Tx {
         fingerprint: &[u8],
         response: &Value,
         ttl: Duration,
-    ) -> sqlx::Result<()> {
-        dialect!(self, |conn, sql| {
-            sqlx::query(sql::EXPIRE_OUTCOMES)
-                .bind(user_id)
-                .bind(ttl.as_secs_f64())
-                .execute(&mut *conn)
-                .await?;
-            sqlx::query(sql::SAVE_OUTCOME)
-                .bind(user_id)
-                .bind(key)
-                .bind(fingerprint)
-                .bind(Json(response))
-                .execute(conn)
-                .await?;
-            Ok(())
-        })
+    ) -> Result<()> {
+        dialect!(self, |conn| conn.expire_outcomes(user_id, ttl).await)?;
+        dialect!(self, |conn| conn
+            .save_outcome(user_id, key, fingerprint, response)
+            .await)
     }
 
-    pub async fn commit(self) -> sqlx::Result<()> {
+    pub async fn commit(self) -> Result<()> {
         match self {
-            Tx::Postgres(tx) => tx.tx.commit().await,
-            Tx::Sqlite(tx) => tx.commit().await,
+            Tx::Postgres(tx) => tx.tx.commit().await.map_err(fault::<PgConnection>),
+            Tx::Sqlite(tx) => tx.commit().await.map_err(fault::<SqliteConnection>),
         }
     }
 
-    pub async fn rollback(self) -> sqlx::Result<()> {
+    pub async fn rollback(self) -> Result<()> {
         match self {
-            Tx::Postgres(tx) => tx.tx.rollback().await,
-            Tx::Sqlite(tx) => tx.rollback().await,
+            Tx::Postgres(tx) => tx.tx.rollback().await.map_err(fault::<PgConnection>),
+            Tx::Sqlite(tx) => tx.rollback().await.map_err(fault::<SqliteConnection>),
         }
     }
 }

@@ -90,7 +90,7 @@ pub async fn push(
             if let Some((notifier, notice)) = announce {
                 notifier.publish(notice);
             }
-            Ok::<_, sqlx::Error>(())
+            Ok::<_, Error>(())
         }
         .in_current_span(),
     )

@@ -8,7 +8,10 @@
 //! (`synchronous = FULL`): an acknowledged push survives a power cut.
 //!
 //! A lock file next to the database (`<file>.lock`, holding the owner's
-//! pid) keeps a second process off the same file.
+//! pid) keeps a second process off the same file. The statements are in
+//! [`sql`].
+
+pub mod sql;
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::Write;
@@ -18,16 +21,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use serde_json::{Value, json};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::types::Json;
 use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
 
-use crate::change_log::NewRow;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::projection::{Record, Row};
-use crate::timestamp::Timestamp;
+use crate::store::dialect::fault;
 
 /// The migrations under `migrations/sqlite/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -121,7 +120,7 @@ impl SqliteStore {
     pub async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>> {
         match self.writer.begin_with("BEGIN IMMEDIATE").await {
             Err(sqlx::Error::PoolTimedOut) => Err(Error::Busy),
-            other => Ok(other?),
+            other => other.map_err(fault::<SqliteConnection>),
         }
     }
 
@@ -130,7 +129,7 @@ impl SqliteStore {
     pub async fn begin_read(&self) -> Result<Transaction<'static, Sqlite>> {
         match self.reader.begin().await {
             Err(sqlx::Error::PoolTimedOut) => Err(Error::Busy),
-            other => Ok(other?),
+            other => other.map_err(fault::<SqliteConnection>),
         }
     }
 }
@@ -187,145 +186,3 @@ fn claim(db: &Path) -> anyhow::Result<File> {
         Err(TryLockError::Error(e)) => Err(e).with_context(|| format!("failed to lock {}", path.display())),
     }
 }
-
-pub async fn users(pool: &SqlitePool) -> sqlx::Result<Vec<String>> {
-    sqlx::query_scalar("SELECT user_id FROM sync_clocks ORDER BY user_id")
-        .fetch_all(pool)
-        .await
-}
-
-/// Advances the user's clock by `n` and returns its new value. The write
-/// transaction excludes every other writer until it ends.
-pub async fn reserve(conn: &mut SqliteConnection, user_id: &str, n: i64) -> sqlx::Result<i64> {
-    sqlx::query_scalar(
-        "INSERT INTO sync_clocks (user_id, last_seq) VALUES (?1, ?3 + ?2 - 1)
-         ON CONFLICT (user_id) DO UPDATE SET last_seq = max(sync_clocks.last_seq + ?2, excluded.last_seq)
-         RETURNING last_seq",
-    )
-    .bind(user_id)
-    .bind(n)
-    .bind(Timestamp::now().0)
-    .fetch_one(conn)
-    .await
-}
-
-/// Nothing to do: a write transaction already excludes every other writer.
-pub async fn lock_clock(_conn: &mut SqliteConnection, _user_id: &str) -> sqlx::Result<()> {
-    Ok(())
-}
-
-pub async fn append(
-    conn: &mut SqliteConnection,
-    user_id: &str,
-    app_id: &str,
-    client_id: &str,
-    rows: &[NewRow<'_>],
-) -> sqlx::Result<()> {
-    // One statement over a JSON array of rows: no limit on bound
-    // parameters, one round trip to the connection's thread.
-    let rows: Vec<Value> = rows
-        .iter()
-        .map(|r| {
-            json!([
-                r.id.to_string(),
-                r.seq,
-                r.table,
-                r.record_id,
-                r.op,
-                r.data,
-                r.stamps,
-                r.untimed
-            ])
-        })
-        .collect();
-    sqlx::query(
-        "INSERT INTO sync_changes (id, seq, app_id, table_name, record_id, user_id, op, data, field_timestamps, untimed, client_id)
-         SELECT j.value ->> 0, j.value ->> 1, ?1, j.value ->> 2, j.value ->> 3, ?2, j.value ->> 4,
-                j.value ->> 5, j.value ->> 6, j.value ->> 7, ?3
-         FROM json_each(?4) AS j",
-    )
-    .bind(app_id)
-    .bind(user_id)
-    .bind(client_id)
-    .bind(Json(rows))
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-pub async fn load(
-    conn: &mut SqliteConnection,
-    user_id: &str,
-    app_id: &str,
-    keys: &[(&str, &str)],
-) -> sqlx::Result<Vec<Row>> {
-    // CROSS JOIN keeps the keys as the outer loop: one primary-key probe each.
-    sqlx::query_as(
-        "SELECT r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq
-         FROM json_each(?3) AS k CROSS JOIN sync_records r
-         WHERE r.user_id = ?1 AND r.app_id = ?2 AND r.table_name = k.value ->> 0 AND r.record_id = k.value ->> 1",
-    )
-    .bind(user_id)
-    .bind(app_id)
-    .bind(Json(keys))
-    .fetch_all(conn)
-    .await
-}
-
-pub async fn save(conn: &mut SqliteConnection, user_id: &str, app_id: &str, records: &[Record]) -> sqlx::Result<()> {
-    let rows: Vec<Value> = records
-        .iter()
-        .map(|r| json!([r.table, r.id, r.state.fields, r.state.created, r.state.touched]))
-        .collect();
-    // `WHERE true` tells SQLite's parser the ON CONFLICT is the upsert's.
-    sqlx::query(
-        "INSERT INTO sync_records (user_id, app_id, table_name, record_id, fields, created_seq, touched_seq)
-         SELECT ?1, ?2, j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3, j.value ->> 4
-         FROM json_each(?3) AS j WHERE true
-         ON CONFLICT (user_id, app_id, table_name, record_id) DO UPDATE
-         SET fields = excluded.fields, created_seq = excluded.created_seq, touched_seq = excluded.touched_seq",
-    )
-    .bind(user_id)
-    .bind(app_id)
-    .bind(Json(rows))
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// A page of one table (parameters: user, app, since, how many, table):
-/// the user's clock with the records changed after `since`, oldest first
-/// (one row with nulls when none). Writers are serialised and a read sees
-/// one snapshot, so every record it sees is at or below the clock it sees.
-/// A statement per case rather than `?5 IS NULL OR ...`, so each searches
-/// its own index in touched_seq order.
-pub const PAGE_OF_TABLE: &str = "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq,
-                    length(CAST(r.fields AS BLOB))
-             FROM sync_clocks c LEFT JOIN (
-               SELECT * FROM sync_records
-               WHERE user_id = ?1 AND app_id = ?2 AND table_name = ?5 AND touched_seq > ?3
-               ORDER BY touched_seq LIMIT ?4) r ON r.touched_seq <= c.last_seq
-             WHERE c.user_id = ?1
-             ORDER BY r.touched_seq";
-/// A page of a whole app (parameters: user, app, since, how many).
-pub const PAGE_OF_APP: &str = "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq,
-                    length(CAST(r.fields AS BLOB))
-             FROM sync_clocks c LEFT JOIN (
-               SELECT * FROM sync_records
-               WHERE user_id = ?1 AND app_id = ?2 AND touched_seq > ?3
-               ORDER BY touched_seq LIMIT ?4) r ON r.touched_seq <= c.last_seq
-             WHERE c.user_id = ?1
-             ORDER BY r.touched_seq";
-
-/// Idempotent outcomes (parameters: user, key, then the TTL in seconds):
-/// the unexpired one for a key, as (fingerprint, response). `created_at` is
-/// in Unix milliseconds, from SQLite's clock.
-pub const FIND_OUTCOME: &str = "SELECT request_hash, response FROM sync_idempotency
-     WHERE user_id = ?1 AND idempotency_key = ?2 AND created_at > unixepoch('subsec') * 1000 - ?3 * 1000";
-/// Drops a user's expired outcomes (parameters: user, TTL in seconds).
-pub const EXPIRE_OUTCOMES: &str =
-    "DELETE FROM sync_idempotency WHERE user_id = ?1 AND created_at <= unixepoch('subsec') * 1000 - ?2 * 1000";
-/// Keeps an outcome (parameters: user, key, fingerprint, response).
-pub const SAVE_OUTCOME: &str =
-    "INSERT INTO sync_idempotency (user_id, idempotency_key, request_hash, response, created_at)
-     VALUES (?1, ?2, ?3, ?4, CAST(unixepoch('subsec') * 1000 AS INTEGER)) ON CONFLICT DO NOTHING";

@@ -1,0 +1,117 @@
+//! What a dialect must provide: every statement the store runs on a
+//! transaction's connection, and which of its errors mean "busy".
+//!
+//! Each dialect implements [`Dialect`] on its connection type, in its own
+//! `sql.rs`, one method per statement that owns its SQL and its binds;
+//! `Tx` in `store/mod.rs` hands each call to the dialect in use. A new
+//! statement is a new method here, then one in each dialect: the compiler
+//! refuses a dialect that lacks it.
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures_util::stream::BoxStream;
+use serde_json::Value;
+
+use crate::cursor::Cursor;
+use crate::error::Error;
+use crate::projection::Record;
+use crate::store::rows::{LogRow, NewRow, OutcomeRow, PageRow, RecordRow, TableRow};
+
+/// The statements of one SQL dialect, on a connection inside a transaction
+/// scoped to `user_id` (every statement reads and writes that user's rows
+/// only).
+pub trait Dialect {
+    /// Advances the user's clock by `n` and returns its new value; the
+    /// user's other writes wait until the transaction ends.
+    fn reserve(&mut self, user_id: &str, n: i64) -> impl Future<Output = sqlx::Result<i64>> + Send;
+
+    /// Holds off the user's writes until the transaction ends, without
+    /// advancing the clock.
+    fn lock_clock(&mut self, user_id: &str) -> impl Future<Output = sqlx::Result<()>> + Send;
+
+    /// Appends rows to the log, in one statement whatever their number.
+    fn append(
+        &mut self,
+        user_id: &str,
+        app_id: &str,
+        client_id: &str,
+        rows: &[NewRow<'_>],
+    ) -> impl Future<Output = sqlx::Result<()>> + Send;
+
+    /// The user's whole log, in order.
+    fn replay<'c>(&'c mut self, user_id: &'c str) -> BoxStream<'c, sqlx::Result<LogRow>>;
+
+    /// The projection rows of the given (table, record) keys of one app, those that exist.
+    fn load(
+        &mut self,
+        user_id: &str,
+        app_id: &str,
+        keys: &[(&str, &str)],
+    ) -> impl Future<Output = sqlx::Result<Vec<RecordRow>>> + Send;
+
+    /// Inserts or replaces the projection rows of records of one app.
+    fn save(
+        &mut self,
+        user_id: &str,
+        app_id: &str,
+        records: &[Record],
+    ) -> impl Future<Output = sqlx::Result<()>> + Send;
+
+    /// Deletes the user's whole projection.
+    fn clear_records(&mut self, user_id: &str) -> impl Future<Output = sqlx::Result<()>> + Send;
+
+    /// The user's clock with the first `limit` records of one app (of one
+    /// table, if given) changed after `since`, oldest change first: one row
+    /// per record, or one row without a record when none changed, none when
+    /// the user has no clock. Clock and records come from one snapshot, and
+    /// no record is later than the clock.
+    fn page<'c>(
+        &'c mut self,
+        user_id: &'c str,
+        app_id: &'c str,
+        table: Option<&'c str>,
+        since: Cursor,
+        limit: i64,
+    ) -> BoxStream<'c, sqlx::Result<PageRow>>;
+
+    /// The (app, table) pairs the user has records in, of one app if given.
+    fn tables(
+        &mut self,
+        user_id: &str,
+        app_id: Option<&str>,
+    ) -> impl Future<Output = sqlx::Result<Vec<TableRow>>> + Send;
+
+    /// The outcome kept for an idempotency key, if younger than `ttl`.
+    fn find_outcome(
+        &mut self,
+        user_id: &str,
+        key: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = sqlx::Result<Option<OutcomeRow>>> + Send;
+
+    /// Drops the user's outcomes older than `ttl`.
+    fn expire_outcomes(&mut self, user_id: &str, ttl: Duration) -> impl Future<Output = sqlx::Result<()>> + Send;
+
+    /// Keeps an outcome for an idempotency key (the first one kept stays).
+    fn save_outcome(
+        &mut self,
+        user_id: &str,
+        key: &str,
+        fingerprint: &[u8],
+        response: &Value,
+    ) -> impl Future<Output = sqlx::Result<()>> + Send;
+
+    /// Whether the error means the database is busy: a wait for a lock
+    /// timed out (`LOCK_TIMEOUT`), so a retry shortly may succeed.
+    fn is_busy(e: &sqlx::Error) -> bool;
+}
+
+/// A database error as the domain sees it: [`Error::Busy`] when the
+/// dialect says so, else a fault.
+pub fn fault<D: Dialect>(e: sqlx::Error) -> Error {
+    if D::is_busy(&e) {
+        return Error::Busy;
+    }
+    Error::Internal(anyhow::Error::new(e).context("database error"))
+}

@@ -1,0 +1,208 @@
+//! The PostgreSQL store: connecting, migrations, and per-user
+//! transactions under row-level security. Its statements are in [`sql`].
+
+pub mod sql;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool, Postgres, Transaction};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::store::dialect::fault;
+use crate::store::turns::{Turn, Turns};
+
+/// The migrations under `migrations/postgres/`, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// The PostgreSQL store: its pool, and the queues in which each user's
+/// pushes wait for their turn before they take a connection.
+#[derive(Clone)]
+pub struct PgStore {
+    pub pool: PgPool,
+    pub turns: Turns,
+    /// Longest wait for a turn (`LOCK_TIMEOUT`).
+    pub lock_timeout: Duration,
+    /// When a request last got a connection, in milliseconds since `since`
+    /// plus [`CONNECTION_WAIT`] (0: never).
+    last_connected: Arc<AtomicU64>,
+    since: Instant,
+}
+
+/// A transaction of the PostgreSQL store, holding its user's turn (when it
+/// writes through [`PgStore`]) until it ends.
+pub struct PgTx {
+    pub tx: Transaction<'static, Postgres>,
+    _turn: Option<Turn>,
+}
+
+impl PgTx {
+    pub fn new(tx: Transaction<'static, Postgres>, turn: Option<Turn>) -> PgTx {
+        PgTx { tx, _turn: turn }
+    }
+}
+
+impl std::ops::Deref for PgTx {
+    type Target = Transaction<'static, Postgres>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for PgTx {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.tx
+    }
+}
+
+/// Longest wait for a pooled connection (or a push's `LOCK_TIMEOUT`, if
+/// shorter). A push waits for its turn without one, so pushes of distinct
+/// users are all that compete for connections; beyond this, the replica is
+/// overloaded or the database does not answer.
+const CONNECTION_WAIT: Duration = Duration::from_secs(10);
+
+impl PgStore {
+    /// The store `url` names, connecting on demand; see [`wait_until_reachable`].
+    pub fn new(url: &str, config: &Config) -> anyhow::Result<PgStore> {
+        Ok(PgStore {
+            pool: pool(url, config)?,
+            turns: Turns::default(),
+            lock_timeout: config.lock_timeout,
+            last_connected: Arc::default(),
+            since: Instant::now(),
+        })
+    }
+
+    /// Waits for `user_id`'s turn, then begins a transaction that writes
+    /// the user's data and holds the turn until it ends.
+    pub async fn begin_write(&self, user_id: &str) -> Result<PgTx> {
+        let turn = self.turns.wait(user_id, self.lock_timeout).await?;
+        Ok(PgTx::new(self.begin(user_id).await?, Some(turn)))
+    }
+
+    /// Begins a transaction that only reads `user_id`'s data.
+    pub async fn begin_read(&self, user_id: &str) -> Result<PgTx> {
+        Ok(PgTx::new(self.begin(user_id).await?, None))
+    }
+
+    /// [`begin_for`] on the pool. A pool that gives no connection in time,
+    /// although requests got connections up to [`CONNECTION_WAIT`] before
+    /// this one asked or since, is overloaded ([`Error::Busy`], a 429); one
+    /// that gave none for longer is failing to reach the database (a fault,
+    /// not something to retry in a second).
+    async fn begin(&self, user_id: &str) -> Result<Transaction<'static, Postgres>> {
+        let now = || self.since.elapsed().as_millis() as u64 + CONNECTION_WAIT.as_millis() as u64;
+        let asked = now();
+        match begin_for(&self.pool, user_id).await {
+            Ok(tx) => {
+                self.last_connected.fetch_max(now(), Ordering::Relaxed);
+                Ok(tx)
+            }
+            Err(sqlx::Error::PoolTimedOut)
+                if self.last_connected.load(Ordering::Relaxed) + CONNECTION_WAIT.as_millis() as u64 >= asked =>
+            {
+                Err(Error::Busy)
+            }
+            Err(e) => Err(fault::<PgConnection>(e)),
+        }
+    }
+}
+
+/// A pool that connects on demand; see [`wait_until_reachable`].
+fn pool(url: &str, config: &Config) -> anyhow::Result<PgPool> {
+    let options: PgConnectOptions = url.parse().context("invalid DATABASE_URL")?;
+    // A push waits for the user's clock row (pushes of the same user on
+    // other replicas) only so long, then 429.
+    let lock_timeout = format!("{}ms", config.lock_timeout.as_millis());
+    Ok(PgPoolOptions::new()
+        .max_connections(config.database_max_connections)
+        .acquire_timeout(config.lock_timeout.min(CONNECTION_WAIT))
+        .connect_lazy_with(
+            options
+                .application_name("mana-sync")
+                .options([("lock_timeout", lock_timeout)]),
+        ))
+}
+
+/// Waits for the database, retrying with exponential backoff (capped at
+/// 30 s) and logging every failed attempt, until `deadline` passes.
+pub async fn wait_until_reachable(pool: &PgPool, deadline: Option<Duration>) -> anyhow::Result<()> {
+    let started = tokio::time::Instant::now();
+    let mut delay = Duration::from_millis(250);
+    let options = pool.connect_options();
+    loop {
+        // One plain connection attempt each time: the pool's own acquire
+        // would keep retrying silently until its timeout.
+        match options.connect().await {
+            Ok(conn) => {
+                let _ = conn.close().await;
+                return Ok(());
+            }
+            Err(e) => {
+                if deadline.is_some_and(|d| started.elapsed() >= d) {
+                    return Err(e).context("failed to connect to DATABASE_URL");
+                }
+                tracing::warn!(error = %e, retry_in = ?delay, "database unreachable; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Applies pending migrations, then warns if row-level security cannot
+/// protect anything. Replicas starting together queue on the migrator's
+/// advisory lock without the pool's `lock_timeout`, on a connection that is
+/// then closed rather than returned to the pool.
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    let mut conn = pool
+        .acquire()
+        .await
+        .context("failed to connect to DATABASE_URL")?
+        .detach();
+    sql::no_lock_timeout(&mut conn).await?;
+    MIGRATOR
+        .run(&mut conn)
+        .await
+        .context("failed to apply database migrations")?;
+    warn_if_rls_bypassed(pool).await
+}
+
+/// Warns when row-level security cannot protect anything: superusers and
+/// BYPASSRLS roles ignore it.
+async fn warn_if_rls_bypassed(pool: &PgPool) -> anyhow::Result<()> {
+    let bypass = sql::bypasses_rls(pool)
+        .await
+        .context("failed to read the database role")?;
+    if bypass {
+        tracing::warn!(
+            "DATABASE_URL connects as a superuser or BYPASSRLS role: row-level security is not enforced (see SECURITY.md)"
+        );
+    }
+    Ok(())
+}
+
+/// Begins a transaction scoped to one user: row-level security lets it see
+/// and write only that user's rows (the setting is transaction-local, so it
+/// never leaks to the pooled connection's next user).
+pub async fn begin_for(pool: &PgPool, user_id: &str) -> sqlx::Result<Transaction<'static, Postgres>> {
+    let mut tx = pool.begin().await?;
+    sql::scope_to(&mut tx, user_id).await?;
+    Ok(tx)
+}
+
+/// A pool of one connection, made afresh after each failure by its owner
+/// (the fan-out's notifier and listener): a connection lost half-open can
+/// stay stuck for minutes in its old pool's only slot.
+pub fn single_connection(options: &PgConnectOptions, name: &str) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(1)
+        .min_connections(0)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(options.clone().application_name(name))
+}

@@ -1,0 +1,314 @@
+//! The PostgreSQL statements: the log, the projection, idempotent
+//! outcomes, and NOTIFY/LISTEN between replicas.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures_util::stream::BoxStream;
+use serde_json::Value;
+use sqlx::postgres::PgListener;
+use sqlx::types::Json;
+use sqlx::{Executor, PgConnection, PgPool};
+
+use crate::cursor::Cursor;
+use crate::fold::FieldState;
+use crate::projection::Record;
+use crate::store::dialect::Dialect;
+use crate::store::rows::{LogRow, NewRow, OutcomeRow, PageRow, RecordRow, TableRow};
+
+impl Dialect for PgConnection {
+    async fn reserve(&mut self, user_id: &str, n: i64) -> sqlx::Result<i64> {
+        // Positions are the database's clock in nanoseconds: one clock for
+        // every replica. The clock row stays locked until the transaction ends.
+        sqlx::query_scalar(
+            "INSERT INTO sync_clocks (user_id, last_seq)
+             VALUES ($1, (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::bigint * 1000 + $2 - 1)
+             ON CONFLICT (user_id) DO UPDATE SET last_seq = GREATEST(sync_clocks.last_seq + $2, EXCLUDED.last_seq)
+             RETURNING last_seq",
+        )
+        .bind(user_id)
+        .bind(n)
+        .fetch_one(self)
+        .await
+    }
+
+    async fn lock_clock(&mut self, user_id: &str) -> sqlx::Result<()> {
+        sqlx::query("SELECT 1 FROM sync_clocks WHERE user_id = $1 FOR UPDATE")
+            .bind(user_id)
+            .execute(self)
+            .await?;
+        Ok(())
+    }
+
+    async fn append(&mut self, user_id: &str, app_id: &str, client_id: &str, rows: &[NewRow<'_>]) -> sqlx::Result<()> {
+        sqlx::query(
+            "INSERT INTO sync_changes (id, seq, app_id, table_name, record_id, user_id, op, data, field_timestamps, untimed, client_id)
+             SELECT u.id, u.seq, $1, u.table_name, u.record_id, $2, u.op, u.data, u.stamps, u.untimed, $3
+             FROM UNNEST($4::uuid[], $5::bigint[], $6::text[], $7::text[], $8::text[], $9::jsonb[], $10::jsonb[], $11::bool[])
+               AS u(id, seq, table_name, record_id, op, data, stamps, untimed)",
+        )
+        .bind(app_id)
+        .bind(user_id)
+        .bind(client_id)
+        .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.seq).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.table).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.record_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.op).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| &r.data).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| &r.stamps).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.untimed).collect::<Vec<_>>())
+        .execute(self)
+        .await?;
+        Ok(())
+    }
+
+    fn replay<'c>(&'c mut self, user_id: &'c str) -> BoxStream<'c, sqlx::Result<LogRow>> {
+        sqlx::query_as(
+            "SELECT app_id, table_name, record_id, seq, data, field_timestamps, untimed
+             FROM sync_changes WHERE user_id = $1 ORDER BY seq",
+        )
+        .bind(user_id)
+        .fetch(self)
+    }
+
+    async fn load(&mut self, user_id: &str, app_id: &str, keys: &[(&str, &str)]) -> sqlx::Result<Vec<RecordRow>> {
+        let (tables, ids): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
+        sqlx::query_as(
+            // One primary-key probe per key: the LIMIT keeps the planner from
+            // turning this into a hash join over all of the user's records.
+            "SELECT r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq
+             FROM UNNEST($3::text[], $4::text[]) AS k(table_name, record_id)
+             CROSS JOIN LATERAL (
+               SELECT * FROM sync_records r
+               WHERE r.user_id = $1 AND r.app_id = $2 AND r.table_name = k.table_name AND r.record_id = k.record_id
+               LIMIT 1) r",
+        )
+        .bind(user_id)
+        .bind(app_id)
+        .bind(tables)
+        .bind(ids)
+        .fetch_all(self)
+        .await
+    }
+
+    async fn save(&mut self, user_id: &str, app_id: &str, records: &[Record]) -> sqlx::Result<()> {
+        sqlx::query(
+            "INSERT INTO sync_records (user_id, app_id, table_name, record_id, fields, created_seq, touched_seq)
+             SELECT $1, $2, u.table_name, u.record_id, u.fields, u.created_seq, u.touched_seq
+             FROM UNNEST($3::text[], $4::text[], $5::jsonb[], $6::bigint[], $7::bigint[])
+               AS u(table_name, record_id, fields, created_seq, touched_seq)
+             ON CONFLICT (user_id, app_id, table_name, record_id) DO UPDATE
+             SET fields = EXCLUDED.fields, created_seq = EXCLUDED.created_seq, touched_seq = EXCLUDED.touched_seq",
+        )
+        .bind(user_id)
+        .bind(app_id)
+        .bind(records.iter().map(|r| r.table.as_str()).collect::<Vec<_>>())
+        .bind(records.iter().map(|r| r.id.as_str()).collect::<Vec<_>>())
+        .bind(
+            records
+                .iter()
+                .map(|r| Json(&r.state.fields))
+                .collect::<Vec<Json<&BTreeMap<String, FieldState>>>>(),
+        )
+        .bind(records.iter().map(|r| r.state.created).collect::<Vec<_>>())
+        .bind(records.iter().map(|r| r.state.touched).collect::<Vec<_>>())
+        .execute(self)
+        .await?;
+        Ok(())
+    }
+
+    async fn clear_records(&mut self, user_id: &str) -> sqlx::Result<()> {
+        sqlx::query("DELETE FROM sync_records WHERE user_id = $1")
+            .bind(user_id)
+            .execute(self)
+            .await?;
+        Ok(())
+    }
+
+    fn page<'c>(
+        &'c mut self,
+        user_id: &'c str,
+        app_id: &'c str,
+        table: Option<&'c str>,
+        since: Cursor,
+        limit: i64,
+    ) -> BoxStream<'c, sqlx::Result<PageRow>> {
+        // The bound by the clock keeps out records committed after the
+        // clock was read. A statement per case rather than `table IS NULL
+        // OR ...`, so each keeps a plan that walks its own index in
+        // touched_seq order.
+        let query = match table {
+            Some(table) => sqlx::query_as(
+                "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq,
+                        octet_length(r.fields::text)::bigint AS size
+                 FROM sync_clocks c LEFT JOIN LATERAL (
+                   SELECT * FROM sync_records r
+                   WHERE r.user_id = c.user_id AND r.app_id = $2 AND r.table_name = $5
+                     AND r.touched_seq > $3 AND r.touched_seq <= c.last_seq
+                   ORDER BY r.touched_seq LIMIT $4) r ON true
+                 WHERE c.user_id = $1",
+            )
+            .bind(user_id)
+            .bind(app_id)
+            .bind(since.0)
+            .bind(limit)
+            .bind(table),
+            None => sqlx::query_as(
+                "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq,
+                        octet_length(r.fields::text)::bigint AS size
+                 FROM sync_clocks c LEFT JOIN LATERAL (
+                   SELECT * FROM sync_records r
+                   WHERE r.user_id = c.user_id AND r.app_id = $2
+                     AND r.touched_seq > $3 AND r.touched_seq <= c.last_seq
+                   ORDER BY r.touched_seq LIMIT $4) r ON true
+                 WHERE c.user_id = $1",
+            )
+            .bind(user_id)
+            .bind(app_id)
+            .bind(since.0)
+            .bind(limit),
+        };
+        query.fetch(self)
+    }
+
+    async fn tables(&mut self, user_id: &str, app_id: Option<&str>) -> sqlx::Result<Vec<TableRow>> {
+        sqlx::query_as(
+            "SELECT DISTINCT app_id, table_name FROM sync_records
+             WHERE user_id = $1 AND ($2::text IS NULL OR app_id = $2) ORDER BY 1, 2",
+        )
+        .bind(user_id)
+        .bind(app_id)
+        .fetch_all(self)
+        .await
+    }
+
+    async fn find_outcome(&mut self, user_id: &str, key: &str, ttl: Duration) -> sqlx::Result<Option<OutcomeRow>> {
+        sqlx::query_as(
+            "SELECT request_hash, response FROM sync_idempotency
+             WHERE user_id = $1 AND idempotency_key = $2 AND created_at > now() - make_interval(secs => $3)",
+        )
+        .bind(user_id)
+        .bind(key)
+        .bind(ttl.as_secs_f64())
+        .fetch_optional(self)
+        .await
+    }
+
+    async fn expire_outcomes(&mut self, user_id: &str, ttl: Duration) -> sqlx::Result<()> {
+        sqlx::query(
+            "DELETE FROM sync_idempotency WHERE user_id = $1 AND created_at <= now() - make_interval(secs => $2)",
+        )
+        .bind(user_id)
+        .bind(ttl.as_secs_f64())
+        .execute(self)
+        .await?;
+        Ok(())
+    }
+
+    async fn save_outcome(
+        &mut self,
+        user_id: &str,
+        key: &str,
+        fingerprint: &[u8],
+        response: &Value,
+    ) -> sqlx::Result<()> {
+        sqlx::query(
+            "INSERT INTO sync_idempotency (user_id, idempotency_key, request_hash, response)
+             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        )
+        .bind(user_id)
+        .bind(key)
+        .bind(fingerprint)
+        .bind(Json(response))
+        .execute(self)
+        .await?;
+        Ok(())
+    }
+
+    fn is_busy(e: &sqlx::Error) -> bool {
+        // SQLSTATE 55P03 lock_not_available: `lock_timeout` expired.
+        e.as_database_error().and_then(|d| d.code()).as_deref() == Some("55P03")
+    }
+}
+
+/// Every user with a clock, in a maintenance transaction: it may list the
+/// users (their clock rows) and nothing else of anyone's.
+pub async fn users(pool: &PgPool) -> sqlx::Result<Vec<String>> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT set_config('mana_sync.maintenance', 'on', true)")
+        .execute(&mut *tx)
+        .await?;
+    let users = sqlx::query_scalar("SELECT user_id FROM sync_clocks ORDER BY user_id")
+        .fetch_all(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(users)
+}
+
+/// Scopes a new transaction to one user: row-level security lets it see
+/// and write only that user's rows (the setting is transaction-local, so
+/// it never leaks to the pooled connection's next user).
+pub async fn scope_to(conn: &mut PgConnection, user_id: &str) -> sqlx::Result<()> {
+    sqlx::query("SELECT set_config('mana_sync.user_id', $1, true)")
+        .bind(user_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Whether the role row-level security would be enforced on bypasses it
+/// (superusers and BYPASSRLS roles do).
+pub async fn bypasses_rls(pool: &PgPool) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user")
+        .fetch_one(pool)
+        .await
+}
+
+/// Lets the migrator wait for other replicas' migrations for as long as they take.
+pub async fn no_lock_timeout(conn: &mut PgConnection) -> sqlx::Result<()> {
+    sqlx::query("SET lock_timeout = 0").execute(conn).await?;
+    Ok(())
+}
+
+/// Whether the database answers.
+pub async fn ping(pool: &PgPool) -> sqlx::Result<()> {
+    sqlx::query("SELECT 1").execute(pool).await?;
+    Ok(())
+}
+
+/// NOTIFYs each payload on `channel`, in one round trip.
+pub async fn notify_all(pool: &PgPool, channel: &str, payloads: &[String]) -> sqlx::Result<()> {
+    sqlx::query("SELECT pg_notify($1, p) FROM UNNEST($2::text[]) AS p")
+        .bind(channel)
+        .bind(payloads)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// NOTIFYs one payload on `channel` inside the caller's transaction
+/// (delivered at its commit).
+pub async fn notify(conn: &mut PgConnection, channel: &str, payload: &str) -> sqlx::Result<()> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(channel)
+        .bind(payload)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// A listener on `channel`, on a connection of `pool`, that does not
+/// reconnect by itself (so its owner knows when notices may have been lost).
+pub async fn listen(pool: &PgPool, channel: &str) -> sqlx::Result<PgListener> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.eager_reconnect(false);
+    listener.listen(channel).await?;
+    Ok(listener)
+}
+
+/// Whether a listener's connection still answers (a half-open one does not).
+pub async fn ping_listener(listener: &mut PgListener) -> sqlx::Result<()> {
+    listener.execute("SELECT 1").await?;
+    Ok(())
+}

@@ -1,0 +1,246 @@
+//! The SQLite statements: the log, the projection and idempotent outcomes.
+//!
+//! Batches go through `json_each` over one JSON array: one statement
+//! whatever the batch's size (no limit on bound parameters), one round
+//! trip to the connection's thread. Times in `sync_idempotency` are Unix
+//! milliseconds from SQLite's clock.
+
+use std::time::Duration;
+
+use futures_util::stream::BoxStream;
+use serde_json::{Value, json};
+use sqlx::types::Json;
+use sqlx::{SqliteConnection, SqlitePool};
+
+use crate::cursor::Cursor;
+use crate::projection::Record;
+use crate::store::dialect::Dialect;
+use crate::store::rows::{LogRow, NewRow, OutcomeRow, PageRow, RecordRow, TableRow};
+use crate::timestamp::Timestamp;
+
+impl Dialect for SqliteConnection {
+    async fn reserve(&mut self, user_id: &str, n: i64) -> sqlx::Result<i64> {
+        // The write transaction excludes every other writer until it ends.
+        sqlx::query_scalar(
+            "INSERT INTO sync_clocks (user_id, last_seq) VALUES (?1, ?3 + ?2 - 1)
+             ON CONFLICT (user_id) DO UPDATE SET last_seq = max(sync_clocks.last_seq + ?2, excluded.last_seq)
+             RETURNING last_seq",
+        )
+        .bind(user_id)
+        .bind(n)
+        .bind(Timestamp::now().0)
+        .fetch_one(self)
+        .await
+    }
+
+    async fn lock_clock(&mut self, _user_id: &str) -> sqlx::Result<()> {
+        // Nothing to do: a write transaction already excludes every other writer.
+        Ok(())
+    }
+
+    async fn append(&mut self, user_id: &str, app_id: &str, client_id: &str, rows: &[NewRow<'_>]) -> sqlx::Result<()> {
+        let rows: Vec<Value> = rows
+            .iter()
+            .map(|r| {
+                json!([
+                    r.id.to_string(),
+                    r.seq,
+                    r.table,
+                    r.record_id,
+                    r.op,
+                    r.data,
+                    r.stamps,
+                    r.untimed
+                ])
+            })
+            .collect();
+        sqlx::query(
+            "INSERT INTO sync_changes (id, seq, app_id, table_name, record_id, user_id, op, data, field_timestamps, untimed, client_id)
+             SELECT j.value ->> 0, j.value ->> 1, ?1, j.value ->> 2, j.value ->> 3, ?2, j.value ->> 4,
+                    j.value ->> 5, j.value ->> 6, j.value ->> 7, ?3
+             FROM json_each(?4) AS j",
+        )
+        .bind(app_id)
+        .bind(user_id)
+        .bind(client_id)
+        .bind(Json(rows))
+        .execute(self)
+        .await?;
+        Ok(())
+    }
+
+    fn replay<'c>(&'c mut self, user_id: &'c str) -> BoxStream<'c, sqlx::Result<LogRow>> {
+        sqlx::query_as(
+            "SELECT app_id, table_name, record_id, seq, data, field_timestamps, untimed
+             FROM sync_changes WHERE user_id = ?1 ORDER BY seq",
+        )
+        .bind(user_id)
+        .fetch(self)
+    }
+
+    async fn load(&mut self, user_id: &str, app_id: &str, keys: &[(&str, &str)]) -> sqlx::Result<Vec<RecordRow>> {
+        // CROSS JOIN keeps the keys as the outer loop: one primary-key probe each.
+        sqlx::query_as(
+            "SELECT r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq
+             FROM json_each(?3) AS k CROSS JOIN sync_records r
+             WHERE r.user_id = ?1 AND r.app_id = ?2 AND r.table_name = k.value ->> 0 AND r.record_id = k.value ->> 1",
+        )
+        .bind(user_id)
+        .bind(app_id)
+        .bind(Json(keys))
+        .fetch_all(self)
+        .await
+    }
+
+    async fn save(&mut self, user_id: &str, app_id: &str, records: &[Record]) -> sqlx::Result<()> {
+        let rows: Vec<Value> = records
+            .iter()
+            .map(|r| json!([r.table, r.id, r.state.fields, r.state.created, r.state.touched]))
+            .collect();
+        // `WHERE true` tells SQLite's parser the ON CONFLICT is the upsert's.
+        sqlx::query(
+            "INSERT INTO sync_records (user_id, app_id, table_name, record_id, fields, created_seq, touched_seq)
+             SELECT ?1, ?2, j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3, j.value ->> 4
+             FROM json_each(?3) AS j WHERE true
+             ON CONFLICT (user_id, app_id, table_name, record_id) DO UPDATE
+             SET fields = excluded.fields, created_seq = excluded.created_seq, touched_seq = excluded.touched_seq",
+        )
+        .bind(user_id)
+        .bind(app_id)
+        .bind(Json(rows))
+        .execute(self)
+        .await?;
+        Ok(())
+    }
+
+    async fn clear_records(&mut self, user_id: &str) -> sqlx::Result<()> {
+        sqlx::query("DELETE FROM sync_records WHERE user_id = ?1")
+            .bind(user_id)
+            .execute(self)
+            .await?;
+        Ok(())
+    }
+
+    fn page<'c>(
+        &'c mut self,
+        user_id: &'c str,
+        app_id: &'c str,
+        table: Option<&'c str>,
+        since: Cursor,
+        limit: i64,
+    ) -> BoxStream<'c, sqlx::Result<PageRow>> {
+        // Writers are serialised and a read sees one snapshot, so every
+        // record it sees is at or below the clock it sees. A statement per
+        // case rather than `?5 IS NULL OR ...`, so each searches its own
+        // index in touched_seq order.
+        let query = match table {
+            Some(table) => sqlx::query_as(
+                "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq,
+                        length(CAST(r.fields AS BLOB)) AS size
+                 FROM sync_clocks c LEFT JOIN (
+                   SELECT * FROM sync_records
+                   WHERE user_id = ?1 AND app_id = ?2 AND table_name = ?5 AND touched_seq > ?3
+                   ORDER BY touched_seq LIMIT ?4) r ON r.touched_seq <= c.last_seq
+                 WHERE c.user_id = ?1
+                 ORDER BY r.touched_seq",
+            )
+            .bind(user_id)
+            .bind(app_id)
+            .bind(since.0)
+            .bind(limit)
+            .bind(table),
+            None => sqlx::query_as(
+                "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq,
+                        length(CAST(r.fields AS BLOB)) AS size
+                 FROM sync_clocks c LEFT JOIN (
+                   SELECT * FROM sync_records
+                   WHERE user_id = ?1 AND app_id = ?2 AND touched_seq > ?3
+                   ORDER BY touched_seq LIMIT ?4) r ON r.touched_seq <= c.last_seq
+                 WHERE c.user_id = ?1
+                 ORDER BY r.touched_seq",
+            )
+            .bind(user_id)
+            .bind(app_id)
+            .bind(since.0)
+            .bind(limit),
+        };
+        query.fetch(self)
+    }
+
+    async fn tables(&mut self, user_id: &str, app_id: Option<&str>) -> sqlx::Result<Vec<TableRow>> {
+        sqlx::query_as(
+            "SELECT DISTINCT app_id, table_name FROM sync_records
+             WHERE user_id = ?1 AND (?2 IS NULL OR app_id = ?2) ORDER BY 1, 2",
+        )
+        .bind(user_id)
+        .bind(app_id)
+        .fetch_all(self)
+        .await
+    }
+
+    async fn find_outcome(&mut self, user_id: &str, key: &str, ttl: Duration) -> sqlx::Result<Option<OutcomeRow>> {
+        sqlx::query_as(
+            "SELECT request_hash, response FROM sync_idempotency
+             WHERE user_id = ?1 AND idempotency_key = ?2 AND created_at > unixepoch('subsec') * 1000 - ?3 * 1000",
+        )
+        .bind(user_id)
+        .bind(key)
+        .bind(ttl.as_secs_f64())
+        .fetch_optional(self)
+        .await
+    }
+
+    async fn expire_outcomes(&mut self, user_id: &str, ttl: Duration) -> sqlx::Result<()> {
+        sqlx::query(
+            "DELETE FROM sync_idempotency WHERE user_id = ?1 AND created_at <= unixepoch('subsec') * 1000 - ?2 * 1000",
+        )
+        .bind(user_id)
+        .bind(ttl.as_secs_f64())
+        .execute(self)
+        .await?;
+        Ok(())
+    }
+
+    async fn save_outcome(
+        &mut self,
+        user_id: &str,
+        key: &str,
+        fingerprint: &[u8],
+        response: &Value,
+    ) -> sqlx::Result<()> {
+        sqlx::query(
+            "INSERT INTO sync_idempotency (user_id, idempotency_key, request_hash, response, created_at)
+             VALUES (?1, ?2, ?3, ?4, CAST(unixepoch('subsec') * 1000 AS INTEGER)) ON CONFLICT DO NOTHING",
+        )
+        .bind(user_id)
+        .bind(key)
+        .bind(fingerprint)
+        .bind(Json(response))
+        .execute(self)
+        .await?;
+        Ok(())
+    }
+
+    fn is_busy(e: &sqlx::Error) -> bool {
+        // SQLITE_BUSY and its extended codes: the busy timeout expired
+        // (another process writes to the file, which the lock file should
+        // prevent).
+        matches!(
+            e.as_database_error().and_then(|d| d.code()).as_deref(),
+            Some("5" | "261" | "517")
+        )
+    }
+}
+
+/// Every user with a clock.
+pub async fn users(pool: &SqlitePool) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar("SELECT user_id FROM sync_clocks ORDER BY user_id")
+        .fetch_all(pool)
+        .await
+}
+
+/// Whether the database answers.
+pub async fn ping(pool: &SqlitePool) -> sqlx::Result<()> {
+    sqlx::query("SELECT 1").execute(pool).await?;
+    Ok(())
+}
