@@ -3,15 +3,15 @@
 
 mod common;
 
-use common::app::{Backend, Postgres, Sqlite};
+use common::app::{Backend, Postgres, Sqlite, both_stores};
 use rstest::rstest;
+use rstest_reuse::apply;
 
 use common::app::{START, change_for, insert, spawn_app, update};
 use serde_json::json;
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn another_user_can_neither_read_nor_overwrite_knowing_the_ids(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn another_user_can_neither_read_nor_overwrite_knowing_the_ids(store: Backend) {
     let app = store.spawn().await;
     app.push_ok(
         "alice",

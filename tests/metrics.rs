@@ -5,16 +5,16 @@ mod common;
 
 use std::time::Duration;
 
-use common::app::{Backend, Postgres, START, Sqlite, insert, push_body};
+use common::app::{Backend, Postgres, START, Sqlite, both_stores, insert, push_body};
 use common::metrics::{scrape, value};
 use common::{tokens, ws};
 use reqwest::StatusCode;
 use rstest::rstest;
+use rstest_reuse::apply;
 use serde_json::json;
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn counters_move_by_exactly_what_the_traffic_did(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn counters_move_by_exactly_what_the_traffic_did(store: Backend) {
     let app = store.spawn().await;
     let before = scrape(&app).await;
 

@@ -2,8 +2,9 @@
 
 mod common;
 
-use common::app::{Backend, Postgres, Sqlite};
+use common::app::{Backend, Postgres, Sqlite, both_stores};
 use rstest::rstest;
+use rstest_reuse::apply;
 
 use std::time::{Duration, Instant};
 
@@ -56,9 +57,8 @@ async fn a_push_on_one_replica_reaches_the_users_other_devices_on_another() {
     assert_eq!(ws::next(&mut bob_on_b, QUIET).await, None, "another user hears nothing");
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_catch_up_after_auth_names_every_table(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn the_catch_up_after_auth_names_every_table(store: Backend) {
     let app = store.spawn().await;
     app.push_ok(
         "alice",
@@ -76,9 +76,8 @@ async fn the_catch_up_after_auth_names_every_table(#[values(Postgres, Sqlite)] s
     );
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ping_is_answered_and_unknown_messages_get_an_error(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn ping_is_answered_and_unknown_messages_get_an_error(store: Backend) {
     let app = store.spawn().await;
     let mut socket = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), None).await;
     catch_up(&mut socket).await;
@@ -88,9 +87,8 @@ async fn ping_is_answered_and_unknown_messages_get_an_error(#[values(Postgres, S
     assert_eq!(ws::expect_json(&mut socket, SOON).await["type"], "error");
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_socket_that_never_authenticates_is_closed_after_10_seconds(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn a_socket_that_never_authenticates_is_closed_after_10_seconds(store: Backend) {
     let app = store.spawn().await;
     let mut socket = ws::connect(&app, "/ws/todo").await;
     let opened = Instant::now();
@@ -102,9 +100,8 @@ async fn a_socket_that_never_authenticates_is_closed_after_10_seconds(#[values(P
     );
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bad_token_is_refused(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn a_bad_token_is_refused(store: Backend) {
     let app = store.spawn().await;
     let mut socket = ws::connect(&app, "/ws/todo").await;
     ws::send(
@@ -116,9 +113,8 @@ async fn a_bad_token_is_refused(#[values(Postgres, Sqlite)] store: Backend) {
     assert_eq!(ws::expect_close(&mut socket, SOON).await, Some(1008));
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_expired_token_closes_the_socket_unless_renewed(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn an_expired_token_closes_the_socket_unless_renewed(store: Backend) {
     let app = store.spawn().await;
     let short = |secs: i64| tokens::token_for_with("alice", |c| c["exp"] = json!(tokens::now() + secs));
     let mut lapsing = ws::authed(&app, "/ws/todo", &short(2), None).await;
@@ -154,9 +150,8 @@ async fn losing_the_listener_tells_every_socket_to_pull_and_notices_resume() {
     common::ws::told_to_pull_then_notified_again(&app, &mut socket, Duration::from_secs(5)).await;
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_user_over_the_socket_limit_is_refused_with_a_reason(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn a_user_over_the_socket_limit_is_refused_with_a_reason(store: Backend) {
     let app = store.spawn_with(&[("MAX_SOCKETS_PER_USER", "2")]).await;
     let _one = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), None).await;
     let _two = ws::authed(&app, "/ws", &tokens::token_for("alice"), None).await;
@@ -175,9 +170,8 @@ async fn a_user_over_the_socket_limit_is_refused_with_a_reason(#[values(Postgres
     );
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutting_down_closes_sockets_with_1012(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn shutting_down_closes_sockets_with_1012(store: Backend) {
     let app = store.spawn().await;
     let mut socket = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), None).await;
     catch_up(&mut socket).await;
@@ -191,9 +185,8 @@ async fn shutting_down_closes_sockets_with_1012(#[values(Postgres, Sqlite)] stor
 
 /// A socket whose client never reads cannot slow pushes or other sockets,
 /// and a burst coalesces into few notifications.
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_of_pushes_is_never_held_up_by_a_socket_that_does_not_read(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn a_burst_of_pushes_is_never_held_up_by_a_socket_that_does_not_read(store: Backend) {
     let app = store.spawn().await;
     let _stalled = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), None).await;
     let mut reader = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), Some("reader")).await;
@@ -223,9 +216,8 @@ async fn a_burst_of_pushes_is_never_held_up_by_a_socket_that_does_not_read(#[val
     assert!((1..=100).contains(&messages), "{messages} notifications for 100 pushes");
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_push_notifies_nobody_and_a_local_push_notifies_once(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn a_failed_push_notifies_nobody_and_a_local_push_notifies_once(store: Backend) {
     let a = store.spawn().await;
     let replica = a.another_replica().await;
     let b = replica.as_ref().unwrap_or(&a);
@@ -283,9 +275,8 @@ async fn losing_the_notifier_connection_delays_no_notice() {
     );
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn websocket_upgrades_from_other_origins_are_refused(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn websocket_upgrades_from_other_origins_are_refused(store: Backend) {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let app = store.spawn().await;
     let upgrade = |origin: &'static str| {

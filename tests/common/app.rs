@@ -1,14 +1,20 @@
 //! A running server per test: its own database, its own JWKS, a random port.
 //!
-//! Tests that hold for any store take a [`Backend`] from rstest and run
-//! once per store:
+//! Tests that hold for any store apply the [`both_stores`] template and
+//! run once per store (`name::store_1_Postgres`, `name::store_2_Sqlite`):
 //!
 //! ```ignore
-//! #[rstest]
-//! #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-//! async fn name(#[values(Postgres, Sqlite)] store: Backend) {
+//! use common::app::{Backend, Postgres, Sqlite, both_stores};
+//! use rstest::rstest;
+//! use rstest_reuse::apply;
+//!
+//! #[apply(both_stores)]
+//! async fn name(store: Backend) {
 //!     let app = store.spawn().await;
 //! ```
+//!
+//! The template's attributes are expanded where it is applied, so that file
+//! needs `rstest`, `Postgres` and `Sqlite` in scope.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,6 +23,7 @@ use mana_sync::config::Config;
 use mana_sync::startup::{self, AppState};
 use mana_sync::store::Store;
 use reqwest::StatusCode;
+use rstest_reuse::template;
 use serde_json::{Value, json};
 use sqlx::{Connection, PgPool};
 
@@ -39,6 +46,13 @@ pub enum Backend {
 
 #[allow(unused_imports)]
 pub use Backend::{Postgres, Sqlite};
+
+// The dual-store template (see the module docs): one test per store, each
+// on a runtime of two workers, as many as the machine has cores.
+#[template]
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+fn both_stores(#[values(Postgres, Sqlite)] store: Backend) {}
 
 impl Backend {
     /// A server on this store with the default test settings.
