@@ -19,7 +19,7 @@ async fn counters_move_by_exactly_what_the_traffic_did(store: Backend) {
     let before = scrape(&app).await;
 
     let mut phone = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), Some("phone")).await;
-    ws::expect_json(&mut phone, Duration::from_secs(5)).await; // the catch-up
+    ws::catch_up(&mut phone).await;
     app.push_ok(
         "alice",
         "laptop",
@@ -125,7 +125,7 @@ async fn counters_move_by_exactly_what_the_traffic_did(store: Backend) {
 async fn a_burst_of_notices_for_one_socket_is_counted_as_coalesced() {
     let app = Postgres.spawn().await;
     let mut phone = ws::authed(&app, "/ws/todo", &tokens::token_for("bob"), Some("phone")).await;
-    ws::expect_json(&mut phone, Duration::from_secs(5)).await;
+    ws::catch_up(&mut phone).await;
     let before = value(&scrape(&app).await, "mana_sync_notifications_coalesced_total", &[]);
     // Pushes published faster than the socket's task takes them.
     let pushes: Vec<_> = (0..20)

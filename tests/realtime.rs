@@ -16,45 +16,64 @@ use serde_json::json;
 const SOON: Duration = Duration::from_secs(1);
 const QUIET: Duration = Duration::from_millis(400);
 
-/// Reads the catch-up `sync-available` sent right after `auth-ok`.
-async fn catch_up(socket: &mut ws::Socket) -> serde_json::Value {
-    let message = ws::expect_json(socket, Duration::from_secs(5)).await;
-    assert_eq!(
-        message["type"], "sync-available",
-        "a catch-up follows auth-ok: {message}"
-    );
-    message
+/// Asserts that none of `sockets` hears anything within [`QUIET`] (one wait for all).
+async fn all_quiet(sockets: Vec<(&str, &mut ws::Socket)>) {
+    let heard = futures_util::future::join_all(
+        sockets
+            .into_iter()
+            .map(|(name, socket)| async move { (name, ws::next(socket, QUIET).await) }),
+    )
+    .await;
+    for (name, event) in heard {
+        assert_eq!(event, None, "{name} hears nothing more");
+    }
 }
 
+/// Alice has a record (in `notes`) before any socket connects, so every
+/// socket, `/ws` included (it sends nothing to a user without records),
+/// gets exactly one catch-up, read before the push (to `todos`). That
+/// record is pushed on b, whose hub has it before the answer; a hears of it
+/// later, for the laptop only, which pushed it and so is not told.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_on_one_replica_reaches_the_users_other_devices_on_another() {
     let a = spawn_app().await;
     let b = a.spawn_replica(&[]).await;
+    b.push_ok("alice", "laptop", START, json!([insert("notes", "n0", json!({}))]))
+        .await;
     let mut phone_on_b = ws::authed(&b, "/ws/todo", &tokens::token_for("alice"), Some("phone")).await;
     let mut laptop_on_a = ws::authed(&a, "/ws/todo", &tokens::token_for("alice"), Some("laptop")).await;
     let mut bob_on_b = ws::authed(&b, "/ws/todo", &tokens::token_for("bob"), None).await;
     let mut all_apps_on_b = ws::authed(&b, "/ws", &tokens::token_for("alice"), None).await;
-    for socket in [&mut phone_on_b, &mut laptop_on_a, &mut bob_on_b] {
-        catch_up(socket).await;
+    let alices_catch_up = json!({ "type": "sync-available", "appId": "todo", "tables": ["notes"] });
+    for socket in [&mut phone_on_b, &mut laptop_on_a, &mut all_apps_on_b] {
+        assert_eq!(ws::catch_up(socket).await, alices_catch_up);
     }
+    assert_eq!(ws::catch_up(&mut bob_on_b).await["tables"], json!([]));
+    all_quiet(vec![
+        ("phone_on_b", &mut phone_on_b),
+        ("laptop_on_a", &mut laptop_on_a),
+        ("bob_on_b", &mut bob_on_b),
+        ("all_apps_on_b", &mut all_apps_on_b),
+    ])
+    .await;
 
     let pushed = Instant::now();
     a.push_ok("alice", "laptop", START, json!([insert("todos", "t1", json!({}))]))
         .await;
-    let told = ws::expect_json(&mut phone_on_b, SOON).await;
+    let notice = json!({ "type": "sync-available", "appId": "todo", "tables": ["todos"] });
+    assert_eq!(ws::expect_json(&mut phone_on_b, SOON).await, notice);
     assert!(pushed.elapsed() < SOON);
-    assert_eq!(
-        told,
-        json!({ "type": "sync-available", "appId": "todo", "tables": ["todos"] })
-    );
-    assert_eq!(ws::expect_json(&mut all_apps_on_b, SOON).await["appId"], "todo");
+    assert_eq!(ws::expect_json(&mut all_apps_on_b, SOON).await, notice);
 
-    assert_eq!(
-        ws::next(&mut laptop_on_a, QUIET).await,
-        None,
-        "the pushing device is not echoed"
-    );
-    assert_eq!(ws::next(&mut bob_on_b, QUIET).await, None, "another user hears nothing");
+    // The pushing device is not echoed, another user hears nothing, and
+    // each of alice's other devices is told once.
+    all_quiet(vec![
+        ("laptop_on_a", &mut laptop_on_a),
+        ("bob_on_b", &mut bob_on_b),
+        ("phone_on_b", &mut phone_on_b),
+        ("all_apps_on_b", &mut all_apps_on_b),
+    ])
+    .await;
 }
 
 #[apply(both_stores)]
@@ -68,10 +87,10 @@ async fn the_catch_up_after_auth_names_every_table(store: Backend) {
     )
     .await;
     let mut socket = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), None).await;
-    assert_eq!(catch_up(&mut socket).await["tables"], json!(["notes", "todos"]));
+    assert_eq!(ws::catch_up(&mut socket).await["tables"], json!(["notes", "todos"]));
     let mut fresh_user = ws::authed(&app, "/ws/todo", &tokens::token_for("nobody-yet"), None).await;
     assert_eq!(
-        catch_up(&mut fresh_user).await,
+        ws::catch_up(&mut fresh_user).await,
         json!({ "type": "sync-available", "appId": "todo", "tables": [] })
     );
 }
@@ -80,7 +99,7 @@ async fn the_catch_up_after_auth_names_every_table(store: Backend) {
 async fn ping_is_answered_and_unknown_messages_get_an_error(store: Backend) {
     let app = store.spawn().await;
     let mut socket = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), None).await;
-    catch_up(&mut socket).await;
+    ws::catch_up(&mut socket).await;
     ws::send(&mut socket, json!({ "type": "ping" })).await;
     assert_eq!(ws::expect_json(&mut socket, SOON).await, json!({ "type": "pong" }));
     ws::send(&mut socket, json!({ "type": "subscribe" })).await;
@@ -119,8 +138,8 @@ async fn an_expired_token_closes_the_socket_unless_renewed(store: Backend) {
     let short = |secs: i64| tokens::token_for_with("alice", |c| c["exp"] = json!(tokens::now() + secs));
     let mut lapsing = ws::authed(&app, "/ws/todo", &short(2), None).await;
     let mut renewed = ws::authed(&app, "/ws/todo", &short(2), None).await;
-    catch_up(&mut lapsing).await;
-    catch_up(&mut renewed).await;
+    ws::catch_up(&mut lapsing).await;
+    ws::catch_up(&mut renewed).await;
     ws::send(
         &mut renewed,
         json!({ "type": "auth", "token": tokens::token_for("alice") }),
@@ -143,7 +162,7 @@ async fn losing_the_listener_tells_every_socket_to_pull_and_notices_resume() {
     app.push_ok("alice", "a", START, json!([insert("todos", "t", json!({}))]))
         .await;
     let mut socket = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), Some("phone")).await;
-    catch_up(&mut socket).await;
+    ws::catch_up(&mut socket).await;
 
     assert_eq!(app.terminate("mana-sync-listener").await, 1, "one listener connection");
 
@@ -174,7 +193,7 @@ async fn a_user_over_the_socket_limit_is_refused_with_a_reason(store: Backend) {
 async fn shutting_down_closes_sockets_with_1012(store: Backend) {
     let app = store.spawn().await;
     let mut socket = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), None).await;
-    catch_up(&mut socket).await;
+    ws::catch_up(&mut socket).await;
     let stopping = tokio::spawn(app.stop());
     assert_eq!(ws::expect_close(&mut socket, Duration::from_secs(3)).await, Some(1012));
     tokio::time::timeout(Duration::from_secs(5), stopping)
@@ -183,14 +202,14 @@ async fn shutting_down_closes_sockets_with_1012(store: Backend) {
         .unwrap();
 }
 
-/// A socket whose client never reads cannot slow pushes or other sockets,
-/// and a burst coalesces into few notifications.
+/// A socket whose client never reads cannot slow pushes or other sockets:
+/// the reader hears of every table, in at most one notification per push.
 #[apply(both_stores)]
 async fn a_burst_of_pushes_is_never_held_up_by_a_socket_that_does_not_read(store: Backend) {
     let app = store.spawn().await;
     let _stalled = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), None).await;
     let mut reader = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), Some("reader")).await;
-    catch_up(&mut reader).await;
+    ws::catch_up(&mut reader).await;
     let started = Instant::now();
     for i in 0..100 {
         let table = format!("t{}", i % 3);
@@ -223,8 +242,8 @@ async fn a_failed_push_notifies_nobody_and_a_local_push_notifies_once(store: Bac
     let b = replica.as_ref().unwrap_or(&a);
     let mut on_a = ws::authed(&a, "/ws/todo", &tokens::token_for("alice"), Some("phone")).await;
     let mut on_b = ws::authed(b, "/ws/todo", &tokens::token_for("alice"), Some("tablet")).await;
-    catch_up(&mut on_a).await;
-    catch_up(&mut on_b).await;
+    ws::catch_up(&mut on_a).await;
+    ws::catch_up(&mut on_b).await;
 
     a.refuse_record("boom").await;
     let failed = a
@@ -258,7 +277,7 @@ async fn losing_the_notifier_connection_delays_no_notice() {
     let a = spawn_app().await;
     let b = a.spawn_replica(&[]).await;
     let mut on_b = ws::authed(&b, "/ws/todo", &tokens::token_for("alice"), None).await;
-    catch_up(&mut on_b).await;
+    ws::catch_up(&mut on_b).await;
     a.push_ok("alice", "laptop", START, json!([insert("todos", "one", json!({}))]))
         .await;
     ws::expect_json(&mut on_b, SOON).await;
@@ -308,7 +327,7 @@ async fn a_half_open_listener_connection_is_detected_and_replaced() {
     app.push_ok("alice", "a", START, json!([insert("todos", "t", json!({}))]))
         .await;
     let mut socket = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), Some("phone")).await;
-    catch_up(&mut socket).await;
+    ws::catch_up(&mut socket).await;
 
     let [pid] = app.backends("mana-sync-listener").await[..] else {
         panic!("expected exactly one listener connection")
