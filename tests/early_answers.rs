@@ -78,7 +78,6 @@ fn push_of(size: usize) -> Vec<u8> {
 fn assert_too_large(answer: &Answer) {
     assert_eq!(answer.status, 413, "{}", answer.body);
     assert_eq!(answer.body["code"], "payload_too_large");
-    assert!(answer.body["message"].as_str().unwrap().contains("10 MB"));
     assert!(
         answer.headers.iter().any(|h| h == "connection: close"),
         "the connection is announced closed: {:?}",

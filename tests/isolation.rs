@@ -101,7 +101,12 @@ async fn row_level_security_hides_other_users_rows_from_unfiltered_queries() {
     )
     .execute(&mut *tx)
     .await;
-    assert!(forged.is_err(), "bob cannot insert a row for alice");
+    let refused = forged.expect_err("bob cannot insert a row for alice");
+    assert_eq!(
+        refused.as_database_error().and_then(|e| e.code()).as_deref(),
+        Some("42501"),
+        "refused by the policy (insufficient_privilege): {refused}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -481,11 +481,7 @@ async fn a_push_is_all_or_nothing(store: Backend) {
             { "table": "todos", "id": "bad", "op": "update", "fields": { "x": { "value": 1, "updatedAt": "not a time" } } },
         ])))
         .await;
-    let message = expect_error(response, StatusCode::BAD_REQUEST, "invalid_timestamp").await;
-    assert!(
-        message.contains("changes[1]"),
-        "the message names the bad change: {message}"
-    );
+    expect_error(response, StatusCode::BAD_REQUEST, "invalid_timestamp").await;
     assert_eq!(app.log_rows().await, 0);
 }
 
