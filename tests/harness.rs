@@ -173,10 +173,8 @@ async fn concurrent_test_databases_and_drop() {
     let first = dbs.into_iter().next().unwrap();
     let name = first.name.clone();
     let _still_open = first.app_pool().await;
-    if std::env::var_os("MANA_SYNC_KEEP_TEST_DBS").is_none() {
-        drop(first);
-        assert!(!exists(name).await, "test database not dropped");
-    }
+    drop(first);
+    assert!(!exists(name).await, "test database not dropped");
 
     // The template accepts no connections, so copies never collide with one.
     let tpl = pg::template_name().await;
