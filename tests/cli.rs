@@ -1,4 +1,5 @@
-//! The binary: configuration errors, waiting for the database, `openapi`, `migrate`.
+//! The binary: configuration errors, waiting for the database, `openapi`,
+//! `migrate`, and SIGTERM.
 
 mod common;
 

@@ -120,7 +120,8 @@ async fn counters_move_by_exactly_what_the_traffic_did(store: Backend) {
     }
 }
 
-/// Notices for a socket that is busy coalesce into one message.
+/// A notice for a socket that is busy is merged into the one waiting, and
+/// counted as coalesced: every notice is either sent or counted so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_notices_for_one_socket_is_counted_as_coalesced() {
     let app = Postgres.spawn().await;

@@ -1,4 +1,6 @@
-//! WebSocket notifications across replicas, through PostgreSQL LISTEN/NOTIFY.
+//! WebSocket notifications: the catch-up after auth, notices across
+//! replicas (PostgreSQL LISTEN/NOTIFY) and after a lost listener, and the
+//! socket's rules (auth, expiry, limits, origins, shutdown).
 
 mod common;
 

@@ -1,5 +1,5 @@
-//! Push and pull over HTTP against a real PostgreSQL: the seed's flow,
-//! field-level LWW, cursors and pagination, idempotency.
+//! Push and pull over HTTP, on each store: the seed's flow, field-level
+//! LWW, cursors and pagination, idempotency, failed and refused pushes.
 
 mod common;
 

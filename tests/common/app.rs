@@ -104,12 +104,12 @@ pub struct TestApp {
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
-/// A server with the default test settings.
+/// A server on PostgreSQL with the default test settings.
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(&[]).await
 }
 
-/// A server with some settings (environment variable names) overridden.
+/// A server on PostgreSQL with some settings (environment variable names) overridden.
 pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
     Backend::Postgres.spawn_with(overrides).await
 }
@@ -384,7 +384,8 @@ impl TestApp {
         }
     }
 
-    /// Waits (up to 10 s) until `/health` says the change listener listens.
+    /// Waits (up to 10 s) until `/health` says `ok`: the database answers
+    /// and the change listener listens.
     pub async fn wait_until_listening(&self) -> Value {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
