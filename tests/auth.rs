@@ -2,8 +2,9 @@
 
 mod common;
 
-use common::app::{Backend, Postgres, Sqlite};
+use common::app::{Backend, Postgres, Sqlite, both_stores};
 use rstest::rstest;
+use rstest_reuse::apply;
 
 use std::time::Duration;
 
@@ -21,9 +22,8 @@ async fn pull_with(app: &common::app::TestApp, token: &str) -> reqwest::Response
         .unwrap()
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_kind_of_bad_token_is_a_json_401(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn every_kind_of_bad_token_is_a_json_401(store: Backend) {
     let app = store.spawn().await;
     let no_header = app
         .http
@@ -84,9 +84,8 @@ async fn every_kind_of_bad_token_is_a_json_401(#[values(Postgres, Sqlite)] store
     }
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn eddsa_rs256_and_es256_keys_of_the_jwks_are_accepted(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn eddsa_rs256_and_es256_keys_of_the_jwks_are_accepted(store: Backend) {
     let app = store.spawn().await;
     for key in [TestKey::ed(), TestKey::rsa(), TestKey::ec()] {
         let token = tokens::sign(&key, &tokens::claims_for("alice"));
@@ -94,17 +93,15 @@ async fn eddsa_rs256_and_es256_keys_of_the_jwks_are_accepted(#[values(Postgres, 
     }
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_small_clock_difference_is_tolerated(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn a_small_clock_difference_is_tolerated(store: Backend) {
     let app = store.spawn().await;
     let token = tokens::token_for_with("alice", |c| c["exp"] = json!(tokens::now() - 5));
     expect_json(pull_with(&app, &token).await, StatusCode::OK).await;
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_kids_trigger_at_most_one_jwks_fetch_per_interval(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn unknown_kids_trigger_at_most_one_jwks_fetch_per_interval(store: Backend) {
     let app = store.spawn_with(&[("JWKS_MIN_REFRESH_INTERVAL", "1s")]).await;
     // Let the interval since the start-up fetch pass, so a miss may fetch.
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -127,9 +124,8 @@ async fn unknown_kids_trigger_at_most_one_jwks_fetch_per_interval(#[values(Postg
     assert_eq!(app.jwks.hits(), 1, "no second fetch within the interval");
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_empty_key_set_does_not_log_everyone_out(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn an_empty_key_set_does_not_log_everyone_out(store: Backend) {
     let app = store.spawn_with(&[("JWKS_REFRESH_INTERVAL", "100ms")]).await;
     app.jwks.set_keys(serde_json::json!({ "keys": [] }));
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -137,9 +133,8 @@ async fn an_empty_key_set_does_not_log_everyone_out(#[values(Postgres, Sqlite)] 
     expect_json(pull_with(&app, &tokens::token_for("alice")).await, StatusCode::OK).await;
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rotated_key_is_picked_up_on_its_first_token(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn a_rotated_key_is_picked_up_on_its_first_token(store: Backend) {
     let app = store.spawn_with(&[("JWKS_MIN_REFRESH_INTERVAL", "0s")]).await;
     let rotated = TestKey::ed().with_kid("ed-2");
     let token = tokens::sign(&rotated, &tokens::claims_for("alice"));
@@ -148,9 +143,8 @@ async fn a_rotated_key_is_picked_up_on_its_first_token(#[values(Postgres, Sqlite
     expect_json(pull_with(&app, &token).await, StatusCode::OK).await;
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_jwks_outage_does_not_stop_tokens_signed_by_cached_keys(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn a_jwks_outage_does_not_stop_tokens_signed_by_cached_keys(store: Backend) {
     let app = store
         .spawn_with(&[("JWKS_MIN_REFRESH_INTERVAL", "0s"), ("JWKS_REFRESH_INTERVAL", "100ms")])
         .await;

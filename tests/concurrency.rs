@@ -102,6 +102,8 @@ async fn reader(app: Arc<TestApp>, user: &'static str, done: Arc<AtomicBool>) ->
     }
 }
 
+// Not the `both_stores` template: these two tests run on four workers,
+// more than it gives, for more interleavings of writers and readers.
 #[rstest]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cursors_never_skip_or_repeat_a_change_under_concurrent_writers(#[values(Postgres, Sqlite)] store: Backend) {

@@ -8,8 +8,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::app::{APP, Backend, ORIGIN, Postgres, Sqlite, TestApp};
+use common::app::{APP, Backend, ORIGIN, Postgres, Sqlite, TestApp, both_stores};
 use rstest::rstest;
+use rstest_reuse::apply;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -77,7 +78,6 @@ fn push_of(size: usize) -> Vec<u8> {
 fn assert_too_large(answer: &Answer) {
     assert_eq!(answer.status, 413, "{}", answer.body);
     assert_eq!(answer.body["code"], "payload_too_large");
-    assert!(answer.body["message"].as_str().unwrap().contains("10 MB"));
     assert!(
         answer.headers.iter().any(|h| h == "connection: close"),
         "the connection is announced closed: {:?}",
@@ -85,9 +85,8 @@ fn assert_too_large(answer: &Answer) {
     );
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_11_mb_body_sent_whole_before_reading_gets_the_413(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn an_11_mb_body_sent_whole_before_reading_gets_the_413(store: Backend) {
     let app = store.spawn().await;
     let body = push_of(ELEVEN_MB);
     // Its length declared: refused before a byte of it is read.
@@ -108,9 +107,8 @@ async fn an_11_mb_body_sent_whole_before_reading_gets_the_413(#[values(Postgres,
     app.push_ok("alice", "a", common::app::START, json!([])).await;
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn any_early_refusal_of_a_request_with_a_body_reaches_the_client(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn any_early_refusal_of_a_request_with_a_body_reaches_the_client(store: Backend) {
     let app = store.spawn().await;
     // A page of an origin that is not allowed: refused before the body is read.
     let large = push_of(ELEVEN_MB);

@@ -12,12 +12,13 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::app::{
-    APP, Backend, Postgres, START, Sqlite, TestApp, change_for, expect_error, insert, push_body, update,
+    APP, Backend, Postgres, START, Sqlite, TestApp, both_stores, change_for, expect_error, insert, push_body, update,
 };
 use mana_sync::timestamp::Timestamp;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rstest::rstest;
+use rstest_reuse::apply;
 use serde_json::{Map, Value, json};
 
 /// A device's records, by id, as the original engine keeps them in IndexedDB.
@@ -161,11 +162,8 @@ fn random_change(rng: &mut StdRng, device: &Device, next_id: &mut usize) -> Valu
     json!({ "table": "todos", "id": id, "op": "update", "fields": fields })
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_device_pulls_byte_for_byte_what_the_devices_that_followed_hold(
-    #[values(Postgres, Sqlite)] store: Backend,
-) {
+#[apply(both_stores)]
+async fn a_new_device_pulls_byte_for_byte_what_the_devices_that_followed_hold(store: Backend) {
     let seed: u64 = std::env::var("FIDELITY_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -209,9 +207,8 @@ async fn a_new_device_pulls_byte_for_byte_what_the_devices_that_followed_hold(
 /// The original service's end-to-end script: an insert with no time of its
 /// own, then, within the same second, an update stamped by `date -u` (whole
 /// seconds, so earlier than the insert's receive time), then a pull.
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_original_shell_flow_shows_the_update(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn the_original_shell_flow_shows_the_update(store: Backend) {
     let app = store.spawn().await;
     const FLOW: &str = r#"
         set -euo pipefail
@@ -253,9 +250,8 @@ async fn the_original_shell_flow_shows_the_update(#[values(Postgres, Sqlite)] st
 /// insert's data without a time ranks below any timed write of a field,
 /// however early that write's time; a delete without `deletedAt` deletes at
 /// the receive time.
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn untimed_data_yields_to_timed_writes_and_survives_a_rebuild(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn untimed_data_yields_to_timed_writes_and_survives_a_rebuild(store: Backend) {
     let app = store.spawn().await;
     let an_hour_ago = Timestamp(Timestamp::now().0 - 3_600_000_000_000).to_short_string();
     let untimed = |id: &str, title: &str| json!({ "table": "todos", "id": id, "op": "insert", "data": { "title": title, "note": "kept" } });
@@ -299,9 +295,8 @@ async fn untimed_data_yields_to_timed_writes_and_survives_a_rebuild(#[values(Pos
 /// The original client retries a refused push only on its next edit, so a
 /// push waits its turn: here behind another push stuck for 6 s, longer than
 /// the old default of 5 s, with the default `LOCK_TIMEOUT`.
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_push_waits_its_turn_rather_than_being_refused(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn a_push_waits_its_turn_rather_than_being_refused(store: Backend) {
     let app = store.spawn_with(&[("LOCK_TIMEOUT", "")]).await;
     assert!(app.config.lock_timeout > Duration::from_secs(6));
     app.push_ok("alice", "a", START, json!([insert("todos", "first", json!({}))]))
@@ -324,9 +319,8 @@ async fn a_push_waits_its_turn_rather_than_being_refused(#[values(Postgres, Sqli
 /// `Retry-After` (never a 500), writing nothing: here 200 pushes of as
 /// many users at once on one database connection (PostgreSQL) or the one
 /// writer (SQLite), none waiting more than 100 ms.
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_push_that_gets_no_connection_in_time_is_told_to_retry(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn a_push_that_gets_no_connection_in_time_is_told_to_retry(store: Backend) {
     let app = store
         .spawn_with(&[("LOCK_TIMEOUT", "100ms"), ("DATABASE_MAX_CONNECTIONS", "1")])
         .await;

@@ -2,15 +2,15 @@
 
 mod common;
 
-use common::app::{Backend, Postgres, Sqlite};
+use common::app::{Backend, Postgres, Sqlite, both_stores};
 use rstest::rstest;
+use rstest_reuse::apply;
 
 use common::app::{APP, ORIGIN, expect_json, spawn_app};
 use reqwest::StatusCode;
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn preflights_from_an_allowed_origin_succeed(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn preflights_from_an_allowed_origin_succeed(store: Backend) {
     let app = store.spawn().await;
     let response = app
         .http
@@ -36,9 +36,8 @@ async fn preflights_from_an_allowed_origin_succeed(#[values(Postgres, Sqlite)] s
     }
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn errors_carry_the_allow_origin_header_too(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn errors_carry_the_allow_origin_header_too(store: Backend) {
     let app = store.spawn().await;
     let unauthorized = app
         .http
@@ -63,9 +62,8 @@ async fn errors_carry_the_allow_origin_header_too(#[values(Postgres, Sqlite)] st
     assert_eq!(bad.headers()["access-control-allow-origin"], ORIGIN);
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn other_origins_get_no_allow_origin_header(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn other_origins_get_no_allow_origin_header(store: Backend) {
     let app = store.spawn().await;
     let response = app
         .http
@@ -77,9 +75,8 @@ async fn other_origins_get_no_allow_origin_header(#[values(Postgres, Sqlite)] st
     assert!(response.headers().get("access-control-allow-origin").is_none());
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_has_the_seeds_shape_and_checks_the_database(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn health_has_the_seeds_shape_and_checks_the_database(store: Backend) {
     let app = store.spawn().await;
     let health = expect_json(app.http.get(app.url("/health")).send().await.unwrap(), StatusCode::OK).await;
     assert_eq!(health["status"], "ok");
@@ -90,9 +87,8 @@ async fn health_has_the_seeds_shape_and_checks_the_database(#[values(Postgres, S
     assert!(health["connections"].is_u64() && health["users"].is_u64());
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_openapi_document_and_docs_page_are_served(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn the_openapi_document_and_docs_page_are_served(store: Backend) {
     let app = store.spawn().await;
     let spec = expect_json(
         app.http.get(app.url("/openapi.json")).send().await.unwrap(),

@@ -3,15 +3,15 @@
 
 mod common;
 
-use common::app::{Backend, Postgres, Sqlite};
+use common::app::{Backend, Postgres, Sqlite, both_stores};
 use rstest::rstest;
+use rstest_reuse::apply;
 
 use common::app::{START, change_for, insert, spawn_app, update};
 use serde_json::json;
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn another_user_can_neither_read_nor_overwrite_knowing_the_ids(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn another_user_can_neither_read_nor_overwrite_knowing_the_ids(store: Backend) {
     let app = store.spawn().await;
     app.push_ok(
         "alice",
@@ -101,7 +101,12 @@ async fn row_level_security_hides_other_users_rows_from_unfiltered_queries() {
     )
     .execute(&mut *tx)
     .await;
-    assert!(forged.is_err(), "bob cannot insert a row for alice");
+    let refused = forged.expect_err("bob cannot insert a row for alice");
+    assert_eq!(
+        refused.as_database_error().and_then(|e| e.code()).as_deref(),
+        Some("42501"),
+        "refused by the policy (insufficient_privilege): {refused}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

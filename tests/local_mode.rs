@@ -2,8 +2,9 @@
 
 mod common;
 
-use common::app::{Backend, Postgres, Sqlite};
+use common::app::{Backend, Postgres, Sqlite, both_stores};
 use rstest::rstest;
+use rstest_reuse::apply;
 
 use std::process::Command;
 
@@ -22,9 +23,8 @@ fn token_from_cli(data_dir: &std::path::Path, extra: &[(&str, &str)]) -> std::pr
     cmd.output().unwrap()
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_token_from_the_cli_is_accepted_and_no_other_key_is(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn a_token_from_the_cli_is_accepted_and_no_other_key_is(store: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let output = token_from_cli(dir.path(), &[]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -78,9 +78,8 @@ fn the_token_command_refuses_to_run_against_an_auth_service() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("JWKS_URL"));
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_a_jwks_url_there_is_no_local_key(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn with_a_jwks_url_there_is_no_local_key(store: Backend) {
     let app = store.spawn().await;
     let response = app.http.get(app.url("/.well-known/jwks.json")).send().await.unwrap();
     expect_error(response, StatusCode::NOT_FOUND, "not_found").await;

@@ -5,21 +5,21 @@ mod common;
 
 use std::time::Duration;
 
-use common::app::{Backend, Postgres, START, Sqlite, insert, push_body};
+use common::app::{Backend, Postgres, START, Sqlite, both_stores, insert, push_body};
 use common::metrics::{scrape, value};
 use common::{tokens, ws};
 use reqwest::StatusCode;
 use rstest::rstest;
+use rstest_reuse::apply;
 use serde_json::json;
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn counters_move_by_exactly_what_the_traffic_did(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn counters_move_by_exactly_what_the_traffic_did(store: Backend) {
     let app = store.spawn().await;
     let before = scrape(&app).await;
 
     let mut phone = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), Some("phone")).await;
-    ws::expect_json(&mut phone, Duration::from_secs(5)).await; // the catch-up
+    ws::catch_up(&mut phone).await;
     app.push_ok(
         "alice",
         "laptop",
@@ -120,12 +120,13 @@ async fn counters_move_by_exactly_what_the_traffic_did(#[values(Postgres, Sqlite
     }
 }
 
-/// Notices for a socket that is busy coalesce into one message.
+/// A notice for a socket that is busy is merged into the one waiting, and
+/// counted as coalesced: every notice is either sent or counted so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_notices_for_one_socket_is_counted_as_coalesced() {
     let app = Postgres.spawn().await;
     let mut phone = ws::authed(&app, "/ws/todo", &tokens::token_for("bob"), Some("phone")).await;
-    ws::expect_json(&mut phone, Duration::from_secs(5)).await;
+    ws::catch_up(&mut phone).await;
     let before = value(&scrape(&app).await, "mana_sync_notifications_coalesced_total", &[]);
     // Pushes published faster than the socket's task takes them.
     let pushes: Vec<_> = (0..20)

@@ -1,9 +1,12 @@
-//! WebSocket notifications across replicas, through PostgreSQL LISTEN/NOTIFY.
+//! WebSocket notifications: the catch-up after auth, notices across
+//! replicas (PostgreSQL LISTEN/NOTIFY) and after a lost listener, and the
+//! socket's rules (auth, expiry, limits, origins, shutdown).
 
 mod common;
 
-use common::app::{Backend, Postgres, Sqlite};
+use common::app::{Backend, Postgres, Sqlite, both_stores};
 use rstest::rstest;
+use rstest_reuse::apply;
 
 use std::time::{Duration, Instant};
 
@@ -15,50 +18,68 @@ use serde_json::json;
 const SOON: Duration = Duration::from_secs(1);
 const QUIET: Duration = Duration::from_millis(400);
 
-/// Reads the catch-up `sync-available` sent right after `auth-ok`.
-async fn catch_up(socket: &mut ws::Socket) -> serde_json::Value {
-    let message = ws::expect_json(socket, Duration::from_secs(5)).await;
-    assert_eq!(
-        message["type"], "sync-available",
-        "a catch-up follows auth-ok: {message}"
-    );
-    message
+/// Asserts that none of `sockets` hears anything within [`QUIET`] (one wait for all).
+async fn all_quiet(sockets: Vec<(&str, &mut ws::Socket)>) {
+    let heard = futures_util::future::join_all(
+        sockets
+            .into_iter()
+            .map(|(name, socket)| async move { (name, ws::next(socket, QUIET).await) }),
+    )
+    .await;
+    for (name, event) in heard {
+        assert_eq!(event, None, "{name} hears nothing more");
+    }
 }
 
+/// Alice has a record (in `notes`) before any socket connects, so every
+/// socket, `/ws` included (it sends nothing to a user without records),
+/// gets exactly one catch-up, read before the push (to `todos`). That
+/// record is pushed on b, whose hub has it before the answer; a hears of it
+/// later, for the laptop only, which pushed it and so is not told.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_on_one_replica_reaches_the_users_other_devices_on_another() {
     let a = spawn_app().await;
     let b = a.spawn_replica(&[]).await;
+    b.push_ok("alice", "laptop", START, json!([insert("notes", "n0", json!({}))]))
+        .await;
     let mut phone_on_b = ws::authed(&b, "/ws/todo", &tokens::token_for("alice"), Some("phone")).await;
     let mut laptop_on_a = ws::authed(&a, "/ws/todo", &tokens::token_for("alice"), Some("laptop")).await;
     let mut bob_on_b = ws::authed(&b, "/ws/todo", &tokens::token_for("bob"), None).await;
     let mut all_apps_on_b = ws::authed(&b, "/ws", &tokens::token_for("alice"), None).await;
-    for socket in [&mut phone_on_b, &mut laptop_on_a, &mut bob_on_b] {
-        catch_up(socket).await;
+    let alices_catch_up = json!({ "type": "sync-available", "appId": "todo", "tables": ["notes"] });
+    for socket in [&mut phone_on_b, &mut laptop_on_a, &mut all_apps_on_b] {
+        assert_eq!(ws::catch_up(socket).await, alices_catch_up);
     }
+    assert_eq!(ws::catch_up(&mut bob_on_b).await["tables"], json!([]));
+    all_quiet(vec![
+        ("phone_on_b", &mut phone_on_b),
+        ("laptop_on_a", &mut laptop_on_a),
+        ("bob_on_b", &mut bob_on_b),
+        ("all_apps_on_b", &mut all_apps_on_b),
+    ])
+    .await;
 
     let pushed = Instant::now();
     a.push_ok("alice", "laptop", START, json!([insert("todos", "t1", json!({}))]))
         .await;
-    let told = ws::expect_json(&mut phone_on_b, SOON).await;
+    let notice = json!({ "type": "sync-available", "appId": "todo", "tables": ["todos"] });
+    assert_eq!(ws::expect_json(&mut phone_on_b, SOON).await, notice);
     assert!(pushed.elapsed() < SOON);
-    assert_eq!(
-        told,
-        json!({ "type": "sync-available", "appId": "todo", "tables": ["todos"] })
-    );
-    assert_eq!(ws::expect_json(&mut all_apps_on_b, SOON).await["appId"], "todo");
+    assert_eq!(ws::expect_json(&mut all_apps_on_b, SOON).await, notice);
 
-    assert_eq!(
-        ws::next(&mut laptop_on_a, QUIET).await,
-        None,
-        "the pushing device is not echoed"
-    );
-    assert_eq!(ws::next(&mut bob_on_b, QUIET).await, None, "another user hears nothing");
+    // The pushing device is not echoed, another user hears nothing, and
+    // each of alice's other devices is told once.
+    all_quiet(vec![
+        ("laptop_on_a", &mut laptop_on_a),
+        ("bob_on_b", &mut bob_on_b),
+        ("phone_on_b", &mut phone_on_b),
+        ("all_apps_on_b", &mut all_apps_on_b),
+    ])
+    .await;
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_catch_up_after_auth_names_every_table(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn the_catch_up_after_auth_names_every_table(store: Backend) {
     let app = store.spawn().await;
     app.push_ok(
         "alice",
@@ -68,29 +89,27 @@ async fn the_catch_up_after_auth_names_every_table(#[values(Postgres, Sqlite)] s
     )
     .await;
     let mut socket = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), None).await;
-    assert_eq!(catch_up(&mut socket).await["tables"], json!(["notes", "todos"]));
+    assert_eq!(ws::catch_up(&mut socket).await["tables"], json!(["notes", "todos"]));
     let mut fresh_user = ws::authed(&app, "/ws/todo", &tokens::token_for("nobody-yet"), None).await;
     assert_eq!(
-        catch_up(&mut fresh_user).await,
+        ws::catch_up(&mut fresh_user).await,
         json!({ "type": "sync-available", "appId": "todo", "tables": [] })
     );
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ping_is_answered_and_unknown_messages_get_an_error(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn ping_is_answered_and_unknown_messages_get_an_error(store: Backend) {
     let app = store.spawn().await;
     let mut socket = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), None).await;
-    catch_up(&mut socket).await;
+    ws::catch_up(&mut socket).await;
     ws::send(&mut socket, json!({ "type": "ping" })).await;
     assert_eq!(ws::expect_json(&mut socket, SOON).await, json!({ "type": "pong" }));
     ws::send(&mut socket, json!({ "type": "subscribe" })).await;
     assert_eq!(ws::expect_json(&mut socket, SOON).await["type"], "error");
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_socket_that_never_authenticates_is_closed_after_10_seconds(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn a_socket_that_never_authenticates_is_closed_after_10_seconds(store: Backend) {
     let app = store.spawn().await;
     let mut socket = ws::connect(&app, "/ws/todo").await;
     let opened = Instant::now();
@@ -102,9 +121,8 @@ async fn a_socket_that_never_authenticates_is_closed_after_10_seconds(#[values(P
     );
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bad_token_is_refused(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn a_bad_token_is_refused(store: Backend) {
     let app = store.spawn().await;
     let mut socket = ws::connect(&app, "/ws/todo").await;
     ws::send(
@@ -116,15 +134,14 @@ async fn a_bad_token_is_refused(#[values(Postgres, Sqlite)] store: Backend) {
     assert_eq!(ws::expect_close(&mut socket, SOON).await, Some(1008));
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_expired_token_closes_the_socket_unless_renewed(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn an_expired_token_closes_the_socket_unless_renewed(store: Backend) {
     let app = store.spawn().await;
     let short = |secs: i64| tokens::token_for_with("alice", |c| c["exp"] = json!(tokens::now() + secs));
     let mut lapsing = ws::authed(&app, "/ws/todo", &short(2), None).await;
     let mut renewed = ws::authed(&app, "/ws/todo", &short(2), None).await;
-    catch_up(&mut lapsing).await;
-    catch_up(&mut renewed).await;
+    ws::catch_up(&mut lapsing).await;
+    ws::catch_up(&mut renewed).await;
     ws::send(
         &mut renewed,
         json!({ "type": "auth", "token": tokens::token_for("alice") }),
@@ -147,16 +164,15 @@ async fn losing_the_listener_tells_every_socket_to_pull_and_notices_resume() {
     app.push_ok("alice", "a", START, json!([insert("todos", "t", json!({}))]))
         .await;
     let mut socket = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), Some("phone")).await;
-    catch_up(&mut socket).await;
+    ws::catch_up(&mut socket).await;
 
     assert_eq!(app.terminate("mana-sync-listener").await, 1, "one listener connection");
 
     common::ws::told_to_pull_then_notified_again(&app, &mut socket, Duration::from_secs(5)).await;
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_user_over_the_socket_limit_is_refused_with_a_reason(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn a_user_over_the_socket_limit_is_refused_with_a_reason(store: Backend) {
     let app = store.spawn_with(&[("MAX_SOCKETS_PER_USER", "2")]).await;
     let _one = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), None).await;
     let _two = ws::authed(&app, "/ws", &tokens::token_for("alice"), None).await;
@@ -175,12 +191,11 @@ async fn a_user_over_the_socket_limit_is_refused_with_a_reason(#[values(Postgres
     );
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutting_down_closes_sockets_with_1012(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn shutting_down_closes_sockets_with_1012(store: Backend) {
     let app = store.spawn().await;
     let mut socket = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), None).await;
-    catch_up(&mut socket).await;
+    ws::catch_up(&mut socket).await;
     let stopping = tokio::spawn(app.stop());
     assert_eq!(ws::expect_close(&mut socket, Duration::from_secs(3)).await, Some(1012));
     tokio::time::timeout(Duration::from_secs(5), stopping)
@@ -189,15 +204,14 @@ async fn shutting_down_closes_sockets_with_1012(#[values(Postgres, Sqlite)] stor
         .unwrap();
 }
 
-/// A socket whose client never reads cannot slow pushes or other sockets,
-/// and a burst coalesces into few notifications.
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_of_pushes_is_never_held_up_by_a_socket_that_does_not_read(#[values(Postgres, Sqlite)] store: Backend) {
+/// A socket whose client never reads cannot slow pushes or other sockets:
+/// the reader hears of every table, in at most one notification per push.
+#[apply(both_stores)]
+async fn a_burst_of_pushes_is_never_held_up_by_a_socket_that_does_not_read(store: Backend) {
     let app = store.spawn().await;
     let _stalled = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), None).await;
     let mut reader = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), Some("reader")).await;
-    catch_up(&mut reader).await;
+    ws::catch_up(&mut reader).await;
     let started = Instant::now();
     for i in 0..100 {
         let table = format!("t{}", i % 3);
@@ -223,16 +237,15 @@ async fn a_burst_of_pushes_is_never_held_up_by_a_socket_that_does_not_read(#[val
     assert!((1..=100).contains(&messages), "{messages} notifications for 100 pushes");
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_push_notifies_nobody_and_a_local_push_notifies_once(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn a_failed_push_notifies_nobody_and_a_local_push_notifies_once(store: Backend) {
     let a = store.spawn().await;
     let replica = a.another_replica().await;
     let b = replica.as_ref().unwrap_or(&a);
     let mut on_a = ws::authed(&a, "/ws/todo", &tokens::token_for("alice"), Some("phone")).await;
     let mut on_b = ws::authed(b, "/ws/todo", &tokens::token_for("alice"), Some("tablet")).await;
-    catch_up(&mut on_a).await;
-    catch_up(&mut on_b).await;
+    ws::catch_up(&mut on_a).await;
+    ws::catch_up(&mut on_b).await;
 
     a.refuse_record("boom").await;
     let failed = a
@@ -266,7 +279,7 @@ async fn losing_the_notifier_connection_delays_no_notice() {
     let a = spawn_app().await;
     let b = a.spawn_replica(&[]).await;
     let mut on_b = ws::authed(&b, "/ws/todo", &tokens::token_for("alice"), None).await;
-    catch_up(&mut on_b).await;
+    ws::catch_up(&mut on_b).await;
     a.push_ok("alice", "laptop", START, json!([insert("todos", "one", json!({}))]))
         .await;
     ws::expect_json(&mut on_b, SOON).await;
@@ -283,9 +296,8 @@ async fn losing_the_notifier_connection_delays_no_notice() {
     );
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn websocket_upgrades_from_other_origins_are_refused(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn websocket_upgrades_from_other_origins_are_refused(store: Backend) {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let app = store.spawn().await;
     let upgrade = |origin: &'static str| {
@@ -317,7 +329,7 @@ async fn a_half_open_listener_connection_is_detected_and_replaced() {
     app.push_ok("alice", "a", START, json!([insert("todos", "t", json!({}))]))
         .await;
     let mut socket = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), Some("phone")).await;
-    catch_up(&mut socket).await;
+    ws::catch_up(&mut socket).await;
 
     let [pid] = app.backends("mana-sync-listener").await[..] else {
         panic!("expected exactly one listener connection")

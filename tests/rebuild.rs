@@ -3,9 +3,10 @@
 
 mod common;
 
-use common::app::{Backend, Postgres, START, Sqlite, TestApp, delete, insert, update};
+use common::app::{Backend, Postgres, START, Sqlite, TestApp, both_stores, delete, insert, update};
 use mana_sync::store::Store;
 use rstest::rstest;
+use rstest_reuse::apply;
 use serde_json::{Value, json};
 use sqlx::types::Json;
 
@@ -21,9 +22,8 @@ async fn snapshot(app: &TestApp) -> Vec<Row> {
     }
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rebuilt_projection_equals_the_incrementally_maintained_one(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn a_rebuilt_projection_equals_the_incrementally_maintained_one(store: Backend) {
     let app = store.spawn().await;
     for user in ["alice", "bob"] {
         app.push_ok(
@@ -77,9 +77,8 @@ async fn a_rebuilt_projection_equals_the_incrementally_maintained_one(#[values(P
     assert_eq!(snapshot(&app).await, incremental, "rebuilt == incremental");
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_rebuild_command_restores_a_lost_projection(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn the_rebuild_command_restores_a_lost_projection(store: Backend) {
     let app = store.spawn().await;
     app.push_ok(
         "alice",

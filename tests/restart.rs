@@ -17,10 +17,7 @@ async fn after_a_database_restart_sockets_are_told_to_pull_and_notices_resume() 
     app.push_ok("alice", "a", START, json!([insert("todos", "t", json!({}))]))
         .await;
     let mut socket = ws::authed(&app, "/ws/todo", &tokens::token_for("alice"), Some("phone")).await;
-    assert_eq!(
-        ws::expect_json(&mut socket, Duration::from_secs(5)).await["type"],
-        "sync-available"
-    );
+    ws::catch_up(&mut socket).await;
 
     common::pg::restart_server(Duration::from_millis(500)).await;
 

@@ -2,8 +2,9 @@
 
 mod common;
 
-use common::app::{Backend, Postgres, Sqlite};
+use common::app::{Backend, Postgres, Sqlite, both_stores};
 use rstest::rstest;
+use rstest_reuse::apply;
 
 use std::time::Duration;
 
@@ -66,17 +67,16 @@ fn ids(event: &Value) -> Vec<&str> {
         .collect()
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_gets_exactly_what_is_committed_after_its_cursor_on_any_replica(
-    #[values(Postgres, Sqlite)] store: Backend,
-) {
+#[apply(both_stores)]
+async fn a_stream_gets_exactly_what_is_committed_after_its_cursor_on_any_replica(store: Backend) {
     let a = store.spawn().await;
     let replica = a.another_replica().await;
     let b = replica.as_ref().unwrap_or(&a);
-    a.push_ok("alice", "d", START, json!([insert("todos", "before", json!({}))]))
+    // Pushed on b, whose hub has it before the answer, so the stream opened
+    // next cannot hear of it late (as it could from a's NOTIFY).
+    b.push_ok("alice", "d", START, json!([insert("todos", "before", json!({}))]))
         .await;
-    let cursor = a.pull_ok("alice", "todos", START, None).await["syncedUntil"]
+    let cursor = b.pull_ok("alice", "todos", START, None).await["syncedUntil"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -117,9 +117,8 @@ async fn a_stream_gets_exactly_what_is_committed_after_its_cursor_on_any_replica
     );
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reconnecting_stream_resumes_from_its_last_cursor_without_gaps(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn a_reconnecting_stream_resumes_from_its_last_cursor_without_gaps(store: Backend) {
     let app = store.spawn().await;
     let mut events = open(&app, "alice", "todos", START).await;
     changes(&mut events, Duration::from_secs(5)).await;
@@ -137,9 +136,8 @@ async fn a_reconnecting_stream_resumes_from_its_last_cursor_without_gaps(#[value
     assert_eq!(ids(&catch_up), vec!["while-away"], "exactly the missed change");
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_quiet_stream_sends_heartbeats(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn a_quiet_stream_sends_heartbeats(store: Backend) {
     let app = store.spawn().await;
     let mut events = open(&app, "alice", "todos", START).await;
     changes(&mut events, Duration::from_secs(5)).await;
@@ -149,9 +147,8 @@ async fn a_quiet_stream_sends_heartbeats(#[values(Postgres, Sqlite)] store: Back
     assert_eq!(name, "heartbeat");
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streams_end_when_the_replica_shuts_down(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn streams_end_when_the_replica_shuts_down(store: Backend) {
     let app = store.spawn().await;
     let mut events = open(&app, "alice", "todos", START).await;
     changes(&mut events, Duration::from_secs(5)).await;
@@ -166,9 +163,8 @@ async fn streams_end_when_the_replica_shuts_down(#[values(Postgres, Sqlite)] sto
         .unwrap();
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_needs_a_token_and_collections(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn a_stream_needs_a_token_and_collections(store: Backend) {
     let app = store.spawn().await;
     let anonymous = app
         .http
@@ -187,9 +183,8 @@ async fn a_stream_needs_a_token_and_collections(#[values(Postgres, Sqlite)] stor
     common::app::expect_error(none, reqwest::StatusCode::BAD_REQUEST, "invalid_name").await;
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_ends_when_its_token_expires(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn a_stream_ends_when_its_token_expires(store: Backend) {
     let app = store.spawn().await;
     let token = common::tokens::token_for_with("alice", |c| c["exp"] = json!(common::tokens::now() + 2));
     let response = app

@@ -2,8 +2,9 @@
 
 mod common;
 
-use common::app::{Backend, Postgres, Sqlite};
+use common::app::{Backend, Postgres, Sqlite, both_stores};
 use rstest::rstest;
+use rstest_reuse::apply;
 
 use common::app::{APP, START, TestApp, expect_error, insert, push_body};
 use reqwest::StatusCode;
@@ -27,9 +28,8 @@ async fn rejected(app: &TestApp, body: Value, status: StatusCode, code: &str) {
     assert_eq!(app.log_rows().await, 0, "nothing is written for {body}");
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_json_and_wrong_types_are_400(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn malformed_json_and_wrong_types_are_400(store: Backend) {
     let app = store.spawn().await;
     expect_error(
         post_raw(&app, "{\"changes\": [").await,
@@ -67,9 +67,8 @@ async fn malformed_json_and_wrong_types_are_400(#[values(Postgres, Sqlite)] stor
     .await;
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unknown_op_is_400(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn an_unknown_op_is_400(store: Backend) {
     let app = store.spawn().await;
     rejected(
         &app,
@@ -84,9 +83,8 @@ async fn an_unknown_op_is_400(#[values(Postgres, Sqlite)] store: Backend) {
     .await;
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn empty_oversized_and_control_character_names_are_400(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn empty_oversized_and_control_character_names_are_400(store: Backend) {
     let app = store.spawn().await;
     let long_table = "t".repeat(129);
     let long_id = "i".repeat(257);
@@ -117,9 +115,8 @@ async fn empty_oversized_and_control_character_names_are_400(#[values(Postgres, 
     expect_error(response, StatusCode::BAD_REQUEST, "invalid_name").await;
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nul_characters_anywhere_are_400_not_500(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn nul_characters_anywhere_are_400_not_500(store: Backend) {
     let app = store.spawn().await;
     for data in [
         json!({ "title": "a\u{0}b" }),
@@ -159,9 +156,8 @@ async fn nul_characters_anywhere_are_400_not_500(#[values(Postgres, Sqlite)] sto
     assert_eq!(app.log_rows().await, 0);
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_body_declared_over_10_mb_is_413_before_it_is_sent(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn a_body_declared_over_10_mb_is_413_before_it_is_sent(store: Backend) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let app = store.spawn().await;
     let mut socket = tokio::net::TcpStream::connect(app.address.trim_start_matches("http://"))
@@ -191,9 +187,8 @@ async fn a_body_declared_over_10_mb_is_413_before_it_is_sent(#[values(Postgres, 
     assert_eq!(app.log_rows().await, 0);
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_streamed_body_over_10_mb_is_413(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn a_streamed_body_over_10_mb_is_413(store: Backend) {
     let app = store.spawn().await;
     let body = vec![b' '; 10 * 1024 * 1024 + 1];
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> = body.chunks(256 * 1024).map(|c| Ok(c.to_vec())).collect();
@@ -207,9 +202,8 @@ async fn a_streamed_body_over_10_mb_is_413(#[values(Postgres, Sqlite)] store: Ba
     assert_eq!(app.log_rows().await, 0);
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn too_many_changes_in_one_batch_is_413(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn too_many_changes_in_one_batch_is_413(store: Backend) {
     let app = store.spawn_with(&[("MAX_BATCH_CHANGES", "10")]).await;
     let changes: Vec<Value> = (0..11).map(|i| insert("todos", &format!("r{i}"), json!({}))).collect();
     rejected(
@@ -221,9 +215,8 @@ async fn too_many_changes_in_one_batch_is_413(#[values(Postgres, Sqlite)] store:
     .await;
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_timestamps_and_cursors_are_400(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn bad_timestamps_and_cursors_are_400(store: Backend) {
     let app = store.spawn().await;
     rejected(
         &app,
@@ -262,9 +255,8 @@ async fn bad_timestamps_and_cursors_are_400(#[values(Postgres, Sqlite)] store: B
     .await;
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pull_parameters_out_of_bounds_are_400(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn pull_parameters_out_of_bounds_are_400(store: Backend) {
     let app = store.spawn().await;
     expect_error(
         app.pull("alice", "todos", START, Some(0)).await,
@@ -294,9 +286,8 @@ async fn pull_parameters_out_of_bounds_are_400(#[values(Postgres, Sqlite)] store
     expect_error(no_collection, StatusCode::BAD_REQUEST, "bad_request").await;
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_push_without_a_client_id_is_400(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn a_push_without_a_client_id_is_400(store: Backend) {
     let app = store.spawn().await;
     let response = app
         .http
@@ -310,9 +301,8 @@ async fn a_push_without_a_client_id_is_400(#[values(Postgres, Sqlite)] store: Ba
     assert_eq!(app.log_rows().await, 0);
 }
 
-#[rstest]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_routes_and_methods_answer_json(#[values(Postgres, Sqlite)] store: Backend) {
+#[apply(both_stores)]
+async fn unknown_routes_and_methods_answer_json(store: Backend) {
     let app = store.spawn().await;
     let missing = app.http.get(app.url("/nope")).send().await.unwrap();
     expect_error(missing, StatusCode::NOT_FOUND, "not_found").await;

@@ -1,7 +1,10 @@
-//! Shared support for the integration tests: `mod common;` in each test
-//! binary, then `common::pg` (a real PostgreSQL, one database per test) and
-//! `common::tokens` (JWT keys, tokens, a JWKS server).
-#![allow(dead_code)]
+//! Shared support for the integration tests (and the benchmarks): `mod
+//! common;` in each test binary, then `common::app` (a server per test, on
+//! either store, and the dual-store template), `common::pg` (a real
+//! PostgreSQL, one database per test), `common::tokens` (JWT keys, tokens,
+//! a JWKS server), `common::ws` (a WebSocket client) and `common::metrics`
+//! (reading `/metrics`).
+#![allow(dead_code, unused_macros)]
 
 pub mod app;
 pub mod metrics;

@@ -1,11 +1,11 @@
 //! A real PostgreSQL for integration tests — never a mock.
 //!
-//! * `TEST_DATABASE_URL` set (an admin/superuser URL): that server is used.
+//! * `TEST_DATABASE_URL` set (a superuser URL): that server is used.
 //! * Otherwise a throwaway cluster is started once per test process (lazily,
-//!   on first use) from the PostgreSQL server binaries found on `PATH`, in
-//!   `PG_BIN_DIR`, or under `/usr/lib/postgresql/*/bin` (highest version).
-//!   It lives in `mana-sync-pg-<pid>` under `$MANA_SYNC_TEST_PG_TMPDIR`, else
-//!   the tmpfs `/dev/shm` if roomy, else the temp dir; dies with the test process
+//!   on first use) from the highest `/usr/lib/postgresql/<version>/bin`, as
+//!   the `postgres` user when the tests run as root, on a free loopback
+//!   port. It lives in `mana-sync-pg-<pid>` under the tmpfs `/dev/shm` if
+//!   roomy, else the temp dir; dies with the test process
 //!   (`PR_SET_PDEATHSIG`), and leftovers of dead processes are removed on the
 //!   next start.
 //! * Neither available: tests panic with the fix; they never skip silently.
@@ -14,14 +14,8 @@
 //! a template database owned by it is migrated (as that role); every test
 //! then gets a fresh copy of the template from [`test_database`]. The server
 //! under test connects as [`APP_ROLE`], so row-level security is enforced
-//! (superusers and BYPASSRLS roles are never subject to it).
-//!
-//! Test databases are dropped when their [`TestDatabase`] is dropped; set
-//! `MANA_SYNC_KEEP_TEST_DBS=1` to keep them for inspection (useful with
-//! `TEST_DATABASE_URL`: a local cluster goes away with the test process).
-//!
-//! Other knobs: `PG_BIN_DIR` (where `initdb`/`postgres` are),
-//! `MANA_SYNC_TEST_PG_TMPDIR` (parent dir of the local cluster).
+//! (superusers and BYPASSRLS roles are never subject to it). Test databases
+//! are dropped when their [`TestDatabase`] is dropped.
 
 use std::fmt::Write as _;
 use std::io::{self, Read as _};
@@ -35,11 +29,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection as _, PgConnection};
+use url::Url;
 
 /// The ordinary (NOSUPERUSER, NOBYPASSRLS) login role the server connects as.
 pub const APP_ROLE: &str = "mana_sync_app";
 /// Its password (the local cluster trusts loopback anyway).
-pub const APP_PASSWORD: &str = "mana_sync_app";
+const APP_PASSWORD: &str = "mana_sync_app";
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a fast shutdown ([`restart_server`]) may take.
@@ -77,28 +72,10 @@ impl TestDatabase {
     pub async fn admin_pool(&self) -> PgPool {
         pool(&self.admin_url, 5).await
     }
-
-    /// A single connection as [`APP_ROLE`].
-    pub async fn app_connection(&self) -> PgConnection {
-        PgConnection::connect(&self.app_url)
-            .await
-            .unwrap_or_else(|e| panic!("connect to {} as {APP_ROLE}: {e}", self.name))
-    }
-
-    /// A single superuser connection.
-    pub async fn admin_connection(&self) -> PgConnection {
-        PgConnection::connect(&self.admin_url)
-            .await
-            .unwrap_or_else(|e| panic!("connect to {} as superuser: {e}", self.name))
-    }
 }
 
 impl Drop for TestDatabase {
     fn drop(&mut self) {
-        if std::env::var_os("MANA_SYNC_KEEP_TEST_DBS").is_some_and(|v| !v.is_empty() && v != "0") {
-            eprintln!("keeping test database {} ({})", self.name, self.admin_url);
-            return;
-        }
         // Drop runs inside the test's runtime; do the async work on a thread
         // of its own with a private runtime. WITH (FORCE) ends any
         // connections the test's pools or servers still hold.
@@ -128,8 +105,8 @@ impl Drop for TestDatabase {
 pub async fn test_database() -> TestDatabase {
     let template = &shared().await.template;
     let name = format!("test_{}", uuid::Uuid::now_v7().simple());
-    let admin_server = server_admin_url();
-    let mut conn = connect_retrying(&admin_server, Duration::from_secs(10))
+    let admin_server = admin_server_url();
+    let mut conn = connect_retrying(admin_server, Duration::from_secs(10))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
 
@@ -155,8 +132,8 @@ pub async fn test_database() -> TestDatabase {
     let _ = conn.close().await;
 
     TestDatabase {
-        app_url: with_db(&app_server_url(), &name),
-        admin_url: with_db(&admin_server, &name),
+        app_url: with_db(&app_server_url(), &name).into(),
+        admin_url: with_db(admin_server, &name).into(),
         name,
     }
 }
@@ -165,34 +142,29 @@ pub async fn test_database() -> TestDatabase {
 /// local cluster; `TEST_DATABASE_URL` as given otherwise). Starts the local
 /// cluster on first use (blocking).
 pub fn server_admin_url() -> String {
+    admin_server_url().to_string()
+}
+
+fn admin_server_url() -> &'static Url {
     match server() {
-        Server::External { admin_url } => admin_url.clone(),
-        Server::Local(c) => c.url("postgres", None, "postgres"),
+        Server::External { admin_url } => admin_url,
+        Server::Local(c) => &c.admin_url,
     }
 }
 
-/// URL of the maintenance database as [`APP_ROLE`] (replace the database
-/// with [`TestDatabase::app_url`] in practice).
-pub fn app_server_url() -> String {
-    match server() {
-        Server::External { admin_url } => with_user(admin_url, APP_ROLE, APP_PASSWORD),
-        Server::Local(c) => c.url(APP_ROLE, Some(APP_PASSWORD), "postgres"),
-    }
+/// The maintenance database as [`APP_ROLE`].
+fn app_server_url() -> Url {
+    let mut url = admin_server_url().clone();
+    url.set_username(APP_ROLE)
+        .and_then(|()| url.set_password(Some(APP_PASSWORD)))
+        .unwrap_or_else(|()| panic!("{} takes no user name: it names no host", redact(&url)));
+    url
 }
 
 /// True when tests run against a throwaway cluster owned by this process
 /// (false with `TEST_DATABASE_URL`).
 pub fn is_local_cluster() -> bool {
     matches!(server(), Server::Local(_))
-}
-
-/// The local cluster's directory (`None` with `TEST_DATABASE_URL`); its
-/// `postgres.log` holds the server log.
-pub fn local_cluster_dir() -> Option<PathBuf> {
-    match server() {
-        Server::Local(c) => Some(c.dir.clone()),
-        Server::External { .. } => None,
-    }
 }
 
 /// Restarts the local cluster's server: a fast shutdown (SIGINT to the
@@ -226,7 +198,7 @@ pub async fn restart_server(down_for: Duration) {
     tokio::time::sleep(down_for).await;
     blocking(move || cluster.start()).await;
     // The postmaster is ready; make sure a real session works too.
-    let conn = connect_retrying(&server_admin_url(), Duration::from_secs(10))
+    let conn = connect_retrying(admin_server_url(), Duration::from_secs(10))
         .await
         .unwrap_or_else(|e| panic!("after restarting the test PostgreSQL: {e}"));
     let _ = conn.close().await;
@@ -265,13 +237,15 @@ pub async fn setup_timings() -> (Duration, Duration) {
 // ---------------------------------------------------------------------------
 
 enum Server {
-    External { admin_url: String },
+    External { admin_url: Url },
     Local(LocalCluster),
 }
 
 struct LocalCluster {
     dir: PathBuf,
     port: u16,
+    /// The superuser `postgres` on database `postgres`.
+    admin_url: Url,
     startup: Duration,
     /// How to start the postmaster again ([`restart_server`]).
     bin: PathBuf,
@@ -291,14 +265,6 @@ struct Postmaster {
 }
 
 impl LocalCluster {
-    fn url(&self, user: &str, password: Option<&str>, db: &str) -> String {
-        let auth = match password {
-            Some(p) => format!("{user}:{p}"),
-            None => user.to_owned(),
-        };
-        format!("postgres://{auth}@127.0.0.1:{}/{db}?sslmode=disable", self.port)
-    }
-
     /// Fast shutdown: SIGINT to the postmaster, then waits until it has
     /// exited and its port is free. A no-op when it is not running.
     fn stop(&self) -> Result<(), String> {
@@ -395,9 +361,11 @@ fn server() -> &'static Server {
     // every test quickly with the same message instead of retrying.
     static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
     let server = SERVER.get_or_init(|| match std::env::var("TEST_DATABASE_URL") {
-        Ok(url) if !url.trim().is_empty() => Ok(Server::External {
-            admin_url: url.trim().to_owned(),
-        }),
+        Ok(url) if !url.trim().is_empty() => Url::parse(url.trim())
+            .map(|admin_url| Server::External { admin_url })
+            .map_err(|e| {
+                format!("TEST_DATABASE_URL is not a URL ({e}): set it to postgres://user:password@host:port/db")
+            }),
         _ => start_local_cluster().map(Server::Local),
     });
     match server {
@@ -409,9 +377,9 @@ fn server() -> &'static Server {
 fn start_local_cluster() -> Result<LocalCluster, String> {
     let started = Instant::now();
     let bin = find_pg_bin_dir().ok_or_else(|| {
-        "no PostgreSQL server found for the integration tests: install PostgreSQL server \
-         binaries (apt-get install postgresql) or set TEST_DATABASE_URL=postgres://... \
-         (searched PG_BIN_DIR, PATH and /usr/lib/postgresql/*/bin for initdb and postgres)"
+        "no PostgreSQL server found for the integration tests: install the PostgreSQL server \
+         (apt-get install postgresql: initdb and postgres in /usr/lib/postgresql/<version>/bin) \
+         or set TEST_DATABASE_URL=postgres://... (a superuser URL)"
             .to_owned()
     })?;
 
@@ -429,9 +397,10 @@ fn start_local_cluster() -> Result<LocalCluster, String> {
 
     // initdb and postgres refuse to run as root: use the `postgres` user.
     let run_as = if unsafe { libc::geteuid() } == 0 {
-        let ids = lookup_user("postgres").or_else(|| lookup_user("nobody")).ok_or(
-            "running as root, but there is no `postgres` (or `nobody`) system user to run \
-             the test PostgreSQL as",
+        let ids = lookup_user("postgres").ok_or(
+            "running as root, but there is no `postgres` system user to run the test PostgreSQL \
+             as (initdb and postgres refuse root): install the postgresql package, which makes \
+             one, or set TEST_DATABASE_URL",
         )?;
         let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
         if unsafe { libc::chown(path.as_ptr(), ids.0, ids.1) } != 0 {
@@ -479,7 +448,9 @@ fn start_local_cluster() -> Result<LocalCluster, String> {
         let port = free_port().map_err(|e| format!("find a free port: {e}"))?;
         match start_postmaster(&bin, &dir, &data, port, run_as, &log_path) {
             Ok(postmaster) => {
+                let admin_url = format!("postgres://postgres@127.0.0.1:{port}/postgres?sslmode=disable");
                 return Ok(LocalCluster {
+                    admin_url: Url::parse(&admin_url).expect("the local cluster's URL"),
                     dir,
                     port,
                     startup: started.elapsed(),
@@ -637,20 +608,9 @@ fn free_port() -> io::Result<u16> {
     Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
 }
 
-/// `PG_BIN_DIR`, else the first `PATH` entry with both `initdb` and
-/// `postgres`, else the highest `/usr/lib/postgresql/<version>/bin`.
+/// The highest `/usr/lib/postgresql/<version>/bin` with `initdb` and `postgres`.
 fn find_pg_bin_dir() -> Option<PathBuf> {
     let has_server = |d: &Path| d.join("initdb").is_file() && d.join("postgres").is_file();
-    if let Some(d) = std::env::var_os("PG_BIN_DIR").map(PathBuf::from)
-        && has_server(&d)
-    {
-        return Some(d);
-    }
-    if let Some(path) = std::env::var_os("PATH")
-        && let Some(d) = std::env::split_paths(&path).find(|d| has_server(d))
-    {
-        return Some(d);
-    }
     std::fs::read_dir("/usr/lib/postgresql")
         .ok()?
         .filter_map(|e| e.ok())
@@ -695,26 +655,15 @@ fn pid_alive(pid: i32) -> bool {
     pid > 0 && (unsafe { libc::kill(pid, 0) } == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
 }
 
-/// Where cluster directories may live: `MANA_SYNC_TEST_PG_TMPDIR`, the
-/// tmpfs `/dev/shm`, the temp dir.
-fn base_dir_candidates() -> Vec<PathBuf> {
-    let mut dirs = Vec::new();
-    if let Some(d) = std::env::var_os("MANA_SYNC_TEST_PG_TMPDIR").filter(|d| !d.is_empty()) {
-        dirs.push(PathBuf::from(d));
-    }
-    dirs.push(PathBuf::from("/dev/shm"));
-    dirs.push(std::env::temp_dir());
-    dirs
+/// Where cluster directories may live.
+fn base_dir_candidates() -> [PathBuf; 2] {
+    [PathBuf::from("/dev/shm"), std::env::temp_dir()]
 }
 
-/// The cluster's parent directory: `MANA_SYNC_TEST_PG_TMPDIR` if set; else
-/// `/dev/shm` when it is a writable tmpfs with at least 1 GiB free (several
-/// times faster than disk for CREATE DATABASE: fsync is off, but the copy is
-/// still written); else the temp dir.
+/// The cluster's parent directory: `/dev/shm` when it is a writable tmpfs
+/// with at least 1 GiB free (several times faster than disk for CREATE
+/// DATABASE: fsync is off, but the copy is still written); else the temp dir.
 fn cluster_base_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("MANA_SYNC_TEST_PG_TMPDIR").filter(|d| !d.is_empty()) {
-        return PathBuf::from(d);
-    }
     let shm = Path::new("/dev/shm");
     let cpath = std::ffi::CString::new("/dev/shm").unwrap();
     // SAFETY: plain syscalls on a valid C string and a zeroed out-struct.
@@ -781,9 +730,8 @@ async fn shared() -> &'static Shared {
 }
 
 async fn init_shared() -> Result<Shared, String> {
-    let admin_url = server_admin_url();
     let started = Instant::now();
-    let mut admin = connect_retrying(&admin_url, Duration::from_secs(10)).await?;
+    let mut admin = connect_retrying(admin_server_url(), Duration::from_secs(10)).await?;
 
     ensure_app_role(&mut admin).await?;
     if !is_local_cluster() {
@@ -794,8 +742,7 @@ async fn init_shared() -> Result<Shared, String> {
     exec(&mut admin, format!("CREATE DATABASE {template} OWNER {APP_ROLE}")).await?;
 
     // Migrate as the app role, exactly as a deployment would.
-    let app_url = with_db(&app_server_url(), &template);
-    let mut app = connect_retrying(&app_url, Duration::from_secs(5)).await?;
+    let mut app = connect_retrying(&with_db(&app_server_url(), &template), Duration::from_secs(5)).await?;
     mana_sync::store::postgres::MIGRATOR
         .run(&mut app)
         .await
@@ -876,7 +823,10 @@ async fn pool(url: &str, max: u32) -> PgPool {
         .acquire_timeout(Duration::from_secs(15))
         .connect(url)
         .await
-        .unwrap_or_else(|e| panic!("connect pool to {}: {e}", redact(url)))
+        .unwrap_or_else(|e| match Url::parse(url) {
+            Ok(url) => panic!("connect pool to {}: {e}", redact(&url)),
+            Err(_) => panic!("connect pool: {e}"),
+        })
 }
 
 async fn exec(conn: &mut PgConnection, sql: String) -> Result<(), String> {
@@ -887,15 +837,15 @@ async fn exec(conn: &mut PgConnection, sql: String) -> Result<(), String> {
         .map_err(|e| format!("{sql}: {e}"))
 }
 
-async fn connect_retrying(url: &str, patience: Duration) -> Result<PgConnection, String> {
+async fn connect_retrying(url: &Url, patience: Duration) -> Result<PgConnection, String> {
     let deadline = Instant::now() + patience;
     loop {
-        match PgConnection::connect(url).await {
+        match PgConnection::connect(url.as_str()).await {
             Ok(c) => return Ok(c),
             Err(e) if Instant::now() >= deadline => {
                 let mut msg = format!("connect to test PostgreSQL {}: {e}", redact(url));
-                if let Some(dir) = local_cluster_dir() {
-                    let _ = write!(msg, "\nserver log:\n{}", read_log(&dir.join("postgres.log")));
+                if let Server::Local(cluster) = server() {
+                    let _ = write!(msg, "\nserver log:\n{}", read_log(&cluster.log_path));
                 }
                 return Err(msg);
             }
@@ -904,74 +854,23 @@ async fn connect_retrying(url: &str, patience: Duration) -> Result<PgConnection,
     }
 }
 
+/// SQLSTATE 55006 object_in_use: here, a template being copied elsewhere.
 fn is_object_in_use(e: &sqlx::Error) -> bool {
-    e.as_database_error()
-        .is_some_and(|d| d.code().as_deref() == Some("55006") || d.message().contains("being accessed by other users"))
-}
-
-/// Splits `scheme://[userinfo@]hostport[/db][?query]` into those parts
-/// (`path` keeps its leading `/`, `query` its `?`).
-struct UrlParts<'a> {
-    scheme: &'a str,
-    userinfo: &'a str,
-    hostport: &'a str,
-    path: &'a str,
-    query: &'a str,
-}
-
-fn split_url(url: &str) -> UrlParts<'_> {
-    let scheme_end = url.find("://").map_or(0, |i| i + 3);
-    let rest = &url[scheme_end..];
-    let query_at = rest.find('?').unwrap_or(rest.len());
-    let authority_end = rest[..query_at].find('/').unwrap_or(query_at);
-    let authority = &rest[..authority_end];
-    let (userinfo, hostport) = match authority.rfind('@') {
-        Some(at) => (&authority[..at], &authority[at + 1..]),
-        None => ("", authority),
-    };
-    UrlParts {
-        scheme: &url[..scheme_end],
-        userinfo,
-        hostport,
-        path: &rest[authority_end..query_at],
-        query: &rest[query_at..],
-    }
-}
-
-fn join_url(p: &UrlParts<'_>) -> String {
-    let at = if p.userinfo.is_empty() { "" } else { "@" };
-    format!("{}{}{at}{}{}{}", p.scheme, p.userinfo, p.hostport, p.path, p.query)
+    e.as_database_error().and_then(|d| d.code()).as_deref() == Some("55006")
 }
 
 /// `url` pointing at database `db` instead.
-fn with_db(url: &str, db: &str) -> String {
-    let path = format!("/{db}");
-    join_url(&UrlParts {
-        path: &path,
-        ..split_url(url)
-    })
-}
-
-/// `url` with other credentials.
-fn with_user(url: &str, user: &str, password: &str) -> String {
-    let userinfo = format!("{user}:{password}");
-    join_url(&UrlParts {
-        userinfo: &userinfo,
-        ..split_url(url)
-    })
+fn with_db(url: &Url, db: &str) -> Url {
+    let mut url = url.clone();
+    url.set_path(&format!("/{db}"));
+    url
 }
 
 /// `url` without its password, for messages.
-fn redact(url: &str) -> String {
-    let parts = split_url(url);
-    match parts.userinfo.split_once(':') {
-        Some((user, _)) => {
-            let userinfo = format!("{user}:***");
-            join_url(&UrlParts {
-                userinfo: &userinfo,
-                ..parts
-            })
-        }
-        None => url.to_owned(),
+fn redact(url: &Url) -> Url {
+    let mut url = url.clone();
+    if url.password().is_some() {
+        let _ = url.set_password(Some("***"));
     }
+    url
 }

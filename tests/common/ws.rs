@@ -63,7 +63,8 @@ pub async fn expect_close(socket: &mut Socket, wait: Duration) -> Option<u16> {
 }
 
 /// Connects, authenticates (optionally declaring a client id) and reads
-/// `auth-ok` and the catch-up `sync-available` that follows it.
+/// `auth-ok`, nothing more: the catch-up that follows it is the caller's
+/// to read ([`catch_up`]).
 pub async fn authed(app: &TestApp, path: &str, token: &str, client_id: Option<&str>) -> Socket {
     let mut socket = connect(app, path).await;
     let mut auth = json!({ "type": "auth", "token": token });
@@ -76,6 +77,19 @@ pub async fn authed(app: &TestApp, path: &str, token: &str, client_id: Option<&s
         "auth-ok"
     );
     socket
+}
+
+/// Reads the catch-up `sync-available` that the server sends right after
+/// `auth-ok`. `/ws/{appId}` always sends one (naming no tables for a user
+/// without records); `/ws` sends one per app the user has records in, so
+/// none for a user without any.
+pub async fn catch_up(socket: &mut Socket) -> Value {
+    let message = expect_json(socket, Duration::from_secs(5)).await;
+    assert_eq!(
+        message["type"], "sync-available",
+        "a catch-up follows auth-ok: {message}"
+    );
+    message
 }
 
 /// After notices may have been lost (listener down): `socket` (alice's, on
