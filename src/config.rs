@@ -14,7 +14,7 @@ pub struct Config {
     /// `postgres://…` or `sqlite://path`; `None`: SQLite in `data_dir`.
     pub database_url: Option<String>,
     pub database_max_connections: u32,
-    /// The auth service's JWKS; `None` is local mode (see `local_auth`).
+    /// The auth service's JWKS; `None` is local mode (see `auth::local`).
     pub jwks_url: Option<String>,
     /// Where local mode keeps its signing key, and the SQLite store its file.
     pub data_dir: std::path::PathBuf,

@@ -32,7 +32,7 @@ pub const DELETED_AT: &str = "deletedAt";
 /// The field that holds a record's last-write time (see [`RecordState::data`]).
 pub const UPDATED_AT: &str = "updatedAt";
 
-/// One field written by one change, at the change's (already clamped) time.
+/// One field written by one change, at the change's time (clamped by `validate`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct FieldWrite {
     pub name: String,

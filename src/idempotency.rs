@@ -2,7 +2,7 @@
 //!
 //! Outcomes are kept for `IDEMPOTENCY_TTL`. Expired ones are ignored, and
 //! removed by the user's next keyed push, so no cross-user sweep is needed
-//! (see `store::Tx::find_outcome`).
+//! (see `store::Tx::save_outcome`).
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};

@@ -150,11 +150,14 @@ impl Clock {
         Ok(self.clamp(at))
     }
 
-    /// Field times are kept in milliseconds, the precision of every
-    /// client's clock (JavaScript's `Date`): finer digits would make a
-    /// device that compares times as strings, or as `Date`s, pick another
-    /// latest time than the server (`…00.001Z` sorts after `…00.0015Z`).
-    /// Writes within one millisecond go to the later log entry.
+    /// The one place client times are clamped: a time further ahead than
+    /// the allowed skew becomes the receive time (`now`); any other is
+    /// floored to the millisecond. Field times are kept in milliseconds,
+    /// the precision of every client's clock (JavaScript's `Date`): finer
+    /// digits would make a device that compares times as strings, or as
+    /// `Date`s, pick another latest time than the server (`…00.001Z` sorts
+    /// after `…00.0015Z`). Writes within one millisecond go to the later
+    /// log entry.
     fn clamp(self, at: Timestamp) -> Timestamp {
         if at > self.latest { self.now } else { at.floor_millis() }
     }

@@ -244,19 +244,13 @@ impl Tx {
     /// returns how many there were.
     pub async fn replay(&mut self, user_id: &str, mut each: impl FnMut(RecordKey, LogEntry)) -> Result<u64> {
         dialect!(self, |conn| {
-            let mut rows = conn.replay(user_id);
-            let mut count = 0;
-            loop {
-                match rows.try_next().await {
-                    Ok(Some(row)) => {
-                        let (key, entry) = row.into_entry();
-                        each(key, entry);
-                        count += 1;
-                    }
-                    Ok(None) => break Ok(count),
-                    Err(e) => break Err(e),
-                }
-            }
+            conn.replay(user_id)
+                .try_fold(0, |count, row| {
+                    let (key, entry) = row.into_entry();
+                    each(key, entry);
+                    std::future::ready(Ok(count + 1))
+                })
+                .await
         })
     }
 

@@ -138,8 +138,8 @@ impl Dialect for PgConnection {
         // clock was read. A statement per case rather than `table IS NULL
         // OR ...`, so each keeps a plan that walks its own index in
         // touched_seq order.
-        let query = match table {
-            Some(table) => sqlx::query_as(
+        let statement = match table {
+            Some(_) => {
                 "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq,
                         octet_length(r.fields::text)::bigint AS size
                  FROM sync_clocks c LEFT JOIN LATERAL (
@@ -147,14 +147,9 @@ impl Dialect for PgConnection {
                    WHERE r.user_id = c.user_id AND r.app_id = $2 AND r.table_name = $5
                      AND r.touched_seq > $3 AND r.touched_seq <= c.last_seq
                    ORDER BY r.touched_seq LIMIT $4) r ON true
-                 WHERE c.user_id = $1",
-            )
-            .bind(user_id)
-            .bind(app_id)
-            .bind(since.0)
-            .bind(limit)
-            .bind(table),
-            None => sqlx::query_as(
+                 WHERE c.user_id = $1"
+            }
+            None => {
                 "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq,
                         octet_length(r.fields::text)::bigint AS size
                  FROM sync_clocks c LEFT JOIN LATERAL (
@@ -162,14 +157,18 @@ impl Dialect for PgConnection {
                    WHERE r.user_id = c.user_id AND r.app_id = $2
                      AND r.touched_seq > $3 AND r.touched_seq <= c.last_seq
                    ORDER BY r.touched_seq LIMIT $4) r ON true
-                 WHERE c.user_id = $1",
-            )
+                 WHERE c.user_id = $1"
+            }
+        };
+        let query = sqlx::query_as(statement)
             .bind(user_id)
             .bind(app_id)
             .bind(since.0)
-            .bind(limit),
-        };
-        query.fetch(self)
+            .bind(limit);
+        match table {
+            Some(table) => query.bind(table).fetch(self),
+            None => query.fetch(self),
+        }
     }
 
     async fn tables(&mut self, user_id: &str, app_id: Option<&str>) -> sqlx::Result<Vec<TableRow>> {

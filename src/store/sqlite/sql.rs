@@ -133,8 +133,8 @@ impl Dialect for SqliteConnection {
         // record it sees is at or below the clock it sees. A statement per
         // case rather than `?5 IS NULL OR ...`, so each searches its own
         // index in touched_seq order.
-        let query = match table {
-            Some(table) => sqlx::query_as(
+        let statement = match table {
+            Some(_) => {
                 "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq,
                         length(CAST(r.fields AS BLOB)) AS size
                  FROM sync_clocks c LEFT JOIN (
@@ -142,14 +142,9 @@ impl Dialect for SqliteConnection {
                    WHERE user_id = ?1 AND app_id = ?2 AND table_name = ?5 AND touched_seq > ?3
                    ORDER BY touched_seq LIMIT ?4) r ON r.touched_seq <= c.last_seq
                  WHERE c.user_id = ?1
-                 ORDER BY r.touched_seq",
-            )
-            .bind(user_id)
-            .bind(app_id)
-            .bind(since.0)
-            .bind(limit)
-            .bind(table),
-            None => sqlx::query_as(
+                 ORDER BY r.touched_seq"
+            }
+            None => {
                 "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq,
                         length(CAST(r.fields AS BLOB)) AS size
                  FROM sync_clocks c LEFT JOIN (
@@ -157,14 +152,18 @@ impl Dialect for SqliteConnection {
                    WHERE user_id = ?1 AND app_id = ?2 AND touched_seq > ?3
                    ORDER BY touched_seq LIMIT ?4) r ON r.touched_seq <= c.last_seq
                  WHERE c.user_id = ?1
-                 ORDER BY r.touched_seq",
-            )
+                 ORDER BY r.touched_seq"
+            }
+        };
+        let query = sqlx::query_as(statement)
             .bind(user_id)
             .bind(app_id)
             .bind(since.0)
-            .bind(limit),
-        };
-        query.fetch(self)
+            .bind(limit);
+        match table {
+            Some(table) => query.bind(table).fetch(self),
+            None => query.fetch(self),
+        }
     }
 
     async fn tables(&mut self, user_id: &str, app_id: Option<&str>) -> sqlx::Result<Vec<TableRow>> {
