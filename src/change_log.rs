@@ -17,6 +17,13 @@ pub struct Batch {
     pub changes: Vec<Change>,
 }
 
+impl Batch {
+    /// The distinct tables the batch changes, in order.
+    pub fn tables(&self) -> std::collections::BTreeSet<&str> {
+        self.changes.iter().map(|c| c.table.as_str()).collect()
+    }
+}
+
 /// One validated change: the fields it writes at their effective times.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change {

@@ -7,6 +7,15 @@
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+/// The first outcome kept under a key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// The [`fingerprint`] of the request it answered.
+    pub fingerprint: Vec<u8>,
+    /// The answer, as its JSON.
+    pub response: Value,
+}
+
 /// A digest of what a key was first used for, to tell a retry from a
 /// different request reusing the key. `since` is left out on purpose: a
 /// device that pulled between two attempts retries with a newer cursor,

@@ -8,10 +8,13 @@
 //! The modules, from the ground up (each imports only from those before it):
 //! - leaves: `config`, `error`, `metrics`, `telemetry`;
 //! - the pure core: `timestamp`, `cursor`, `fold`, `protocol` (limits and
-//!   wire types), `change_log`, `projection`, `validate`, `idempotency`;
+//!   wire types; these derive poem-openapi's schema traits, so their docs
+//!   are the OpenAPI schema), `change_log`, `projection`, `validate`,
+//!   `idempotency`;
 //! - `store`: the PostgreSQL and SQLite dialects behind one contract;
-//! - services: `sync` (push, pull, rebuild), `hub` (this replica's
-//!   subscribers), `fanout` (NOTIFY/LISTEN between replicas), `auth`;
+//! - services: `auth` (tokens), `hub` (this replica's subscribers),
+//!   `fanout` (NOTIFY/LISTEN between replicas, over the PostgreSQL store),
+//!   `sync` (push, pull, rebuild; it announces through `fanout`);
 //! - `state`: what every handler shares;
 //! - `api`: everything HTTP;
 //! - `startup`: runs it all.

@@ -6,10 +6,6 @@
 
 use crate::fold::RecordState;
 
-/// A page stops once its records' JSON passes this size (it always holds at
-/// least one record), so a page of large records cannot exhaust memory.
-pub const MAX_PAGE_BYTES: i64 = 8 * 1024 * 1024;
-
 /// A record of one app with its folded state.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Record {

@@ -18,6 +18,9 @@ pub const MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
 pub const MAX_NAME_BYTES: usize = 128;
 /// Longest record id, client id, user id or idempotency key, in bytes.
 pub const MAX_ID_BYTES: usize = 256;
+/// A page stops once its records' JSON passes this size (it always holds at
+/// least one record), so a page of large records cannot exhaust memory.
+pub const MAX_PAGE_BYTES: i64 = 8 * 1024 * 1024;
 /// Records per pull page when the client names no `limit`.
 pub const DEFAULT_PULL_LIMIT: u32 = 1000;
 /// The largest `limit` a pull may ask for.

@@ -161,6 +161,15 @@ pub fn continue_from(span: &tracing::Span, carrier: &dyn Extractor) {
     let _ = span.set_parent(TraceContextPropagator::new().extract(carrier));
 }
 
+/// Sets OpenTelemetry's HTTP server attributes on a request's span: they
+/// go to the trace only, not the logs.
+pub fn record_http(span: &tracing::Span, method: &'static str, route: &'static str, path: String, status: u16) {
+    span.set_attribute("http.request.method", method);
+    span.set_attribute("http.route", route);
+    span.set_attribute("url.path", path);
+    span.set_attribute("http.response.status_code", i64::from(status));
+}
+
 /// Makes `span` (not yet entered) a child of a carried `traceparent`.
 pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
     let _ = span.set_parent(carried(traceparent));

@@ -9,7 +9,7 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339, macros::form
 /// An instant with nanosecond precision, as nanoseconds since 1970-01-01T00:00:00Z.
 ///
 /// `i64` nanoseconds cover the years 1677 to 2262, which is more than any
-/// device clock the server accepts (future times are clamped, see `fold`).
+/// device clock the server accepts (future times are clamped, see `validate`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Timestamp(pub i64);
 

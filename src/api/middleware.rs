@@ -9,7 +9,6 @@ use poem::http::{Method, header};
 use poem::middleware::Cors;
 use poem::{Endpoint, IntoResponse, Request, Response};
 use tracing::Instrument;
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::protocol::MAX_BODY_BYTES;
 use crate::state::AppState;
@@ -50,11 +49,7 @@ pub async fn log_request<E: Endpoint>(next: E, req: Request) -> poem::Result<Res
         let elapsed = started.elapsed();
         let status = response.status().as_u16();
         let span = tracing::Span::current();
-        // OpenTelemetry's HTTP attributes go to the trace only, not the logs.
-        span.set_attribute("http.request.method", method);
-        span.set_attribute("http.route", route);
-        span.set_attribute("url.path", path);
-        span.set_attribute("http.response.status_code", i64::from(status));
+        telemetry::record_http(&span, method, route, path, status);
         let duration_ms = elapsed.as_secs_f64() * 1e3;
         if response.status().is_server_error() {
             span.record("otel.status_code", "ERROR");

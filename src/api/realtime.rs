@@ -19,7 +19,7 @@
 //! full; 1012 the replica is shutting down (reconnect elsewhere); 4001 the
 //! token expired without renewal (authenticate again); 1011 server fault.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use poem::web::websocket::{CloseCode, Message, WebSocket, WebSocketStream};
@@ -29,10 +29,9 @@ use serde::{Deserialize, Serialize};
 use tokio::time::{Instant, sleep_until, timeout};
 
 use crate::api::error::Answer;
-use crate::auth::User;
 use crate::hub::{Refusal, Subscription};
 use crate::state::AppState;
-use crate::validate;
+use crate::{sync, validate};
 
 /// A socket that has not authenticated by then is closed.
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -128,15 +127,6 @@ async fn refuse(sink: &mut Sink, refusal: Refusal) {
     close(sink, code, &refusal.to_string()).await
 }
 
-/// The instant a user's token expires.
-pub fn expiry(user: &User) -> Instant {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    Instant::now() + Duration::from_secs(user.expires_at.saturating_sub(now))
-}
-
 async fn session(socket: WebSocketStream, state: AppState, app_id: Option<String>, declared: Option<String>) {
     let (mut sink, mut stream) = socket.split();
     let hub = state.hub.clone();
@@ -178,7 +168,7 @@ async fn session(socket: WebSocketStream, state: AppState, app_id: Option<String
     }
     // The client may have missed notices while it was away.
     subscription.subscriber.mark_all();
-    let mut expires = expiry(&user);
+    let mut expires = user.expiry();
     let mut keepalive = tokio::time::interval(KEEPALIVE);
     keepalive.reset();
     let mut heard = Instant::now();
@@ -204,7 +194,7 @@ async fn session(socket: WebSocketStream, state: AppState, app_id: Option<String
                     Ok(ClientMessage::Auth { token, .. }) => match state.verify(&token).await {
                         Ok(renewed) if renewed.id == user.id => {
                             user = renewed;
-                            expires = expiry(&user);
+                            expires = user.expiry();
                             if !send(&mut sink, ServerMessage::AuthOk.frame()).await {
                                 return;
                             }
@@ -244,18 +234,13 @@ async fn notify(sink: &mut Sink, state: &AppState, subscription: &Subscription) 
                 let only = subscriber.app_id.as_deref();
                 // Old clients pull every collection whatever `tables` says, so
                 // a failed lookup still sends the signal, naming none.
-                let known = state.store.tables(&subscriber.user_id, only).await.unwrap_or_else(|e| {
-                    tracing::warn!(error = %e, "listing tables failed; signalling without names");
-                    Vec::new()
-                });
-                let mut by_app: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
-                if let Some(app) = only {
-                    by_app.entry(app.to_owned()).or_default();
+                match sync::tables_by_app(&state.store, &subscriber.user_id, only).await {
+                    Ok(by_app) => by_app.into_iter().collect(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "listing tables failed; signalling without names");
+                        only.map(|app| (app.to_owned(), Vec::new())).into_iter().collect()
+                    }
                 }
-                for known in known {
-                    by_app.entry(known.app_id).or_default().push(known.table_name);
-                }
-                by_app.into_iter().collect()
             }
         };
         for (app_id, tables) in messages {

@@ -21,7 +21,6 @@ use poem_openapi::{ApiResponse, OpenApi};
 use crate::api::ApiTags;
 use crate::api::auth::BearerAuth;
 use crate::api::error::{Answer, ErrorBody, operation_errors};
-use crate::api::realtime::expiry;
 use crate::cursor::Cursor;
 use crate::error::Error;
 use crate::hub::Subscription;
@@ -97,7 +96,7 @@ impl StreamApi {
             .hub
             .subscribe(&user.id, Some(&app_id), None)
             .map_err(Answer::from)?;
-        let expires = expiry(&user);
+        let expires = user.expiry();
         let events = changes(
             state.clone(),
             user.id,

@@ -20,6 +20,8 @@ pub const KEY_FILE: &str = "local-signing-key.pem";
 /// The local issuer's key pair.
 pub struct LocalIssuer {
     signing: SigningKey,
+    /// The public key, base64url (the JWK's `x`).
+    x: String,
     pub kid: String,
 }
 
@@ -47,14 +49,14 @@ impl LocalIssuer {
         let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(signing.verifying_key().to_bytes());
         Ok(LocalIssuer {
             kid: format!("local-{}", &x[..16]),
+            x,
             signing,
         })
     }
 
     /// The public key as a JWKS document.
     pub fn jwks(&self) -> Value {
-        let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(self.signing.verifying_key().to_bytes());
-        json!({ "keys": [{ "kty": "OKP", "crv": "Ed25519", "x": x, "kid": self.kid, "alg": "EdDSA", "use": "sig" }] })
+        json!({ "keys": [{ "kty": "OKP", "crv": "Ed25519", "x": self.x, "kid": self.kid, "alg": "EdDSA", "use": "sig" }] })
     }
 
     /// A token for `sub`, valid for `ttl`.

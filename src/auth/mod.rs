@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm, OctetKeyPairType};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -28,6 +28,17 @@ pub struct User {
     pub id: String,
     /// When the token expires (`exp`, seconds since the epoch).
     pub expires_at: u64,
+}
+
+impl User {
+    /// The instant the user's token expires (a socket or stream ends then).
+    pub fn expiry(&self) -> tokio::time::Instant {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        tokio::time::Instant::now() + Duration::from_secs(self.expires_at.saturating_sub(now))
+    }
 }
 
 /// Why a token was refused. Every variant is a 401.

@@ -1,5 +1,6 @@
 //! What a dialect must provide: every statement the store runs on a
-//! transaction's connection, and which of its errors mean "busy".
+//! transaction's connection ([`Dialect`]) or on its pool ([`PoolDialect`]),
+//! and which of its errors mean "busy".
 //!
 //! Each dialect implements [`Dialect`] on its connection type, in its own
 //! `sql.rs`, one method per statement that owns its SQL and its binds;
@@ -105,6 +106,19 @@ pub trait Dialect {
     /// Whether the error means the database is busy: a wait for a lock
     /// timed out (`LOCK_TIMEOUT`), so a retry shortly may succeed.
     fn is_busy(e: &sqlx::Error) -> bool;
+}
+
+/// The statements a dialect runs on its pool, outside any user's
+/// transaction. Implemented on each dialect's pool type, in its `sql.rs`.
+pub trait PoolDialect {
+    /// The connection type whose [`Dialect::is_busy`] reads this pool's errors.
+    type Connection: Dialect;
+
+    /// Every user with a clock (maintenance: the one cross-user read).
+    fn users(&self) -> impl Future<Output = sqlx::Result<Vec<String>>> + Send;
+
+    /// Whether the database answers.
+    fn ping(&self) -> impl Future<Output = sqlx::Result<()>> + Send;
 }
 
 /// A database error as the domain sees it: [`Error::Busy`] when the

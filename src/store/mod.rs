@@ -3,9 +3,12 @@
 //! [`Store`] is where the log, the projection and idempotent outcomes
 //! live: PostgreSQL (`postgres://…`, production, any number of replicas)
 //! or SQLite (`sqlite://path`, or no `DATABASE_URL` at all: a file in
-//! `DATA_DIR`; one process, zero setup). Every statement is a method of
-//! [`Dialect`], implemented by each dialect in its `sql.rs`; the row
-//! shapes are in [`rows`]. Everything above (push and pull, rebuild) is
+//! `DATA_DIR`; one process, zero setup). Every statement both dialects
+//! run is a method of [`Dialect`] (in a user's transaction) or
+//! [`PoolDialect`] (on the pool), implemented by each dialect in its
+//! `sql.rs`; what only one dialect does (PostgreSQL's NOTIFY and LISTEN,
+//! setting up a connection) is a free function there. The row shapes are
+//! in [`rows`]. Everything above (push and pull, rebuild) is
 //! written once against [`Store`] and [`Tx`], which hand each call to the
 //! dialect in use and return the domain's errors.
 
@@ -23,13 +26,14 @@ use serde_json::Value;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{PgConnection, Sqlite, SqliteConnection, Transaction};
 
-use self::dialect::{Dialect, fault};
+use self::dialect::{Dialect, PoolDialect, fault};
 use self::rows::{NewRow, TableRow};
 use crate::change_log::{Change, RecordKey};
 use crate::config::Config;
 use crate::cursor::Cursor;
 use crate::error::Result;
 use crate::fold::{LogEntry, RecordState};
+use crate::idempotency::Outcome;
 use crate::projection::{Page, PageBuilder, Record};
 
 /// The database behind the server. Cheap to clone.
@@ -58,6 +62,24 @@ macro_rules! dialect {
             Tx::Sqlite(tx) => {
                 let $conn: &mut sqlx::SqliteConnection = &mut *tx;
                 $call.map_err(fault::<sqlx::SqliteConnection>)
+            }
+        }
+    };
+}
+
+/// Runs `$call` with `$pool` bound to the store's pool (SQLite's readers),
+/// whose type implements [`PoolDialect`], and maps its errors as that
+/// dialect says.
+macro_rules! pooled {
+    ($store:expr, |$pool:ident| $call:expr) => {
+        match $store {
+            Store::Postgres(store) => {
+                let $pool = &store.pool;
+                $call.map_err(fault::<<sqlx::PgPool as PoolDialect>::Connection>)
+            }
+            Store::Sqlite(store) => {
+                let $pool = store.reader();
+                $call.map_err(fault::<<sqlx::SqlitePool as PoolDialect>::Connection>)
             }
         }
     };
@@ -156,12 +178,7 @@ impl Store {
 
     /// Every user who ever wrote (maintenance: the one cross-user read).
     pub async fn users(&self) -> Result<Vec<String>> {
-        match self {
-            Store::Postgres(store) => postgres::sql::users(&store.pool).await.map_err(fault::<PgConnection>),
-            Store::Sqlite(store) => sqlite::sql::users(store.reader())
-                .await
-                .map_err(fault::<SqliteConnection>),
-        }
+        pooled!(self, |pool| pool.users().await)
     }
 
     /// The (app, table) pairs a user has records in, of one app if given:
@@ -193,12 +210,7 @@ impl Store {
     /// are all busy counts as answering (they are live, and a ping would
     /// only queue behind them): under load a replica stays ready.
     pub async fn ping(&self) -> bool {
-        let ping = async {
-            match self {
-                Store::Postgres(store) => saturated(&store.pool) || postgres::sql::ping(&store.pool).await.is_ok(),
-                Store::Sqlite(store) => saturated(store.reader()) || sqlite::sql::ping(store.reader()).await.is_ok(),
-            }
-        };
+        let ping = async { pooled!(self, |pool| if saturated(pool) { Ok(()) } else { pool.ping().await }).is_ok() };
         tokio::time::timeout(Duration::from_secs(2), ping)
             .await
             .unwrap_or(false)
@@ -310,10 +322,10 @@ impl Tx {
         Ok(page.finish())
     }
 
-    /// The unexpired outcome stored for an idempotency key: (fingerprint, response).
-    pub async fn find_outcome(&mut self, user_id: &str, key: &str, ttl: Duration) -> Result<Option<(Vec<u8>, Value)>> {
+    /// The unexpired outcome stored for an idempotency key.
+    pub async fn find_outcome(&mut self, user_id: &str, key: &str, ttl: Duration) -> Result<Option<Outcome>> {
         let found = dialect!(self, |conn| conn.find_outcome(user_id, key, ttl).await)?;
-        Ok(found.map(|row| (row.request_hash, row.response.0)))
+        Ok(found.map(Outcome::from))
     }
 
     /// Stores an outcome for replay, first dropping the user's expired ones

@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use crate::change_log::{self, Change, RecordKey};
 use crate::fold::{FieldState, LogEntry, RecordState};
+use crate::idempotency::Outcome;
 use crate::projection::Record;
 
 /// One log row about to be appended.
@@ -151,4 +152,13 @@ pub struct OutcomeRow {
     /// The fingerprint of the request it answered.
     pub request_hash: Vec<u8>,
     pub response: Json<Value>,
+}
+
+impl From<OutcomeRow> for Outcome {
+    fn from(row: OutcomeRow) -> Outcome {
+        Outcome {
+            fingerprint: row.request_hash,
+            response: row.response.0,
+        }
+    }
 }

@@ -3,7 +3,7 @@
 
 mod rebuild;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 
 use tracing::Instrument;
 
@@ -15,8 +15,8 @@ use crate::fanout::Notifier;
 use crate::fold::{LogEntry, RecordDelta, RecordState};
 use crate::hub::Notice;
 use crate::metrics::Metrics;
-use crate::projection::{MAX_PAGE_BYTES, Page, Record};
-use crate::protocol::{FieldValue, Op, ServerChange, SyncResponse};
+use crate::projection::{Page, Record};
+use crate::protocol::{FieldValue, MAX_PAGE_BYTES, Op, ServerChange, SyncResponse};
 use crate::store::{Store, Tx};
 
 /// An `Idempotency-Key` and the fingerprint of the request it came with.
@@ -38,7 +38,7 @@ pub struct Idempotency {
     fields(
         app_id = %app_id,
         changes = batch.changes.len(),
-        tables = %tables(batch),
+        tables = %batch.tables().into_iter().collect::<Vec<_>>().join(","),
         records = tracing::field::Empty,
         replayed = tracing::field::Empty,
     )
@@ -65,15 +65,15 @@ pub async fn push(
     // idempotency key cannot be checked by two of them at once.
     record(&mut tx, user_id, app_id, batch).await?;
     if let Some(idem) = idempotency
-        && let Some((fingerprint, response)) = tx.find_outcome(user_id, &idem.key, idem.ttl).await?
+        && let Some(outcome) = tx.find_outcome(user_id, &idem.key, idem.ttl).await?
     {
         tx.rollback().await?;
-        if fingerprint != idem.fingerprint {
+        if outcome.fingerprint != idem.fingerprint {
             return Err(Error::IdempotencyKeyReused(idem.key.clone()));
         }
         metrics.idempotent_replay();
         tracing::Span::current().record("replayed", true);
-        return SyncResponse::from_value(response)
+        return SyncResponse::from_value(outcome.response)
             .map_err(|e| Error::Internal(anyhow::anyhow!("stored idempotent response is unreadable: {e}")));
     }
     let response = changes_since(&mut tx, user_id, app_id, None, batch.since, limit).await?;
@@ -101,10 +101,19 @@ pub async fn push(
     Ok(response)
 }
 
-/// The distinct tables of a batch, for its span.
-fn tables(batch: &Batch) -> String {
-    let tables: BTreeSet<&str> = batch.changes.iter().map(|c| c.table.as_str()).collect();
-    tables.into_iter().collect::<Vec<_>>().join(",")
+/// The tables a user has records in, by app, of one app if given (listed
+/// even while it has none): what a notice of "everything" names.
+pub async fn tables_by_app(
+    store: &Store,
+    user_id: &str,
+    app_id: Option<&str>,
+) -> Result<BTreeMap<String, Vec<String>>> {
+    let mut by_app: BTreeMap<String, Vec<String>> =
+        app_id.map(|app| (app.to_owned(), Vec::new())).into_iter().collect();
+    for known in store.tables(user_id, app_id).await? {
+        by_app.entry(known.app_id).or_default().push(known.table_name);
+    }
+    Ok(by_app)
 }
 
 /// Counts the records an answer returns, and notes them on the current span.
@@ -115,12 +124,11 @@ fn counted(metrics: &Metrics, response: &SyncResponse) {
 
 /// What a committed batch tells the user's other devices.
 pub fn notice(user_id: &str, app_id: &str, batch: &Batch) -> Notice {
-    let tables: BTreeSet<&str> = batch.changes.iter().map(|c| c.table.as_str()).collect();
     Notice {
         user_id: user_id.to_owned(),
         app_id: app_id.to_owned(),
         client_id: batch.client_id.clone(),
-        tables: Some(tables.into_iter().map(str::to_owned).collect()),
+        tables: Some(batch.tables().into_iter().map(str::to_owned).collect()),
         replica: None,
         committed_at: None,
         traceparent: None,

@@ -13,7 +13,7 @@ use sqlx::{Executor, PgConnection, PgPool};
 use crate::cursor::Cursor;
 use crate::fold::FieldState;
 use crate::projection::Record;
-use crate::store::dialect::Dialect;
+use crate::store::dialect::{Dialect, PoolDialect};
 use crate::store::rows::{LogRow, NewRow, OutcomeRow, PageRow, RecordRow, TableRow};
 
 impl Dialect for PgConnection {
@@ -231,18 +231,27 @@ impl Dialect for PgConnection {
     }
 }
 
-/// Every user with a clock, in a maintenance transaction: it may list the
-/// users (their clock rows) and nothing else of anyone's.
-pub async fn users(pool: &PgPool) -> sqlx::Result<Vec<String>> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("SELECT set_config('mana_sync.maintenance', 'on', true)")
-        .execute(&mut *tx)
-        .await?;
-    let users = sqlx::query_scalar("SELECT user_id FROM sync_clocks ORDER BY user_id")
-        .fetch_all(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(users)
+impl PoolDialect for PgPool {
+    type Connection = PgConnection;
+
+    /// In a maintenance transaction: it may list the users (their clock
+    /// rows) and nothing else of anyone's.
+    async fn users(&self) -> sqlx::Result<Vec<String>> {
+        let mut tx = self.begin().await?;
+        sqlx::query("SELECT set_config('mana_sync.maintenance', 'on', true)")
+            .execute(&mut *tx)
+            .await?;
+        let users = sqlx::query_scalar("SELECT user_id FROM sync_clocks ORDER BY user_id")
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(users)
+    }
+
+    async fn ping(&self) -> sqlx::Result<()> {
+        sqlx::query("SELECT 1").execute(self).await?;
+        Ok(())
+    }
 }
 
 /// Scopes a new transaction to one user: row-level security lets it see
@@ -267,12 +276,6 @@ pub async fn bypasses_rls(pool: &PgPool) -> sqlx::Result<bool> {
 /// Lets the migrator wait for other replicas' migrations for as long as they take.
 pub async fn no_lock_timeout(conn: &mut PgConnection) -> sqlx::Result<()> {
     sqlx::query("SET lock_timeout = 0").execute(conn).await?;
-    Ok(())
-}
-
-/// Whether the database answers.
-pub async fn ping(pool: &PgPool) -> sqlx::Result<()> {
-    sqlx::query("SELECT 1").execute(pool).await?;
     Ok(())
 }
 

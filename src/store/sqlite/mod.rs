@@ -118,7 +118,7 @@ impl SqliteStore {
     /// Begins the (only) write transaction; waiting for it longer than
     /// `LOCK_TIMEOUT` is [`Error::Busy`].
     pub async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>> {
-        match self.writer.begin_with("BEGIN IMMEDIATE").await {
+        match sql::begin_immediate(&self.writer).await {
             Err(sqlx::Error::PoolTimedOut) => Err(Error::Busy),
             other => other.map_err(fault::<SqliteConnection>),
         }

@@ -10,11 +10,11 @@ use std::time::Duration;
 use futures_util::stream::BoxStream;
 use serde_json::{Value, json};
 use sqlx::types::Json;
-use sqlx::{SqliteConnection, SqlitePool};
+use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
 
 use crate::cursor::Cursor;
 use crate::projection::Record;
-use crate::store::dialect::Dialect;
+use crate::store::dialect::{Dialect, PoolDialect};
 use crate::store::rows::{LogRow, NewRow, OutcomeRow, PageRow, RecordRow, TableRow};
 use crate::timestamp::Timestamp;
 
@@ -231,15 +231,23 @@ impl Dialect for SqliteConnection {
     }
 }
 
-/// Every user with a clock.
-pub async fn users(pool: &SqlitePool) -> sqlx::Result<Vec<String>> {
-    sqlx::query_scalar("SELECT user_id FROM sync_clocks ORDER BY user_id")
-        .fetch_all(pool)
-        .await
+impl PoolDialect for SqlitePool {
+    type Connection = SqliteConnection;
+
+    async fn users(&self) -> sqlx::Result<Vec<String>> {
+        sqlx::query_scalar("SELECT user_id FROM sync_clocks ORDER BY user_id")
+            .fetch_all(self)
+            .await
+    }
+
+    async fn ping(&self) -> sqlx::Result<()> {
+        sqlx::query("SELECT 1").execute(self).await?;
+        Ok(())
+    }
 }
 
-/// Whether the database answers.
-pub async fn ping(pool: &SqlitePool) -> sqlx::Result<()> {
-    sqlx::query("SELECT 1").execute(pool).await?;
-    Ok(())
+/// Begins a write transaction that takes the database's write lock at
+/// once, so writers queue for it in order rather than fail on upgrade.
+pub async fn begin_immediate(pool: &SqlitePool) -> sqlx::Result<Transaction<'static, Sqlite>> {
+    pool.begin_with("BEGIN IMMEDIATE").await
 }
