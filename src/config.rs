@@ -46,6 +46,22 @@ pub struct Config {
     pub max_sockets: usize,
     /// Longest wait for in-flight requests at shutdown.
     pub shutdown_timeout: Duration,
+    /// Longest wait for a request's head, from a connection's opening or
+    /// the previous response (so also how long a keep-alive connection
+    /// may idle).
+    pub idle_timeout: Duration,
+    /// Longest wait for the next piece of a request body, and the grace
+    /// period before [`Config::body_min_rate`] applies.
+    pub body_timeout: Duration,
+    /// Least average rate, in bytes per second, at which a request body
+    /// must arrive once `body_timeout` has passed.
+    pub body_min_rate: u64,
+    /// Most bytes of request bodies held at once by the replica.
+    pub body_budget: usize,
+    /// Most TCP connections open at once on the replica.
+    pub max_connections: usize,
+    /// Most TCP connections open at once from one IP address (0: no limit).
+    pub max_connections_per_address: usize,
 }
 
 /// A setting that is missing or malformed; its message names the variable.
@@ -98,6 +114,12 @@ impl Config {
             max_sockets_per_user: env.parse("MAX_SOCKETS_PER_USER", "20")?,
             max_sockets: env.parse("MAX_SOCKETS", "10000")?,
             shutdown_timeout: env.duration("SHUTDOWN_TIMEOUT", "30s")?,
+            idle_timeout: env.duration("IDLE_TIMEOUT", "75s")?,
+            body_timeout: env.duration("BODY_TIMEOUT", "10s")?,
+            body_min_rate: env.parse("BODY_MIN_RATE", "1024")?,
+            body_budget: env.parse("BODY_BUDGET", "268435456")?,
+            max_connections: env.parse("MAX_CONNECTIONS", "10000")?,
+            max_connections_per_address: env.parse("MAX_CONNECTIONS_PER_ADDRESS", "1000")?,
         })
     }
 }

@@ -52,6 +52,8 @@ struct Inner {
     records_pulled: Counter,
     idempotent_replays: Counter,
     jwt_failures: Family<ReasonLabels, Counter>,
+    connections_refused: Family<ReasonLabels, Counter>,
+    requests_shed: Family<ReasonLabels, Counter>,
     connections: Gauge,
     users_connected: Gauge,
     notifications_sent: Counter,
@@ -78,6 +80,8 @@ impl Metrics {
             records_pulled: Counter::default(),
             idempotent_replays: Counter::default(),
             jwt_failures: Family::default(),
+            connections_refused: Family::default(),
+            requests_shed: Family::default(),
             connections: Gauge::default(),
             users_connected: Gauge::default(),
             notifications_sent: Counter::default(),
@@ -114,6 +118,16 @@ impl Metrics {
             inner.idempotent_replays.clone(),
         );
         registry.register("jwt_failures", "Refused tokens by reason", inner.jwt_failures.clone());
+        registry.register(
+            "connections_refused",
+            "TCP connections closed at once, by the limit they met (replica, address)",
+            inner.connections_refused.clone(),
+        );
+        registry.register(
+            "requests_shed",
+            "Requests refused while their body was read, by reason (body_budget: 503, slow_body: 408)",
+            inner.requests_shed.clone(),
+        );
         // The seed's names, kept for its dashboards.
         registry.register(
             "connections_total",
@@ -186,6 +200,19 @@ impl Metrics {
 
     pub fn jwt_failure(&self, reason: &'static str) {
         self.inner.jwt_failures.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// A connection closed at once: `reason` is the limit it met.
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.inner
+            .connections_refused
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// A request refused while its body was read.
+    pub fn request_shed(&self, reason: &'static str) {
+        self.inner.requests_shed.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     /// A notice handed to a socket or stream, `delay` after its commit.

@@ -17,6 +17,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr().context("listener has no address")?;
+    raise_open_files_limit();
     let timeout = state.config.shutdown_timeout;
     let mut background = vec![state.auth.spawn_refresh(state.config.jwks_refresh)];
     match state.store.notify_options() {
@@ -47,6 +48,15 @@ pub async fn serve(
         task.abort();
     }
     result
+}
+
+/// Raises the soft limit on open files to the hard one: every connection
+/// holds a descriptor, and the soft limit is often as low as 1,024.
+fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
+    }
 }
 
 /// Waits until `done` holds, checking every 10 ms, for at most `limit`.

@@ -13,6 +13,7 @@ use poem_openapi::{ApiResponse, Object, payload::Json};
 use crate::auth::AuthError;
 use crate::error::Error;
 use crate::hub::Refusal;
+use crate::protocol::MAX_BODY_BYTES;
 
 /// The body of every error response.
 #[derive(Debug, Clone, Object, serde::Deserialize)]
@@ -39,12 +40,16 @@ pub enum Answer {
     Unauthorized(Json<ErrorBody>),
     #[oai(status = 413)]
     PayloadTooLarge(Json<ErrorBody>),
+    #[oai(status = 408)]
+    RequestTimeout(Json<ErrorBody>),
     #[oai(status = 422)]
     Unprocessable(Json<ErrorBody>),
     #[oai(status = 429)]
     TooManyRequests(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
+    #[oai(status = 503)]
+    ServiceUnavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
 }
 
 impl From<Error> for Answer {
@@ -76,6 +81,46 @@ impl From<Refusal> for Answer {
 }
 
 impl Answer {
+    /// A request with a body but no bearer token.
+    pub fn missing_token() -> Answer {
+        Answer::Unauthorized(body("unauthorized", "a bearer token is required"))
+    }
+
+    /// A body over [`MAX_BODY_BYTES`], declared or found while reading.
+    pub fn body_too_large() -> Answer {
+        Answer::PayloadTooLarge(body(
+            "payload_too_large",
+            format!(
+                "the request body is over the {} MB limit",
+                MAX_BODY_BYTES / (1024 * 1024)
+            ),
+        ))
+    }
+
+    /// A body that stopped arriving, or came slower than `min_rate` bytes a second.
+    pub fn body_too_slow(min_rate: u64) -> Answer {
+        Answer::RequestTimeout(body(
+            "request_timeout",
+            format!("the request body came too slowly (less than {min_rate} bytes a second, or a long pause)"),
+        ))
+    }
+
+    /// A body whose reading failed (the client went away, or broke the framing).
+    pub fn body_unreadable(e: &std::io::Error) -> Answer {
+        Answer::BadRequest(body("bad_request", format!("the request body could not be read: {e}")))
+    }
+
+    /// The replica holds as many request bodies as its budget allows.
+    pub fn bodies_over_budget() -> Answer {
+        Answer::ServiceUnavailable(
+            body(
+                "overloaded",
+                "the server is receiving too many requests at once; retry shortly",
+            ),
+            1,
+        )
+    }
+
     /// The body of a 500 for an operation whose error type has no place
     /// for this answer: a fault of the server (its spec tells clients
     /// nothing of it), logged as such.
@@ -93,7 +138,8 @@ fn internal() -> Json<ErrorBody> {
 
 /// Declares how `$operation`'s error type (an `ApiResponse` enum with
 /// variants `BadRequest`, `Unauthorized`, `TooManyRequests` and
-/// `Internal`, plus the `$extra` ones, named as in [`Answer`]) is made
+/// `Internal`, plus the `$extra` ones with a body alone, named as in
+/// [`Answer`]) is made
 /// from an [`Answer`] and, through it, from an [`Error`], so `?` works in
 /// the operation.
 macro_rules! operation_errors {

@@ -1,7 +1,9 @@
-//! Accepting connections: Nagle off, and a lingering close.
+//! Accepting connections: within the replica's and each address's
+//! limits, Nagle off, never spinning when accepting fails, and a
+//! lingering close.
 //!
 //! A server that answers before it has read the whole request (a 413 for a
-//! body over the limit, a CORS refusal) and then closes the socket makes
+//! body over the limit, a refused token) and then closes the socket makes
 //! the kernel answer the bytes still arriving with a reset, and a reset
 //! destroys the response in the client's buffers before the client reads
 //! it. Clients that send the whole body before reading (Python's urllib and
@@ -11,17 +13,20 @@
 //! client still sends, for a bounded time and number of bytes, before the
 //! socket is let go.
 
+use std::collections::HashMap;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use poem::listener::{Acceptor, TcpAcceptor};
-use poem::web::{LocalAddr, RemoteAddr};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+
+use crate::metrics::Metrics;
 
 /// Longest a closed connection is read from (nginx's `lingering_time`).
 pub const LINGER_TIME: Duration = Duration::from_secs(30);
@@ -31,39 +36,137 @@ pub const LINGER_IDLE: Duration = Duration::from_secs(5);
 pub const LINGER_BYTES: usize = 64 * 1024 * 1024;
 /// Most connections lingering at once; past it, a connection just closes.
 pub const MAX_LINGERING: usize = 1024;
+/// Longest pause after accepting failed (out of descriptors, say); the
+/// pause doubles from 5 ms up to this while it keeps failing.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
-/// Accepts TCP connections with Nagle's algorithm off (a response written
-/// in several pieces would otherwise wait for the client's delayed ACK,
-/// tens of milliseconds, between them), each closed lingering.
-pub struct Listener {
-    acceptor: TcpAcceptor,
-    lingering: Arc<Semaphore>,
+/// How many connections a replica holds at once.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    /// In all (`MAX_CONNECTIONS`).
+    pub total: usize,
+    /// From one IP address (`MAX_CONNECTIONS_PER_ADDRESS`; 0: no limit).
+    pub per_address: usize,
 }
 
-impl Listener {
-    pub fn new(acceptor: TcpAcceptor) -> Listener {
-        Listener {
-            acceptor,
-            lingering: Arc::new(Semaphore::new(MAX_LINGERING)),
+/// The open connections, in all and by address.
+#[derive(Default)]
+struct Open {
+    total: usize,
+    by_address: HashMap<IpAddr, usize>,
+}
+
+/// A connection's place among the open ones, given back when dropped.
+struct Slot {
+    open: Arc<Mutex<Open>>,
+    address: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.total -= 1;
+        if let Some(n) = open.by_address.get_mut(&self.address) {
+            *n -= 1;
+            if *n == 0 {
+                open.by_address.remove(&self.address);
+            }
         }
     }
 }
 
-impl Acceptor for Listener {
-    type Io = Lingering;
+/// Accepts TCP connections within [`ConnectionLimits`], with Nagle's
+/// algorithm off (a response written in several pieces would otherwise
+/// wait for the client's delayed ACK, tens of milliseconds, between
+/// them), each closed lingering.
+pub struct Listener {
+    tcp: TcpListener,
+    limits: ConnectionLimits,
+    open: Arc<Mutex<Open>>,
+    lingering: Arc<Semaphore>,
+    metrics: Metrics,
+    refused: AtomicU64,
+}
 
-    fn local_addr(&self) -> Vec<LocalAddr> {
-        self.acceptor.local_addr()
+impl Listener {
+    pub fn new(tcp: TcpListener, limits: ConnectionLimits, metrics: Metrics) -> Listener {
+        Listener {
+            tcp,
+            limits,
+            open: Arc::default(),
+            lingering: Arc::new(Semaphore::new(MAX_LINGERING)),
+            metrics,
+            refused: AtomicU64::new(0),
+        }
     }
 
-    async fn accept(&mut self) -> io::Result<(Self::Io, LocalAddr, RemoteAddr, poem::http::uri::Scheme)> {
-        let (stream, local, remote, scheme) = self.acceptor.accept().await?;
-        stream.set_nodelay(true)?;
-        let connection = Lingering {
-            stream: Some(stream),
-            lingering: self.lingering.clone(),
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    /// The next connection within the limits, and its peer. A connection
+    /// over a limit is closed at once, so the backlog keeps moving and
+    /// other addresses still get in. Never fails: when accepting fails
+    /// (out of file descriptors, say) it logs, waits and tries again,
+    /// backing off, rather than spinning.
+    pub async fn accept(&self) -> (Lingering, SocketAddr) {
+        let mut backoff = Duration::ZERO;
+        loop {
+            match self.tcp.accept().await {
+                Ok((stream, peer)) => {
+                    backoff = Duration::ZERO;
+                    let Some(slot) = self.take_slot(peer.ip()) else {
+                        continue;
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let connection = Lingering {
+                        stream: Some(stream),
+                        lingering: self.lingering.clone(),
+                        slot: Some(slot),
+                    };
+                    return (connection, peer);
+                }
+                // The peer gave up before it was accepted: nothing to wait for.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => {
+                    backoff = (backoff * 2).clamp(Duration::from_millis(5), MAX_ACCEPT_BACKOFF);
+                    tracing::warn!(error = %e, retry_in = ?backoff, "accepting a connection failed");
+                    tokio::time::sleep(backoff).await;
+                }
+            }
+        }
+    }
+
+    /// A slot for a connection from `address`, if both limits allow one.
+    fn take_slot(&self, address: IpAddr) -> Option<Slot> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let from_address = open.by_address.get(&address).copied().unwrap_or(0);
+        let limit = if open.total >= self.limits.total {
+            Some("replica")
+        } else if self.limits.per_address > 0 && from_address >= self.limits.per_address {
+            Some("address")
+        } else {
+            None
         };
-        Ok((connection, local, remote, scheme))
+        if let Some(limit) = limit {
+            drop(open);
+            self.metrics.connection_refused(limit);
+            // The first refusal, then one in a thousand: an attack must not flood the log.
+            if self.refused.fetch_add(1, Ordering::Relaxed).is_multiple_of(1000) {
+                tracing::warn!(limit, %address, "connection refused: too many open connections");
+            }
+            return None;
+        }
+        open.total += 1;
+        *open.by_address.entry(address).or_default() += 1;
+        Some(Slot {
+            open: self.open.clone(),
+            address,
+        })
     }
 }
 
@@ -73,6 +176,8 @@ pub struct Lingering {
     /// `None` only once dropped.
     stream: Option<TcpStream>,
     lingering: Arc<Semaphore>,
+    /// Held until the socket is let go, lingering included.
+    slot: Option<Slot>,
 }
 
 impl Lingering {
@@ -127,9 +232,10 @@ impl Drop for Lingering {
             return;
         };
         if let Ok(permit) = self.lingering.clone().try_acquire_owned() {
+            let slot = self.slot.take();
             runtime.spawn(async move {
                 linger(stream).await;
-                drop(permit);
+                drop((permit, slot));
             });
         }
     }

@@ -1,16 +1,11 @@
-//! What wraps every request: its span, log line and metrics; CORS; the
-//! body limit; and `Connection: close` on an answer given before the body
-//! was read.
+//! What wraps every request: its span, log line and metrics, and CORS.
+//! (Reading its body is `api::body`'s.)
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
-use poem::http::{Method, header};
+use poem::http::Method;
 use poem::middleware::Cors;
-use poem::{Endpoint, IntoResponse, Request, Response};
+use poem::{Endpoint, Request, Response};
 use tracing::Instrument;
 
-use crate::protocol::MAX_BODY_BYTES;
 use crate::state::AppState;
 use crate::telemetry;
 
@@ -84,66 +79,4 @@ pub fn cors(origins: &[String]) -> Cors {
     } else {
         cors.allow_origins(origins.iter().map(String::as_str))
     }
-}
-
-/// Set once a request's body has been read in full (by [`limit_body`]).
-#[derive(Clone, Default)]
-struct BodyRead(Arc<AtomicBool>);
-
-/// An answer given before the request's body was read in full (a 413, a
-/// refused origin) says `Connection: close`: the rest of the body is never
-/// read, so the connection cannot carry another request. The lingering
-/// close (`api::listener`) then lets the answer arrive while the client is
-/// still sending.
-pub async fn close_if_body_unread<E: Endpoint>(ep: E, mut req: Request) -> poem::Result<Response> {
-    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
-        || req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .is_some_and(|n| n.as_bytes() != b"0");
-    let read = BodyRead::default();
-    req.extensions_mut().insert(read.clone());
-    let mut response = ep.call(req).await?.into_response();
-    if has_body && !read.0.load(Ordering::Relaxed) {
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
-    }
-    Ok(response)
-}
-
-/// Reads the body up to the limit, so an oversized one is a 413 whether or
-/// not it declares its length.
-pub async fn limit_body(mut req: Request) -> poem::Result<Request> {
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY_BYTES) {
-        return Err(too_large());
-    }
-    let body = req
-        .take_body()
-        .into_bytes_limit(MAX_BODY_BYTES)
-        .await
-        .map_err(|e| match e {
-            poem::error::ReadBodyError::PayloadTooLarge => too_large(),
-            other => other.into(),
-        })?;
-    req.set_body(body);
-    if let Some(read) = req.extensions().get::<BodyRead>() {
-        read.0.store(true, Ordering::Relaxed);
-    }
-    Ok(req)
-}
-
-fn too_large() -> poem::Error {
-    poem::Error::from_string(
-        format!(
-            "the request body is over the {} MB limit",
-            MAX_BODY_BYTES / (1024 * 1024)
-        ),
-        poem::http::StatusCode::PAYLOAD_TOO_LARGE,
-    )
 }

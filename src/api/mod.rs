@@ -4,11 +4,13 @@
 //! connection handling. [`app`] puts them together.
 
 pub mod auth;
+pub mod body;
 pub mod error;
 pub mod health;
 pub mod listener;
 pub mod middleware;
 pub mod realtime;
+pub mod server;
 pub mod stream;
 pub mod sync;
 
@@ -17,16 +19,16 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::Context;
-use poem::listener::TcpAcceptor;
 use poem::web::{Data, Json};
-use poem::{Endpoint, EndpointExt, IntoEndpoint, Response, Route, Server, get};
+use poem::{Endpoint, EndpointExt, IntoEndpoint, Response, Route, get};
 use poem_openapi::{OpenApi, OpenApiService, Tags};
 
 use crate::state::AppState;
 
+use self::body::BodyGate;
 use self::error::json_error;
 use self::health::HealthApi;
-use self::listener::Listener;
+use self::listener::{ConnectionLimits, Listener};
 use self::stream::StreamApi;
 use self::sync::SyncApi;
 
@@ -63,6 +65,7 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
     let api = openapi();
     let (spec, docs) = (api.spec_endpoint(), api.swagger_ui());
     let cors = middleware::cors(&state.config.cors_origins);
+    let bodies = BodyGate::new(&state.config, state.metrics.clone());
     Route::new()
         .at("/openapi.json", spec)
         .at("/.well-known/jwks.json", get(local_jwks))
@@ -70,11 +73,14 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
         .at("/ws/:appId", get(realtime::app_socket))
         .nest("/docs", docs)
         .nest("/", api)
-        .around(|ep, req| async move { ep.call(middleware::limit_body(req).await?).await })
+        .around(move |ep, req| {
+            let bodies = bodies.clone();
+            async move { bodies.call(&ep, req).await }
+        })
         .catch_all_error(json_error)
         .with(cors)
         .catch_all_error(json_error)
-        .around(middleware::close_if_body_unread)
+        .around(body::close_if_body_unread)
         .around(middleware::log_request)
         .data(state)
         .into_endpoint()
@@ -115,16 +121,23 @@ fn local_jwks(Data(state): Data<&AppState>) -> poem::Result<Json<serde_json::Val
     }
 }
 
-/// Serves [`app`] on `listener` until `shutdown` resolves, then lets
-/// in-flight requests finish for up to `grace`.
+/// Serves [`app`] on `listener`, within the connection limits of the
+/// configuration, until `shutdown` resolves, then lets in-flight requests
+/// finish for up to `grace`.
 pub async fn serve(
     state: AppState,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) -> anyhow::Result<()> {
-    Server::new_with_acceptor(Listener::new(TcpAcceptor::from_tokio(listener)?))
-        .run_with_graceful_shutdown(app(state), shutdown, Some(grace))
+    let config = &state.config;
+    let limits = ConnectionLimits {
+        total: config.max_connections,
+        per_address: config.max_connections_per_address,
+    };
+    let idle_timeout = config.idle_timeout;
+    let listener = Listener::new(listener, limits, state.metrics.clone());
+    server::run(listener, app(state), idle_timeout, shutdown, grace)
         .await
         .context("server failed")
 }

@@ -33,6 +33,10 @@ pub enum PushError {
     /// `MAX_BATCH_CHANGES` changes.
     #[oai(status = 413)]
     PayloadTooLarge(Json<ErrorBody>),
+    /// The body stopped arriving for `BODY_TIMEOUT`, or came slower than
+    /// `BODY_MIN_RATE` bytes a second. Nothing was recorded.
+    #[oai(status = 408)]
+    RequestTimeout(Json<ErrorBody>),
     /// The `Idempotency-Key` was already used for a different request.
     #[oai(status = 422)]
     Unprocessable(Json<ErrorBody>),
@@ -44,9 +48,13 @@ pub enum PushError {
     /// A server fault; details are in the server's log, never in the response.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
+    /// The replica holds as many request bodies as its `BODY_BUDGET`
+    /// allows. Nothing was recorded; retry after the given seconds.
+    #[oai(status = 503)]
+    ServiceUnavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
 }
 
-operation_errors!(PushError, PayloadTooLarge, Unprocessable);
+operation_errors!(PushError, PayloadTooLarge, RequestTimeout, Unprocessable);
 
 /// Why a pull was refused.
 #[derive(Debug, ApiResponse)]

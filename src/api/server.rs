@@ -1,0 +1,121 @@
+//! Serving HTTP on the accepted connections: hyper's HTTP/1.1 and HTTP/2
+//! (with upgrades, for WebSockets) under a header timeout, until shutdown.
+//!
+//! poem's own `Server` sets no timer on hyper, so a connection that never
+//! completes a request head (a silent socket, headers sent a byte at a
+//! time, a keep-alive connection left idle) would be held for ever. This
+//! loop drives hyper itself, with hyper's header read timeout, and hands
+//! each request to the poem application.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use poem::http::uri::Scheme;
+use poem::web::{LocalAddr, RemoteAddr};
+use poem::{Endpoint, EndpointExt, Response};
+use tokio::sync::{mpsc, watch};
+
+use crate::api::listener::{Lingering, Listener};
+
+/// Where the server is in its life, as every connection sees it.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    Serving,
+    /// Finish the request in flight, then close.
+    Draining,
+    /// The grace period is over: close now.
+    Ended,
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then lets the
+/// requests in flight finish for up to `grace`, and ends the rest.
+///
+/// `idle_timeout` bounds the wait for a request's head, from a
+/// connection's opening or from the previous response until the head is
+/// complete: it closes idle keep-alive connections and ones whose headers
+/// trickle in. HTTP/1.1 only: browsers speak HTTP/2 only over TLS, which
+/// the load balancer ends.
+pub async fn run(
+    listener: Listener,
+    app: impl Endpoint + 'static,
+    idle_timeout: Duration,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let app = Arc::new(app.map_to_response());
+    let local = LocalAddr(listener.local_addr()?.into());
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(idle_timeout);
+    let (phase, watching) = watch::channel(Phase::Serving);
+    // Every connection holds a sender; when all are gone, all have ended.
+    let (open, mut all_closed) = mpsc::channel::<()>(1);
+    tokio::pin!(shutdown);
+    loop {
+        let (io, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        let service = {
+            let (app, local, remote) = (app.clone(), local.clone(), RemoteAddr(peer.into()));
+            hyper::service::service_fn(move |req: poem::http::Request<Incoming>| {
+                let (app, local, remote) = (app.clone(), local.clone(), remote.clone());
+                async move {
+                    let response: Response = app.get_response((req, local, remote, Scheme::HTTP).into()).await;
+                    Ok::<_, Infallible>(hyper::Response::from(response))
+                }
+            })
+        };
+        tokio::spawn(connection(http.clone(), io, service, watching.clone(), open.clone()));
+    }
+    // No more connections are accepted; those open finish what they do.
+    drop(listener);
+    drop(open);
+    let _ = phase.send(Phase::Draining);
+    if tokio::time::timeout(grace, all_closed.recv()).await.is_err() {
+        tracing::warn!(
+            ?grace,
+            "requests still in flight at the end of the grace period were cut off"
+        );
+        let _ = phase.send(Phase::Ended);
+    }
+    Ok(())
+}
+
+/// Serves one connection until it closes or the server's [`Phase`] ends it.
+async fn connection<S, B>(
+    http: http1::Builder,
+    io: Lingering,
+    service: S,
+    mut phase: watch::Receiver<Phase>,
+    _open: mpsc::Sender<()>,
+) where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let connection = http.serve_connection(TokioIo::new(io), service).with_upgrades();
+    tokio::pin!(connection);
+    let drained = tokio::select! {
+        result = connection.as_mut() => Some(result),
+        _ = phase.wait_for(|p| *p >= Phase::Draining) => None,
+    };
+    let result = match drained {
+        Some(result) => result,
+        None => {
+            connection.as_mut().graceful_shutdown();
+            tokio::select! {
+                result = connection.as_mut() => result,
+                _ = phase.wait_for(|p| *p == Phase::Ended) => Ok(()),
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
