@@ -21,6 +21,9 @@ pub const MAX_ID_BYTES: usize = 256;
 /// A page stops once its records' JSON passes this size (it always holds at
 /// least one record), so a page of large records cannot exhaust memory.
 pub const MAX_PAGE_BYTES: i64 = 8 * 1024 * 1024;
+/// Most digits a JSON number in user data may have, written out in full,
+/// on either side of the point.
+pub const MAX_NUMBER_DIGITS: usize = 1000;
 /// Records per pull page when the client names no `limit`.
 pub const DEFAULT_PULL_LIMIT: u32 = 1000;
 /// The largest `limit` a pull may ask for.

@@ -8,8 +8,9 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339, macros::form
 
 /// An instant with nanosecond precision, as nanoseconds since 1970-01-01T00:00:00Z.
 ///
-/// `i64` nanoseconds cover the years 1677 to 2262, which is more than any
-/// device clock the server accepts (future times are clamped, see `validate`).
+/// `i64` nanoseconds cover the years 1677 to 2262. Times outside that span
+/// are saturated to its ends when parsed: any RFC 3339 time is accepted,
+/// and future times are clamped anyway (see `validate`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Timestamp(pub i64);
 
@@ -18,8 +19,6 @@ pub struct Timestamp(pub i64);
 pub enum TimestampError {
     #[error("'{0}' is not an RFC 3339 timestamp (for example 2024-01-01T10:00:00.000Z)")]
     Malformed(String),
-    #[error("'{0}' is outside the supported range (years 1678 to 2261)")]
-    OutOfRange(String),
 }
 
 impl Timestamp {
@@ -38,10 +37,17 @@ impl Timestamp {
         Timestamp(self.0.saturating_sub(self.0.rem_euclid(1_000_000)))
     }
 
-    /// Parses any RFC 3339 form (any offset, any number of fractional digits).
+    /// The earliest and latest instants a [`Timestamp`] holds.
+    pub const MIN: Timestamp = Timestamp(i64::MIN);
+    pub const MAX: Timestamp = Timestamp(i64::MAX);
+
+    /// Parses any RFC 3339 form (any offset, any number of fractional
+    /// digits, years 0000 to 9999); a time beyond the years 1677 to 2262 is
+    /// the nearest end of that span.
     pub fn parse(s: &str) -> Result<Timestamp, TimestampError> {
         let dt = OffsetDateTime::parse(s, &Rfc3339).map_err(|_| TimestampError::Malformed(s.to_owned()))?;
-        Timestamp::from_datetime(dt).ok_or_else(|| TimestampError::OutOfRange(s.to_owned()))
+        let nanos = dt.unix_timestamp_nanos();
+        Ok(Timestamp(nanos.clamp(i64::MIN.into(), i64::MAX.into()) as i64))
     }
 
     fn from_datetime(dt: OffsetDateTime) -> Option<Timestamp> {
@@ -108,10 +114,20 @@ mod tests {
             Timestamp::parse("2024-01-01"),
             Err(TimestampError::Malformed(_))
         ));
-        assert!(matches!(
-            Timestamp::parse("9999-01-01T00:00:00Z"),
-            Err(TimestampError::OutOfRange(_))
-        ));
+    }
+
+    #[test]
+    fn times_beyond_the_span_saturate() {
+        assert_eq!(Timestamp::parse("9999-12-31T23:59:59.999Z"), Ok(Timestamp::MAX));
+        assert_eq!(Timestamp::parse("0000-01-01T00:00:00Z"), Ok(Timestamp::MIN));
+        assert_eq!(Timestamp::parse("1600-06-01T00:00:00+02:00"), Ok(Timestamp::MIN));
+        assert_eq!(
+            Timestamp::parse("2262-04-11T23:47:16.854775807Z"),
+            Ok(Timestamp::MAX),
+            "the last instant itself"
+        );
+        assert!(Timestamp::MAX.to_fixed_string().starts_with("2262-"));
+        assert!(Timestamp::MIN.to_fixed_string().starts_with("1677-"));
     }
 
     #[test]

@@ -9,7 +9,9 @@ use crate::change_log::{Batch, Change};
 use crate::cursor::Cursor;
 use crate::error::{Error, Result};
 use crate::fold::{DELETED_AT, FieldWrite, UPDATED_AT};
-use crate::protocol::{BadText, ChangeInput, MAX_ID_BYTES, MAX_NAME_BYTES, Op, PushRequest, check_text};
+use crate::protocol::{
+    BadText, ChangeInput, MAX_ID_BYTES, MAX_NAME_BYTES, MAX_NUMBER_DIGITS, Op, PushRequest, check_text,
+};
 use crate::timestamp::Timestamp;
 
 /// The rules a push is checked against.
@@ -51,24 +53,48 @@ fn nul(what: &str) -> Error {
     )
 }
 
-/// Rejects NUL characters anywhere in a JSON value, keys included: the
-/// database cannot store them.
-fn no_nul(what: &str, value: &Value) -> Result<()> {
+/// Rejects what no store can keep exactly, anywhere in a JSON value:
+/// NUL characters (keys included), and numbers that written out in full
+/// have more than [`MAX_NUMBER_DIGITS`] digits on either side of the
+/// point (PostgreSQL would write `1e100000` out in full). Every other
+/// number is kept with its digits, whatever its size.
+fn storable(what: &str, value: &Value) -> Result<()> {
     match value {
         Value::String(s) if s.contains('\0') => Err(nul(what)),
-        Value::Array(items) => items.iter().try_for_each(|v| no_nul(what, v)),
+        Value::Number(n) if !number_in_range(&n.to_string()) => Err(Error::invalid(
+            "number_out_of_range",
+            format!(
+                "{what}: a number written out in full may have at most {MAX_NUMBER_DIGITS} digits on either side of the point"
+            ),
+        )),
+        Value::Array(items) => items.iter().try_for_each(|v| storable(what, v)),
         Value::Object(map) => map.iter().try_for_each(|(k, v)| {
             if k.contains('\0') {
                 Err(nul(what))
             } else {
-                no_nul(what, v)
+                storable(what, v)
             }
         }),
         _ => Ok(()),
     }
 }
 
-/// Checks an `Idempotency-Key`: 1-256 bytes, no control characters.
+/// Whether a JSON number (its text) written out in full keeps within
+/// [`MAX_NUMBER_DIGITS`] on either side of the point.
+fn number_in_range(text: &str) -> bool {
+    let (mantissa, exponent) = match text.find(['e', 'E']) {
+        Some(i) => (&text[..i], text[i + 1..].parse::<i64>().ok()),
+        None => (text, Some(0)),
+    };
+    let Some(exponent) = exponent else {
+        return false; // an exponent beyond i64: far out of range
+    };
+    let mantissa = mantissa.trim_start_matches('-');
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let max = MAX_NUMBER_DIGITS as i64;
+    whole.len() as i64 + exponent <= max && fraction.len() as i64 - exponent <= max
+}
+
 pub fn idempotency_key(key: &str) -> Result<()> {
     if check_text(key, MAX_ID_BYTES).is_err() {
         return Err(Error::invalid(
@@ -264,7 +290,7 @@ fn data_writes(
 /// deleted, so it must be a timestamp or null, never just any value.
 fn field_write(name: String, value: Value, at: Timestamp, untimed: bool) -> Result<FieldWrite> {
     self::name("field name", &name)?;
-    no_nul(&name, &value)?;
+    storable(&name, &value)?;
     if name == DELETED_AT && !value.is_null() {
         match value.as_str().map(Timestamp::parse) {
             Some(Ok(_)) => {}
@@ -462,5 +488,35 @@ mod tests {
         let mut anonymous = request(json!([]));
         anonymous.client_id = None;
         assert_eq!(code(push(None, anonymous, now(), LIMITS)), "missing_client_id");
+    }
+
+    #[test]
+    fn numbers_are_kept_unless_written_out_they_pass_the_digit_bound() {
+        for kept in [
+            "0",
+            "-7",
+            "1.50",
+            "1e2",
+            "1E-7",
+            "-0",
+            "1180591620717411303424123",
+            "1e999",
+            "1e-999",
+            "0.5e-999",
+        ] {
+            assert!(number_in_range(kept), "{kept}");
+        }
+        let thousand_digits = "9".repeat(1000);
+        assert!(number_in_range(&thousand_digits));
+        for refused in [
+            "1e1000",
+            "10e999",
+            "1e-1001",
+            "0.1e-1000",
+            "1e99999999999999999999",
+            &format!("{thousand_digits}0"),
+        ] {
+            assert!(!number_in_range(refused), "{refused}");
+        }
     }
 }

@@ -49,13 +49,35 @@ fn keep(received: &Received, format: &str, request: ExportTraceServiceRequest) {
     }
 }
 
+/// Turns every `{"doubleValue": n}` into `{"stringValue": "n"}`. The
+/// server keeps user data's numbers exactly (serde_json's
+/// `arbitrary_precision`), and with that feature opentelemetry-proto's
+/// flattened `AnyValue` cannot read a JSON number; no assertion here reads
+/// a double attribute.
+fn doubles_as_strings(json: &mut serde_json::Value) {
+    match json {
+        serde_json::Value::Object(map) => {
+            if let Some(serde_json::Value::Number(n)) = map.get("doubleValue") {
+                let text = n.to_string();
+                map.remove("doubleValue");
+                map.insert("stringValue".to_owned(), serde_json::Value::String(text));
+            }
+            map.values_mut().for_each(doubles_as_strings);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(doubles_as_strings),
+        _ => {}
+    }
+}
+
 /// OTLP/HTTP `POST /v1/traces`, protobuf or JSON.
 #[handler]
 async fn export(req: &poem::Request, body: Vec<u8>, received: Data<&Received>) -> poem::Result<()> {
     let bad = |e: String| poem::Error::from_string(e, poem::http::StatusCode::BAD_REQUEST);
     let format = req.content_type().unwrap_or_default();
     let request = if format == "application/json" {
-        serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?
+        let mut json: serde_json::Value = serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
+        doubles_as_strings(&mut json);
+        serde_json::from_value(json).map_err(|e| bad(e.to_string()))?
     } else {
         ExportTraceServiceRequest::decode(body.as_slice()).map_err(|e| bad(e.to_string()))?
     };

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
+use sqlx::{ConnectOptions, Connection, Sqlite, SqliteConnection, SqlitePool, Transaction};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -75,12 +75,19 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(config.lock_timeout);
+        // Opened once outside the pool, so that start-up (creating the
+        // file, switching it to WAL) is not bound by the pool's wait of
+        // LOCK_TIMEOUT, which is a push's.
+        options
+            .connect()
+            .await
+            .with_context(|| format!("failed to open the SQLite database {}", path.display()))?
+            .close()
+            .await?;
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(config.lock_timeout)
-            .connect_with(options.clone())
-            .await
-            .with_context(|| format!("failed to open the SQLite database {}", path.display()))?;
+            .connect_lazy_with(options.clone());
         let reader = SqlitePoolOptions::new()
             .max_connections(config.database_max_connections.clamp(1, 8))
             .acquire_timeout(Duration::from_secs(10))
@@ -108,11 +115,16 @@ impl SqliteStore {
         &self.reader
     }
 
+    /// Applies pending migrations, on a connection of its own (not bound
+    /// by the writer pool's wait of LOCK_TIMEOUT).
     pub async fn migrate(&self) -> anyhow::Result<()> {
+        let mut conn = self.writer.connect_options().connect().await?;
         MIGRATOR
-            .run(&self.writer)
+            .run(&mut conn)
             .await
-            .with_context(|| format!("failed to apply migrations to {}", self.path.display()))
+            .with_context(|| format!("failed to apply migrations to {}", self.path.display()))?;
+        conn.close().await?;
+        Ok(())
     }
 
     /// Begins the (only) write transaction; waiting for it longer than
