@@ -62,6 +62,12 @@ pub struct Config {
     pub max_connections: usize,
     /// Most TCP connections open at once from one IP address (0: no limit).
     pub max_connections_per_address: usize,
+    /// Pushes a second one user may make on one replica (0: no limit).
+    pub push_rate: u32,
+    /// Pulls a second one user may make on one replica (0: no limit).
+    pub pull_rate: u32,
+    /// Streams and sockets a second one user may open on one replica (0: no limit).
+    pub open_rate: u32,
 }
 
 /// A setting that is missing or malformed; its message names the variable.
@@ -120,6 +126,9 @@ impl Config {
             body_budget: env.parse("BODY_BUDGET", "268435456")?,
             max_connections: env.parse("MAX_CONNECTIONS", "10000")?,
             max_connections_per_address: env.parse("MAX_CONNECTIONS_PER_ADDRESS", "1000")?,
+            push_rate: env.parse("PUSH_RATE", "20")?,
+            pull_rate: env.parse("PULL_RATE", "20")?,
+            open_rate: env.parse("OPEN_RATE", "2")?,
         })
     }
 }

@@ -22,6 +22,9 @@ pub enum Error {
     /// behind other pushes) or for a database connection (every one in use).
     #[error("the server is busy; retry shortly")]
     Busy,
+    /// The user went over a rate limit; the next attempt is allowed after this long.
+    #[error("too many requests from this user; retry after the given time")]
+    RateLimited(std::time::Duration),
     /// A server-side fault: logged with its cause chain, answered with a bare 500.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),

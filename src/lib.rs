@@ -12,7 +12,8 @@
 //!   are the OpenAPI schema), `change_log`, `projection`, `validate`,
 //!   `idempotency`;
 //! - `store`: the PostgreSQL and SQLite dialects behind one contract;
-//! - services: `auth` (tokens), `hub` (this replica's subscribers),
+//! - services: `auth` (tokens), `throttle` (per-user rate limits),
+//!   `hub` (this replica's subscribers),
 //!   `fanout` (NOTIFY/LISTEN between replicas, over the PostgreSQL store),
 //!   `sync` (push, pull, rebuild; it announces through `fanout`);
 //! - `state`: what every handler shares;
@@ -37,5 +38,6 @@ pub mod state;
 pub mod store;
 pub mod sync;
 pub mod telemetry;
+pub mod throttle;
 pub mod timestamp;
 pub mod validate;

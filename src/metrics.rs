@@ -27,6 +27,11 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabels {
+    action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PoolLabels {
     state: &'static str,
 }
@@ -54,6 +59,7 @@ struct Inner {
     jwt_failures: Family<ReasonLabels, Counter>,
     connections_refused: Family<ReasonLabels, Counter>,
     requests_shed: Family<ReasonLabels, Counter>,
+    throttled: Family<ActionLabels, Counter>,
     connections: Gauge,
     users_connected: Gauge,
     notifications_sent: Counter,
@@ -82,6 +88,7 @@ impl Metrics {
             jwt_failures: Family::default(),
             connections_refused: Family::default(),
             requests_shed: Family::default(),
+            throttled: Family::default(),
             connections: Gauge::default(),
             users_connected: Gauge::default(),
             notifications_sent: Counter::default(),
@@ -122,6 +129,11 @@ impl Metrics {
             "connections_refused",
             "TCP connections closed at once, by the limit they met (replica, address)",
             inner.connections_refused.clone(),
+        );
+        registry.register(
+            "throttled",
+            "Requests and socket opens refused by a user's rate limit, by action (push, pull, open)",
+            inner.throttled.clone(),
         );
         registry.register(
             "requests_shed",
@@ -208,6 +220,11 @@ impl Metrics {
             .connections_refused
             .get_or_create(&ReasonLabels { reason })
             .inc();
+    }
+
+    /// A request or socket refused by its user's rate limit.
+    pub fn throttled(&self, action: &'static str) {
+        self.inner.throttled.get_or_create(&ActionLabels { action }).inc();
     }
 
     /// A request refused while its body was read.

@@ -24,6 +24,11 @@ pub const MAX_PAGE_BYTES: i64 = 8 * 1024 * 1024;
 /// Most digits a JSON number in user data may have, written out in full,
 /// on either side of the point.
 pub const MAX_NUMBER_DIGITS: usize = 1000;
+/// Most collections one change stream follows.
+pub const MAX_STREAM_COLLECTIONS: usize = 100;
+/// Largest WebSocket message (and frame) a client may send: its messages
+/// are `auth` frames, a token and a client id.
+pub const MAX_SOCKET_MESSAGE_BYTES: usize = 64 * 1024;
 /// Records per pull page when the client names no `limit`.
 pub const DEFAULT_PULL_LIMIT: u32 = 1000;
 /// The largest `limit` a pull may ask for.

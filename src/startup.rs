@@ -19,7 +19,10 @@ pub async fn serve(
     let addr = listener.local_addr().context("listener has no address")?;
     raise_open_files_limit();
     let timeout = state.config.shutdown_timeout;
-    let mut background = vec![state.auth.spawn_refresh(state.config.jwks_refresh)];
+    let mut background = vec![
+        state.auth.spawn_refresh(state.config.jwks_refresh),
+        state.throttle.spawn_pruning(),
+    ];
     match state.store.notify_options() {
         Some(options) => background.push(tokio::spawn(fanout::listen_forever(
             options,

@@ -8,6 +8,7 @@ use crate::fanout::Notifier;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::store::Store;
+use crate::throttle::Throttle;
 
 /// The server's shared state. Cheap to clone.
 #[derive(Clone)]
@@ -18,6 +19,7 @@ pub struct AppState {
     pub hub: Hub,
     pub notifier: Notifier,
     pub metrics: Metrics,
+    pub throttle: Throttle,
 }
 
 impl AppState {
@@ -42,7 +44,9 @@ impl AppState {
         let metrics = Metrics::new();
         let hub = Hub::new(config.max_sockets_per_user, config.max_sockets, metrics.clone());
         let notifier = Notifier::start(store.notify_options(), hub.clone());
+        let throttle = Throttle::new(&config, metrics.clone());
         Ok(AppState {
+            throttle,
             config: Arc::new(config),
             store,
             auth,

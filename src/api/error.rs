@@ -59,6 +59,9 @@ impl From<Error> for Answer {
             Error::TooLarge { code, message } => Answer::PayloadTooLarge(body(code, message)),
             e @ Error::IdempotencyKeyReused(_) => Answer::Unprocessable(body("idempotency_key_reused", e.to_string())),
             e @ Error::Busy => Answer::TooManyRequests(body("busy", e.to_string()), 1),
+            e @ Error::RateLimited(wait) => {
+                Answer::TooManyRequests(body("rate_limited", e.to_string()), retry_after(wait))
+            }
             Error::Internal(e) => {
                 tracing::error!(error = ?e, "request failed");
                 Answer::Internal(internal())
@@ -130,6 +133,13 @@ impl Answer {
         }
         internal()
     }
+}
+
+/// Whole seconds for `Retry-After`, rounded up (at least 1).
+pub fn retry_after(wait: std::time::Duration) -> u32 {
+    u32::try_from(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
+        .unwrap_or(u32::MAX)
+        .max(1)
 }
 
 fn internal() -> Json<ErrorBody> {

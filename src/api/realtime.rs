@@ -22,15 +22,18 @@
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use poem::web::websocket::{CloseCode, Message, WebSocket, WebSocketStream};
+use poem::web::websocket::{CloseCode, Message, WebSocket, WebSocketConfig, WebSocketStream};
 use poem::web::{Data, Path, Query};
 use poem::{IntoResponse, handler};
 use serde::{Deserialize, Serialize};
 use tokio::time::{Instant, sleep_until, timeout};
 
-use crate::api::error::Answer;
+use crate::api::error::{Answer, retry_after};
+use crate::error::Error;
 use crate::hub::{Refusal, Subscription};
+use crate::protocol::MAX_SOCKET_MESSAGE_BYTES;
 use crate::state::AppState;
+use crate::throttle::Action;
 use crate::{sync, validate};
 
 /// A socket that has not authenticated by then is closed.
@@ -92,7 +95,7 @@ pub async fn app_socket(
 ) -> poem::Result<impl IntoResponse> {
     validate::name("appId", &app_id).map_err(Answer::from)?;
     let state = state.clone();
-    Ok(ws.on_upgrade(move |socket| session(socket, state, Some(app_id), params.client_id)))
+    Ok(limited(ws).on_upgrade(move |socket| session(socket, state, Some(app_id), params.client_id)))
 }
 
 /// `GET /ws`: notifications for every app of the user.
@@ -103,7 +106,17 @@ pub async fn user_socket(
     Data(state): Data<&AppState>,
 ) -> impl IntoResponse {
     let state = state.clone();
-    ws.on_upgrade(move |socket| session(socket, state, None, params.client_id))
+    limited(ws).on_upgrade(move |socket| session(socket, state, None, params.client_id))
+}
+
+/// A client sends only small messages (`auth`): anything larger, before
+/// or after authentication, ends the socket before it is buffered.
+fn limited(ws: WebSocket) -> WebSocket {
+    ws.config(
+        WebSocketConfig::default()
+            .max_message_size(Some(MAX_SOCKET_MESSAGE_BYTES))
+            .max_frame_size(Some(MAX_SOCKET_MESSAGE_BYTES)),
+    )
 }
 
 type Sink = futures_util::stream::SplitSink<WebSocketStream, Message>;
@@ -159,6 +172,10 @@ async fn session(socket: WebSocketStream, state: AppState, app_id: Option<String
         }
     };
 
+    if let Err(Error::RateLimited(wait)) = state.throttle.check(Action::Open, &user.id) {
+        let reason = format!("too many sockets opened; retry in {} s", retry_after(wait));
+        return close(&mut sink, CloseCode::Again, &reason).await;
+    }
     let subscription = match hub.subscribe(&user.id, app_id.as_deref(), client_id.as_deref()) {
         Ok(s) => s,
         Err(refusal) => return refuse(&mut sink, refusal).await,

@@ -24,8 +24,9 @@ use crate::api::error::{Answer, ErrorBody, operation_errors};
 use crate::cursor::Cursor;
 use crate::error::Error;
 use crate::hub::Subscription;
-use crate::protocol::{ChangeEvent, DEFAULT_PULL_LIMIT};
+use crate::protocol::{ChangeEvent, DEFAULT_PULL_LIMIT, MAX_STREAM_COLLECTIONS};
 use crate::state::AppState;
+use crate::throttle::Action;
 use crate::{sync, validate};
 
 pub struct StreamApi;
@@ -71,12 +72,13 @@ impl StreamApi {
         /// The app (1-128 bytes).
         #[oai(name = "appId")]
         app_id: Path<String>,
-        /// Comma-separated collections to follow (at least one).
+        /// Comma-separated collections to follow (1 to 100).
         collections: Query<String>,
         /// A cursor this server returned, or any RFC 3339 timestamp. Defaults to the beginning.
         since: Query<Option<String>>,
     ) -> Result<EventStream<BoxStream<'static, Option<ChangeEvent>>>, StreamError> {
         let user = auth.0;
+        state.throttle.check(Action::Open, &user.id)?;
         validate::name("appId", &app_id)?;
         tracing::Span::current().record("app_id", app_id.as_str());
         let collections: Vec<String> = collections
@@ -87,6 +89,13 @@ impl StreamApi {
             .collect();
         if collections.is_empty() {
             return Err(Error::invalid("invalid_name", "collections must name at least one collection").into());
+        }
+        if collections.len() > MAX_STREAM_COLLECTIONS {
+            return Err(Error::invalid(
+                "too_many_collections",
+                format!("a stream follows at most {MAX_STREAM_COLLECTIONS} collections"),
+            )
+            .into());
         }
         for collection in &collections {
             validate::name("collection", collection)?;

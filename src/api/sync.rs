@@ -13,6 +13,7 @@ use crate::idempotency;
 use crate::protocol::{DEFAULT_PULL_LIMIT, MAX_PULL_LIMIT, PushRequest, SyncResponse};
 use crate::state::AppState;
 use crate::sync::{self, Idempotency};
+use crate::throttle::Action;
 use crate::timestamp::Timestamp;
 use crate::validate::{self, Limits};
 
@@ -106,6 +107,7 @@ impl SyncApi {
         body: Json<PushRequest>,
     ) -> Result<Json<SyncResponse>, PushError> {
         let user = auth.0;
+        state.throttle.check(Action::Push, &user.id)?;
         validate::name("appId", &app_id)?;
         tracing::Span::current().record("app_id", app_id.as_str());
         // The fingerprint is taken over the changes as sent: validation
@@ -161,6 +163,7 @@ impl SyncApi {
         limit: Query<Option<u32>>,
     ) -> Result<Json<SyncResponse>, PullError> {
         let user = auth.0;
+        state.throttle.check(Action::Pull, &user.id)?;
         validate::name("appId", &app_id)?;
         tracing::Span::current().record("app_id", app_id.as_str());
         validate::name("collection", &collection)?;

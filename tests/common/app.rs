@@ -151,6 +151,11 @@ pub fn test_config(storage: &Storage, jwks: &JwksServer, overrides: &[(&str, &st
         ("CORS_ORIGINS".to_owned(), ORIGIN.to_owned()),
         ("DATABASE_MAX_CONNECTIONS".to_owned(), "10".to_owned()),
         ("SHUTDOWN_TIMEOUT".to_owned(), "2s".to_owned()),
+        // Tests and benchmarks send bursts no honest app sends; the rate
+        // limits have tests of their own (tests/throttle.rs).
+        ("PUSH_RATE".to_owned(), "0".to_owned()),
+        ("PULL_RATE".to_owned(), "0".to_owned()),
+        ("OPEN_RATE".to_owned(), "0".to_owned()),
     ]);
     for (k, v) in storage.env() {
         vars.insert(k.to_owned(), v);
