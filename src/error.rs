@@ -22,6 +22,10 @@ pub enum Error {
     /// behind other pushes) or for a database connection (every one in use).
     #[error("the server is busy; retry shortly")]
     Busy,
+    /// The database cannot be reached (down, restarting, or not yet
+    /// migrated at start-up); nothing was recorded.
+    #[error("the database cannot be reached; retry shortly")]
+    Unavailable,
     /// The user went over a rate limit; the next attempt is allowed after this long.
     #[error("too many requests from this user; retry after the given time")]
     RateLimited(std::time::Duration),

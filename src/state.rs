@@ -23,11 +23,11 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Opens the store (waiting until PostgreSQL answers), migrates, and
-    /// loads the JWKS.
+    /// Opens the store (PostgreSQL is migrated in the background as soon
+    /// as it answers; until then requests get 503), and loads the JWKS.
     pub async fn connect(config: Config) -> anyhow::Result<AppState> {
         let store = Store::open(&config).await?;
-        store.prepare(None).await?;
+        store.start().await?;
         tracing::info!(store = store.kind(), "storing in {}", store.describe());
         let auth = Authenticator::new(&config)?;
         match &config.jwks_url {

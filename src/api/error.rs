@@ -59,6 +59,7 @@ impl From<Error> for Answer {
             Error::TooLarge { code, message } => Answer::PayloadTooLarge(body(code, message)),
             e @ Error::IdempotencyKeyReused(_) => Answer::Unprocessable(body("idempotency_key_reused", e.to_string())),
             e @ Error::Busy => Answer::TooManyRequests(body("busy", e.to_string()), 1),
+            e @ Error::Unavailable => Answer::ServiceUnavailable(body("unavailable", e.to_string()), 2),
             e @ Error::RateLimited(wait) => {
                 Answer::TooManyRequests(body("rate_limited", e.to_string()), retry_after(wait))
             }
@@ -147,8 +148,8 @@ fn internal() -> Json<ErrorBody> {
 }
 
 /// Declares how `$operation`'s error type (an `ApiResponse` enum with
-/// variants `BadRequest`, `Unauthorized`, `TooManyRequests` and
-/// `Internal`, plus the `$extra` ones with a body alone, named as in
+/// variants `BadRequest`, `Unauthorized`, `TooManyRequests`, `Internal`
+/// and `ServiceUnavailable`, plus the `$extra` ones with a body alone, named as in
 /// [`Answer`]) is made
 /// from an [`Answer`] and, through it, from an [`Error`], so `?` works in
 /// the operation.
@@ -161,6 +162,7 @@ macro_rules! operation_errors {
                     Answer::BadRequest(body) => $operation::BadRequest(body),
                     Answer::Unauthorized(body) => $operation::Unauthorized(body),
                     Answer::TooManyRequests(body, retry_after) => $operation::TooManyRequests(body, retry_after),
+                    Answer::ServiceUnavailable(body, retry_after) => $operation::ServiceUnavailable(body, retry_after),
                     $(Answer::$extra(body) => $operation::$extra(body),)*
                     other => $operation::Internal(other.unlisted(stringify!($operation))),
                 }

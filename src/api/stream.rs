@@ -34,13 +34,14 @@ pub struct StreamApi;
 /// Why a change stream was refused.
 #[derive(Debug, ApiResponse)]
 pub enum StreamError {
-    /// A bad `appId`, `collections` or `since`.
+    /// A bad `appId`, `collections` (or more than 100) or `since`.
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
     /// The bearer token is missing, malformed, expired, or not signed by a key of the JWKS.
     #[oai(status = 401)]
     Unauthorized(Json<ErrorBody>),
-    /// The user or the replica has as many streams and sockets as allowed
+    /// The user opened too many streams and sockets lately (`OPEN_RATE`),
+    /// the user or the replica has as many as allowed
     /// (`MAX_SOCKETS_PER_USER`, `MAX_SOCKETS`), or the replica is shutting
     /// down; retry after the given seconds.
     #[oai(status = 429)]
@@ -48,6 +49,9 @@ pub enum StreamError {
     /// A server fault; details are in the server's log, never in the response.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
+    /// The database cannot be reached; retry after the given seconds.
+    #[oai(status = 503)]
+    ServiceUnavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
 }
 
 operation_errors!(StreamError);

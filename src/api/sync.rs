@@ -41,16 +41,18 @@ pub enum PushError {
     /// The `Idempotency-Key` was already used for a different request.
     #[oai(status = 422)]
     Unprocessable(Json<ErrorBody>),
-    /// The server is overloaded: this push waited longer than
-    /// `LOCK_TIMEOUT` for its turn, or every database connection stayed in
-    /// use. Nothing was recorded; retry after the given seconds.
+    /// Too many pushes from this user (`PUSH_RATE`), or the server is
+    /// overloaded: this push waited longer than `LOCK_TIMEOUT` for its
+    /// turn, or every database connection stayed in use. Nothing was
+    /// recorded; retry after the given seconds.
     #[oai(status = 429)]
     TooManyRequests(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
     /// A server fault; details are in the server's log, never in the response.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
-    /// The replica holds as many request bodies as its `BODY_BUDGET`
-    /// allows. Nothing was recorded; retry after the given seconds.
+    /// The database cannot be reached, or the replica holds as many
+    /// request bodies as its `BODY_BUDGET` allows. Nothing was recorded;
+    /// retry after the given seconds.
     #[oai(status = 503)]
     ServiceUnavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
 }
@@ -66,13 +68,17 @@ pub enum PullError {
     /// The bearer token is missing, malformed, expired, or not signed by a key of the JWKS.
     #[oai(status = 401)]
     Unauthorized(Json<ErrorBody>),
-    /// The server is overloaded (every database connection stayed in use);
-    /// retry after the given seconds.
+    /// Too many pulls from this user (`PULL_RATE`), or the server is
+    /// overloaded (every database connection stayed in use); retry after
+    /// the given seconds.
     #[oai(status = 429)]
     TooManyRequests(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
     /// A server fault; details are in the server's log, never in the response.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
+    /// The database cannot be reached; retry after the given seconds.
+    #[oai(status = 503)]
+    ServiceUnavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
 }
 
 operation_errors!(PullError);

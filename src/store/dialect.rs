@@ -106,6 +106,11 @@ pub trait Dialect {
     /// Whether the error means the database is busy: a wait for a lock
     /// timed out (`LOCK_TIMEOUT`), so a retry shortly may succeed.
     fn is_busy(e: &sqlx::Error) -> bool;
+
+    /// Whether the error means the database cannot be reached (the
+    /// connection broke, the server is down or restarting), so a retry in
+    /// a few seconds may succeed.
+    fn is_unavailable(e: &sqlx::Error) -> bool;
 }
 
 /// The statements a dialect runs on its pool, outside any user's
@@ -121,11 +126,15 @@ pub trait PoolDialect {
     fn ping(&self) -> impl Future<Output = sqlx::Result<()>> + Send;
 }
 
-/// A database error as the domain sees it: [`Error::Busy`] when the
-/// dialect says so, else a fault.
+/// A database error as the domain sees it: [`Error::Busy`] or
+/// [`Error::Unavailable`] when the dialect says so, else a fault.
 pub fn fault<D: Dialect>(e: sqlx::Error) -> Error {
     if D::is_busy(&e) {
         return Error::Busy;
+    }
+    if D::is_unavailable(&e) {
+        tracing::warn!(error = %e, "the database could not be reached");
+        return Error::Unavailable;
     }
     Error::Internal(anyhow::Error::new(e).context("database error"))
 }

@@ -112,7 +112,25 @@ impl Store {
         match self {
             Store::Postgres(store) => {
                 postgres::wait_until_reachable(&store.pool, deadline).await?;
-                postgres::migrate(&store.pool).await
+                postgres::migrate(&store.pool).await?;
+                store.availability.set(postgres::availability::Status::Up);
+                Ok(())
+            }
+            Store::Sqlite(store) => store.migrate().await,
+        }
+    }
+
+    /// Makes the store ready to serve without waiting for PostgreSQL: it is
+    /// migrated in the background as soon as it answers, and requests get
+    /// [`Error::Unavailable`] until then (and during outages). SQLite, a
+    /// local file, is migrated now.
+    ///
+    /// [`Error::Unavailable`]: crate::error::Error::Unavailable
+    pub async fn start(&self) -> anyhow::Result<()> {
+        match self {
+            Store::Postgres(store) => {
+                store.start();
+                Ok(())
             }
             Store::Sqlite(store) => store.migrate().await,
         }
@@ -206,10 +224,17 @@ impl Store {
         }
     }
 
-    /// Whether the database answers within 2 s. A pool whose connections
-    /// are all busy counts as answering (they are live, and a ping would
-    /// only queue behind them): under load a replica stays ready.
+    /// Whether the database answers within 2 s (on PostgreSQL, only if its
+    /// probe does not already know it down or not yet migrated; see
+    /// [`postgres::availability`]). A pool whose connections are all busy
+    /// counts as answering (they are live, and a ping would only queue
+    /// behind them): under load a replica stays ready.
     pub async fn ping(&self) -> bool {
+        if let Store::Postgres(store) = self
+            && store.availability.status() != postgres::availability::Status::Up
+        {
+            return false;
+        }
         let ping = async { pooled!(self, |pool| if saturated(pool) { Ok(()) } else { pool.ping().await }).is_ok() };
         tokio::time::timeout(Duration::from_secs(2), ping)
             .await

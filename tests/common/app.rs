@@ -117,6 +117,13 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
 
 /// A server on `storage`: the settings it gets, then `overrides` ("" unsets one).
 pub async fn start(storage: Storage, jwks: Arc<JwksServer>, overrides: &[(&str, &str)]) -> TestApp {
+    let app = start_without_waiting(storage, jwks, overrides).await;
+    app.wait_until_listening().await;
+    app
+}
+
+/// A server on `storage`, listening, without waiting for its database.
+pub async fn start_without_waiting(storage: Storage, jwks: Arc<JwksServer>, overrides: &[(&str, &str)]) -> TestApp {
     let config = test_config(&storage, &jwks, overrides);
     let state = AppState::connect(config.clone()).await.expect("the server starts");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -128,7 +135,7 @@ pub async fn start(storage: Storage, jwks: Arc<JwksServer>, overrides: &[(&str, 
     let server = tokio::spawn(startup::serve(state, listener, async {
         let _ = rx.await;
     }));
-    let app = TestApp {
+    TestApp {
         address,
         http: reqwest::Client::new(),
         storage,
@@ -137,9 +144,7 @@ pub async fn start(storage: Storage, jwks: Arc<JwksServer>, overrides: &[(&str, 
         config,
         shutdown: Some(tx),
         server: Some(server),
-    };
-    app.wait_until_listening().await;
-    app
+    }
 }
 
 /// The configuration of a test server on `storage`.

@@ -2,13 +2,14 @@
 //! common;` in each test binary, then `common::app` (a server per test, on
 //! either store, and the dual-store template), `common::pg` (a real
 //! PostgreSQL, one database per test), `common::tokens` (JWT keys, tokens,
-//! a JWKS server), `common::ws` (a WebSocket client) and `common::metrics`
-//! (reading `/metrics`).
+//! a JWKS server), `common::ws` (a WebSocket client), `common::metrics`
+//! (reading `/metrics`) and `common::proxy` (a database outage on demand).
 #![allow(dead_code, unused_macros)]
 
 pub mod app;
 pub mod metrics;
 pub mod pg;
+pub mod proxy;
 pub mod tokens;
 pub mod ws;
 

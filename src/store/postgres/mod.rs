@@ -1,6 +1,7 @@
 //! The PostgreSQL store: connecting, migrations, and per-user
 //! transactions under row-level security. Its statements are in [`sql`].
 
+pub mod availability;
 pub mod sql;
 
 use std::sync::Arc;
@@ -15,6 +16,8 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::store::dialect::fault;
 use crate::store::turns::{Turn, Turns};
+
+use self::availability::{Availability, Status};
 
 /// The migrations under `migrations/postgres/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -31,6 +34,19 @@ pub struct PgStore {
     /// plus [`CONNECTION_WAIT`] (0: never).
     last_connected: Arc<AtomicU64>,
     since: Instant,
+    /// Whether the database answers (see [`availability`]).
+    pub availability: Availability,
+    /// The probe behind `availability`, once started; ended with the last clone.
+    probe: Arc<std::sync::OnceLock<AbortOnDrop>>,
+}
+
+/// A task ended when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A transaction of the PostgreSQL store, holding its user's turn (when it
@@ -75,7 +91,21 @@ impl PgStore {
             lock_timeout: config.lock_timeout,
             last_connected: Arc::default(),
             since: Instant::now(),
+            availability: Availability::default(),
+            probe: Arc::default(),
         })
+    }
+
+    /// Starts, once, the task that migrates the database as soon as it
+    /// answers and then probes it: requests get [`Error::Unavailable`]
+    /// until it has migrated, and whenever the probe finds it down.
+    pub fn start(&self) {
+        self.probe.get_or_init(|| {
+            AbortOnDrop(tokio::spawn(availability::watch(
+                self.pool.clone(),
+                self.availability.clone(),
+            )))
+        });
     }
 
     /// Waits for `user_id`'s turn, then begins a transaction that writes
@@ -90,12 +120,24 @@ impl PgStore {
         Ok(PgTx::new(self.begin(user_id).await?, None))
     }
 
+    /// [`begin_for`] on the pool, at once [`Error::Unavailable`] while the
+    /// database is not up, and let go as soon as it is seen going down.
+    async fn begin(&self, user_id: &str) -> Result<Transaction<'static, Postgres>> {
+        if self.availability.status() != Status::Up {
+            return Err(Error::Unavailable);
+        }
+        tokio::select! {
+            begun = self.connect(user_id) => begun,
+            () = self.availability.lost() => Err(Error::Unavailable),
+        }
+    }
+
     /// [`begin_for`] on the pool. A pool that gives no connection in time,
     /// although requests got connections up to [`CONNECTION_WAIT`] before
     /// this one asked or since, is overloaded ([`Error::Busy`], a 429); one
-    /// that gave none for longer is failing to reach the database (a fault,
-    /// not something to retry in a second).
-    async fn begin(&self, user_id: &str) -> Result<Transaction<'static, Postgres>> {
+    /// that gave none for longer is failing to reach the database
+    /// ([`Error::Unavailable`]).
+    async fn connect(&self, user_id: &str) -> Result<Transaction<'static, Postgres>> {
         let now = || self.since.elapsed().as_millis() as u64 + CONNECTION_WAIT.as_millis() as u64;
         let asked = now();
         match begin_for(&self.pool, user_id).await {
@@ -166,8 +208,11 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
         .context("failed to connect to DATABASE_URL")?
         .detach();
     sql::no_lock_timeout(&mut conn).await?;
+    // `run_direct` is what `run` does on an acquired connection; called
+    // directly, the future is `Send` where the compiler cannot prove it of
+    // `run`'s `Acquire` bound (sqlx's own note), so it can run in a task.
     MIGRATOR
-        .run(&mut conn)
+        .run_direct(None, &mut conn, false)
         .await
         .context("failed to apply database migrations")?;
     warn_if_rls_bypassed(pool).await

@@ -229,6 +229,18 @@ impl Dialect for PgConnection {
         // SQLSTATE 55P03 lock_not_available: `lock_timeout` expired.
         e.as_database_error().and_then(|d| d.code()).as_deref() == Some("55P03")
     }
+
+    fn is_unavailable(e: &sqlx::Error) -> bool {
+        match e {
+            sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolClosed | sqlx::Error::PoolTimedOut => true,
+            // Class 08 connection exception; 57P01-57P03 the server is
+            // shutting down, crashed or starting; 53300 too many connections.
+            sqlx::Error::Database(d) => d
+                .code()
+                .is_some_and(|c| c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03" | "53300")),
+            _ => false,
+        }
+    }
 }
 
 impl PoolDialect for PgPool {
@@ -307,6 +319,12 @@ pub async fn listen(pool: &PgPool, channel: &str) -> sqlx::Result<PgListener> {
     listener.eager_reconnect(false);
     listener.listen(channel).await?;
     Ok(listener)
+}
+
+/// Whether a connection still answers.
+pub async fn ping_connection(conn: &mut PgConnection) -> sqlx::Result<()> {
+    sqlx::query("SELECT 1").execute(conn).await?;
+    Ok(())
 }
 
 /// Whether a listener's connection still answers (a half-open one does not).

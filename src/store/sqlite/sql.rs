@@ -229,6 +229,11 @@ impl Dialect for SqliteConnection {
             Some("5" | "261" | "517")
         )
     }
+
+    fn is_unavailable(_: &sqlx::Error) -> bool {
+        // A local file: there is no outage to wait out, only faults.
+        false
+    }
 }
 
 impl PoolDialect for SqlitePool {
