@@ -6,7 +6,7 @@ use common::app::{Backend, Postgres, Sqlite, both_stores};
 use rstest::rstest;
 use rstest_reuse::apply;
 
-use common::app::{APP, ORIGIN, expect_json, spawn_app};
+use common::app::{APP, ORIGIN, expect_error, expect_json, spawn_app};
 use reqwest::StatusCode;
 
 #[apply(both_stores)]
@@ -173,4 +173,32 @@ async fn health_reports_a_database_it_cannot_reach_and_recovers() {
         (up["status"].as_str(), up["database"].as_str()),
         (Some("ok"), Some("ok"))
     );
+}
+
+#[apply(both_stores)]
+async fn a_wrong_method_is_told_the_allowed_ones_and_a_wrong_body_type_is_a_declared_415(store: Backend) {
+    let app = store.spawn().await;
+    for (method, path, allow) in [
+        (reqwest::Method::PUT, "/sync/todo", "POST"),
+        (reqwest::Method::DELETE, "/health", "GET, HEAD"),
+        (reqwest::Method::POST, "/sync/todo/pull", "GET, HEAD"),
+        (reqwest::Method::POST, "/ws/todo", "GET, HEAD"),
+    ] {
+        let response = app.http.request(method.clone(), app.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        assert_eq!(response.headers()["allow"], allow, "{method} {path}");
+        expect_error(response, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
+    }
+    let response = app
+        .http
+        .post(app.url("/sync/todo"))
+        .bearer_auth(common::tokens::token_for("alice"))
+        .header("Content-Type", "text/plain")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    expect_error(response, StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type").await;
+    let spec: serde_json::Value = serde_json::from_str(&mana_sync::api::spec()).unwrap();
+    assert!(spec["paths"]["/sync/{appId}"]["post"]["responses"]["415"].is_object());
 }

@@ -1,9 +1,10 @@
-//! What wraps every request: its span, log line and metrics, and CORS.
+//! What wraps every request: its span, log line and metrics, CORS, and
+//! `Allow` on a 405.
 //! (Reading its body is `api::body`'s.)
 
-use poem::http::Method;
+use poem::http::{Method, StatusCode, header};
 use poem::middleware::Cors;
-use poem::{Endpoint, Request, Response};
+use poem::{Endpoint, IntoResponse, Request, Response};
 use tracing::Instrument;
 
 use crate::state::AppState;
@@ -59,6 +60,20 @@ pub async fn log_request<E: Endpoint>(next: E, req: Request) -> poem::Result<Res
     }
     .instrument(span)
     .await
+}
+
+/// A 405 says which methods the route answers (`Allow`, as RFC 9110 asks).
+pub async fn allow_on_405<E: Endpoint>(ep: E, req: Request) -> poem::Result<Response> {
+    let allow = super::allowed_methods(req.uri().path());
+    let mut response = ep.call(req).await?.into_response();
+    if response.status() == StatusCode::METHOD_NOT_ALLOWED
+        && let Some(allow) = allow
+    {
+        response
+            .headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+    }
+    Ok(response)
 }
 
 /// CORS for browser pages on the allowed origins (`*` allows any).

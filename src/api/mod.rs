@@ -81,28 +81,38 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
         .with(cors)
         .catch_all_error(json_error)
         .around(body::close_if_body_unread)
+        .around(middleware::allow_on_405)
         .around(middleware::log_request)
         .data(state)
         .into_endpoint()
 }
 
-/// The route template a request path falls under (`/sync/todo` →
-/// `/sync/{appId}`), for span names and metric labels: never the path
-/// itself, whose ids would make them unbounded. `None`: no route.
-pub fn route_of(path: &str) -> Option<&'static str> {
-    static ROUTES: OnceLock<Vec<String>> = OnceLock::new();
-    let routes = ROUTES.get_or_init(|| {
-        let operations = Operations::meta().into_iter().flat_map(|api| api.paths);
+/// Every route as a template, with the methods it answers (its `Allow`).
+fn routes() -> &'static [(String, String)] {
+    static ROUTES: OnceLock<Vec<(String, String)>> = OnceLock::new();
+    ROUTES.get_or_init(|| {
+        let operations = Operations::meta().into_iter().flat_map(|api| api.paths).map(|path| {
+            let mut methods: Vec<String> = path.operations.iter().map(|op| op.method.to_string()).collect();
+            if methods.iter().any(|m| m == "GET") {
+                methods.push("HEAD".to_owned()); // poem answers HEAD with GET's handler
+            }
+            (path.path, methods.join(", "))
+        });
         operations
-            .map(|p| p.path)
-            .chain(OTHER_ROUTES.map(String::from))
+            .chain(OTHER_ROUTES.map(|route| (route.to_owned(), "GET, HEAD".to_owned())))
+            .chain([("/docs".to_owned(), "GET, HEAD".to_owned())])
             .collect()
-    });
+    })
+}
+
+/// The route a request path falls under (`/sync/todo` → `/sync/{appId}`),
+/// with the methods it answers.
+fn route(path: &str) -> Option<&'static (String, String)> {
     if path == "/docs" || path.starts_with("/docs/") {
-        return Some("/docs");
+        return routes().iter().find(|(template, _)| template == "/docs");
     }
     let segments: Vec<&str> = path.split('/').collect();
-    routes.iter().map(String::as_str).find(|route| {
+    routes().iter().find(|(route, _)| {
         let template: Vec<&str> = route.split('/').collect();
         template.len() == segments.len()
             && template
@@ -110,6 +120,18 @@ pub fn route_of(path: &str) -> Option<&'static str> {
                 .zip(&segments)
                 .all(|(t, s)| t == s || (t.starts_with('{') && !s.is_empty()))
     })
+}
+
+/// The route template a request path falls under (`/sync/todo` →
+/// `/sync/{appId}`), for span names and metric labels: never the path
+/// itself, whose ids would make them unbounded. `None`: no route.
+pub fn route_of(path: &str) -> Option<&'static str> {
+    route(path).map(|(template, _)| template.as_str())
+}
+
+/// The methods the route of `path` answers, as an `Allow` header says them.
+pub fn allowed_methods(path: &str) -> Option<&'static str> {
+    route(path).map(|(_, allow)| allow.as_str())
 }
 
 /// `GET /.well-known/jwks.json`: in local mode, the key tokens are signed with.

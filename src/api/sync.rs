@@ -38,6 +38,9 @@ pub enum PushError {
     /// `BODY_MIN_RATE` bytes a second. Nothing was recorded.
     #[oai(status = 408)]
     RequestTimeout(Json<ErrorBody>),
+    /// The body is not `application/json`.
+    #[oai(status = 415)]
+    UnsupportedMediaType(Json<ErrorBody>),
     /// The `Idempotency-Key` was already used for a different request.
     #[oai(status = 422)]
     Unprocessable(Json<ErrorBody>),
