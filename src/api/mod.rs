@@ -19,8 +19,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::Context;
+use poem::endpoint::BoxEndpoint;
 use poem::web::{Data, Json};
-use poem::{Endpoint, EndpointExt, IntoEndpoint, Response, Route, get};
+use poem::{EndpointExt, Response, Route, get};
 use poem_openapi::{OpenApi, OpenApiService, Tags};
 
 use crate::state::AppState;
@@ -60,8 +61,10 @@ pub fn spec() -> String {
 /// The routes [`app`] mounts outside the OpenAPI service, as templates.
 const OTHER_ROUTES: [&str; 4] = ["/openapi.json", "/.well-known/jwks.json", "/ws", "/ws/{appId}"];
 
-/// The whole HTTP application for `state`.
-pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
+/// The whole HTTP application for `state`, boxed: its middleware's nested
+/// types would otherwise overflow the compiler's query depth in the
+/// serving loop's future.
+pub fn app(state: AppState) -> BoxEndpoint<'static, Response> {
     let api = openapi();
     let (spec, docs) = (api.spec_endpoint(), api.swagger_ui());
     let cors = middleware::cors(&state.config.cors_origins);
@@ -84,7 +87,7 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
         .around(middleware::allow_on_405)
         .around(middleware::log_request)
         .data(state)
-        .into_endpoint()
+        .boxed()
 }
 
 /// Every route as a template, with the methods it answers (its `Allow`).
