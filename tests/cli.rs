@@ -64,22 +64,41 @@ fn openapi_prints_the_committed_document() {
     assert_eq!(printed["info"]["title"], "mana-sync");
 }
 
+/// `mana-sync migrate` as the serving role, which may not create tables,
+/// fails on a new database and changes nothing; as the owner it migrates,
+/// again and again; afterwards the serving role finds nothing pending and
+/// succeeds too (what each replica does at start-up).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_applies_migrations_and_is_idempotent() {
-    let db = common::pg::test_database().await;
-    for _ in 0..2 {
-        let status = mana_sync()
+async fn migrate_needs_the_owner_once_and_is_idempotent() {
+    let db = common::pg::empty_database().await;
+    let migrate_as = |url: &str| {
+        mana_sync()
             .arg("migrate")
-            .env("DATABASE_URL", &db.app_url)
+            .env("DATABASE_URL", url)
+            .stderr(Stdio::null())
             .status()
-            .unwrap();
-        assert!(status.success());
+            .unwrap()
+    };
+    let admin = db.admin_pool().await;
+    let tables = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+            .fetch_one(&admin)
+            .await
+            .unwrap()
+    };
+
+    assert!(!migrate_as(&db.app_url).success(), "the serving role cannot migrate");
+    assert_eq!(tables().await, 0, "and nothing was created");
+
+    for url in [&db.owner_url, &db.owner_url, &db.app_url] {
+        assert!(migrate_as(url).success());
     }
     let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
-        .fetch_one(&db.admin_pool().await)
+        .fetch_one(&admin)
         .await
         .unwrap();
     assert_eq!(applied as usize, mana_sync::store::postgres::MIGRATOR.iter().count());
+    assert!(tables().await >= 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

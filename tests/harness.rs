@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::pg::{self, APP_ROLE};
+use common::pg::{self, APP_ROLE, OWNER_ROLE};
 use common::tokens::{self, JwksServer, TestKey};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::Jwk;
@@ -68,19 +68,38 @@ async fn test_databases_are_distinct_and_migrated() {
         .unwrap();
     assert_eq!((in_a, in_b), (1, 0));
 
-    // The database and its tables belong to the app role (it ran the migrations).
+    // The database and its tables belong to the owner role (it ran the
+    // migrations); the serving role owns nothing and may change no schema.
     let owner: String =
         sqlx::query_scalar("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()")
             .fetch_one(&pa)
             .await
             .unwrap();
-    assert_eq!(owner, APP_ROLE);
+    assert_eq!(owner, OWNER_ROLE);
     let table_owner: String =
         sqlx::query_scalar("SELECT tableowner::text FROM pg_tables WHERE tablename = 'sync_changes'")
             .fetch_one(&pa)
             .await
             .unwrap();
-    assert_eq!(table_owner, APP_ROLE);
+    assert_eq!(table_owner, OWNER_ROLE);
+    let owned_by_app: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_class WHERE relowner = current_user::regrole")
+        .fetch_one(&pa)
+        .await
+        .unwrap();
+    assert_eq!(owned_by_app, 0, "{APP_ROLE} owns no table, index or sequence");
+    for ddl in [
+        "CREATE TABLE intruder (id int)",
+        "ALTER TABLE sync_changes NO FORCE ROW LEVEL SECURITY",
+        "DROP POLICY sync_changes_read ON sync_changes",
+        "TRUNCATE sync_changes",
+    ] {
+        let refused = sqlx::query(ddl).execute(&pa).await.expect_err(ddl);
+        assert_eq!(
+            refused.as_database_error().and_then(|e| e.code()).as_deref(),
+            Some("42501"),
+            "{ddl}: insufficient_privilege, got {refused}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -10,12 +10,14 @@
 //!   next start.
 //! * Neither available: tests panic with the fix; they never skip silently.
 //!
-//! Once per process the non-superuser login role [`APP_ROLE`] is ensured and
-//! a template database owned by it is migrated (as that role); every test
-//! then gets a fresh copy of the template from [`test_database`]. The server
-//! under test connects as [`APP_ROLE`], so row-level security is enforced
-//! (superusers and BYPASSRLS roles are never subject to it). Test databases
-//! are dropped when their [`TestDatabase`] is dropped.
+//! Once per process two ordinary login roles are ensured, as a production
+//! deployment has them: [`OWNER_ROLE`] owns a template database and migrates
+//! it; [`APP_ROLE`], which the server under test connects as, owns nothing
+//! and is only granted `SELECT, INSERT, UPDATE, DELETE` on the tables (the
+//! grants SECURITY.md gives). Neither is a superuser nor BYPASSRLS, so
+//! row-level security binds the server in every test. Every test then gets a
+//! fresh copy of the template from [`test_database`]; test databases are
+//! dropped when their [`TestDatabase`] is dropped.
 
 use std::fmt::Write as _;
 use std::io::{self, Read as _};
@@ -31,10 +33,13 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection as _, PgConnection};
 use url::Url;
 
-/// The ordinary (NOSUPERUSER, NOBYPASSRLS) login role the server connects as.
+/// The ordinary (NOSUPERUSER, NOBYPASSRLS) login role the server connects
+/// as: granted what serving needs, owner of nothing.
 pub const APP_ROLE: &str = "mana_sync_app";
-/// Its password (the local cluster trusts loopback anyway).
-const APP_PASSWORD: &str = "mana_sync_app";
+/// The ordinary login role that owns the databases and runs the migrations.
+pub const OWNER_ROLE: &str = "mana_sync_owner";
+/// The roles' password (the local cluster trusts loopback anyway).
+const PASSWORD: &str = "mana_sync";
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a fast shutdown ([`restart_server`]) may take.
@@ -58,6 +63,9 @@ pub struct TestDatabase {
     pub name: String,
     /// URL connecting as [`APP_ROLE`] (RLS enforced): what the server uses.
     pub app_url: String,
+    /// URL connecting as [`OWNER_ROLE`], which owns the tables (and is still
+    /// subject to RLS, which is forced): for migrations.
+    pub owner_url: String,
     /// Superuser URL to the same database (bypasses RLS): for setup/inspection.
     pub admin_url: String,
 }
@@ -98,12 +106,33 @@ impl Drop for TestDatabase {
     }
 }
 
-/// A fresh database for one test, migrated, owned by [`APP_ROLE`].
+/// A fresh database for one test, migrated, owned by [`OWNER_ROLE`].
 ///
 /// The first call in a process starts the cluster (if needed), ensures the
-/// role and builds the template; later calls only copy the template.
+/// roles and builds the template; later calls only copy the template.
 pub async fn test_database() -> TestDatabase {
     let template = &shared().await.template;
+    create_database(&format!("TEMPLATE {template}")).await
+}
+
+/// A fresh database with no tables, owned by [`OWNER_ROLE`], which has
+/// granted [`APP_ROLE`] what serving needs: as an operator prepares one
+/// before the first `mana-sync migrate`.
+pub async fn empty_database() -> TestDatabase {
+    shared().await;
+    let db = create_database("TEMPLATE template0").await;
+    let mut owner = connect_retrying(&Url::parse(&db.owner_url).unwrap(), Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for grant in serving_grants(APP_ROLE) {
+        exec(&mut owner, grant).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    let _ = owner.close().await;
+    db
+}
+
+/// `CREATE DATABASE … {from} OWNER` [`OWNER_ROLE`] under a new name.
+async fn create_database(from: &str) -> TestDatabase {
     let name = format!("test_{}", uuid::Uuid::now_v7().simple());
     let admin_server = admin_server_url();
     let mut conn = connect_retrying(admin_server, Duration::from_secs(10))
@@ -116,7 +145,7 @@ pub async fn test_database() -> TestDatabase {
     static CREATE_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     {
         let _guard = CREATE_LOCK.lock().await;
-        let sql = format!("CREATE DATABASE {name} TEMPLATE {template} OWNER {APP_ROLE}");
+        let sql = format!("CREATE DATABASE {name} {from} OWNER {OWNER_ROLE}");
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -132,7 +161,8 @@ pub async fn test_database() -> TestDatabase {
     let _ = conn.close().await;
 
     TestDatabase {
-        app_url: with_db(&app_server_url(), &name).into(),
+        app_url: with_db(&role_server_url(APP_ROLE), &name).into(),
+        owner_url: with_db(&role_server_url(OWNER_ROLE), &name).into(),
         admin_url: with_db(admin_server, &name).into(),
         name,
     }
@@ -152,11 +182,11 @@ fn admin_server_url() -> &'static Url {
     }
 }
 
-/// The maintenance database as [`APP_ROLE`].
-fn app_server_url() -> Url {
+/// The maintenance database as `role` (one of the test roles).
+fn role_server_url(role: &str) -> Url {
     let mut url = admin_server_url().clone();
-    url.set_username(APP_ROLE)
-        .and_then(|()| url.set_password(Some(APP_PASSWORD)))
+    url.set_username(role)
+        .and_then(|()| url.set_password(Some(PASSWORD)))
         .unwrap_or_else(|()| panic!("{} takes no user name: it names no host", redact(&url)));
     url
 }
@@ -733,21 +763,36 @@ async fn init_shared() -> Result<Shared, String> {
     let started = Instant::now();
     let mut admin = connect_retrying(admin_server_url(), Duration::from_secs(10)).await?;
 
-    ensure_app_role(&mut admin).await?;
+    ensure_roles(&mut admin).await?;
     if !is_local_cluster() {
         drop_stale_external_databases(&mut admin).await;
     }
 
     let template = format!("mana_sync_tpl_{}", uuid::Uuid::now_v7().simple());
-    exec(&mut admin, format!("CREATE DATABASE {template} OWNER {APP_ROLE}")).await?;
+    exec(&mut admin, format!("CREATE DATABASE {template} OWNER {OWNER_ROLE}")).await?;
 
-    // Migrate as the app role, exactly as a deployment would.
-    let mut app = connect_retrying(&with_db(&app_server_url(), &template), Duration::from_secs(5)).await?;
+    // As a deployment does it: the owner grants the serving role its
+    // privileges on whatever it creates, then migrates.
+    let mut owner = connect_retrying(
+        &with_db(&role_server_url(OWNER_ROLE), &template),
+        Duration::from_secs(5),
+    )
+    .await?;
+    for grant in serving_grants(APP_ROLE) {
+        exec(&mut owner, grant).await?;
+    }
     mana_sync::store::postgres::MIGRATOR
-        .run(&mut app)
+        .run(&mut owner)
         .await
-        .map_err(|e| format!("migrating the test template {template} as {APP_ROLE}: {e}"))?;
-    app.close().await.map_err(|e| e.to_string())?;
+        .map_err(|e| format!("migrating the test template {template} as {OWNER_ROLE}: {e}"))?;
+    // The migrations table came under the default privileges too; serving
+    // only reads it (to see that nothing is pending).
+    exec(
+        &mut owner,
+        format!("REVOKE INSERT, UPDATE, DELETE ON _sqlx_migrations FROM {APP_ROLE}"),
+    )
+    .await?;
+    owner.close().await.map_err(|e| e.to_string())?;
 
     // Nothing may connect to a template while it is copied; forbid it.
     exec(
@@ -762,29 +807,44 @@ async fn init_shared() -> Result<Shared, String> {
     })
 }
 
-async fn ensure_app_role(admin: &mut PgConnection) -> Result<(), String> {
+/// What the owner of a fresh database runs, before migrating it, so that
+/// `role` may serve from every table the migrations create and nothing more:
+/// SECURITY.md gives these statements to deployments.
+pub fn serving_grants(role: &str) -> [String; 2] {
+    [
+        format!("GRANT USAGE ON SCHEMA public TO {role}"),
+        format!("ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {role}"),
+    ]
+}
+
+async fn ensure_roles(admin: &mut PgConnection) -> Result<(), String> {
     // Roles are cluster-wide and CREATE ROLE has no IF NOT EXISTS: serialise
     // with other test processes sharing the server.
     exec(admin, format!("SELECT pg_advisory_lock({ROLE_LOCK_KEY})")).await?;
-    let result = async {
-        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
-            .bind(APP_ROLE)
-            .fetch_one(&mut *admin)
-            .await
-            .map_err(|e| format!("look up role {APP_ROLE}: {e}"))?;
-        let verb = if exists { "ALTER" } else { "CREATE" };
-        exec(
-            admin,
-            format!(
-                "{verb} ROLE {APP_ROLE} LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE \
-                 PASSWORD '{APP_PASSWORD}'"
-            ),
-        )
-        .await
+    let mut result = Ok(());
+    for role in [OWNER_ROLE, APP_ROLE] {
+        result = ensure_role(admin, role).await;
+        if result.is_err() {
+            break;
+        }
     }
-    .await;
     exec(admin, format!("SELECT pg_advisory_unlock({ROLE_LOCK_KEY})")).await?;
     result
+}
+
+/// Creates `role` as an ordinary login role, or makes it one again.
+async fn ensure_role(admin: &mut PgConnection, role: &str) -> Result<(), String> {
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
+        .bind(role)
+        .fetch_one(&mut *admin)
+        .await
+        .map_err(|e| format!("look up role {role}: {e}"))?;
+    let verb = if exists { "ALTER" } else { "CREATE" };
+    exec(
+        admin,
+        format!("{verb} ROLE {role} LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE PASSWORD '{PASSWORD}'"),
+    )
+    .await
 }
 
 /// On a shared external server, drops test databases and templates of this

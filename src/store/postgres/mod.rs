@@ -4,6 +4,7 @@
 pub mod availability;
 pub mod sql;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -201,21 +202,42 @@ pub async fn wait_until_reachable(pool: &PgPool, deadline: Option<Duration>) -> 
 /// protect anything. Replicas starting together queue on the migrator's
 /// advisory lock without the pool's `lock_timeout`, on a connection that is
 /// then closed rather than returned to the pool.
+///
+/// When every migration is already applied nothing is run, so a serving role
+/// that may not create tables (SECURITY.md) starts; pending migrations need
+/// the owner (`mana-sync migrate` as the owner role).
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     let mut conn = pool
         .acquire()
         .await
         .context("failed to connect to DATABASE_URL")?
         .detach();
-    sql::no_lock_timeout(&mut conn).await?;
-    // `run_direct` is what `run` does on an acquired connection; called
-    // directly, the future is `Send` where the compiler cannot prove it of
-    // `run`'s `Acquire` bound (sqlx's own note), so it can run in a task.
-    MIGRATOR
-        .run_direct(None, &mut conn, false)
-        .await
-        .context("failed to apply database migrations")?;
+    if !up_to_date(&mut conn).await {
+        sql::no_lock_timeout(&mut conn).await?;
+        // `run_direct` is what `run` does on an acquired connection; called
+        // directly, the future is `Send` where the compiler cannot prove it
+        // of `run`'s `Acquire` bound (sqlx's own note), so it can run in a task.
+        MIGRATOR
+            .run_direct(None, &mut conn, false)
+            .await
+            .context("failed to apply database migrations (they need a role that may create tables: run `mana-sync migrate` as the database owner)")?;
+    }
     warn_if_rls_bypassed(pool).await
+}
+
+/// Whether every migration of this build is applied, unchanged. Any doubt
+/// (no migrations table, one that cannot be read) says no, and the migrator
+/// then decides, with its own errors.
+async fn up_to_date(conn: &mut PgConnection) -> bool {
+    use sqlx::migrate::Migrate as _;
+    let Ok(applied) = conn.list_applied_migrations(&MIGRATOR.table_name).await else {
+        return false;
+    };
+    let applied: HashMap<i64, &[u8]> = applied.iter().map(|m| (m.version, &*m.checksum)).collect();
+    MIGRATOR
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+        .all(|m| applied.get(&m.version) == Some(&&*m.checksum))
 }
 
 /// Warns when row-level security cannot protect anything: superusers and
