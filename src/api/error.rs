@@ -143,6 +143,14 @@ pub fn retry_after(wait: std::time::Duration) -> u32 {
         .max(1)
 }
 
+/// What a request whose handler panicked gets: a 500 like any server
+/// fault, rather than a connection closed without an answer. The panic
+/// itself is printed by the panic hook.
+pub fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> poem::Response {
+    tracing::error!("a request handler panicked");
+    json_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal server error")
+}
+
 fn internal() -> Json<ErrorBody> {
     body("internal", "internal server error")
 }
@@ -204,6 +212,11 @@ pub async fn json_error(err: poem::Error) -> poem::Response {
     } else {
         err.to_string()
     };
+    json_response(status, code, &message)
+}
+
+/// `{code, message}` with `status`, built outside poem-openapi.
+fn json_response(status: StatusCode, code: &str, message: &str) -> poem::Response {
     poem::Response::builder()
         .status(status)
         .content_type("application/json")

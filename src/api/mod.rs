@@ -11,6 +11,7 @@ pub mod listener;
 pub mod middleware;
 pub mod realtime;
 pub mod server;
+pub mod sse;
 pub mod stream;
 pub mod sync;
 
@@ -19,8 +20,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::Context;
-use poem::endpoint::BoxEndpoint;
-use poem::web::{Data, Json};
+use poem::endpoint::{BoxEndpoint, make_sync};
+use poem::middleware::CatchPanic;
+use poem::web::{Data, Html, Json};
 use poem::{EndpointExt, Response, Route, get};
 use poem_openapi::{OpenApi, OpenApiService, Tags};
 
@@ -53,9 +55,19 @@ pub fn openapi() -> OpenApiService<Operations, ()> {
     )
 }
 
-/// The spec as served at `/openapi.json` and committed at `openapi/mana-sync.json`.
+/// The spec as served at `/openapi.json` and committed at
+/// `openapi/mana-sync.json`: poem-openapi's, with what its schema type
+/// cannot say added (the stream's event data). Keys come out sorted.
 pub fn spec() -> String {
-    openapi().spec()
+    let mut spec: serde_json::Value = serde_json::from_str(&openapi().spec()).expect("poem-openapi writes valid JSON");
+    sse::declare_event_data(&mut spec);
+    serde_json::to_string_pretty(&spec).expect("a JSON value serializes")
+}
+
+/// The interactive page at `/docs`, showing [`spec`].
+fn docs() -> String {
+    let api = openapi();
+    api.swagger_ui_html().replacen(&api.spec(), &spec(), 1)
 }
 
 /// The routes [`app`] mounts outside the OpenAPI service, as templates.
@@ -65,17 +77,19 @@ const OTHER_ROUTES: [&str; 4] = ["/openapi.json", "/.well-known/jwks.json", "/ws
 /// types would otherwise overflow the compiler's query depth in the
 /// serving loop's future.
 pub fn app(state: AppState) -> BoxEndpoint<'static, Response> {
-    let api = openapi();
-    let (spec, docs) = (api.spec_endpoint(), api.swagger_ui());
+    let (spec, docs) = (spec(), Html(docs()));
     let cors = middleware::cors(&state.config.cors_origins);
     let bodies = BodyGate::new(&state.config, state.metrics.clone());
     Route::new()
-        .at("/openapi.json", spec)
+        .at(
+            "/openapi.json",
+            make_sync(move |_| Response::builder().content_type("application/json").body(spec.clone())),
+        )
         .at("/.well-known/jwks.json", get(local_jwks))
         .at("/ws", get(realtime::user_socket))
         .at("/ws/:appId", get(realtime::app_socket))
-        .nest("/docs", docs)
-        .nest("/", api)
+        .at("/docs", make_sync(move |_| docs.clone()))
+        .nest("/", openapi())
         .around(move |ep, req| {
             let bodies = bodies.clone();
             async move { bodies.call(&ep, req).await }
@@ -83,6 +97,7 @@ pub fn app(state: AppState) -> BoxEndpoint<'static, Response> {
         .catch_all_error(json_error)
         .with(cors)
         .catch_all_error(json_error)
+        .with(CatchPanic::new().with_handler(error::panicked))
         .around(body::close_if_body_unread)
         .around(middleware::allow_on_405)
         .around(middleware::log_request)

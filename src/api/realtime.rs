@@ -110,14 +110,20 @@ pub async fn user_socket(
 }
 
 /// A client sends only small messages (`auth`): anything larger, before
-/// or after authentication, ends the socket before it is buffered.
+/// or after authentication, ends the socket before it is buffered. The
+/// read buffer is small too: tungstenite's default (128 KiB, zeroed, so
+/// resident) would cost each of thousands of idle sockets that much.
 fn limited(ws: WebSocket) -> WebSocket {
     ws.config(
         WebSocketConfig::default()
+            .read_buffer_size(SOCKET_READ_BUFFER_BYTES)
             .max_message_size(Some(MAX_SOCKET_MESSAGE_BYTES))
             .max_frame_size(Some(MAX_SOCKET_MESSAGE_BYTES)),
     )
 }
+
+/// What a socket reads at a time.
+const SOCKET_READ_BUFFER_BYTES: usize = 4 * 1024;
 
 type Sink = futures_util::stream::SplitSink<WebSocketStream, Message>;
 

@@ -9,22 +9,19 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
-use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt};
 use poem::web::Data;
-use poem::web::sse::Event as SseEvent;
 use poem_openapi::param::{Path, Query};
-use poem_openapi::payload::{EventStream, Json};
-use poem_openapi::types::ToJSON;
+use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, OpenApi};
 
 use crate::api::ApiTags;
 use crate::api::auth::BearerAuth;
 use crate::api::error::{Answer, ErrorBody, operation_errors};
+use crate::api::sse::{ChangeStream, StreamEvent};
 use crate::cursor::Cursor;
-use crate::error::Error;
 use crate::hub::Subscription;
-use crate::protocol::{ChangeEvent, DEFAULT_PULL_LIMIT, MAX_STREAM_COLLECTIONS};
+use crate::protocol::{ChangeEvent, DEFAULT_PULL_LIMIT, Name, NameList, Since};
 use crate::state::AppState;
 use crate::throttle::Action;
 use crate::{sync, validate};
@@ -73,37 +70,20 @@ impl StreamApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        /// The app (1-128 bytes).
+        /// The app.
         #[oai(name = "appId")]
-        app_id: Path<String>,
-        /// Comma-separated collections to follow (1 to 100).
-        collections: Query<String>,
+        app_id: Path<Name>,
+        /// The collections to follow, comma-separated (`todos,lists`).
+        collections: Query<NameList>,
         /// A cursor this server returned, or any RFC 3339 timestamp. Defaults to the beginning.
-        since: Query<Option<String>>,
-    ) -> Result<EventStream<BoxStream<'static, Option<ChangeEvent>>>, StreamError> {
+        since: Query<Option<Since>>,
+    ) -> Result<ChangeStream, StreamError> {
         let user = auth.0;
         state.throttle.check(Action::Open, &user.id)?;
+        let app_id = String::from(app_id.0);
         validate::name("appId", &app_id)?;
         tracing::Span::current().record("app_id", app_id.as_str());
-        let collections: Vec<String> = collections
-            .split(',')
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .map(str::to_owned)
-            .collect();
-        if collections.is_empty() {
-            return Err(Error::invalid("invalid_name", "collections must name at least one collection").into());
-        }
-        if collections.len() > MAX_STREAM_COLLECTIONS {
-            return Err(Error::invalid(
-                "too_many_collections",
-                format!("a stream follows at most {MAX_STREAM_COLLECTIONS} collections"),
-            )
-            .into());
-        }
-        for collection in &collections {
-            validate::name("collection", collection)?;
-        }
+        let collections = validate::collections(collections.0.0)?;
         let since = validate::since(since.0.as_deref())?;
         let subscription = state
             .hub
@@ -113,16 +93,13 @@ impl StreamApi {
         let events = changes(
             state.clone(),
             user.id,
-            app_id.0,
+            app_id,
             collections,
             since,
             subscription,
             expires,
         );
-        Ok(EventStream::new(events.boxed()).to_event(|item| match item {
-            Some(event) => SseEvent::message(event.to_json_string()).event_type("changes"),
-            None => SseEvent::message("null").event_type("heartbeat"),
-        }))
+        Ok(ChangeStream(events.boxed()))
     }
 }
 
@@ -142,8 +119,7 @@ struct State {
     expires: tokio::time::Instant,
 }
 
-/// The stream of events: `Some` is `event: changes`, `None` a heartbeat.
-/// It ends when the replica shuts down or the database fails.
+/// The stream of events. It ends when the replica shuts down or the database fails.
 fn changes(
     app: AppState,
     user_id: String,
@@ -152,7 +128,7 @@ fn changes(
     since: Cursor,
     subscription: Subscription,
     expires: tokio::time::Instant,
-) -> impl Stream<Item = Option<ChangeEvent>> + Send + 'static {
+) -> impl Stream<Item = StreamEvent> + Send + 'static {
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     heartbeat.reset();
     let state = State {
@@ -200,12 +176,12 @@ fn changes(
                     synced_until: page.synced_until,
                     has_more: page.has_more,
                 };
-                return Some((Some(event), st));
+                return Some((StreamEvent::Changes(event), st));
             }
             tokio::select! {
                 _ = st.app.hub.closing() => return None,
                 _ = tokio::time::sleep_until(st.expires) => return None,
-                _ = st.heartbeat.tick() => return Some((None, st)),
+                _ = st.heartbeat.tick() => return Some((StreamEvent::Heartbeat, st)),
                 _ = st.subscription.subscriber.changed() => {
                     let taken = st.subscription.subscriber.take();
                     if !taken.tables.is_empty() {

@@ -1,5 +1,6 @@
 //! `POST /sync/{appId}` (push) and `GET /sync/{appId}/pull` (pull).
 
+use poem::Request;
 use poem::web::Data;
 use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
@@ -9,8 +10,9 @@ use poem_openapi::{ApiResponse, OpenApi};
 use crate::api::ApiTags;
 use crate::api::auth::BearerAuth;
 use crate::api::error::{ErrorBody, operation_errors};
+use crate::error::Error;
 use crate::idempotency;
-use crate::protocol::{DEFAULT_PULL_LIMIT, MAX_PULL_LIMIT, PushRequest, SyncResponse};
+use crate::protocol::{DEFAULT_PULL_LIMIT, HeaderId, Key, MAX_PULL_LIMIT, Name, PushRequest, Since, SyncResponse};
 use crate::state::AppState;
 use crate::sync::{self, Idempotency};
 use crate::throttle::Action;
@@ -18,6 +20,16 @@ use crate::timestamp::Timestamp;
 use crate::validate::{self, Limits};
 
 pub struct SyncApi;
+
+/// Refuses a header that is not printable ASCII: poem-openapi would take
+/// it as absent, and a client id or idempotency key must never be lost
+/// quietly.
+fn readable_header(request: &Request, name: &str, code: &'static str) -> Result<(), Error> {
+    match request.headers().get(name).map(|value| value.to_str()) {
+        Some(Err(_)) => Err(Error::invalid(code, format!("{name} must be printable ASCII"))),
+        _ => Ok(()),
+    }
+}
 
 /// Why a push was refused.
 #[derive(Debug, ApiResponse)]
@@ -97,33 +109,42 @@ impl SyncApi {
     /// with the latest timestamp; timestamps more than `MAX_CLOCK_SKEW` in
     /// the future are clamped to the server's time.
     #[oai(path = "/sync/:appId", method = "post", operation_id = "push")]
+    #[allow(clippy::too_many_arguments)] // each is a part of the request the spec declares
     async fn push(
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        /// The app (1-128 bytes).
+        /// The app.
         #[oai(name = "appId")]
-        app_id: Path<String>,
+        app_id: Path<Name>,
         /// The device's id; takes precedence over the body's `clientId`.
         #[oai(name = "X-Client-Id")]
-        client_id: Header<Option<String>>,
-        /// Optional, chosen by the client, unique per batch (1-256 bytes). A
+        client_id: Header<Option<HeaderId>>,
+        /// Optional, chosen by the client, unique per batch. A
         /// retry with the same key gets the first answer and records nothing
         /// twice (for `IDEMPOTENCY_TTL`, default 24 h); the same key with
         /// different changes is a 422.
         #[oai(name = "Idempotency-Key")]
-        idempotency_key: Header<Option<String>>,
+        idempotency_key: Header<Option<Key>>,
         body: Json<PushRequest>,
+        request: &Request,
     ) -> Result<Json<SyncResponse>, PushError> {
         let user = auth.0;
         state.throttle.check(Action::Push, &user.id)?;
+        for (name, code) in [
+            ("X-Client-Id", "invalid_name"),
+            ("Idempotency-Key", "invalid_idempotency_key"),
+        ] {
+            readable_header(request, name, code)?;
+        }
+        let app_id = String::from(app_id.0);
         validate::name("appId", &app_id)?;
         tracing::Span::current().record("app_id", app_id.as_str());
         // The fingerprint is taken over the changes as sent: validation
         // fills in receive times, which differ between attempts.
         let key = idempotency_key
             .0
-            .map(|key| validate::idempotency_key(&key).map(|()| key))
+            .map(|key| validate::idempotency_key(&key).map(|()| String::from(key)))
             .transpose()?;
         let sent_changes = key.as_ref().map(|_| body.changes.to_json().unwrap_or_default());
         let limits = Limits {
@@ -160,19 +181,20 @@ impl SyncApi {
         &self,
         state: Data<&AppState>,
         auth: BearerAuth,
-        /// The app (1-128 bytes).
+        /// The app.
         #[oai(name = "appId")]
-        app_id: Path<String>,
+        app_id: Path<Name>,
         /// The collection (table) to pull.
-        collection: Query<String>,
+        collection: Query<Name>,
         /// A cursor this server returned, or any RFC 3339 timestamp. Defaults to the beginning.
-        since: Query<Option<String>>,
+        since: Query<Option<Since>>,
         /// Most records to return: 1 to 5000, default 1000.
         #[oai(validator(minimum(value = "1"), maximum(value = "5000")))]
         limit: Query<Option<u32>>,
     ) -> Result<Json<SyncResponse>, PullError> {
         let user = auth.0;
         state.throttle.check(Action::Pull, &user.id)?;
+        let app_id = String::from(app_id.0);
         validate::name("appId", &app_id)?;
         tracing::Span::current().record("app_id", app_id.as_str());
         validate::name("collection", &collection)?;

@@ -12,7 +12,9 @@ use crate::change_log::{Batch, Change};
 use crate::cursor::Cursor;
 use crate::error::{Error, Result};
 use crate::fold::{DELETED_AT, FieldWrite, UPDATED_AT};
-use crate::protocol::{BadText, ChangeInput, MAX_ID_BYTES, MAX_NAME_BYTES, Op, PushRequest, check_text};
+use crate::protocol::{
+    BadText, ChangeInput, MAX_ID_BYTES, MAX_NAME_BYTES, MAX_STREAM_COLLECTIONS, Op, PushRequest, check_text,
+};
 use crate::timestamp::Timestamp;
 
 use self::value::{nul, storable};
@@ -24,12 +26,12 @@ pub struct Limits {
     pub max_clock_skew: Duration,
 }
 
-/// Checks a name (app id, table, field): 1-128 bytes, no control characters.
+/// Checks a name (app id, table, field): 1-128 characters, no control characters.
 pub fn name(what: &str, value: &str) -> Result<()> {
     bounded(what, value, MAX_NAME_BYTES)
 }
 
-/// Checks an id (record, client): 1-256 bytes, no control characters.
+/// Checks an id (record, client): 1-256 characters, no control characters.
 pub fn id(what: &str, value: &str) -> Result<()> {
     bounded(what, value, MAX_ID_BYTES)
 }
@@ -39,7 +41,7 @@ fn bounded(what: &str, value: &str, max: usize) -> Result<()> {
         Ok(()) => Ok(()),
         Err(BadText::Length) => Err(Error::invalid(
             "invalid_name",
-            format!("{what} must be 1 to {max} bytes long"),
+            format!("{what} must be 1 to {max} characters long"),
         )),
         Err(BadText::Nul) => Err(nul(what)),
         Err(BadText::Control) => Err(Error::invalid(
@@ -53,10 +55,25 @@ pub fn idempotency_key(key: &str) -> Result<()> {
     if check_text(key, MAX_ID_BYTES).is_err() {
         return Err(Error::invalid(
             "invalid_idempotency_key",
-            format!("Idempotency-Key must be 1 to {MAX_ID_BYTES} bytes without control characters"),
+            format!("Idempotency-Key must be 1 to {MAX_ID_BYTES} characters without control characters"),
         ));
     }
     Ok(())
+}
+
+/// Checks the collections a stream follows: 1 to
+/// [`MAX_STREAM_COLLECTIONS`] names, each a valid name.
+pub fn collections(names: Vec<String>) -> Result<Vec<String>> {
+    if names.len() > MAX_STREAM_COLLECTIONS {
+        return Err(Error::invalid(
+            "too_many_collections",
+            format!("a stream follows at most {MAX_STREAM_COLLECTIONS} collections"),
+        ));
+    }
+    for collection in &names {
+        name("collection", collection)?;
+    }
+    Ok(names)
 }
 
 /// Parses a cursor parameter (`since`), defaulting to the beginning.
@@ -75,8 +92,15 @@ pub fn since(value: Option<&str>) -> Result<Cursor> {
 /// [`FieldWrite::untimed`]).
 pub fn push(header_client_id: Option<&str>, request: PushRequest, now: Timestamp, limits: Limits) -> Result<Batch> {
     let now = now.floor_millis();
+    // Both are checked when both are sent, as the spec declares each.
+    let header_client_id = header_client_id.filter(|c| !c.is_empty());
+    if let Some(sent) = header_client_id {
+        id("X-Client-Id", sent)?;
+    }
+    if let Some(sent) = request.client_id.as_deref() {
+        id("clientId", sent)?;
+    }
     let client_id = header_client_id
-        .filter(|c| !c.is_empty())
         .or(request.client_id.as_deref())
         .ok_or_else(|| {
             Error::invalid(
@@ -85,7 +109,6 @@ pub fn push(header_client_id: Option<&str>, request: PushRequest, now: Timestamp
             )
         })?
         .to_owned();
-    id("clientId", &client_id)?;
     if request.changes.len() > limits.max_changes {
         return Err(Error::too_large(
             "too_many_changes",

@@ -3,21 +3,28 @@
 //! poem-openapi's schema traits, so their `///` docs become the OpenAPI
 //! schema; nothing here knows of requests, responses or statuses.
 
-use std::borrow::Cow;
-use std::collections::BTreeMap;
-use std::ops::Deref;
+mod text;
 
-use poem_openapi::registry::{MetaSchema, MetaSchemaRef};
-use poem_openapi::types::{ParseError, ParseFromJSON, ParseResult, ToJSON, Type};
+use std::collections::BTreeMap;
+
+use poem_openapi::types::{ParseFromJSON, ToJSON};
 use poem_openapi::{Enum, Object};
 use serde_json::Value;
 
+pub use self::text::{BadText, HeaderId, Id, Key, Name, NameList, Since, Text, Time, check_text};
+
 /// Largest accepted request body (over 10 MB is a 413).
 pub const MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
-/// Longest app id, table (collection) or field name, in bytes.
+/// Longest app id, table (collection) or field name, in characters (as
+/// JSON Schema's `maxLength` counts them; at most 512 bytes).
 pub const MAX_NAME_BYTES: usize = 128;
-/// Longest record id, client id, user id or idempotency key, in bytes.
+/// Longest record id, client id or idempotency key, in characters (at most
+/// 1 KiB). PostgreSQL's B-tree entries hold at most 2,704 bytes: a record's
+/// key (user, app, table, record id) stays below that with these limits and
+/// the token subject's [`MAX_SUBJECT_BYTES`].
 pub const MAX_ID_BYTES: usize = 256;
+/// Longest user id (a token's `sub`), in bytes: it keys every row.
+pub const MAX_SUBJECT_BYTES: usize = 256;
 /// A page stops once its records' JSON passes this size (it always holds at
 /// least one record), so a page of large records cannot exhaust memory.
 pub const MAX_PAGE_BYTES: i64 = 8 * 1024 * 1024;
@@ -33,82 +40,6 @@ pub const MAX_SOCKET_MESSAGE_BYTES: usize = 64 * 1024;
 pub const DEFAULT_PULL_LIMIT: u32 = 1000;
 /// The largest `limit` a pull may ask for.
 pub const MAX_PULL_LIMIT: u32 = 5000;
-
-/// How a name or id breaks the protocol's rule for them: 1 to `max` bytes,
-/// no control characters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BadText {
-    /// Empty, or longer than the limit.
-    Length,
-    /// A NUL character, which the database cannot store.
-    Nul,
-    /// Another control character.
-    Control,
-}
-
-/// Checks a name or id against the protocol's rule: 1 to `max` bytes, no
-/// control characters.
-pub fn check_text(value: &str, max: usize) -> Result<(), BadText> {
-    if value.is_empty() || value.len() > max {
-        Err(BadText::Length)
-    } else if value.contains('\0') {
-        Err(BadText::Nul)
-    } else if value.chars().any(char::is_control) {
-        Err(BadText::Control)
-    } else {
-        Ok(())
-    }
-}
-
-/// A JSON string, strictly: unlike poem-openapi's `String`, a number or a
-/// boolean where a string belongs is a 400, not silently converted.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Text(pub String);
-
-impl Deref for Text {
-    type Target = str;
-
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl Type for Text {
-    const IS_REQUIRED: bool = true;
-    type RawValueType = Self;
-    type RawElementValueType = Self;
-
-    fn name() -> Cow<'static, str> {
-        "string".into()
-    }
-
-    fn schema_ref() -> MetaSchemaRef {
-        MetaSchemaRef::Inline(Box::new(MetaSchema::new("string")))
-    }
-
-    fn as_raw_value(&self) -> Option<&Self> {
-        Some(self)
-    }
-
-    fn raw_element_iter<'a>(&'a self) -> Box<dyn Iterator<Item = &'a Self> + 'a> {
-        Box::new(self.as_raw_value().into_iter())
-    }
-}
-
-impl ParseFromJSON for Text {
-    fn parse_from_json(value: Option<Value>) -> ParseResult<Self> {
-        match value {
-            Some(Value::String(s)) => Ok(Text(s)),
-            other => Err(ParseError::expected_type(other.unwrap_or_default())),
-        }
-    }
-}
-
-impl ToJSON for Text {
-    fn to_json(&self) -> Option<Value> {
-        Some(Value::String(self.0.clone()))
-    }
-}
 
 /// The kind of a change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Enum, serde::Serialize, serde::Deserialize)]
@@ -138,10 +69,12 @@ impl Op {
 #[oai(rename_all = "camelCase")]
 pub struct PushRequest {
     /// The device's id; the `X-Client-Id` header takes precedence.
-    pub client_id: Option<Text>,
+    #[oai(nullable)]
+    pub client_id: Option<Id>,
     /// The cursor (or any RFC 3339 timestamp) the device last synced to;
     /// `serverChanges` holds everything after it. Defaults to the beginning.
-    pub since: Option<Text>,
+    #[oai(nullable)]
+    pub since: Option<Since>,
     /// The changes, applied all or nothing, in order.
     pub changes: Vec<ChangeInput>,
 }
@@ -150,21 +83,24 @@ pub struct PushRequest {
 #[derive(Debug, Clone, Object)]
 #[oai(rename_all = "camelCase")]
 pub struct ChangeInput {
-    /// The collection (IndexedDB table), 1-128 bytes.
-    pub table: Text,
-    /// The record's id, 1-256 bytes.
-    pub id: Text,
+    /// The collection (IndexedDB table).
+    pub table: Name,
+    /// The record's id.
+    pub id: Id,
     pub op: Op,
     /// `insert`: the record's fields. Their timestamp is `data.updatedAt`,
     /// else `data.createdAt`; without either they are the record's initial
     /// content, which any timed write of a field supersedes.
+    #[oai(nullable)]
     pub data: Option<BTreeMap<String, Value>>,
     /// `update`: the changed fields, each with its own timestamp. An update
     /// without `fields` writes `data` like an insert; an update of a record
     /// the server has never seen creates it.
+    #[oai(nullable)]
     pub fields: Option<BTreeMap<String, FieldChange>>,
     /// `delete`: when the record was deleted; defaults to the server's receive time.
-    pub deleted_at: Option<Text>,
+    #[oai(nullable)]
+    pub deleted_at: Option<Time>,
 }
 
 /// A new value for one field.
@@ -175,9 +111,11 @@ pub struct FieldChange {
     #[oai(default)]
     pub value: Value,
     /// When the device wrote it (RFC 3339). Defaults to the server's receive time.
-    pub updated_at: Option<Text>,
+    #[oai(nullable)]
+    pub updated_at: Option<Time>,
     /// Alias of `updatedAt`, sent by later clients.
-    pub at: Option<Text>,
+    #[oai(nullable)]
+    pub at: Option<Time>,
 }
 
 /// The folded changes since a cursor.

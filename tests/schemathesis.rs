@@ -1,0 +1,121 @@
+//! The spec is the truth: schemathesis (pinned in
+//! `tests/schemathesis/requirements.txt`, installed into `.venv` by
+//! `.ci/run`) runs every check it has against the built server, once with a
+//! token and once without. It fails on any 5xx, any status the spec does
+//! not declare, any body (and any stream event) that does not match its
+//! schema, a schema-violating request accepted, and so on; the exceptions
+//! it is told of are in `tests/schemathesis/schemathesis.toml`, with why.
+//!
+//! The server is the zero-configuration one (SQLite, its own tokens) with
+//! the per-user rate limits off, so that the requests reach the handlers.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A server process, killed when the test ends.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn mana_sync(dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mana-sync"));
+    cmd.env_clear().current_dir(dir);
+    cmd
+}
+
+fn repository() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `.venv/bin/schemathesis`, or a failure that says how to get it.
+fn schemathesis() -> PathBuf {
+    let path = repository().join(".venv/bin/schemathesis");
+    assert!(
+        path.exists(),
+        "schemathesis is not installed at {}: run `bash .ci/run` once, or \
+         `python3 -m venv .venv && .venv/bin/pip install -r tests/schemathesis/requirements.txt`",
+        path.display()
+    );
+    path
+}
+
+async fn start(dir: &Path, port: u16) -> Server {
+    let log = std::fs::File::create(dir.join("server.log")).unwrap();
+    let child = mana_sync(dir)
+        .env("PORT", port.to_string())
+        .env("PUSH_RATE", "0")
+        .env("PULL_RATE", "0")
+        .env("OPEN_RATE", "0")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("run mana-sync");
+    let mut server = Server(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            panic!("mana-sync exited at start-up ({status})");
+        }
+        if reqwest::get(format!("http://127.0.0.1:{port}/ready"))
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return server;
+        }
+        assert!(Instant::now() < deadline, "mana-sync never became ready on port {port}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs schemathesis with every check against the server on `port`,
+/// sending `headers`; returns whether it passed, after printing its report.
+fn run(port: u16, headers: &[String], examples: u32) -> bool {
+    let mut cmd = Command::new(schemathesis());
+    cmd.arg("--config-file")
+        .arg(repository().join("tests/schemathesis/schemathesis.toml"))
+        .arg("run")
+        .arg(repository().join("openapi/mana-sync.json"))
+        .args(["--url", &format!("http://127.0.0.1:{port}")])
+        .args(["--checks", "all"])
+        .args(["--max-examples", &examples.to_string()])
+        .args(["--workers", "2"])
+        .args(["--request-timeout", "30"]);
+    for header in headers {
+        cmd.args(["--header", header]);
+    }
+    let output = cmd.env("NO_COLOR", "1").output().expect("run schemathesis");
+    println!("{}", String::from_utf8_lossy(&output.stdout));
+    eprintln!("{}", String::from_utf8_lossy(&output.stderr));
+    output.status.success()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_nothing_with_a_token_or_without() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let _server = start(dir.path(), port).await;
+    let token = mana_sync(dir.path())
+        .args(["token", "--sub", "schemathesis"])
+        .output()
+        .unwrap();
+    assert!(token.status.success());
+    let token = String::from_utf8(token.stdout).unwrap();
+    let bearer = format!("Authorization: Bearer {}", token.trim());
+
+    let (with, without) = tokio::task::spawn_blocking(move || (run(port, &[bearer], 100), run(port, &[], 20)))
+        .await
+        .unwrap();
+    assert!(with, "schemathesis with a token found failures (its report is above)");
+    assert!(
+        without,
+        "schemathesis without a token found failures (its report is above)"
+    );
+}
