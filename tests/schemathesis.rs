@@ -12,18 +12,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
-/// A server process, killed when the test ends.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::process::{ServerProcess, answered};
 
 fn mana_sync(dir: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mana-sync"));
@@ -47,7 +38,7 @@ fn schemathesis() -> PathBuf {
     path
 }
 
-async fn start(dir: &Path, port: u16) -> Server {
+async fn start(dir: &Path, port: u16) -> ServerProcess {
     let log = std::fs::File::create(dir.join("server.log")).unwrap();
     let child = mana_sync(dir)
         .env("PORT", port.to_string())
@@ -58,21 +49,9 @@ async fn start(dir: &Path, port: u16) -> Server {
         .stderr(log)
         .spawn()
         .expect("run mana-sync");
-    let mut server = Server(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = server.0.try_wait().unwrap() {
-            panic!("mana-sync exited at start-up ({status})");
-        }
-        if reqwest::get(format!("http://127.0.0.1:{port}/ready"))
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            return server;
-        }
-        assert!(Instant::now() < deadline, "mana-sync never became ready on port {port}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut server = ServerProcess(child);
+    answered(&mut server.0, &format!("http://127.0.0.1:{port}/ready")).await;
+    server
 }
 
 /// Runs schemathesis with every check against the server on `port`,

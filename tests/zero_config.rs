@@ -8,8 +8,9 @@ mod common;
 
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use common::process::answered;
 use serde_json::Value;
 
 /// `mana-sync` in `dir` with an empty environment.
@@ -45,20 +46,14 @@ impl Server {
             .spawn()
             .expect("run mana-sync");
         let mut server = Server(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = server.0.try_wait().unwrap() {
-                panic!("mana-sync exited at start-up ({status})");
-            }
-            if let Ok(response) = reqwest::get(format!("{}/health", address(port))).await {
-                let health: Value = response.json().await.unwrap();
-                assert_eq!(health["status"], "ok", "{health}");
-                assert_eq!(health["store"], "sqlite", "no DATABASE_URL: SQLite");
-                return server;
-            }
-            assert!(Instant::now() < deadline, "mana-sync never answered on port {port}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let health: Value = answered(&mut server.0, &format!("{}/health", address(port)))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(health["status"], "ok", "{health}");
+        assert_eq!(health["store"], "sqlite", "no DATABASE_URL: SQLite");
+        server
     }
 
     /// SIGTERM, and the exit status.

@@ -3,12 +3,14 @@
 //! either store, and the dual-store template), `common::pg` (a real
 //! PostgreSQL, one database per test), `common::tokens` (JWT keys, tokens,
 //! a JWKS server), `common::ws` (a WebSocket client), `common::metrics`
-//! (reading `/metrics`) and `common::proxy` (a database outage on demand).
+//! (reading `/metrics`), `common::proxy` (a database outage on demand) and
+//! `common::process` (the binary as a child process).
 #![allow(dead_code, unused_macros)]
 
 pub mod app;
 pub mod metrics;
 pub mod pg;
+pub mod process;
 pub mod proxy;
 pub mod tokens;
 pub mod ws;

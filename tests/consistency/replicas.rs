@@ -3,7 +3,6 @@
 use std::fs::OpenOptions;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 /// One `mana-sync` process on a fixed port, restartable.
 pub struct Replica {
@@ -54,28 +53,8 @@ impl Replica {
             .stderr(log)
             .spawn()
             .expect("run mana-sync");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let client = reqwest::Client::new();
-        loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-                panic!("replica on port {} exited at start-up ({status})", self.port);
-            }
-            if client
-                .get(self.url("/ready"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "replica on port {} never became ready",
-                self.port
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        let ready = self.url("/ready");
+        super::common::process::answered(self.child.insert(child), &ready).await;
     }
 
     /// What it logged, across restarts.
