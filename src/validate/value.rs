@@ -53,7 +53,8 @@ fn number_in_range(text: &str) -> bool {
     let mantissa = mantissa.trim_start_matches('-');
     let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
     let max = MAX_NUMBER_DIGITS as i64;
-    whole.len() as i64 + exponent <= max && fraction.len() as i64 - exponent <= max
+    // Saturating: an exponent near either end of i64 must not wrap past the bound.
+    (whole.len() as i64).saturating_add(exponent) <= max && (fraction.len() as i64).saturating_sub(exponent) <= max
 }
 
 #[cfg(test)]
@@ -84,6 +85,9 @@ mod tests {
             "1e-1001",
             "0.1e-1000",
             "1e99999999999999999999",
+            "1e9223372036854775807",
+            "1e-9223372036854775808",
+            "0.5e-9223372036854775808",
             &format!("{thousand_digits}0"),
         ] {
             assert!(!number_in_range(refused), "{refused}");
