@@ -14,7 +14,7 @@ use mana_sync::cursor::Cursor;
 use mana_sync::error::Error;
 use mana_sync::fold::{DELETED_AT, FieldState, FieldWrite, LogEntry, RecordDelta, RecordState, UPDATED_AT};
 use mana_sync::idempotency;
-use mana_sync::protocol::{MAX_ID_BYTES, MAX_NAME_BYTES, Op, PushRequest, check_text};
+use mana_sync::protocol::{MAX_ID_CHARS, MAX_NAME_CHARS, Op, PushRequest, check_text};
 use mana_sync::timestamp::{Timestamp, TimestampError};
 use mana_sync::validate::{self, Limits};
 use poem_openapi::types::{ParseFromJSON, ToJSON};
@@ -90,7 +90,7 @@ fn client_error(error: &Error) -> (&'static str, String) {
 
 fn accepted(header: Option<&str>, request: &PushRequest, batch: &Batch, limits: Limits) {
     assert!(
-        check_text(&batch.client_id, MAX_ID_BYTES).is_ok(),
+        check_text(&batch.client_id, MAX_ID_CHARS).is_ok(),
         "{:?}",
         batch.client_id
     );
@@ -103,8 +103,8 @@ fn accepted(header: Option<&str>, request: &PushRequest, batch: &Batch, limits: 
             (&*input.table, &*input.id, input.op),
             (&*change.table, &*change.id, change.op)
         );
-        assert!(check_text(&change.table, MAX_NAME_BYTES).is_ok(), "{:?}", change.table);
-        assert!(check_text(&change.id, MAX_ID_BYTES).is_ok(), "{:?}", change.id);
+        assert!(check_text(&change.table, MAX_NAME_CHARS).is_ok(), "{:?}", change.table);
+        assert!(check_text(&change.id, MAX_ID_CHARS).is_ok(), "{:?}", change.id);
         let untimed = change.writes.iter().any(|w| w.untimed);
         assert!(
             change.writes.iter().all(|w| w.untimed == untimed),
@@ -121,7 +121,7 @@ fn accepted(header: Option<&str>, request: &PushRequest, batch: &Batch, limits: 
         let mut names = std::collections::BTreeSet::new();
         for w in &change.writes {
             assert!(names.insert(&w.name), "field {:?} written twice by one change", w.name);
-            assert!(check_text(&w.name, MAX_NAME_BYTES).is_ok(), "{:?}", w.name);
+            assert!(check_text(&w.name, MAX_NAME_CHARS).is_ok(), "{:?}", w.name);
             assert_ne!(w.name, "id", "id is the record key, not a field");
             assert!(!has_nul(&w.value), "a NUL character is not storable: {:?}", w.value);
             assert_eq!(w.at, w.at.floor_millis(), "field times are kept in milliseconds");

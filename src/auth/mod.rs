@@ -16,7 +16,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
 use crate::config::Config;
-use crate::protocol::{MAX_ID_BYTES, MAX_SUBJECT_BYTES, check_text};
+use crate::protocol::{MAX_ID_CHARS, MAX_SUBJECT_BYTES, check_text};
 
 pub mod local;
 
@@ -203,7 +203,7 @@ impl Authenticator {
         validation.set_required_spec_claims(&required);
         let data = jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(classify)?;
         match data.claims.sub {
-            Some(sub) if sub.len() <= MAX_SUBJECT_BYTES && check_text(&sub, MAX_ID_BYTES).is_ok() => Ok(User {
+            Some(sub) if sub.len() <= MAX_SUBJECT_BYTES && check_text(&sub, MAX_ID_CHARS).is_ok() => Ok(User {
                 id: sub,
                 expires_at: data.claims.exp,
             }),

@@ -17,12 +17,12 @@ pub use self::text::{BadText, HeaderId, Id, Key, Name, NameList, Since, Text, Ti
 pub const MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
 /// Longest app id, table (collection) or field name, in characters (as
 /// JSON Schema's `maxLength` counts them; at most 512 bytes).
-pub const MAX_NAME_BYTES: usize = 128;
+pub const MAX_NAME_CHARS: usize = 128;
 /// Longest record id, client id or idempotency key, in characters (at most
 /// 1 KiB). PostgreSQL's B-tree entries hold at most 2,704 bytes: a record's
 /// key (user, app, table, record id) stays below that with these limits and
 /// the token subject's [`MAX_SUBJECT_BYTES`].
-pub const MAX_ID_BYTES: usize = 256;
+pub const MAX_ID_CHARS: usize = 256;
 /// Longest user id (a token's `sub`), in bytes: it keys every row.
 pub const MAX_SUBJECT_BYTES: usize = 256;
 /// A page stops once its records' JSON passes this size (it always holds at

@@ -9,7 +9,7 @@ use poem_openapi::registry::{MetaSchema, MetaSchemaRef};
 use poem_openapi::types::{ParseError, ParseFromJSON, ParseFromParameter, ParseResult, ToJSON, Type};
 use serde_json::Value;
 
-use super::{MAX_ID_BYTES, MAX_NAME_BYTES, MAX_STREAM_COLLECTIONS};
+use super::{MAX_ID_CHARS, MAX_NAME_CHARS, MAX_STREAM_COLLECTIONS};
 
 /// How a name or id breaks the protocol's rule for them: 1 to `max`
 /// characters, no control characters.
@@ -53,13 +53,13 @@ pub trait Rule: Send + Sync + 'static {
 }
 
 /// An app id, table (collection) or field name.
-pub type Name = Text<Bounded<1, MAX_NAME_BYTES>>;
+pub type Name = Text<Bounded<1, MAX_NAME_CHARS>>;
 /// A record id, client id or idempotency key.
-pub type Id = Text<Bounded<1, MAX_ID_BYTES>>;
+pub type Id = Text<Bounded<1, MAX_ID_CHARS>>;
 /// A client id in a header, where an empty one counts as none.
-pub type HeaderId = Text<Header<0, MAX_ID_BYTES>>;
+pub type HeaderId = Text<Header<0, MAX_ID_CHARS>>;
 /// An idempotency key (a header).
-pub type Key = Text<Header<1, MAX_ID_BYTES>>;
+pub type Key = Text<Header<1, MAX_ID_CHARS>>;
 /// A record or field time (RFC 3339).
 pub type Time = Text<DateTime>;
 /// A cursor: a `syncedUntil`, any RFC 3339 time, or empty for the beginning.
@@ -217,7 +217,7 @@ impl Type for NameList {
     /// A string rather than an array: poem-openapi's comma-separated
     /// arrays (`explode = false`) panic on a missing parameter.
     fn schema_ref() -> MetaSchemaRef {
-        let name = format!(r"[^,\u0000-\u001F\u007F-\u009F]{{1,{MAX_NAME_BYTES}}}");
+        let name = format!(r"[^,\u0000-\u001F\u007F-\u009F]{{1,{MAX_NAME_CHARS}}}");
         let more = MAX_STREAM_COLLECTIONS - 1;
         MetaSchemaRef::Inline(Box::new(MetaSchema {
             pattern: Some(format!("^{name}(,{name}){{0,{more}}}$")),

@@ -13,7 +13,7 @@ use crate::cursor::Cursor;
 use crate::error::{Error, Result};
 use crate::fold::{DELETED_AT, FieldWrite, UPDATED_AT};
 use crate::protocol::{
-    BadText, ChangeInput, MAX_ID_BYTES, MAX_NAME_BYTES, MAX_STREAM_COLLECTIONS, Op, PushRequest, check_text,
+    BadText, ChangeInput, MAX_ID_CHARS, MAX_NAME_CHARS, MAX_STREAM_COLLECTIONS, Op, PushRequest, check_text,
 };
 use crate::timestamp::Timestamp;
 
@@ -28,12 +28,12 @@ pub struct Limits {
 
 /// Checks a name (app id, table, field): 1-128 characters, no control characters.
 pub fn name(what: &str, value: &str) -> Result<()> {
-    bounded(what, value, MAX_NAME_BYTES)
+    bounded(what, value, MAX_NAME_CHARS)
 }
 
 /// Checks an id (record, client): 1-256 characters, no control characters.
 pub fn id(what: &str, value: &str) -> Result<()> {
-    bounded(what, value, MAX_ID_BYTES)
+    bounded(what, value, MAX_ID_CHARS)
 }
 
 fn bounded(what: &str, value: &str, max: usize) -> Result<()> {
@@ -52,10 +52,10 @@ fn bounded(what: &str, value: &str, max: usize) -> Result<()> {
 }
 
 pub fn idempotency_key(key: &str) -> Result<()> {
-    if check_text(key, MAX_ID_BYTES).is_err() {
+    if check_text(key, MAX_ID_CHARS).is_err() {
         return Err(Error::invalid(
             "invalid_idempotency_key",
-            format!("Idempotency-Key must be 1 to {MAX_ID_BYTES} characters without control characters"),
+            format!("Idempotency-Key must be 1 to {MAX_ID_CHARS} characters without control characters"),
         ));
     }
     Ok(())
