@@ -9,6 +9,9 @@
 //!   (`PR_SET_PDEATHSIG`), and leftovers of dead processes are removed on the
 //!   next start.
 //! * Neither available: tests panic with the fix; they never skip silently.
+//! * [`DURABLE_VAR`] set (the load benchmark sets it): the throwaway cluster
+//!   is kept as production keeps one, on disk with `fsync`, full page writes
+//!   and synchronous commit on, rather than on tmpfs with all three off.
 //!
 //! Once per process two ordinary login roles are ensured, as a production
 //! deployment has them: [`OWNER_ROLE`] owns a template database and migrates
@@ -40,6 +43,10 @@ pub const APP_ROLE: &str = "mana_sync_app";
 pub const OWNER_ROLE: &str = "mana_sync_owner";
 /// The roles' password (the local cluster trusts loopback anyway).
 const PASSWORD: &str = "mana_sync";
+
+/// Set (to anything) before the first use to start the throwaway cluster
+/// on disk with durable commits (see the module docs).
+pub const DURABLE_VAR: &str = "MANA_SYNC_TEST_PG_DURABLE";
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a fast shutdown ([`restart_server`]) may take.
@@ -531,18 +538,8 @@ fn start_postmaster(
         .arg(port.to_string())
         .arg("-k")
         .arg(dir)
-        .args([
-            "-c",
-            "listen_addresses=127.0.0.1",
-            "-c",
-            "fsync=off",
-            "-c",
-            "synchronous_commit=off",
-            "-c",
-            "full_page_writes=off",
-            "-c",
-            "max_connections=300",
-        ])
+        .args(["-c", "listen_addresses=127.0.0.1", "-c", "max_connections=300"])
+        .args(durability_settings().iter().flat_map(|setting| ["-c", setting]))
         .current_dir(dir)
         .env_remove("PGDATA")
         .stdin(Stdio::null())
@@ -626,6 +623,27 @@ fn start_postmaster(
     }
 }
 
+/// Whether the cluster keeps commits as production does ([`DURABLE_VAR`]).
+fn durable() -> bool {
+    std::env::var_os(DURABLE_VAR).is_some()
+}
+
+/// Durable: production's defaults, with the memory a dedicated server of
+/// this machine's size would give PostgreSQL. Otherwise nothing is synced:
+/// a test database need not survive a power cut.
+fn durability_settings() -> &'static [&'static str] {
+    if durable() {
+        &[
+            "fsync=on",
+            "synchronous_commit=on",
+            "full_page_writes=on",
+            "shared_buffers=1GB",
+        ]
+    } else {
+        &["fsync=off", "synchronous_commit=off", "full_page_writes=off"]
+    }
+}
+
 fn read_log(path: &Path) -> String {
     let mut s = String::new();
     if let Ok(mut f) = std::fs::File::open(path) {
@@ -692,8 +710,12 @@ fn base_dir_candidates() -> [PathBuf; 2] {
 
 /// The cluster's parent directory: `/dev/shm` when it is a writable tmpfs
 /// with at least 1 GiB free (several times faster than disk for CREATE
-/// DATABASE: fsync is off, but the copy is still written); else the temp dir.
+/// DATABASE: fsync is off, but the copy is still written); else the temp
+/// dir, which a [`durable`] cluster always takes (tmpfs is memory, not disk).
 fn cluster_base_dir() -> PathBuf {
+    if durable() {
+        return std::env::temp_dir();
+    }
     let shm = Path::new("/dev/shm");
     let cpath = std::ffi::CString::new("/dev/shm").unwrap();
     // SAFETY: plain syscalls on a valid C string and a zeroed out-struct.

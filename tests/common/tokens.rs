@@ -337,6 +337,11 @@ async fn not_found(poem::web::Data(state): poem::web::Data<&Arc<JwksState>>) -> 
 impl JwksServer {
     /// Starts serving `jwks` (a `{"keys": [...]}` document).
     pub async fn start(jwks: Value) -> Self {
+        Self::start_on(0, jwks).await
+    }
+
+    /// Starts serving `jwks` on 127.0.0.1:`port` (0: any free port).
+    pub async fn start_on(port: u16, jwks: Value) -> Self {
         use poem::EndpointExt as _;
 
         let hits = Arc::new(AtomicUsize::new(0));
@@ -353,7 +358,7 @@ impl JwksServer {
             .at("/.well-known/jwks.json", poem::get(serve_jwks))
             .at("/*", not_found)
             .data(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .expect("bind JWKS server");
         let addr = listener.local_addr().expect("JWKS server address");
