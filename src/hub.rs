@@ -179,13 +179,22 @@ pub struct Hub {
 }
 
 struct Inner {
-    users: Mutex<HashMap<String, Vec<Arc<Subscriber>>>>,
+    registry: Mutex<Registry>,
     next_id: AtomicU64,
     max_per_user: usize,
     max_total: usize,
     listening: AtomicBool,
     closing: watch::Sender<bool>,
     metrics: Metrics,
+}
+
+/// The subscribers by user, and how many there are in all (counted as
+/// they come and go: a replica holding ten thousand users must not count
+/// them for every socket it opens).
+#[derive(Default)]
+struct Registry {
+    users: HashMap<String, Vec<Arc<Subscriber>>>,
+    total: usize,
 }
 
 /// A registration; unregisters itself when dropped.
@@ -200,12 +209,15 @@ impl Drop for Subscription {
             // Gone with a notice still waiting.
             self.subscriber.lost();
         }
-        let mut users = self.hub.inner.users.lock().expect("hub lock");
-        if let Some(list) = users.get_mut(&self.subscriber.user_id) {
+        let mut registry = self.hub.inner.registry.lock().expect("hub lock");
+        if let Some(list) = registry.users.get_mut(&self.subscriber.user_id) {
+            let before = list.len();
             list.retain(|s| s.id != self.subscriber.id);
+            let removed = before - list.len();
             if list.is_empty() {
-                users.remove(&self.subscriber.user_id);
+                registry.users.remove(&self.subscriber.user_id);
             }
+            registry.total -= removed;
         }
     }
 }
@@ -214,7 +226,7 @@ impl Hub {
     pub fn new(max_per_user: usize, max_total: usize, metrics: Metrics) -> Hub {
         Hub {
             inner: Arc::new(Inner {
-                users: Mutex::new(HashMap::new()),
+                registry: Mutex::new(Registry::default()),
                 next_id: AtomicU64::new(1),
                 max_per_user,
                 max_total,
@@ -235,12 +247,11 @@ impl Hub {
         if *self.inner.closing.borrow() {
             return Err(Refusal::ShuttingDown);
         }
-        let mut users = self.inner.users.lock().expect("hub lock");
-        let total: usize = users.values().map(Vec::len).sum();
-        if total >= self.inner.max_total {
+        let mut registry = self.inner.registry.lock().expect("hub lock");
+        if registry.total >= self.inner.max_total {
             return Err(Refusal::ServerLimit);
         }
-        let list = users.entry(user_id.to_owned()).or_default();
+        let list = registry.users.entry(user_id.to_owned()).or_default();
         if list.len() >= self.inner.max_per_user {
             return Err(Refusal::UserLimit);
         }
@@ -254,6 +265,7 @@ impl Hub {
             metrics: self.inner.metrics.clone(),
         });
         list.push(subscriber.clone());
+        registry.total += 1;
         Ok(Subscription {
             hub: self.clone(),
             subscriber,
@@ -262,8 +274,9 @@ impl Hub {
 
     /// Hands a notice to the user's subscribers on this replica; returns how many.
     pub fn publish(&self, notice: &Notice) -> usize {
-        let users = self.inner.users.lock().expect("hub lock");
-        let Some(list) = users
+        let registry = self.inner.registry.lock().expect("hub lock");
+        let Some(list) = registry
+            .users
             .get(&notice.user_id)
             .filter(|list| list.iter().any(|s| s.wants(notice)))
         else {
@@ -286,16 +299,16 @@ impl Hub {
     /// Tells every local subscriber to pull everything: notices may have
     /// been lost (the listener was disconnected).
     pub fn publish_everything(&self) {
-        let users = self.inner.users.lock().expect("hub lock");
-        for subscriber in users.values().flatten() {
+        let registry = self.inner.registry.lock().expect("hub lock");
+        for subscriber in registry.users.values().flatten() {
             subscriber.mark_all();
         }
     }
 
     /// (subscriptions, distinct users) on this replica.
     pub fn stats(&self) -> (u64, u64) {
-        let users = self.inner.users.lock().expect("hub lock");
-        (users.values().map(Vec::len).sum::<usize>() as u64, users.len() as u64)
+        let registry = self.inner.registry.lock().expect("hub lock");
+        (registry.total as u64, registry.users.len() as u64)
     }
 
     /// The replica's metrics.

@@ -53,6 +53,38 @@ async fn another_user_can_neither_read_nor_overwrite_knowing_the_ids(store: Back
     assert_eq!(alice["serverChanges"].as_array().unwrap().len(), 1);
 }
 
+/// Quotes and backslashes in a user id (a token's `sub`) neither break
+/// out of nor blur its scope (PostgreSQL writes the id into the statement
+/// that begins each transaction).
+#[apply(both_stores)]
+async fn user_ids_with_quotes_and_backslashes_are_users_like_any_other(store: Backend) {
+    let app = store.spawn().await;
+    let users = [
+        "o'brien",
+        r"back\slash",
+        r"o\'brien",
+        r"x'); SELECT set_config('mana_sync.user_id', 'alice', true); --",
+        "alice",
+    ];
+    for (i, user) in users.iter().enumerate() {
+        let record = json!({ "title": format!("of {user}"), "updatedAt": "2024-01-01T10:00:00Z" });
+        app.push_ok(user, "d", START, json!([insert("todos", &format!("r{i}"), record)]))
+            .await;
+    }
+    for (i, user) in users.iter().enumerate() {
+        let pulled = app.pull_ok(user, "todos", START, None).await;
+        assert_eq!(
+            pulled["serverChanges"].as_array().unwrap().len(),
+            1,
+            "{user} sees only their own record"
+        );
+        assert_eq!(
+            change_for(&pulled, &format!("r{i}")).unwrap()["data"]["title"],
+            format!("of {user}")
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row_level_security_hides_other_users_rows_from_unfiltered_queries() {
     let app = spawn_app().await;

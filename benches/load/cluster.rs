@@ -47,12 +47,16 @@ impl Deployment {
 pub struct Environment {
     pub jwks: JwksServer,
     logs: tempfile::TempDir,
+    /// Settings every server gets on top of the benchmark's (`--server-env`).
+    settings: Vec<(String, String)>,
 }
 
 impl Environment {
-    /// Serves the benchmark's key set on `jwks_port` (any free port if `None`).
-    pub async fn start(jwks_port: Option<u16>) -> Environment {
+    /// Serves the benchmark's key set on `jwks_port` (any free port if
+    /// `None`); every server started gets `settings` too.
+    pub async fn start(jwks_port: Option<u16>, settings: Vec<(String, String)>) -> Environment {
         Environment {
+            settings,
             jwks: JwksServer::start_on(jwks_port.unwrap_or(0), tokens::default_jwks()).await,
             logs: tempfile::Builder::new()
                 .prefix("mana-sync-load-")
@@ -125,6 +129,7 @@ impl Environment {
                 ("MAX_CONNECTIONS_PER_ADDRESS", "30000".to_owned()),
             ])
             .envs(store.iter().map(|(k, v)| (*k, v.as_str())))
+            .envs(self.settings.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("a log file"))
             .stderr(log);

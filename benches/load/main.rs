@@ -83,6 +83,14 @@ struct Options {
     /// Tiny sizes, a few seconds in all (what the test suite runs).
     #[arg(long)]
     smoke: bool,
+    /// A setting for the servers the benchmark starts, `NAME=value`
+    /// (repeatable): to compare configurations in one command.
+    #[arg(long = "server-env", value_parser = parse_setting)]
+    server_env: Vec<(String, String)>,
+    /// Preloads pg_stat_statements and prints, after each push load on
+    /// PostgreSQL, the statements a push ran: calls per push, mean time.
+    #[arg(long)]
+    statements: bool,
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
@@ -154,6 +162,10 @@ fn main() {
         // SAFETY: nothing else runs yet; no thread reads the environment.
         unsafe { std::env::set_var(common::pg::DURABLE_VAR, "1") };
     }
+    if options.statements {
+        // SAFETY: as above.
+        unsafe { std::env::set_var(common::pg::SETTINGS_VAR, "shared_preload_libraries=pg_stat_statements") };
+    }
     let everything =
         !(options.push || options.pull || options.initial || options.growth || options.fanout || options.capacity);
     if options.all || everything {
@@ -195,16 +207,16 @@ fn main() {
 
 async fn run(options: &Options, sizes: &Sizes, descriptors: usize, smoke: bool) -> Results {
     let mut results = Results::new(!smoke);
-    let env = Environment::start(options.jwks_port).await;
+    let env = Environment::start(options.jwks_port, options.server_env.clone()).await;
     let postgres = if options.targets.is_empty() {
         env.postgres(2).await
     } else {
         cluster::targets(&options.targets, options.database_url.clone())
     };
     if options.push {
-        push_scenarios(&postgres, sizes, &mut results).await;
+        push_scenarios(&postgres, sizes, options.statements, &mut results).await;
         if options.targets.is_empty() {
-            push_scenarios(&env.sqlite().await, sizes, &mut results).await;
+            push_scenarios(&env.sqlite().await, sizes, false, &mut results).await;
         }
     }
     if options.pull {
@@ -261,7 +273,7 @@ async fn run(options: &Options, sizes: &Sizes, descriptors: usize, smoke: bool) 
 
 /// Scenario 1 on one store: push loads of each batch size, then (on
 /// PostgreSQL) the raw ceiling on the same database.
-async fn push_scenarios(deployment: &Deployment, sizes: &Sizes, results: &mut Results) {
+async fn push_scenarios(deployment: &Deployment, sizes: &Sizes, statements: bool, results: &mut Results) {
     let base = &deployment.replicas[0].base;
     let mut at_10 = None;
     for &batch in sizes.batches {
@@ -272,7 +284,14 @@ async fn push_scenarios(deployment: &Deployment, sizes: &Sizes, results: &mut Re
             duration: sizes.duration,
         };
         let label = format!("push-{}-{batch}", deployment.store);
+        let profile = match &deployment.admin_url {
+            Some(url) if statements => Some(push::Statements::reset(url).await),
+            _ => None,
+        };
         let outcome = push::run(base, &load, &label, &deployment.pids()).await;
+        if let Some(profile) = profile {
+            profile.print(outcome.changes / batch as u64).await;
+        }
         let scenario = format!("push, batch {batch} ({}, {} clients)", deployment.store, sizes.clients);
         let p99_goal = (batch == 10).then_some(Goal::AtMost(25.0));
         results.add(
@@ -302,6 +321,11 @@ async fn push_scenarios(deployment: &Deployment, sizes: &Sizes, results: &mut Re
             results.add(&scenario, measure, pushed / rate * 100.0, "%", goal, None);
         }
     }
+}
+
+fn parse_setting(setting: &str) -> Result<(String, String), String> {
+    let (name, value) = setting.split_once('=').ok_or("expected NAME=value")?;
+    Ok((name.to_owned(), value.to_owned()))
 }
 
 /// What the table is about: when, where, and how.

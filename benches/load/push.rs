@@ -275,3 +275,51 @@ pub async fn ceiling(admin_url: &str, rows: usize, connections: usize, duration:
     pool.close().await;
     (rate, cpu)
 }
+
+/// The statements PostgreSQL ran since `reset` (pg_stat_statements must
+/// be preloaded: `--statements`), by total time, as calls per push and
+/// mean time each: what a push costs the database, round trip by round trip.
+pub struct Statements {
+    pool: sqlx::PgPool,
+}
+
+impl Statements {
+    pub async fn reset(admin_url: &str) -> Statements {
+        let pool = sqlx::PgPool::connect(admin_url)
+            .await
+            .expect("connect for pg_stat_statements");
+        sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .execute(&pool)
+            .await
+            .expect("pg_stat_statements (run with --statements)");
+        sqlx::query("SELECT pg_stat_statements_reset()")
+            .execute(&pool)
+            .await
+            .expect("reset pg_stat_statements");
+        Statements { pool }
+    }
+
+    /// Prints the statements run since the reset, `pushes` pushes in all.
+    pub async fn print(self, pushes: u64) {
+        let rows: Vec<(String, i64, f64, i64)> = sqlx::query_as(
+            "SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls, total_exec_time, rows
+             FROM pg_stat_statements WHERE calls > 0 AND query NOT LIKE '%pg_stat_statements%'
+             ORDER BY total_exec_time DESC LIMIT 15",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .expect("read pg_stat_statements");
+        let total: f64 = rows.iter().map(|r| r.2).sum();
+        eprintln!("  statements, {pushes} pushes: calls/push, mean µs, share of execution time");
+        for (query, calls, time, _rows) in rows {
+            let query: String = query.chars().take(110).collect();
+            eprintln!(
+                "  {:>6.2} {:>8.1} {:>5.1}%  {query}",
+                calls as f64 / pushes.max(1) as f64,
+                time * 1e3 / calls as f64,
+                time / total * 100.0
+            );
+        }
+        self.pool.close().await;
+    }
+}

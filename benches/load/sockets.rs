@@ -48,9 +48,26 @@ async fn open(replica: &Replica, token: &str, client: &str) -> Result<Socket, St
     Ok(socket)
 }
 
+/// Sockets kept open by their tasks, closed when this is dropped.
+#[derive(Default)]
+struct Held(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
 /// Keeps a socket open, answering pings, and reports each `sync-available`
 /// as (`index`, when it came); ends when the server closes it.
-fn listen(mut socket: Socket, index: usize, heard: mpsc::UnboundedSender<(usize, Instant)>, open: Arc<AtomicUsize>) {
+fn listen(
+    mut socket: Socket,
+    index: usize,
+    heard: mpsc::UnboundedSender<(usize, Instant)>,
+    open: Arc<AtomicUsize>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         while let Some(Ok(message)) = socket.next().await {
             if let Message::Text(text) = message
@@ -61,38 +78,45 @@ fn listen(mut socket: Socket, index: usize, heard: mpsc::UnboundedSender<(usize,
             }
         }
         open.fetch_sub(1, Ordering::Relaxed);
-    });
+    })
 }
 
 /// Opens sockets `range` on `replica`, socket `i` as `user(i)`, 64
-/// handshakes at a time, each then kept by [`listen`]. Returns how many
-/// opened before the first failure (and that failure).
+/// handshakes at a time, each then kept by [`listen`]. Returns them, how
+/// many opened before the first failure, and that failure.
 async fn open_many(
     replica: &Replica,
     range: std::ops::Range<usize>,
     user: impl Fn(usize) -> String,
     heard: &mpsc::UnboundedSender<(usize, Instant)>,
     open_now: &Arc<AtomicUsize>,
-) -> (usize, Option<String>) {
+) -> (Held, usize, Option<String>) {
     let opened = Arc::new(AtomicU64::new(0));
     let _progress = Progress::start(format!("opening sockets {range:?}"), "sockets", opened.clone());
     let tokens: Vec<(usize, String)> = range.map(|i| (i, tokens::token_for(&user(i)))).collect();
-    let results: Vec<Result<(), String>> = futures_util::stream::iter(tokens)
+    let results: Vec<Result<tokio::task::JoinHandle<()>, String>> = futures_util::stream::iter(tokens)
         .map(|(i, token)| {
             let (heard, open_now, opened) = (heard.clone(), open_now.clone(), opened.clone());
             async move {
                 let socket = open(replica, &token, &format!("socket-{i}")).await?;
                 open_now.fetch_add(1, Ordering::Relaxed);
                 opened.fetch_add(1, Ordering::Relaxed);
-                listen(socket, i, heard, open_now);
-                Ok(())
+                Ok(listen(socket, i, heard, open_now))
             }
         })
         .buffered(64)
         .collect()
         .await;
     let ok = results.iter().take_while(|r| r.is_ok()).count();
-    (ok, results.into_iter().find_map(Result::err))
+    let mut held = Held::default();
+    let mut failure = None;
+    for result in results {
+        match result {
+            Ok(task) => held.0.push(task),
+            Err(e) => failure = failure.or(Some(e)),
+        }
+    }
+    (held, ok, failure)
 }
 
 /// Scenario 5a: `sockets` sockets of one user on replica B; `pushes`
@@ -102,17 +126,18 @@ pub async fn one_user(deployment: &Deployment, sockets: usize, pushes: usize, re
     let (a, b) = (&deployment.replicas[0], &deployment.replicas[1]);
     let (heard, mut hearing) = mpsc::unbounded_channel();
     let open_now = Arc::new(AtomicUsize::new(0));
-    let (opened, failure) = open_many(b, 0..sockets, |_| "fan-one".to_owned(), &heard, &open_now).await;
+    let (_held, opened, failure) = open_many(b, 0..sockets, |_| "fan-one".to_owned(), &heard, &open_now).await;
     assert_eq!(opened, sockets, "every socket opens: {failure:?}");
     let http = reqwest::Client::new();
     let mut pusher = Device::new("fan-one", "pusher");
-    let mut latencies = Latencies::default();
+    let (mut latencies, mut answered) = (Latencies::default(), Latencies::default());
     let mut missed = 0;
     let meter = CpuMeter::start(&deployment.pids());
     for _ in 0..pushes {
         let changes = pusher.updates(1, 10);
         let sent = Instant::now();
         pusher.push(&http, &a.base, changes).await.expect("a push");
+        answered.record(sent.elapsed());
         let deadline = tokio::time::Instant::now() + NOTIFY_PATIENCE;
         let mut told = vec![false; sockets];
         let mut count = 0;
@@ -166,7 +191,7 @@ pub async fn many_users(deployment: &Deployment, users: usize, results: &mut Res
     let (heard, mut hearing) = mpsc::unbounded_channel();
     let open_now = Arc::new(AtomicUsize::new(0));
     let user = |i: usize| format!("fan-many-{i}");
-    let (opened, failure) = open_many(b, 0..users, user, &heard, &open_now).await;
+    let (_held, opened, failure) = open_many(b, 0..users, user, &heard, &open_now).await;
     assert_eq!(opened, users, "every socket opens: {failure:?}");
     let http = reqwest::Client::new();
     let origin = Instant::now();
@@ -244,11 +269,11 @@ pub async fn capacity(replica: &Replica, idle: usize, most: usize, results: &mut
     let open_now = Arc::new(AtomicUsize::new(0));
     let user = |i: usize| format!("idle-{i}");
     // Warm up: what the first sockets allocate once is not per socket.
-    let (warm, _) = open_many(replica, 0..100, user, &heard, &open_now).await;
+    let (_warm, warm, _) = open_many(replica, 0..100, user, &heard, &open_now).await;
     assert_eq!(warm, 100, "the first sockets open");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = resident_bytes(pid).expect("the replica runs");
-    let (opened, failure) = open_many(replica, 100..100 + idle, user, &heard, &open_now).await;
+    let (_idle, opened, failure) = open_many(replica, 100..100 + idle, user, &heard, &open_now).await;
     assert_eq!(opened, idle, "{idle} sockets open: {failure:?}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = resident_bytes(pid).expect("the replica runs");
@@ -271,7 +296,7 @@ pub async fn capacity(replica: &Replica, idle: usize, most: usize, results: &mut
         None,
     );
 
-    let (more, failure) = open_many(replica, 100 + idle..most, user, &heard, &open_now).await;
+    let (_more, more, failure) = open_many(replica, 100 + idle..most, user, &heard, &open_now).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let held = open_now.load(Ordering::Relaxed);
     eprintln!(

@@ -333,12 +333,14 @@ impl Tx {
             let mut rows = conn.page(user_id, app_id, table, since, limit as i64 + 1);
             loop {
                 match rows.try_next().await {
-                    Ok(Some(row)) => {
-                        let (clock, record) = row.into_parts();
-                        if !page.offer(clock, record) {
-                            break Ok(());
+                    Ok(Some(row)) => match row.into_parts() {
+                        Ok((clock, record)) => {
+                            if !page.offer(clock, record) {
+                                break Ok(());
+                            }
                         }
-                    }
+                        Err(e) => break Err(sqlx::Error::Decode(Box::new(e))),
+                    },
                     Ok(None) => break Ok(()),
                     Err(e) => break Err(e),
                 }

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use serde_json::Value;
+use serde_json::value::RawValue;
 use sqlx::types::Json;
 use uuid::Uuid;
 
@@ -101,21 +102,22 @@ impl From<RecordRow> for Record {
 }
 
 /// A row of a page: the user's clock, then one changed record (all `None`
-/// when nothing changed after the cursor) and the size of its fields' JSON.
+/// when nothing changed after the cursor). Its fields come as the JSON
+/// text the database sent, whose length is the record's size: asking the
+/// database for it would make PostgreSQL print every `jsonb` twice.
 #[derive(sqlx::FromRow)]
 pub struct PageRow {
     pub last_seq: i64,
     pub table_name: Option<String>,
     pub record_id: Option<String>,
-    pub fields: Option<Json<BTreeMap<String, FieldState>>>,
+    pub fields: Option<Json<Box<RawValue>>>,
     pub created_seq: Option<i64>,
     pub touched_seq: Option<i64>,
-    pub size: Option<i64>,
 }
 
 impl PageRow {
     /// The clock, and the record with its size (if the row holds one).
-    pub fn into_parts(self) -> (i64, Option<(Record, i64)>) {
+    pub fn into_parts(self) -> Result<(i64, Option<(Record, i64)>), serde_json::Error> {
         let record = match (
             self.table_name,
             self.record_id,
@@ -124,18 +126,19 @@ impl PageRow {
             self.touched_seq,
         ) {
             (Some(table_name), Some(record_id), Some(fields), Some(created_seq), Some(touched_seq)) => {
+                let size = fields.0.get().len() as i64;
                 let row = RecordRow {
                     table_name,
                     record_id,
-                    fields,
+                    fields: Json(serde_json::from_str(fields.0.get())?),
                     created_seq,
                     touched_seq,
                 };
-                Some((Record::from(row), self.size.unwrap_or(0)))
+                Some((Record::from(row), size))
             }
             _ => None,
         };
-        (self.last_seq, record)
+        Ok((self.last_seq, record))
     }
 }
 

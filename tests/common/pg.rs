@@ -47,6 +47,9 @@ const PASSWORD: &str = "mana_sync";
 /// Set (to anything) before the first use to start the throwaway cluster
 /// on disk with durable commits (see the module docs).
 pub const DURABLE_VAR: &str = "MANA_SYNC_TEST_PG_DURABLE";
+/// More `name=value` settings for the throwaway cluster, space-separated
+/// (the load benchmark's `--statements` preloads pg_stat_statements).
+pub const SETTINGS_VAR: &str = "MANA_SYNC_TEST_PG_SETTINGS";
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a fast shutdown ([`restart_server`]) may take.
@@ -540,6 +543,11 @@ fn start_postmaster(
         .arg(dir)
         .args(["-c", "listen_addresses=127.0.0.1", "-c", "max_connections=300"])
         .args(durability_settings().iter().flat_map(|setting| ["-c", setting]))
+        .args(
+            extra_settings()
+                .into_iter()
+                .flat_map(|setting| ["-c".to_owned(), setting]),
+        )
         .current_dir(dir)
         .env_remove("PGDATA")
         .stdin(Stdio::null())
@@ -642,6 +650,15 @@ fn durability_settings() -> &'static [&'static str] {
     } else {
         &["fsync=off", "synchronous_commit=off", "full_page_writes=off"]
     }
+}
+
+/// The settings [`SETTINGS_VAR`] adds.
+fn extra_settings() -> Vec<String> {
+    std::env::var(SETTINGS_VAR)
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
 }
 
 fn read_log(path: &Path) -> String {

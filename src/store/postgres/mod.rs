@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, PgConnection, PgPool, Postgres, Transaction};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgConnection, PgPool, Postgres, Transaction};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -164,6 +164,8 @@ fn pool(url: &str, config: &Config) -> anyhow::Result<PgPool> {
     let lock_timeout = format!("{}ms", config.lock_timeout.as_millis());
     Ok(PgPoolOptions::new()
         .max_connections(config.database_max_connections)
+        // Tested when released instead (sqlx always does); see [`begin_for`].
+        .test_before_acquire(false)
         .acquire_timeout(config.lock_timeout.min(CONNECTION_WAIT))
         .connect_lazy_with(
             options
@@ -254,13 +256,32 @@ async fn warn_if_rls_bypassed(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Begins a transaction scoped to one user: row-level security lets it see
-/// and write only that user's rows (the setting is transaction-local, so it
-/// never leaks to the pooled connection's next user).
+/// Begins a transaction scoped to one user (see [`sql::begin_scoped`]).
+///
+/// The pool tests a connection when it is given back, not again when it
+/// is taken (a round trip per request saved), so an idle connection that
+/// died since (the database restarted, or ended it) fails here: a failed
+/// `BEGIN` wrote nothing, so another connection is tried, up to one more
+/// than the pool holds.
 pub async fn begin_for(pool: &PgPool, user_id: &str) -> sqlx::Result<Transaction<'static, Postgres>> {
-    let mut tx = pool.begin().await?;
-    sql::scope_to(&mut tx, user_id).await?;
-    Ok(tx)
+    let begin = sql::begin_scoped(user_id)?;
+    let mut attempts = pool.options().get_max_connections() + 1;
+    loop {
+        match pool.begin_with(AssertSqlSafe(begin.clone())).await {
+            Err(e) if attempts > 1 && connection_lost(&e) => attempts -= 1,
+            begun => return begun,
+        }
+    }
+}
+
+/// The connection broke (an I/O error, a connection exception, or the
+/// server ended it): the request may be retried on another.
+fn connection_lost(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(d) => d.code().is_some_and(|c| c.starts_with("08") || c == "57P01"),
+        _ => false,
+    }
 }
 
 /// A pool of one connection, made afresh after each failure by its owner

@@ -77,12 +77,16 @@ impl Dialect for PgConnection {
         sqlx::query_as(
             // One primary-key probe per key: the LIMIT keeps the planner from
             // turning this into a hash join over all of the user's records.
+            // The ORDER BY, which only the primary key serves without a
+            // sort, keeps it from probing the table's delta index instead
+            // (same prefix, a scan of the user's whole table) while its
+            // statistics are missing or stale: they tie on cost otherwise.
             "SELECT r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq
              FROM UNNEST($3::text[], $4::text[]) AS k(table_name, record_id)
              CROSS JOIN LATERAL (
                SELECT * FROM sync_records r
                WHERE r.user_id = $1 AND r.app_id = $2 AND r.table_name = k.table_name AND r.record_id = k.record_id
-               LIMIT 1) r",
+               ORDER BY r.record_id LIMIT 1) r",
         )
         .bind(user_id)
         .bind(app_id)
@@ -140,8 +144,7 @@ impl Dialect for PgConnection {
         // touched_seq order.
         let statement = match table {
             Some(_) => {
-                "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq,
-                        octet_length(r.fields::text)::bigint AS size
+                "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq
                  FROM sync_clocks c LEFT JOIN LATERAL (
                    SELECT * FROM sync_records r
                    WHERE r.user_id = c.user_id AND r.app_id = $2 AND r.table_name = $5
@@ -150,8 +153,7 @@ impl Dialect for PgConnection {
                  WHERE c.user_id = $1"
             }
             None => {
-                "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq,
-                        octet_length(r.fields::text)::bigint AS size
+                "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq
                  FROM sync_clocks c LEFT JOIN LATERAL (
                    SELECT * FROM sync_records r
                    WHERE r.user_id = c.user_id AND r.app_id = $2
@@ -266,15 +268,22 @@ impl PoolDialect for PgPool {
     }
 }
 
-/// Scopes a new transaction to one user: row-level security lets it see
-/// and write only that user's rows (the setting is transaction-local, so
-/// it never leaks to the pooled connection's next user).
-pub async fn scope_to(conn: &mut PgConnection, user_id: &str) -> sqlx::Result<()> {
-    sqlx::query("SELECT set_config('mana_sync.user_id', $1, true)")
-        .bind(user_id)
-        .execute(conn)
-        .await?;
-    Ok(())
+/// `BEGIN`, then the scope to one user: row-level security lets the
+/// transaction see and write only that user's rows (the setting is
+/// transaction-local, so it never leaks to the pooled connection's next
+/// user). One simple query, so one round trip instead of two; a simple
+/// query binds no parameters, so the id is written as an `E''` literal,
+/// backslashes and quotes doubled, which reads the same whatever
+/// `standard_conforming_strings` says (the connection's encoding is UTF-8).
+pub fn begin_scoped(user_id: &str) -> sqlx::Result<String> {
+    if user_id.contains('\0') {
+        // No PostgreSQL text holds NUL; authentication refuses such ids.
+        return Err(sqlx::Error::Protocol("a user id cannot hold NUL".to_owned()));
+    }
+    let literal = user_id.replace('\\', "\\\\").replace('\'', "''");
+    Ok(format!(
+        "BEGIN; SELECT set_config('mana_sync.user_id', E'{literal}', true)"
+    ))
 }
 
 /// Whether the role row-level security would be enforced on bypasses it
@@ -331,4 +340,22 @@ pub async fn ping_connection(conn: &mut PgConnection) -> sqlx::Result<()> {
 pub async fn ping_listener(listener: &mut PgListener) -> sqlx::Result<()> {
     listener.execute("SELECT 1").await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::begin_scoped;
+
+    #[test]
+    fn a_user_id_is_one_escaped_literal() {
+        assert_eq!(
+            begin_scoped("alice").unwrap(),
+            "BEGIN; SELECT set_config('mana_sync.user_id', E'alice', true)"
+        );
+        assert_eq!(
+            begin_scoped(r"o'brien\'); DROP TABLE sync_changes; --").unwrap(),
+            r"BEGIN; SELECT set_config('mana_sync.user_id', E'o''brien\\''); DROP TABLE sync_changes; --', true)"
+        );
+        assert!(begin_scoped("nul\0").is_err());
+    }
 }

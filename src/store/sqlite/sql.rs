@@ -135,8 +135,7 @@ impl Dialect for SqliteConnection {
         // index in touched_seq order.
         let statement = match table {
             Some(_) => {
-                "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq,
-                        length(CAST(r.fields AS BLOB)) AS size
+                "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq
                  FROM sync_clocks c LEFT JOIN (
                    SELECT * FROM sync_records
                    WHERE user_id = ?1 AND app_id = ?2 AND table_name = ?5 AND touched_seq > ?3
@@ -145,8 +144,7 @@ impl Dialect for SqliteConnection {
                  ORDER BY r.touched_seq"
             }
             None => {
-                "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq,
-                        length(CAST(r.fields AS BLOB)) AS size
+                "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq
                  FROM sync_clocks c LEFT JOIN (
                    SELECT * FROM sync_records
                    WHERE user_id = ?1 AND app_id = ?2 AND touched_seq > ?3
