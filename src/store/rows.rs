@@ -103,8 +103,8 @@ impl From<RecordRow> for Record {
 
 /// A row of a page: the user's clock, then one changed record (all `None`
 /// when nothing changed after the cursor). Its fields come as the JSON
-/// text the database sent, whose length is the record's size: asking the
-/// database for it would make PostgreSQL print every `jsonb` twice.
+/// text the database sent, whose length is the record's size (asking the
+/// database for it would cost it a second pass over every record).
 #[derive(sqlx::FromRow)]
 pub struct PageRow {
     pub last_seq: i64,

@@ -1,7 +1,6 @@
 //! The PostgreSQL statements: the log, the projection, idempotent
 //! outcomes, and NOTIFY/LISTEN between replicas.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures_util::stream::BoxStream;
@@ -11,7 +10,6 @@ use sqlx::types::Json;
 use sqlx::{Executor, PgConnection, PgPool};
 
 use crate::cursor::Cursor;
-use crate::fold::FieldState;
 use crate::projection::Record;
 use crate::store::dialect::{Dialect, PoolDialect};
 use crate::store::rows::{LogRow, NewRow, OutcomeRow, PageRow, RecordRow, TableRow};
@@ -97,10 +95,16 @@ impl Dialect for PgConnection {
     }
 
     async fn save(&mut self, user_id: &str, app_id: &str, records: &[Record]) -> sqlx::Result<()> {
+        // The states go as text, which the `json` column keeps as it is.
+        let fields = records
+            .iter()
+            .map(|r| serde_json::to_string(&r.state.fields))
+            .collect::<Result<Vec<String>, _>>()
+            .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
         sqlx::query(
             "INSERT INTO sync_records (user_id, app_id, table_name, record_id, fields, created_seq, touched_seq)
-             SELECT $1, $2, u.table_name, u.record_id, u.fields, u.created_seq, u.touched_seq
-             FROM UNNEST($3::text[], $4::text[], $5::jsonb[], $6::bigint[], $7::bigint[])
+             SELECT $1, $2, u.table_name, u.record_id, u.fields::json, u.created_seq, u.touched_seq
+             FROM UNNEST($3::text[], $4::text[], $5::text[], $6::bigint[], $7::bigint[])
                AS u(table_name, record_id, fields, created_seq, touched_seq)
              ON CONFLICT (user_id, app_id, table_name, record_id) DO UPDATE
              SET fields = EXCLUDED.fields, created_seq = EXCLUDED.created_seq, touched_seq = EXCLUDED.touched_seq",
@@ -109,12 +113,7 @@ impl Dialect for PgConnection {
         .bind(app_id)
         .bind(records.iter().map(|r| r.table.as_str()).collect::<Vec<_>>())
         .bind(records.iter().map(|r| r.id.as_str()).collect::<Vec<_>>())
-        .bind(
-            records
-                .iter()
-                .map(|r| Json(&r.state.fields))
-                .collect::<Vec<Json<&BTreeMap<String, FieldState>>>>(),
-        )
+        .bind(fields)
         .bind(records.iter().map(|r| r.state.created).collect::<Vec<_>>())
         .bind(records.iter().map(|r| r.state.touched).collect::<Vec<_>>())
         .execute(self)
