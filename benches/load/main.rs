@@ -77,9 +77,10 @@ struct Options {
     /// The port the benchmark serves its key set on (default: any free one).
     #[arg(long)]
     jwks_port: Option<u16>,
-    /// Where the results are written as JSON.
-    #[arg(long, default_value = "target/load-bench.json")]
-    json: PathBuf,
+    /// Where the results are written as JSON (default
+    /// `target/load-bench.json`; a smoke run's, `target/load-bench-smoke.json`).
+    #[arg(long)]
+    json: Option<PathBuf>,
     /// Tiny sizes, a few seconds in all (what the test suite runs).
     #[arg(long)]
     smoke: bool,
@@ -195,11 +196,18 @@ fn main() {
         "postgres_durable": !smoke && options.targets.is_empty(),
         "results": results.rows,
     });
-    if let Some(dir) = options.json.parent() {
+    let json = options.json.clone().unwrap_or_else(|| {
+        PathBuf::from(if smoke {
+            "target/load-bench-smoke.json"
+        } else {
+            "target/load-bench.json"
+        })
+    });
+    if let Some(dir) = json.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    std::fs::write(&options.json, serde_json::to_string_pretty(&document).unwrap()).expect("write the results");
-    println!("results written to {}", options.json.display());
+    std::fs::write(&json, serde_json::to_string_pretty(&document).unwrap()).expect("write the results");
+    println!("results written to {}", json.display());
     if smoke {
         println!("load bench smoke run: 1 passed, 0 failed");
     }

@@ -119,6 +119,31 @@ async fn open_many(
     (held, ok, failure)
 }
 
+/// Takes one notification from each of `n` sockets (a socket's later ones
+/// are left), recording how long after `sent(socket)` it came, until none
+/// comes for [`NOTIFY_PATIENCE`]. Returns how many sockets heard.
+async fn hear_all(
+    hearing: &mut mpsc::UnboundedReceiver<(usize, Instant)>,
+    n: usize,
+    sent: impl Fn(usize) -> Instant,
+    latencies: &mut Latencies,
+) -> usize {
+    let mut told = vec![false; n];
+    let mut count = 0;
+    while count < n {
+        match tokio::time::timeout(NOTIFY_PATIENCE, hearing.recv()).await {
+            Ok(Some((i, at))) if !told[i] => {
+                told[i] = true;
+                count += 1;
+                latencies.record(at.saturating_duration_since(sent(i)));
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    count
+}
+
 /// Scenario 5a: `sockets` sockets of one user on replica B; `pushes`
 /// pushes of one change, one after another, on replica A. The latency of a
 /// socket is from the push being sent until the socket hears of it.
@@ -138,21 +163,7 @@ pub async fn one_user(deployment: &Deployment, sockets: usize, pushes: usize, re
         let sent = Instant::now();
         pusher.push(&http, &a.base, changes).await.expect("a push");
         answered.record(sent.elapsed());
-        let deadline = tokio::time::Instant::now() + NOTIFY_PATIENCE;
-        let mut told = vec![false; sockets];
-        let mut count = 0;
-        while count < sockets {
-            match tokio::time::timeout_at(deadline, hearing.recv()).await {
-                Ok(Some((i, at))) if !told[i] => {
-                    told[i] = true;
-                    count += 1;
-                    latencies.record(at.saturating_duration_since(sent));
-                }
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => break,
-            }
-        }
-        missed += sockets - count;
+        missed += sockets - hear_all(&mut hearing, sockets, |_| sent, &mut latencies).await;
         // Let the sockets settle before the next push.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -174,6 +185,8 @@ pub async fn one_user(deployment: &Deployment, sockets: usize, pushes: usize, re
         Some(Goal::AtMost(25.0)),
         None,
     );
+    // How much of the above the push itself took (its commit is synced).
+    results.add(&scenario, "push on A answered: p50", answered.p50(), "ms", None, None);
     results.add(
         &scenario,
         "notifications missed",
@@ -217,20 +230,8 @@ pub async fn many_users(deployment: &Deployment, users: usize, results: &mut Res
         })
     };
     let mut latencies = Latencies::default();
-    let mut told = vec![false; users];
-    let mut count = 0;
-    while count < users {
-        match tokio::time::timeout(NOTIFY_PATIENCE, hearing.recv()).await {
-            Ok(Some((i, at))) if !told[i] => {
-                told[i] = true;
-                count += 1;
-                let sent = origin + Duration::from_nanos(sent_at[i].load(Ordering::Acquire));
-                latencies.record(at.saturating_duration_since(sent));
-            }
-            Ok(Some(_)) => {}
-            Ok(None) | Err(_) => break,
-        }
-    }
+    let sent = |i: usize| origin + Duration::from_nanos(sent_at[i].load(Ordering::Acquire));
+    let count = hear_all(&mut hearing, users, sent, &mut latencies).await;
     pushing.await.expect("the pushes");
     let cpu = Some(meter.stop());
     let scenario = format!("fan-out, {users} sockets of {users} users");
