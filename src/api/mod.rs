@@ -10,6 +10,7 @@ pub mod health;
 pub mod listener;
 pub mod middleware;
 pub mod realtime;
+pub mod serialized;
 pub mod server;
 pub mod sse;
 pub mod stream;

@@ -10,6 +10,7 @@ use poem_openapi::{ApiResponse, OpenApi};
 use crate::api::ApiTags;
 use crate::api::auth::BearerAuth;
 use crate::api::error::{ErrorBody, operation_errors};
+use crate::api::serialized::Serialized;
 use crate::error::Error;
 use crate::idempotency;
 use crate::protocol::{DEFAULT_PULL_LIMIT, HeaderId, Key, MAX_PULL_LIMIT, Name, PushRequest, Since, SyncResponse};
@@ -128,7 +129,7 @@ impl SyncApi {
         idempotency_key: Header<Option<Key>>,
         body: Json<PushRequest>,
         request: &Request,
-    ) -> Result<Json<SyncResponse>, PushError> {
+    ) -> Result<Serialized<SyncResponse>, PushError> {
         let user = auth.0;
         state.throttle.check(Action::Push, &user.id)?;
         for (name, code) in [
@@ -168,7 +169,7 @@ impl SyncApi {
             DEFAULT_PULL_LIMIT,
         )
         .await?;
-        Ok(Json(response))
+        Ok(Serialized(response))
     }
 
     /// Pull one collection's changes
@@ -191,7 +192,7 @@ impl SyncApi {
         /// Most records to return: 1 to 5000, default 1000.
         #[oai(validator(minimum(value = "1"), maximum(value = "5000")))]
         limit: Query<Option<u32>>,
-    ) -> Result<Json<SyncResponse>, PullError> {
+    ) -> Result<Serialized<SyncResponse>, PullError> {
         let user = auth.0;
         state.throttle.check(Action::Pull, &user.id)?;
         let app_id = String::from(app_id.0);
@@ -210,6 +211,6 @@ impl SyncApi {
             limit,
         )
         .await?;
-        Ok(Json(response))
+        Ok(Serialized(response))
     }
 }

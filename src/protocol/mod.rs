@@ -119,8 +119,10 @@ pub struct FieldChange {
 }
 
 /// The folded changes since a cursor.
-#[derive(Debug, Clone, Object)]
+// Written by serde (`api::serialized`): its form is kept the schema's.
+#[derive(Debug, Clone, Object, serde::Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct SyncResponse {
     /// Each record changed after `since` (by any device, including the
     /// asking one), once, in log order.
@@ -147,8 +149,9 @@ impl SyncResponse {
 }
 
 /// A record that changed since the cursor.
-#[derive(Debug, Clone, Object)]
+#[derive(Debug, Clone, Object, serde::Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct ServerChange {
     pub table: String,
     pub id: String,
@@ -160,6 +163,7 @@ pub struct ServerChange {
     /// change touched it, `updatedAt` is the latest timestamp of any of its
     /// fields.
     #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub data: Option<BTreeMap<String, Value>>,
     /// `update`: the fields written after the cursor, with their winning
     /// value and timestamp. `updatedAt` is listed with the record's own
@@ -168,15 +172,18 @@ pub struct ServerChange {
     /// `updatedAt` to the latest time of the fields it applies then holds
     /// the record's.
     #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub fields: Option<BTreeMap<String, FieldValue>>,
     /// `delete`: when the record was deleted.
     #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub deleted_at: Option<Value>,
 }
 
 /// The winning value of a field.
-#[derive(Debug, Clone, Object)]
+#[derive(Debug, Clone, Object, serde::Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct FieldValue {
     pub value: Value,
     /// The winning write's timestamp.
