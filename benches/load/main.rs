@@ -3,7 +3,7 @@
 //! to the physical limit measured in the same run.
 //!
 //! ```sh
-//! cargo bench --bench load -- --all            # everything, ~15 minutes
+//! cargo bench --bench load -- --all            # everything, ~6 minutes here
 //! cargo bench --bench load -- --push --fanout  # some scenarios
 //! ```
 //!
