@@ -65,7 +65,10 @@ fn run(port: u16, headers: &[String], examples: u32) -> bool {
         .args(["--url", &format!("http://127.0.0.1:{port}")])
         .args(["--checks", "all"])
         .args(["--max-examples", &examples.to_string()])
-        .args(["--workers", "2"])
+        // One worker: two threads of hypothesis parsing lambda sources at
+        // once trip a CPython 3.11.7 bug ("AST constructor recursion depth
+        // mismatch"), now and then, whatever hypothesis version is pinned.
+        .args(["--workers", "1"])
         .args(["--request-timeout", "30"]);
     for header in headers {
         cmd.args(["--header", header]);
