@@ -69,6 +69,17 @@ impl PageBuilder {
         true
     }
 
+    /// Offers `records` in turn, at `clock`, until the page is full.
+    pub fn fill(mut self, clock: i64, records: impl IntoIterator<Item = (Record, i64)>) -> Page {
+        self.page.clock = Some(clock);
+        for next in records {
+            if !self.offer(clock, Some(next)) {
+                break;
+            }
+        }
+        self.finish()
+    }
+
     pub fn finish(self) -> Page {
         self.page
     }

@@ -55,7 +55,9 @@ async fn writer(app: Arc<TestApp>, user: &'static str, w: usize, committed: Comm
         let ids: Vec<String> = (0..size).map(|c| format!("{user}-w{w}-b{b}-c{c}")).collect();
         if w.is_multiple_of(2) {
             let mut tx = app.store.begin_write(user).await.unwrap();
-            mana_sync::sync::record(&mut tx, user, APP, &batch(&ids)).await.unwrap();
+            mana_sync::sync::record(&mut tx, user, APP, &batch(&ids), 1000)
+                .await
+                .unwrap();
             tokio::time::sleep(delay).await;
             tx.commit().await.unwrap();
         } else {
@@ -144,6 +146,56 @@ async fn cursors_never_skip_or_repeat_a_change_under_concurrent_writers(#[values
         );
         assert_eq!(seen, expected, "{user}'s reader saw exactly the committed changes");
     }
+}
+
+/// A push that waits for another writer of the same user (a push on
+/// another replica, here through its library) folds onto what that writer
+/// committed: on PostgreSQL its statement read the record before the other
+/// commit, and must read it again. Were it folded onto what it first read,
+/// the other writer's title would be lost.
+#[rstest]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_that_waited_for_another_writer_folds_onto_its_writes(#[values(Postgres, Sqlite)] store: Backend) {
+    let app = store.spawn().await;
+    let first = json!({ "title": "first", "done": false, "updatedAt": "2024-01-01T10:00:00Z" });
+    app.push_ok("alice", "a", START, json!([insert("todos", "x", first)]))
+        .await;
+
+    // On PostgreSQL the other writer is another replica: one replica's
+    // pushes of a user take turns before they reach the database.
+    let replica = app.another_replica().await;
+    let mut other = replica
+        .as_ref()
+        .unwrap_or(&app)
+        .store
+        .begin_write("alice")
+        .await
+        .unwrap();
+    let mut retitle = batch(&["x".to_owned()]);
+    retitle.changes[0].op = Op::Update;
+    retitle.changes[0].writes = vec![FieldWrite::timed(
+        "title",
+        json!("from the other writer"),
+        Timestamp::parse("2024-01-01T10:00:01Z").unwrap(),
+    )];
+    mana_sync::sync::record(&mut other, "alice", APP, &retitle, 1000)
+        .await
+        .unwrap();
+    let done = common::app::update("todos", "x", "done", json!(true), "2024-01-01T10:00:02Z");
+    let waiting = app.push_ok("alice", "b", START, json!([done]));
+    let commit = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        other.commit().await.unwrap();
+    };
+    let (answer, ()) = tokio::join!(waiting, commit);
+
+    let expected =
+        json!({ "id": "x", "title": "from the other writer", "done": true, "updatedAt": "2024-01-01T10:00:02.000Z" });
+    let answered = answer["serverChanges"].as_array().unwrap();
+    assert_eq!(answered.len(), 1, "{answer}");
+    assert_eq!(answered[0]["data"], expected, "the push's answer");
+    let pulled = app.pull_ok("alice", "todos", START, None).await;
+    assert_eq!(pulled["serverChanges"][0]["data"], expected, "a pull");
 }
 
 /// A device as the old client behaves: it pushes with `since` = its cursor,

@@ -302,7 +302,7 @@ async fn a_push_waits_its_turn_rather_than_being_refused(store: Backend) {
     app.push_ok("alice", "a", START, json!([insert("todos", "first", json!({}))]))
         .await;
     let mut stuck = app.store.begin_write("alice").await.unwrap();
-    stuck.reserve("alice", 1).await.unwrap();
+    stuck.lock_clock("alice").await.unwrap();
     let started = Instant::now();
     let waiting = app.push_ok("alice", "b", START, json!([insert("todos", "second", json!({}))]));
     let release = async {
@@ -353,7 +353,7 @@ async fn one_users_pile_of_pushes_does_not_hold_up_other_users() {
     let app = Postgres.spawn().await;
     assert_eq!(app.config.database_max_connections, 10);
     let mut stuck = app.store.begin_write("alice").await.unwrap();
-    stuck.reserve("alice", 1).await.unwrap(); // holds her clock row too
+    stuck.lock_clock("alice").await.unwrap(); // holds her clock row too
     let pile: Vec<_> = (0..30)
         .map(|i| {
             let body = push_body("a", START, json!([insert("todos", &format!("a{i}"), json!({}))]));

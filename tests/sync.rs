@@ -512,7 +512,7 @@ async fn a_push_waiting_too_long_for_another_push_of_the_same_user_is_told_to_re
         .await;
     // Another push of alice's, stuck inside its transaction.
     let mut stuck = app.store.begin_write("alice").await.unwrap();
-    stuck.reserve("alice", 1).await.unwrap();
+    stuck.lock_clock("alice").await.unwrap();
 
     let response = app
         .push(

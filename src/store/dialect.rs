@@ -11,34 +11,39 @@
 use std::future::Future;
 use std::time::Duration;
 
+use futures_util::TryStreamExt;
 use futures_util::stream::BoxStream;
 use serde_json::Value;
 
 use crate::cursor::Cursor;
 use crate::error::Error;
 use crate::projection::Record;
-use crate::store::rows::{LogRow, NewRow, OutcomeRow, PageRow, RecordRow, TableRow};
+use crate::store::rows::{self, Appended, LogRow, NewRow, OutcomeRow, PageRow, RecordRow, SavedRow, TableRow};
 
 /// The statements of one SQL dialect, on a connection inside a transaction
 /// scoped to `user_id` (every statement reads and writes that user's rows
 /// only).
 pub trait Dialect {
-    /// Advances the user's clock by `n` and returns its new value; the
-    /// user's other writes wait until the transaction ends.
-    fn reserve(&mut self, user_id: &str, n: i64) -> impl Future<Output = sqlx::Result<i64>> + Send;
-
-    /// Holds off the user's writes until the transaction ends, without
-    /// advancing the clock.
-    fn lock_clock(&mut self, user_id: &str) -> impl Future<Output = sqlx::Result<()>> + Send;
-
-    /// Appends rows to the log, in one statement whatever their number.
-    fn append(
+    /// Appends a batch's rows to the log at the user's next positions and
+    /// reads, after locking the user's clock (the user's other writes then
+    /// wait until the transaction ends), what folding and answering it
+    /// needs: the states of the records at `keys` and the app's first
+    /// `limit` records changed after `since`.
+    #[allow(clippy::too_many_arguments)]
+    fn append_batch(
         &mut self,
         user_id: &str,
         app_id: &str,
         client_id: &str,
         rows: &[NewRow<'_>],
-    ) -> impl Future<Output = sqlx::Result<()>> + Send;
+        keys: &[(&str, &str)],
+        since: Cursor,
+        limit: i64,
+    ) -> impl Future<Output = sqlx::Result<Appended>> + Send;
+
+    /// Holds off the user's writes until the transaction ends, without
+    /// handing out a position.
+    fn lock_clock(&mut self, user_id: &str) -> impl Future<Output = sqlx::Result<()>> + Send;
 
     /// The user's whole log, in order.
     fn replay<'c>(&'c mut self, user_id: &'c str) -> BoxStream<'c, sqlx::Result<LogRow>>;
@@ -56,7 +61,7 @@ pub trait Dialect {
         &mut self,
         user_id: &str,
         app_id: &str,
-        records: &[Record],
+        rows: &[SavedRow<'_>],
     ) -> impl Future<Output = sqlx::Result<()>> + Send;
 
     /// Deletes the user's whole projection.
@@ -137,4 +142,21 @@ pub fn fault<D: Dialect>(e: sqlx::Error) -> Error {
         return Error::Unavailable;
     }
     Error::Internal(anyhow::Error::new(e).context("database error"))
+}
+
+/// The states of the records at `keys` and the app's first `limit` records
+/// changed after `since`, in two statements: what [`Dialect::append_batch`]
+/// reads once the clock is locked.
+pub async fn read_batch<D: Dialect>(
+    conn: &mut D,
+    user_id: &str,
+    app_id: &str,
+    keys: &[(&str, &str)],
+    since: Cursor,
+    limit: i64,
+) -> sqlx::Result<(Vec<Record>, Vec<(Record, i64)>)> {
+    let states = conn.load(user_id, app_id, keys).await?;
+    let page: Vec<PageRow> = conn.page(user_id, app_id, None, since, limit).try_collect().await?;
+    let page = rows::page_records(page).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+    Ok((states.into_iter().map(Record::from).collect(), page))
 }

@@ -27,11 +27,11 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{PgConnection, Sqlite, SqliteConnection, Transaction};
 
 use self::dialect::{Dialect, PoolDialect, fault};
-use self::rows::{NewRow, TableRow};
+use self::rows::{NewRow, SavedRow, TableRow};
 use crate::change_log::{Change, RecordKey};
 use crate::config::Config;
 use crate::cursor::Cursor;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::fold::{LogEntry, RecordState};
 use crate::idempotency::Outcome;
 use crate::projection::{Page, PageBuilder, Record};
@@ -41,6 +41,20 @@ use crate::projection::{Page, PageBuilder, Record};
 pub enum Store {
     Postgres(postgres::PgStore),
     Sqlite(sqlite::SqliteStore),
+}
+
+/// A batch appended to the log, and what its transaction read after.
+pub struct Appended {
+    /// The position of the batch's first change (the others follow it).
+    pub first_seq: i64,
+    /// The user's clock after the batch: its last change's position.
+    pub clock: i64,
+    /// The current states of the records the batch changes (those that exist).
+    pub states: HashMap<(String, String), RecordState>,
+    /// The app's other records changed after the cursor, oldest change
+    /// first, with their sizes: the page before the batch's own records,
+    /// which follow them in log order. Enough of them to fill the page.
+    pub earlier: Vec<(Record, i64)>,
 }
 
 /// A transaction scoped to one user: it reads and writes only that user's rows.
@@ -248,33 +262,54 @@ fn saturated<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) -> bool {
 }
 
 impl Tx {
-    /// Reserves `n` consecutive log positions for the user and returns the
-    /// first. The user's pushes are serialised until this transaction ends,
-    /// so positions are unique and increase in commit order. Positions are
-    /// nanosecond timestamps (the database's clock on PostgreSQL, one clock
-    /// for every replica), never going backwards.
-    pub async fn reserve(&mut self, user_id: &str, n: i64) -> Result<i64> {
-        let last = dialect!(self, |conn| conn.reserve(user_id, n).await)?;
-        Ok(last - n + 1)
-    }
-
-    /// Holds off the user's pushes until this transaction ends, without
-    /// advancing the clock (for maintenance).
-    pub async fn lock_clock(&mut self, user_id: &str) -> Result<()> {
-        dialect!(self, |conn| conn.lock_clock(user_id).await)
-    }
-
-    /// Appends `changes` to the log at positions `first_seq..`, one row each.
+    /// Appends `changes` to the log at the user's next positions, one row
+    /// each, and reads what a push folds and answers with (see
+    /// [`Appended`]). The user's pushes are serialised until this
+    /// transaction ends, so positions are unique and increase in commit
+    /// order. Positions are nanosecond timestamps (the database's clock on
+    /// PostgreSQL, one clock for every replica), never going backwards.
     pub async fn append(
         &mut self,
         user_id: &str,
         app_id: &str,
         client_id: &str,
-        first_seq: i64,
         changes: &[Change],
-    ) -> Result<()> {
-        let rows = NewRow::of(first_seq, changes);
-        dialect!(self, |conn| conn.append(user_id, app_id, client_id, &rows).await)
+        since: Cursor,
+        limit: usize,
+    ) -> Result<Appended> {
+        let rows = NewRow::of(changes);
+        let mut keys: Vec<(&str, &str)> = changes.iter().map(|c| (c.table.as_str(), c.id.as_str())).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        // The batch's own records are left out of the page below, so as
+        // many more are read as it touches.
+        let read = (limit + 1 + keys.len()) as i64;
+        let appended = dialect!(self, |conn| conn
+            .append_batch(user_id, app_id, client_id, &rows, &keys, since, read)
+            .await)?;
+        let n = changes.len() as i64;
+        let states = appended
+            .states
+            .into_iter()
+            .map(|r| ((r.table, r.id), r.state))
+            .collect();
+        let earlier = appended
+            .page
+            .into_iter()
+            .filter(|(r, _)| keys.binary_search(&(r.table.as_str(), r.id.as_str())).is_err())
+            .collect();
+        Ok(Appended {
+            first_seq: appended.last_seq - n + 1,
+            clock: appended.last_seq,
+            states,
+            earlier,
+        })
+    }
+
+    /// Holds off the user's pushes until this transaction ends, without
+    /// handing out a position to a change (for maintenance).
+    pub async fn lock_clock(&mut self, user_id: &str) -> Result<()> {
+        dialect!(self, |conn| conn.lock_clock(user_id).await)
     }
 
     /// Streams the user's whole log in order, calling `each` per entry;
@@ -291,24 +326,13 @@ impl Tx {
         })
     }
 
-    /// The current state of the given records of one app (those that exist).
-    pub async fn load(
-        &mut self,
-        user_id: &str,
-        app_id: &str,
-        keys: &[(&str, &str)],
-    ) -> Result<HashMap<(String, String), RecordState>> {
-        let rows = dialect!(self, |conn| conn.load(user_id, app_id, keys).await)?;
-        Ok(rows
-            .into_iter()
-            .map(Record::from)
-            .map(|r| ((r.table, r.id), r.state))
-            .collect())
-    }
-
-    /// Writes the given records' state (insert or replace).
-    pub async fn save(&mut self, user_id: &str, app_id: &str, records: &[Record]) -> Result<()> {
-        dialect!(self, |conn| conn.save(user_id, app_id, records).await)
+    /// Writes the given records' state (insert or replace), and returns
+    /// the size of each as stored (what a page counts).
+    pub async fn save(&mut self, user_id: &str, app_id: &str, records: &[Record]) -> Result<Vec<i64>> {
+        let rows =
+            SavedRow::of(records).map_err(|e| Error::Internal(anyhow::Error::new(e).context("a record state")))?;
+        dialect!(self, |conn| conn.save(user_id, app_id, &rows).await)?;
+        Ok(rows.iter().map(|r| r.fields.len() as i64).collect())
     }
 
     /// Deletes the user's whole projection (to rebuild it).

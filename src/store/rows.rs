@@ -13,10 +13,10 @@ use crate::fold::{FieldState, LogEntry, RecordState};
 use crate::idempotency::Outcome;
 use crate::projection::Record;
 
-/// One log row about to be appended.
+/// One log row about to be appended. The rows of a batch take consecutive
+/// positions in their order, from the first the clock hands out.
 pub struct NewRow<'a> {
     pub id: Uuid,
-    pub seq: i64,
     pub table: &'a str,
     pub record_id: &'a str,
     pub op: &'a str,
@@ -31,15 +31,14 @@ pub struct NewRow<'a> {
 }
 
 impl NewRow<'_> {
-    /// The rows of `changes` at positions `first_seq..`, one each.
-    pub fn of(first_seq: i64, changes: &[Change]) -> Vec<NewRow<'_>> {
-        (first_seq..)
-            .zip(changes)
-            .map(|(seq, change)| {
+    /// The rows of `changes`, one each, in order.
+    pub fn of(changes: &[Change]) -> Vec<NewRow<'_>> {
+        changes
+            .iter()
+            .map(|change| {
                 let (data, stamps) = change_log::columns(&change.writes);
                 NewRow {
                     id: Uuid::now_v7(),
-                    seq,
                     table: &change.table,
                     record_id: &change.id,
                     op: change.op.as_str(),
@@ -50,6 +49,46 @@ impl NewRow<'_> {
             })
             .collect()
     }
+}
+
+/// A projection row about to be written: a record's state as the JSON
+/// text stored (whose length a page counts).
+pub struct SavedRow<'a> {
+    pub table: &'a str,
+    pub record_id: &'a str,
+    pub fields: String,
+    pub created_seq: i64,
+    pub touched_seq: i64,
+}
+
+impl SavedRow<'_> {
+    pub fn of(records: &[Record]) -> Result<Vec<SavedRow<'_>>, serde_json::Error> {
+        records
+            .iter()
+            .map(|r| {
+                Ok(SavedRow {
+                    table: &r.table,
+                    record_id: &r.id,
+                    fields: serde_json::to_string(&r.state.fields)?,
+                    created_seq: r.state.created,
+                    touched_seq: r.state.touched,
+                })
+            })
+            .collect()
+    }
+}
+
+/// What appending a batch reads back in the same transaction, after the
+/// user's clock is locked (see [`crate::store::dialect::Dialect::append_batch`]).
+pub struct Appended {
+    /// The clock after the batch: the batch's last position.
+    pub last_seq: i64,
+    /// The current states of the batch's records (of those that exist).
+    pub states: Vec<Record>,
+    /// The app's records changed after the cursor, oldest change first,
+    /// with their sizes; the batch's records among them in their state
+    /// before it.
+    pub page: Vec<(Record, i64)>,
 }
 
 /// A log row as read back (`sync_changes`).
@@ -140,6 +179,30 @@ impl PageRow {
         };
         Ok((self.last_seq, record))
     }
+}
+
+/// The records of a page's rows, with their sizes.
+pub fn page_records(rows: Vec<PageRow>) -> Result<Vec<(Record, i64)>, serde_json::Error> {
+    let mut records = Vec::with_capacity(rows.len());
+    for row in rows {
+        records.extend(row.into_parts()?.1);
+    }
+    Ok(records)
+}
+
+/// A row of PostgreSQL's statement that appends a batch (see
+/// [`Appended`]): the clock, whether the statement's snapshot is current,
+/// and a record (or none).
+#[derive(sqlx::FromRow)]
+pub struct BatchRow {
+    /// Nothing of the user's committed between the statement's snapshot
+    /// and its locking the clock, so what it read is current.
+    pub fresh: bool,
+    /// `true`: a state of one of the batch's records; `false`: a record of
+    /// the page; `NULL`: neither (the row carries only the clock).
+    pub loaded: Option<bool>,
+    #[sqlx(flatten)]
+    pub row: PageRow,
 }
 
 /// An app and one of its tables (`SELECT DISTINCT app_id, table_name`).

@@ -3,7 +3,7 @@
 
 mod rebuild;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use tracing::Instrument;
 
@@ -12,10 +12,10 @@ use crate::change_log::Batch;
 use crate::cursor::Cursor;
 use crate::error::{Error, Result};
 use crate::fanout::Notifier;
-use crate::fold::{LogEntry, RecordDelta, RecordState};
+use crate::fold::{LogEntry, RecordDelta};
 use crate::hub::Notice;
 use crate::metrics::Metrics;
-use crate::projection::{Page, Record};
+use crate::projection::{Page, PageBuilder, Record};
 use crate::protocol::{FieldValue, MAX_PAGE_BYTES, Op, ServerChange, SyncResponse};
 use crate::store::{Store, Tx};
 
@@ -63,7 +63,7 @@ pub async fn push(
     };
     // The clock lock comes first: it serialises the user's pushes, so an
     // idempotency key cannot be checked by two of them at once.
-    record(&mut tx, user_id, app_id, batch).await?;
+    let recorded = record(&mut tx, user_id, app_id, batch, limit).await?;
     if let Some(idem) = idempotency
         && let Some(outcome) = tx.find_outcome(user_id, &idem.key, idem.ttl).await?
     {
@@ -76,7 +76,14 @@ pub async fn push(
         return SyncResponse::from_value(outcome.response)
             .map_err(|e| Error::Internal(anyhow::anyhow!("stored idempotent response is unreadable: {e}")));
     }
-    let response = changes_since(&mut tx, user_id, app_id, None, batch.since, limit).await?;
+    let page = match recorded {
+        Some(page) => page,
+        None => {
+            tx.changed_since(user_id, app_id, None, batch.since, limit as usize, MAX_PAGE_BYTES)
+                .await?
+        }
+    };
+    let response = respond(page, batch.since);
     if let Some(idem) = idempotency {
         tx.save_outcome(user_id, &idem.key, &idem.fingerprint, &response.to_value(), idem.ttl)
             .await?;
@@ -136,23 +143,26 @@ pub fn notice(user_id: &str, app_id: &str, batch: &Batch) -> Notice {
 }
 
 /// Appends a batch to the log and folds it into the projection, inside
-/// the caller's transaction (which must be scoped to `user_id`). The
-/// user's clock stays locked until that transaction ends.
-pub async fn record(tx: &mut Tx, user_id: &str, app_id: &str, batch: &Batch) -> Result<()> {
+/// the caller's transaction (which must be scoped to `user_id`), and
+/// returns the page of the app's records changed after `batch.since` (the
+/// batch's among them); `None` when the batch is empty. The user's clock
+/// stays locked until that transaction ends.
+pub async fn record(tx: &mut Tx, user_id: &str, app_id: &str, batch: &Batch, limit: u32) -> Result<Option<Page>> {
     if batch.changes.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
-    let first_seq = tx.reserve(user_id, batch.changes.len() as i64).await?;
-    tx.append(user_id, app_id, &batch.client_id, first_seq, &batch.changes)
+    let appended = tx
+        .append(
+            user_id,
+            app_id,
+            &batch.client_id,
+            &batch.changes,
+            batch.since,
+            limit as usize,
+        )
         .await?;
-
-    let keys: Vec<(&str, &str)> = batch
-        .changes
-        .iter()
-        .map(|c| (c.table.as_str(), c.id.as_str()))
-        .collect();
-    let mut states: HashMap<(String, String), RecordState> = tx.load(user_id, app_id, &keys).await?;
-    for (seq, change) in (first_seq..).zip(&batch.changes) {
+    let mut states = appended.states;
+    for (seq, change) in (appended.first_seq..).zip(&batch.changes) {
         let entry = LogEntry {
             seq,
             writes: change.writes.clone(),
@@ -162,13 +172,23 @@ pub async fn record(tx: &mut Tx, user_id: &str, app_id: &str, batch: &Batch) -> 
             .or_default()
             .apply(&entry);
     }
-    // Every loaded state is one the batch touched; records never seen are created.
-    let records: Vec<Record> = states
+    // Every loaded state is one the batch touched; records never seen are
+    // created. In log order, they follow every other record of the page.
+    let mut records: Vec<Record> = states
         .into_iter()
         .map(|((table, id), state)| Record { table, id, state })
         .collect();
-    tx.save(user_id, app_id, &records).await?;
-    Ok(())
+    records.sort_by_key(|r| r.state.touched);
+    let sizes = tx.save(user_id, app_id, &records).await?;
+    let batch_records = records
+        .into_iter()
+        .zip(sizes)
+        .filter(|(r, _)| r.state.touched > batch.since.0);
+    let page = PageBuilder::new(limit as usize, MAX_PAGE_BYTES);
+    Ok(Some(page.fill(
+        appended.clock,
+        appended.earlier.into_iter().chain(batch_records),
+    )))
 }
 
 /// The folded delta of one collection since a cursor.
@@ -183,24 +203,13 @@ pub async fn pull(
     limit: u32,
 ) -> Result<SyncResponse> {
     let mut tx = store.begin_read(user_id).await?;
-    let response = changes_since(&mut tx, user_id, app_id, Some(table), since, limit).await?;
+    let page = tx
+        .changed_since(user_id, app_id, Some(table), since, limit as usize, MAX_PAGE_BYTES)
+        .await?;
+    let response = respond(page, since);
     tx.commit().await?;
     counted(metrics, &response);
     Ok(response)
-}
-
-async fn changes_since(
-    tx: &mut Tx,
-    user_id: &str,
-    app_id: &str,
-    table: Option<&str>,
-    since: Cursor,
-    limit: u32,
-) -> Result<SyncResponse> {
-    let page = tx
-        .changed_since(user_id, app_id, table, since, limit as usize, MAX_PAGE_BYTES)
-        .await?;
-    Ok(respond(page, since))
 }
 
 /// Shapes a page into the wire response. A page cut short stops its cursor

@@ -10,54 +10,104 @@ use sqlx::types::Json;
 use sqlx::{Executor, PgConnection, PgPool};
 
 use crate::cursor::Cursor;
-use crate::projection::Record;
-use crate::store::dialect::{Dialect, PoolDialect};
-use crate::store::rows::{LogRow, NewRow, OutcomeRow, PageRow, RecordRow, TableRow};
+use crate::store::dialect::{Dialect, PoolDialect, read_batch};
+use crate::store::rows::{Appended, BatchRow, LogRow, NewRow, OutcomeRow, PageRow, RecordRow, SavedRow, TableRow};
 
 impl Dialect for PgConnection {
-    async fn reserve(&mut self, user_id: &str, n: i64) -> sqlx::Result<i64> {
-        // Positions are the database's clock in nanoseconds: one clock for
-        // every replica. The clock row stays locked until the transaction ends.
-        sqlx::query_scalar(
-            "INSERT INTO sync_clocks (user_id, last_seq)
-             VALUES ($1, (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::bigint * 1000 + $2 - 1)
-             ON CONFLICT (user_id) DO UPDATE SET last_seq = GREATEST(sync_clocks.last_seq + $2, EXCLUDED.last_seq)
-             RETURNING last_seq",
+    async fn append_batch(
+        &mut self,
+        user_id: &str,
+        app_id: &str,
+        client_id: &str,
+        rows: &[NewRow<'_>],
+        keys: &[(&str, &str)],
+        since: Cursor,
+        limit: i64,
+    ) -> sqlx::Result<Appended> {
+        // One round trip for four statements: advance the user's clock
+        // (positions are the database's clock in nanoseconds, one clock for
+        // every replica; the row stays locked until the transaction ends),
+        // append the rows at the positions handed out, and read the
+        // batch's records and the page. The reads see the statement's
+        // snapshot, taken before the clock was locked: if another
+        // transaction moved the clock in between (a push on another
+        // replica that this one waited for, or a rebuild), they may miss
+        // its writes, and are made again now that the lock is held.
+        // `previous_seq` is how the statement tells: the clock as it found
+        // it when locked, against the clock its snapshot saw.
+        let (tables, ids): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
+        let batch: Vec<BatchRow> = sqlx::query_as(
+            "WITH clock AS (
+               INSERT INTO sync_clocks (user_id, last_seq)
+               VALUES ($1, (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::bigint * 1000 + $4 - 1)
+               ON CONFLICT (user_id) DO UPDATE
+               SET last_seq = GREATEST(sync_clocks.last_seq + $4, EXCLUDED.last_seq), previous_seq = sync_clocks.last_seq
+               RETURNING last_seq, previous_seq),
+             appended AS (
+               INSERT INTO sync_changes (id, seq, app_id, table_name, record_id, user_id, op, data, field_timestamps, untimed, client_id)
+               SELECT u.id, c.last_seq - $4 + u.n, $2, u.table_name, u.record_id, $1, u.op, u.data, u.stamps, u.untimed, $3
+               FROM clock c, UNNEST($5::uuid[], $6::text[], $7::text[], $8::text[], $9::jsonb[], $10::jsonb[], $11::bool[])
+                 WITH ORDINALITY AS u(id, table_name, record_id, op, data, stamps, untimed, n))
+             SELECT c.last_seq,
+                    c.previous_seq IS NOT DISTINCT FROM (SELECT s.last_seq FROM sync_clocks s WHERE s.user_id = $1) AS fresh,
+                    r.loaded, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq
+             FROM clock c LEFT JOIN LATERAL (
+               SELECT true AS loaded, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq
+               FROM UNNEST($14::text[], $15::text[]) AS k(table_name, record_id)
+               CROSS JOIN LATERAL (
+                 SELECT * FROM sync_records r
+                 WHERE r.user_id = $1 AND r.app_id = $2 AND r.table_name = k.table_name AND r.record_id = k.record_id
+                 LIMIT 1) r
+               UNION ALL
+               (SELECT false, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq
+                FROM sync_records r
+                WHERE r.user_id = $1 AND r.app_id = $2 AND r.touched_seq > 0 AND r.touched_seq > $12
+                ORDER BY r.touched_seq LIMIT $13)) r ON true",
         )
         .bind(user_id)
-        .bind(n)
-        .fetch_one(self)
-        .await
-    }
-
-    async fn lock_clock(&mut self, user_id: &str) -> sqlx::Result<()> {
-        sqlx::query("SELECT 1 FROM sync_clocks WHERE user_id = $1 FOR UPDATE")
-            .bind(user_id)
-            .execute(self)
-            .await?;
-        Ok(())
-    }
-
-    async fn append(&mut self, user_id: &str, app_id: &str, client_id: &str, rows: &[NewRow<'_>]) -> sqlx::Result<()> {
-        sqlx::query(
-            "INSERT INTO sync_changes (id, seq, app_id, table_name, record_id, user_id, op, data, field_timestamps, untimed, client_id)
-             SELECT u.id, u.seq, $1, u.table_name, u.record_id, $2, u.op, u.data, u.stamps, u.untimed, $3
-             FROM UNNEST($4::uuid[], $5::bigint[], $6::text[], $7::text[], $8::text[], $9::jsonb[], $10::jsonb[], $11::bool[])
-               AS u(id, seq, table_name, record_id, op, data, stamps, untimed)",
-        )
         .bind(app_id)
-        .bind(user_id)
         .bind(client_id)
+        .bind(rows.len() as i64)
         .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.seq).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.table).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.record_id).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.op).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| &r.data).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| &r.stamps).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.untimed).collect::<Vec<_>>())
-        .execute(self)
+        .bind(since.0)
+        .bind(limit)
+        .bind(tables)
+        .bind(ids)
+        .fetch_all(&mut *self)
         .await?;
+        let last_seq = batch.first().map_or(0, |b| b.row.last_seq);
+        if !batch.first().is_some_and(|b| b.fresh) {
+            let (states, page) = read_batch(self, user_id, app_id, keys, since, limit).await?;
+            return Ok(Appended { last_seq, states, page });
+        }
+        let (mut states, mut page) = (Vec::new(), Vec::new());
+        for b in batch {
+            let loaded = b.loaded;
+            let Some(record) = b.row.into_parts().map_err(|e| sqlx::Error::Decode(Box::new(e)))?.1 else {
+                continue;
+            };
+            match loaded {
+                Some(true) => states.push(record.0),
+                _ => page.push(record),
+            }
+        }
+        Ok(Appended { last_seq, states, page })
+    }
+
+    async fn lock_clock(&mut self, user_id: &str) -> sqlx::Result<()> {
+        // Moving the clock on by one position, which no change takes, tells
+        // a push that read before this transaction committed that what it
+        // read is stale (see `append_batch`).
+        sqlx::query("UPDATE sync_clocks SET last_seq = last_seq + 1, previous_seq = last_seq WHERE user_id = $1")
+            .bind(user_id)
+            .execute(self)
+            .await?;
         Ok(())
     }
 
@@ -75,16 +125,14 @@ impl Dialect for PgConnection {
         sqlx::query_as(
             // One primary-key probe per key: the LIMIT keeps the planner from
             // turning this into a hash join over all of the user's records.
-            // The ORDER BY, which only the primary key serves without a
-            // sort, keeps it from probing the table's delta index instead
-            // (same prefix, a scan of the user's whole table) while its
-            // statistics are missing or stale: they tie on cost otherwise.
+            // The delta indexes are partial so that it cannot probe them
+            // instead (see the migration `delta_indexes_never_probe_keys`).
             "SELECT r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq
              FROM UNNEST($3::text[], $4::text[]) AS k(table_name, record_id)
              CROSS JOIN LATERAL (
                SELECT * FROM sync_records r
                WHERE r.user_id = $1 AND r.app_id = $2 AND r.table_name = k.table_name AND r.record_id = k.record_id
-               ORDER BY r.record_id LIMIT 1) r",
+               LIMIT 1) r",
         )
         .bind(user_id)
         .bind(app_id)
@@ -94,13 +142,8 @@ impl Dialect for PgConnection {
         .await
     }
 
-    async fn save(&mut self, user_id: &str, app_id: &str, records: &[Record]) -> sqlx::Result<()> {
+    async fn save(&mut self, user_id: &str, app_id: &str, rows: &[SavedRow<'_>]) -> sqlx::Result<()> {
         // The states go as text, which the `json` column keeps as it is.
-        let fields = records
-            .iter()
-            .map(|r| serde_json::to_string(&r.state.fields))
-            .collect::<Result<Vec<String>, _>>()
-            .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
         sqlx::query(
             "INSERT INTO sync_records (user_id, app_id, table_name, record_id, fields, created_seq, touched_seq)
              SELECT $1, $2, u.table_name, u.record_id, u.fields::json, u.created_seq, u.touched_seq
@@ -111,11 +154,11 @@ impl Dialect for PgConnection {
         )
         .bind(user_id)
         .bind(app_id)
-        .bind(records.iter().map(|r| r.table.as_str()).collect::<Vec<_>>())
-        .bind(records.iter().map(|r| r.id.as_str()).collect::<Vec<_>>())
-        .bind(fields)
-        .bind(records.iter().map(|r| r.state.created).collect::<Vec<_>>())
-        .bind(records.iter().map(|r| r.state.touched).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.table).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.record_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.fields.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.created_seq).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.touched_seq).collect::<Vec<_>>())
         .execute(self)
         .await?;
         Ok(())
@@ -140,14 +183,17 @@ impl Dialect for PgConnection {
         // The bound by the clock keeps out records committed after the
         // clock was read. A statement per case rather than `table IS NULL
         // OR ...`, so each keeps a plan that walks its own index in
-        // touched_seq order.
+        // touched_seq order. `touched_seq > 0`, which changes nothing
+        // (cursors are never negative), is the delta indexes' predicate,
+        // stated so that the planner may use them (see the migration
+        // `delta_indexes_never_probe_keys`).
         let statement = match table {
             Some(_) => {
                 "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq
                  FROM sync_clocks c LEFT JOIN LATERAL (
                    SELECT * FROM sync_records r
                    WHERE r.user_id = c.user_id AND r.app_id = $2 AND r.table_name = $5
-                     AND r.touched_seq > $3 AND r.touched_seq <= c.last_seq
+                     AND r.touched_seq > 0 AND r.touched_seq > $3 AND r.touched_seq <= c.last_seq
                    ORDER BY r.touched_seq LIMIT $4) r ON true
                  WHERE c.user_id = $1"
             }
@@ -156,7 +202,7 @@ impl Dialect for PgConnection {
                  FROM sync_clocks c LEFT JOIN LATERAL (
                    SELECT * FROM sync_records r
                    WHERE r.user_id = c.user_id AND r.app_id = $2
-                     AND r.touched_seq > $3 AND r.touched_seq <= c.last_seq
+                     AND r.touched_seq > 0 AND r.touched_seq > $3 AND r.touched_seq <= c.last_seq
                    ORDER BY r.touched_seq LIMIT $4) r ON true
                  WHERE c.user_id = $1"
             }

@@ -13,59 +13,31 @@ use sqlx::types::Json;
 use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
 
 use crate::cursor::Cursor;
-use crate::projection::Record;
-use crate::store::dialect::{Dialect, PoolDialect};
-use crate::store::rows::{LogRow, NewRow, OutcomeRow, PageRow, RecordRow, TableRow};
+use crate::store::dialect::{Dialect, PoolDialect, read_batch};
+use crate::store::rows::{Appended, LogRow, NewRow, OutcomeRow, PageRow, RecordRow, SavedRow, TableRow};
 use crate::timestamp::Timestamp;
 
 impl Dialect for SqliteConnection {
-    async fn reserve(&mut self, user_id: &str, n: i64) -> sqlx::Result<i64> {
-        // The write transaction excludes every other writer until it ends.
-        sqlx::query_scalar(
-            "INSERT INTO sync_clocks (user_id, last_seq) VALUES (?1, ?3 + ?2 - 1)
-             ON CONFLICT (user_id) DO UPDATE SET last_seq = max(sync_clocks.last_seq + ?2, excluded.last_seq)
-             RETURNING last_seq",
-        )
-        .bind(user_id)
-        .bind(n)
-        .bind(Timestamp::now().0)
-        .fetch_one(self)
-        .await
+    async fn append_batch(
+        &mut self,
+        user_id: &str,
+        app_id: &str,
+        client_id: &str,
+        rows: &[NewRow<'_>],
+        keys: &[(&str, &str)],
+        since: Cursor,
+        limit: i64,
+    ) -> sqlx::Result<Appended> {
+        // The write transaction excludes every other writer until it ends,
+        // so what it reads after is current.
+        let last_seq = reserve(self, user_id, rows.len() as i64).await?;
+        append(self, user_id, app_id, client_id, last_seq - rows.len() as i64 + 1, rows).await?;
+        let (states, page) = read_batch(self, user_id, app_id, keys, since, limit).await?;
+        Ok(Appended { last_seq, states, page })
     }
 
     async fn lock_clock(&mut self, _user_id: &str) -> sqlx::Result<()> {
         // Nothing to do: a write transaction already excludes every other writer.
-        Ok(())
-    }
-
-    async fn append(&mut self, user_id: &str, app_id: &str, client_id: &str, rows: &[NewRow<'_>]) -> sqlx::Result<()> {
-        let rows: Vec<Value> = rows
-            .iter()
-            .map(|r| {
-                json!([
-                    r.id.to_string(),
-                    r.seq,
-                    r.table,
-                    r.record_id,
-                    r.op,
-                    r.data,
-                    r.stamps,
-                    r.untimed
-                ])
-            })
-            .collect();
-        sqlx::query(
-            "INSERT INTO sync_changes (id, seq, app_id, table_name, record_id, user_id, op, data, field_timestamps, untimed, client_id)
-             SELECT j.value ->> 0, j.value ->> 1, ?1, j.value ->> 2, j.value ->> 3, ?2, j.value ->> 4,
-                    j.value ->> 5, j.value ->> 6, j.value ->> 7, ?3
-             FROM json_each(?4) AS j",
-        )
-        .bind(app_id)
-        .bind(user_id)
-        .bind(client_id)
-        .bind(Json(rows))
-        .execute(self)
-        .await?;
         Ok(())
     }
 
@@ -92,10 +64,11 @@ impl Dialect for SqliteConnection {
         .await
     }
 
-    async fn save(&mut self, user_id: &str, app_id: &str, records: &[Record]) -> sqlx::Result<()> {
-        let rows: Vec<Value> = records
+    async fn save(&mut self, user_id: &str, app_id: &str, rows: &[SavedRow<'_>]) -> sqlx::Result<()> {
+        // Each state goes as its JSON text, which `->>` hands on as it is.
+        let rows: Vec<Value> = rows
             .iter()
-            .map(|r| json!([r.table, r.id, r.state.fields, r.state.created, r.state.touched]))
+            .map(|r| json!([r.table, r.record_id, r.fields, r.created_seq, r.touched_seq]))
             .collect();
         // `WHERE true` tells SQLite's parser the ON CONFLICT is the upsert's.
         sqlx::query(
@@ -232,6 +205,60 @@ impl Dialect for SqliteConnection {
         // A local file: there is no outage to wait out, only faults.
         false
     }
+}
+
+/// Advances the user's clock by `n` and returns its new value.
+async fn reserve(conn: &mut SqliteConnection, user_id: &str, n: i64) -> sqlx::Result<i64> {
+    sqlx::query_scalar(
+        "INSERT INTO sync_clocks (user_id, last_seq) VALUES (?1, ?3 + ?2 - 1)
+         ON CONFLICT (user_id) DO UPDATE SET last_seq = max(sync_clocks.last_seq + ?2, excluded.last_seq)
+         RETURNING last_seq",
+    )
+    .bind(user_id)
+    .bind(n)
+    .bind(Timestamp::now().0)
+    .fetch_one(conn)
+    .await
+}
+
+/// Appends a batch's rows at positions `first_seq..`.
+async fn append(
+    conn: &mut SqliteConnection,
+    user_id: &str,
+    app_id: &str,
+    client_id: &str,
+    first_seq: i64,
+    rows: &[NewRow<'_>],
+) -> sqlx::Result<()> {
+    let rows: Vec<Value> = rows
+        .iter()
+        .zip(first_seq..)
+        .map(|(r, seq)| {
+            json!([
+                r.id.to_string(),
+                seq,
+                r.table,
+                r.record_id,
+                r.op,
+                r.data,
+                r.stamps,
+                r.untimed
+            ])
+        })
+        .collect();
+    sqlx::query(
+        "INSERT INTO sync_changes (id, seq, app_id, table_name, record_id, user_id, op, data, field_timestamps, untimed, client_id)
+         SELECT j.value ->> 0, j.value ->> 1, ?1, j.value ->> 2, j.value ->> 3, ?2, j.value ->> 4,
+                j.value ->> 5, j.value ->> 6, j.value ->> 7, ?3
+         FROM json_each(?4) AS j",
+    )
+    .bind(app_id)
+    .bind(user_id)
+    .bind(client_id)
+    .bind(Json(rows))
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 impl PoolDialect for SqlitePool {
