@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::hub::{self, Hub, Notice};
-use crate::store::postgres::{single_connection, sql};
+use crate::store::postgres::{channel, single_connection};
 use crate::telemetry;
 use crate::timestamp::Timestamp;
 
@@ -57,7 +57,7 @@ fn payload(notice: &Notice) -> String {
 /// it at commit). The server uses [`Notifier`] instead; this is the
 /// in-transaction form the benchmark compares it with.
 pub async fn announce_in_transaction(conn: &mut PgConnection, notice: &Notice) -> sqlx::Result<()> {
-    sql::notify(conn, CHANNEL, &payload(notice)).await
+    channel::notify(conn, CHANNEL, &payload(notice)).await
 }
 
 /// Hands committed pushes' notices to the local hub and, through NOTIFY,
@@ -206,7 +206,7 @@ async fn notify_loop(
         for traceparent in waiting.values().flat_map(|m| &m.traceparents).take(MAX_LINKS) {
             telemetry::link_trace(&span, traceparent);
         }
-        let sent = tokio::time::timeout(NOTIFY_TIMEOUT, sql::notify_all(&pool, CHANNEL, &payloads))
+        let sent = tokio::time::timeout(NOTIFY_TIMEOUT, channel::notify_all(&pool, CHANNEL, &payloads))
             .instrument(span)
             .await;
         match sent {
@@ -236,7 +236,7 @@ pub async fn listen_forever(options: PgConnectOptions, hub: Hub, replica: String
     loop {
         let pool = single_connection(&options, "mana-sync-listener");
         // It does not reconnect by itself: this loop does, knowing notices may have been lost.
-        match sql::listen(&pool, CHANNEL).await {
+        match channel::listen(&pool, CHANNEL).await {
             Ok(mut listener) => {
                 hub.set_listening(true);
                 backoff = Duration::from_millis(100);
@@ -277,7 +277,7 @@ async fn receive(listener: &mut PgListener, hub: &Hub, replica: &str) -> String 
                 Err(e) => return e.to_string(),
             },
             _ = ping.tick() => {
-                match tokio::time::timeout(PING_TIMEOUT, sql::ping_listener(listener)).await {
+                match tokio::time::timeout(PING_TIMEOUT, channel::ping_listener(listener)).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => return format!("ping failed: {e}"),
                     Err(_) => return "ping timed out (half-open connection)".to_owned(),

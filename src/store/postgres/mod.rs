@@ -2,6 +2,7 @@
 //! transactions under row-level security. Its statements are in [`sql`].
 
 pub mod availability;
+pub mod channel;
 pub mod sql;
 
 use std::collections::HashMap;

@@ -1,13 +1,12 @@
-//! The PostgreSQL statements: the log, the projection, idempotent
-//! outcomes, and NOTIFY/LISTEN between replicas.
+//! The PostgreSQL statements: the log, the projection and idempotent
+//! outcomes (NOTIFY and LISTEN between replicas are in [`super::channel`]).
 
 use std::time::Duration;
 
 use futures_util::stream::BoxStream;
 use serde_json::Value;
-use sqlx::postgres::PgListener;
 use sqlx::types::Json;
-use sqlx::{Executor, PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool};
 
 use crate::cursor::Cursor;
 use crate::store::dialect::{Dialect, PoolDialect, read_batch};
@@ -345,45 +344,9 @@ pub async fn no_lock_timeout(conn: &mut PgConnection) -> sqlx::Result<()> {
     Ok(())
 }
 
-/// NOTIFYs each payload on `channel`, in one round trip.
-pub async fn notify_all(pool: &PgPool, channel: &str, payloads: &[String]) -> sqlx::Result<()> {
-    sqlx::query("SELECT pg_notify($1, p) FROM UNNEST($2::text[]) AS p")
-        .bind(channel)
-        .bind(payloads)
-        .execute(pool)
-        .await?;
-    Ok(())
-}
-
-/// NOTIFYs one payload on `channel` inside the caller's transaction
-/// (delivered at its commit).
-pub async fn notify(conn: &mut PgConnection, channel: &str, payload: &str) -> sqlx::Result<()> {
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(channel)
-        .bind(payload)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-/// A listener on `channel`, on a connection of `pool`, that does not
-/// reconnect by itself (so its owner knows when notices may have been lost).
-pub async fn listen(pool: &PgPool, channel: &str) -> sqlx::Result<PgListener> {
-    let mut listener = PgListener::connect_with(pool).await?;
-    listener.eager_reconnect(false);
-    listener.listen(channel).await?;
-    Ok(listener)
-}
-
 /// Whether a connection still answers.
 pub async fn ping_connection(conn: &mut PgConnection) -> sqlx::Result<()> {
     sqlx::query("SELECT 1").execute(conn).await?;
-    Ok(())
-}
-
-/// Whether a listener's connection still answers (a half-open one does not).
-pub async fn ping_listener(listener: &mut PgListener) -> sqlx::Result<()> {
-    listener.execute("SELECT 1").await?;
     Ok(())
 }
 

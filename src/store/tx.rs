@@ -1,0 +1,187 @@
+//! A transaction scoped to one user, and the statements run in it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::TryStreamExt;
+use serde_json::Value;
+use sqlx::{PgConnection, Sqlite, SqliteConnection, Transaction};
+
+use super::dialect::{Dialect, fault};
+use super::postgres;
+use super::rows::{NewRow, SavedRow};
+use crate::change_log::{Change, RecordKey};
+use crate::cursor::Cursor;
+use crate::error::{Error, Result};
+use crate::fold::{LogEntry, RecordState};
+use crate::idempotency::Outcome;
+use crate::projection::{Page, PageBuilder, Record};
+
+/// A batch appended to the log, and what its transaction read after.
+pub struct Appended {
+    /// The position of the batch's first change (the others follow it).
+    pub first_seq: i64,
+    /// The user's clock after the batch: its last change's position.
+    pub clock: i64,
+    /// The current states of the records the batch changes (those that exist).
+    pub states: HashMap<(String, String), RecordState>,
+    /// The app's other records changed after the cursor, oldest change
+    /// first, with their sizes: the page before the batch's own records,
+    /// which follow them in log order. Enough of them to fill the page.
+    pub earlier: Vec<(Record, i64)>,
+}
+
+/// A transaction scoped to one user: it reads and writes only that user's rows.
+pub enum Tx {
+    Postgres(postgres::PgTx),
+    Sqlite(Transaction<'static, Sqlite>),
+}
+
+impl Tx {
+    /// Appends `changes` to the log at the user's next positions, one row
+    /// each, and reads what a push folds and answers with (see
+    /// [`Appended`]). The user's pushes are serialised until this
+    /// transaction ends, so positions are unique and increase in commit
+    /// order. Positions are nanosecond timestamps (the database's clock on
+    /// PostgreSQL, one clock for every replica), never going backwards.
+    pub async fn append(
+        &mut self,
+        user_id: &str,
+        app_id: &str,
+        client_id: &str,
+        changes: &[Change],
+        since: Cursor,
+        limit: usize,
+    ) -> Result<Appended> {
+        let rows = NewRow::of(changes);
+        let mut keys: Vec<(&str, &str)> = changes.iter().map(|c| (c.table.as_str(), c.id.as_str())).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        // The batch's own records are left out of the page below, so as
+        // many more are read as it touches.
+        let read = (limit + 1 + keys.len()) as i64;
+        let appended = dialect!(self, |conn| conn
+            .append_batch(user_id, app_id, client_id, &rows, &keys, since, read)
+            .await)?;
+        let n = changes.len() as i64;
+        let states = appended
+            .states
+            .into_iter()
+            .map(|r| ((r.table, r.id), r.state))
+            .collect();
+        let earlier = appended
+            .page
+            .into_iter()
+            .filter(|(r, _)| keys.binary_search(&(r.table.as_str(), r.id.as_str())).is_err())
+            .collect();
+        Ok(Appended {
+            first_seq: appended.last_seq - n + 1,
+            clock: appended.last_seq,
+            states,
+            earlier,
+        })
+    }
+
+    /// Holds off the user's pushes until this transaction ends, without
+    /// handing out a position to a change (for maintenance).
+    pub async fn lock_clock(&mut self, user_id: &str) -> Result<()> {
+        dialect!(self, |conn| conn.lock_clock(user_id).await)
+    }
+
+    /// Streams the user's whole log in order, calling `each` per entry;
+    /// returns how many there were.
+    pub async fn replay(&mut self, user_id: &str, mut each: impl FnMut(RecordKey, LogEntry)) -> Result<u64> {
+        dialect!(self, |conn| {
+            conn.replay(user_id)
+                .try_fold(0, |count, row| {
+                    let (key, entry) = row.into_entry();
+                    each(key, entry);
+                    std::future::ready(Ok(count + 1))
+                })
+                .await
+        })
+    }
+
+    /// Writes the given records' state (insert or replace), and returns
+    /// the size of each as stored (what a page counts).
+    pub async fn save(&mut self, user_id: &str, app_id: &str, records: &[Record]) -> Result<Vec<i64>> {
+        let rows =
+            SavedRow::of(records).map_err(|e| Error::Internal(anyhow::Error::new(e).context("a record state")))?;
+        dialect!(self, |conn| conn.save(user_id, app_id, &rows).await)?;
+        Ok(rows.iter().map(|r| r.fields.len() as i64).collect())
+    }
+
+    /// Deletes the user's whole projection (to rebuild it).
+    pub async fn clear_records(&mut self, user_id: &str) -> Result<()> {
+        dialect!(self, |conn| conn.clear_records(user_id).await)
+    }
+
+    /// A page of one app's records (of one table, if given) changed after
+    /// `since`; see [`PageBuilder`]. Clock and records come from one
+    /// statement, hence one snapshot.
+    pub async fn changed_since(
+        &mut self,
+        user_id: &str,
+        app_id: &str,
+        table: Option<&str>,
+        since: Cursor,
+        limit: usize,
+        max_bytes: i64,
+    ) -> Result<Page> {
+        let mut page = PageBuilder::new(limit, max_bytes);
+        dialect!(self, |conn| {
+            let mut rows = conn.page(user_id, app_id, table, since, limit as i64 + 1);
+            loop {
+                match rows.try_next().await {
+                    Ok(Some(row)) => match row.into_parts() {
+                        Ok((clock, record)) => {
+                            if !page.offer(clock, record) {
+                                break Ok(());
+                            }
+                        }
+                        Err(e) => break Err(sqlx::Error::Decode(Box::new(e))),
+                    },
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
+            }
+        })?;
+        Ok(page.finish())
+    }
+
+    /// The unexpired outcome stored for an idempotency key.
+    pub async fn find_outcome(&mut self, user_id: &str, key: &str, ttl: Duration) -> Result<Option<Outcome>> {
+        let found = dialect!(self, |conn| conn.find_outcome(user_id, key, ttl).await)?;
+        Ok(found.map(Outcome::from))
+    }
+
+    /// Stores an outcome for replay, first dropping the user's expired ones
+    /// (so no cross-user sweep is needed).
+    pub async fn save_outcome(
+        &mut self,
+        user_id: &str,
+        key: &str,
+        fingerprint: &[u8],
+        response: &Value,
+        ttl: Duration,
+    ) -> Result<()> {
+        dialect!(self, |conn| conn.expire_outcomes(user_id, ttl).await)?;
+        dialect!(self, |conn| conn
+            .save_outcome(user_id, key, fingerprint, response)
+            .await)
+    }
+
+    pub async fn commit(self) -> Result<()> {
+        match self {
+            Tx::Postgres(tx) => tx.tx.commit().await.map_err(fault::<PgConnection>),
+            Tx::Sqlite(tx) => tx.commit().await.map_err(fault::<SqliteConnection>),
+        }
+    }
+
+    pub async fn rollback(self) -> Result<()> {
+        match self {
+            Tx::Postgres(tx) => tx.tx.rollback().await.map_err(fault::<PgConnection>),
+            Tx::Sqlite(tx) => tx.rollback().await.map_err(fault::<SqliteConnection>),
+        }
+    }
+}
