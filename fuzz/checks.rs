@@ -457,24 +457,24 @@ pub fn fold_history(bytes: &[u8]) -> usize {
 
     for (key, state) in &folded {
         let id = format!("r{}", key.1);
-        match state.delta_since(&id, Cursor::START) {
+        match state.clone().delta_since(&id, Cursor::START) {
             Some(RecordDelta::Delete { deleted_at }) => {
                 assert!(state.is_deleted());
                 assert_eq!(deleted_at, state.fields[DELETED_AT].value);
             }
             Some(RecordDelta::Insert { data }) => {
                 assert!(!state.is_deleted());
-                assert_eq!(data, state.data(&id));
+                assert_eq!(data, state.clone().into_data(&id));
             }
             other => panic!("from the start a record is an insert or a delete, not {other:?}"),
         }
         for since in (0..=changes.len() as i64).map(|i| Cursor(10 * i)) {
-            let delta = state.delta_since(&id, since);
+            let delta = state.clone().delta_since(&id, since);
             if state.touched <= since.0 {
                 assert_eq!(delta, None, "nothing after {since:?}");
             }
             if let Some(RecordDelta::Update { data, fields }) = delta {
-                assert_eq!(data, state.data(&id));
+                assert_eq!(data, state.clone().into_data(&id));
                 for (name, (value, at)) in &fields {
                     if name != UPDATED_AT {
                         let f = &state.fields[name];

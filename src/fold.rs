@@ -22,7 +22,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::cursor::Cursor;
 use crate::timestamp::Timestamp;
@@ -117,16 +117,19 @@ impl Default for RecordState {
     }
 }
 
+/// A record as a client stores it: `{field: value}`, `id` included.
+pub type Data = BTreeMap<String, Value>;
+
 /// What a client must do to bring its copy of a record up to date.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RecordDelta {
     /// The record did not exist at the cursor (or was deleted then):
     /// `data` is all of it.
-    Insert { data: Map<String, Value> },
+    Insert { data: Data },
     /// `fields` are the fields written after the cursor, with their winning
     /// value and timestamp; `data` is the whole folded record.
     Update {
-        data: Map<String, Value>,
+        data: Data,
         fields: BTreeMap<String, (Value, Timestamp)>,
     },
     /// The record is (soft-)deleted.
@@ -194,36 +197,35 @@ impl RecordState {
 
     /// The record as a client stores it: every folded field plus `id`, and
     /// `updatedAt` as devices that applied each change hold it.
-    pub fn data(&self, id: &str) -> Map<String, Value> {
-        let mut data: Map<String, Value> = self
-            .fields
-            .iter()
-            .map(|(name, f)| (name.clone(), f.value.clone()))
-            .collect();
-        if let Some(updated_at) = self.updated_at() {
+    pub fn into_data(self, id: &str) -> Data {
+        let updated_at = self.updated_at();
+        // The fields come in key order, so the map is built without searching.
+        let mut data: Data = self.fields.into_iter().map(|(name, f)| (name, f.value)).collect();
+        if let Some(updated_at) = updated_at {
             data.insert(UPDATED_AT.to_owned(), Value::String(updated_at));
         }
         data.insert("id".to_owned(), Value::String(id.to_owned()));
         data
     }
 
-    /// The delta since `since`, or `None` when nothing was written after it.
-    pub fn delta_since(&self, id: &str, since: Cursor) -> Option<RecordDelta> {
+    /// The delta since `since`, or `None` when nothing was written after
+    /// it. Takes the state, whose values move into the delta.
+    pub fn delta_since(mut self, id: &str, since: Cursor) -> Option<RecordDelta> {
         if self.touched <= since.0 {
             return None;
         }
         if self.is_deleted() {
-            return Some(RecordDelta::Delete {
-                deleted_at: self.fields[DELETED_AT].value.clone(),
-            });
+            let deleted_at = self.fields.remove(DELETED_AT)?.value;
+            return Some(RecordDelta::Delete { deleted_at });
         }
-        let data = self.data(id);
         // A record created after the cursor is sent whole; so is one whose
         // `deletedAt` was written since and is now live: a device may hold
         // it deleted, without the edits that came with or after the delete.
         let undeleted = self.fields.get(DELETED_AT).is_some_and(|f| f.written > since.0);
         if self.created > since.0 || undeleted {
-            return Some(RecordDelta::Insert { data });
+            return Some(RecordDelta::Insert {
+                data: self.into_data(id),
+            });
         }
         let mut fields: BTreeMap<String, (Value, Timestamp)> = self
             .fields
@@ -234,11 +236,13 @@ impl RecordState {
         if fields.is_empty() {
             return None; // changes that wrote no field (`data: {}`) change nothing
         }
+        let latest = self.latest();
+        let data = self.into_data(id);
         // The original client sets `updatedAt` to the latest time among the
         // fields it applies: when the record's latest time is not among
         // them, or `updatedAt` is (its value is the record's, not the
         // field's), `updatedAt` is listed with the record's latest time.
-        if let (Some(latest), Some(updated_at)) = (self.latest(), data.get(UPDATED_AT)) {
+        if let (Some(latest), Some(updated_at)) = (latest, data.get(UPDATED_AT)) {
             let listed = fields.values().map(|(_, at)| *at).max();
             if fields.contains_key(UPDATED_AT) || listed < Some(latest) {
                 fields.insert(UPDATED_AT.to_owned(), (updated_at.clone(), latest));
@@ -272,8 +276,14 @@ mod tests {
         entry
     }
 
-    fn object(value: Value) -> Map<String, Value> {
-        value.as_object().unwrap().clone()
+    fn object(value: Value) -> Data {
+        serde_json::from_value(value).unwrap()
+    }
+
+    impl RecordState {
+        fn data(&self, id: &str) -> Data {
+            self.clone().into_data(id)
+        }
     }
 
     #[test]
@@ -349,7 +359,7 @@ mod tests {
         );
         let late_clock = entry(20, &[("rank", json!(1), 3_000_000)]);
         let state = RecordState::fold([&created, &late_clock]);
-        let Some(RecordDelta::Update { fields, data }) = state.delta_since("r", Cursor(10)) else {
+        let Some(RecordDelta::Update { fields, data }) = state.clone().delta_since("r", Cursor(10)) else {
             panic!("expected an update");
         };
         assert_eq!(fields["rank"], (json!(1), Timestamp(3_000_000)));
@@ -362,7 +372,7 @@ mod tests {
         // When a listed field holds the latest time, nothing is added.
         let newer = entry(30, &[("done", json!(false), 9_000_000)]);
         let state = RecordState::fold([&created, &late_clock, &newer]);
-        let Some(RecordDelta::Update { fields, .. }) = state.delta_since("r", Cursor(20)) else {
+        let Some(RecordDelta::Update { fields, .. }) = state.clone().delta_since("r", Cursor(20)) else {
             panic!("expected an update");
         };
         assert_eq!(fields.keys().collect::<Vec<_>>(), vec!["done"]);
@@ -377,10 +387,10 @@ mod tests {
         let state = RecordState::fold([&created, &deleted, &edited, &restored]);
         // A device that saw the delete at 20 missed the edit at 30.
         assert!(matches!(
-            state.delta_since("r", Cursor(20)),
+            state.clone().delta_since("r", Cursor(20)),
             Some(RecordDelta::Insert { .. })
         ));
-        assert!(state.delta_since("r", Cursor(40)).is_none());
+        assert!(state.clone().delta_since("r", Cursor(40)).is_none());
     }
 
     #[test]
@@ -388,15 +398,15 @@ mod tests {
         let created = entry(10, &[("title", json!("a"), 100), ("done", json!(false), 100)]);
         let edited = entry(20, &[("done", json!(true), 200)]);
         let state = RecordState::fold([&created, &edited]);
-        assert_eq!(state.delta_since("r1", Cursor(20)), None);
-        match state.delta_since("r1", Cursor(5)).unwrap() {
+        assert_eq!(state.clone().delta_since("r1", Cursor(20)), None);
+        match state.clone().delta_since("r1", Cursor(5)).unwrap() {
             RecordDelta::Insert { data } => assert_eq!(
                 data,
                 object(json!({"id": "r1", "title": "a", "done": true, "updatedAt": "1970-01-01T00:00:00.000000200Z"}))
             ),
             other => panic!("expected insert, got {other:?}"),
         }
-        match state.delta_since("r1", Cursor(10)).unwrap() {
+        match state.clone().delta_since("r1", Cursor(10)).unwrap() {
             RecordDelta::Update { data, fields } => {
                 assert_eq!(fields.keys().collect::<Vec<_>>(), vec!["done"]);
                 assert_eq!(data["title"], json!("a"));
@@ -408,7 +418,7 @@ mod tests {
         let state = RecordState::fold([&created, &edited, &deleted]);
         assert!(state.is_deleted());
         assert_eq!(
-            state.delta_since("r1", Cursor(25)),
+            state.clone().delta_since("r1", Cursor(25)),
             Some(RecordDelta::Delete {
                 deleted_at: json!("2024-01-01T00:00:00.000Z")
             })
@@ -451,7 +461,7 @@ mod tests {
     /// field's value and then `updatedAt` set to the latest of the fields'
     /// times (compared as strings, as the client does); for a delete,
     /// `deletedAt`. `None`: the device does not hold the record.
-    fn apply(copy: &mut Option<Map<String, Value>>, delta: RecordDelta) {
+    fn apply(copy: &mut Option<Data>, delta: RecordDelta) {
         match delta {
             RecordDelta::Insert { data } => *copy = Some(data),
             RecordDelta::Update { fields, .. } => {
@@ -497,7 +507,7 @@ mod tests {
             let since = Cursor(cut as i64 * 10);
             let now = RecordState::fold(&history);
             let mut copy = (cut > 0).then(|| RecordState::fold(&history[..cut]).data("r"));
-            let delta = now.delta_since("r", since);
+            let delta = now.clone().delta_since("r", since);
             let deleted = matches!(delta, Some(RecordDelta::Delete { .. }));
             if let Some(RecordDelta::Update { data, .. }) = &delta {
                 prop_assert_eq!(data, &now.data("r"));
@@ -529,7 +539,7 @@ mod tests {
             }
             let now = RecordState::fold(&history);
             let mut fresh = None;
-            apply(&mut fresh, now.delta_since("r", Cursor::START).expect("the record exists"));
+            apply(&mut fresh, now.clone().delta_since("r", Cursor::START).expect("the record exists"));
             if now.is_deleted() {
                 prop_assert!(fresh.is_none(), "a new device never holds a deleted record");
             } else {

@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 
 use serde_json::Value;
-use serde_json::value::RawValue;
 use sqlx::types::Json;
 use uuid::Uuid;
 
@@ -142,14 +141,15 @@ impl From<RecordRow> for Record {
 
 /// A row of a page: the user's clock, then one changed record (all `None`
 /// when nothing changed after the cursor). Its fields come as the JSON
-/// text the database sent, whose length is the record's size (asking the
-/// database for it would cost it a second pass over every record).
+/// text stored, whose length is the record's size (asking the database for
+/// it would cost it a second pass over every record), as text rather than
+/// JSON so that it is parsed once, into the state, not first checked.
 #[derive(sqlx::FromRow)]
 pub struct PageRow {
     pub last_seq: i64,
     pub table_name: Option<String>,
     pub record_id: Option<String>,
-    pub fields: Option<Json<Box<RawValue>>>,
+    pub fields: Option<String>,
     pub created_seq: Option<i64>,
     pub touched_seq: Option<i64>,
 }
@@ -165,11 +165,11 @@ impl PageRow {
             self.touched_seq,
         ) {
             (Some(table_name), Some(record_id), Some(fields), Some(created_seq), Some(touched_seq)) => {
-                let size = fields.0.get().len() as i64;
+                let size = fields.len() as i64;
                 let row = RecordRow {
                     table_name,
                     record_id,
-                    fields: Json(serde_json::from_str(fields.0.get())?),
+                    fields: Json(serde_json::from_str(&fields)?),
                     created_seq,
                     touched_seq,
                 };

@@ -222,8 +222,11 @@ fn respond(page: Page, since: Cursor) -> SyncResponse {
     };
     let server_changes = page
         .records
-        .iter()
-        .filter_map(|r| r.state.delta_since(&r.id, since).map(|delta| server_change(r, delta)))
+        .into_iter()
+        .filter_map(|r| {
+            let delta = r.state.delta_since(&r.id, since)?;
+            Some(server_change(r.table, r.id, delta))
+        })
         .collect();
     SyncResponse {
         server_changes,
@@ -233,12 +236,12 @@ fn respond(page: Page, since: Cursor) -> SyncResponse {
     }
 }
 
-fn server_change(record: &Record, delta: RecordDelta) -> ServerChange {
+fn server_change(table: String, id: String, delta: RecordDelta) -> ServerChange {
     let (op, data, fields, deleted_at) = match delta {
-        RecordDelta::Insert { data } => (Op::Insert, Some(data.into_iter().collect()), None, None),
+        RecordDelta::Insert { data } => (Op::Insert, Some(data), None, None),
         RecordDelta::Update { data, fields } => (
             Op::Update,
-            Some(data.into_iter().collect()),
+            Some(data),
             Some(
                 fields
                     .into_iter()
@@ -258,8 +261,8 @@ fn server_change(record: &Record, delta: RecordDelta) -> ServerChange {
         RecordDelta::Delete { deleted_at } => (Op::Delete, None, None, Some(deleted_at)),
     };
     ServerChange {
-        table: record.table.clone(),
-        id: record.id.clone(),
+        table,
+        id,
         op,
         data,
         fields,

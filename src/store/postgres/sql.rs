@@ -49,7 +49,7 @@ impl Dialect for PgConnection {
                  WITH ORDINALITY AS u(id, table_name, record_id, op, data, stamps, untimed, n))
              SELECT c.last_seq,
                     c.previous_seq IS NOT DISTINCT FROM (SELECT s.last_seq FROM sync_clocks s WHERE s.user_id = $1) AS fresh,
-                    r.loaded, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq
+                    r.loaded, r.table_name, r.record_id, r.fields::text AS fields, r.created_seq, r.touched_seq
              FROM clock c LEFT JOIN LATERAL (
                SELECT true AS loaded, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq
                FROM UNNEST($14::text[], $15::text[]) AS k(table_name, record_id)
@@ -188,7 +188,7 @@ impl Dialect for PgConnection {
         // `delta_indexes_never_probe_keys`).
         let statement = match table {
             Some(_) => {
-                "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq
+                "SELECT c.last_seq, r.table_name, r.record_id, r.fields::text AS fields, r.created_seq, r.touched_seq
                  FROM sync_clocks c LEFT JOIN LATERAL (
                    SELECT * FROM sync_records r
                    WHERE r.user_id = c.user_id AND r.app_id = $2 AND r.table_name = $5
@@ -197,7 +197,7 @@ impl Dialect for PgConnection {
                  WHERE c.user_id = $1"
             }
             None => {
-                "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq
+                "SELECT c.last_seq, r.table_name, r.record_id, r.fields::text AS fields, r.created_seq, r.touched_seq
                  FROM sync_clocks c LEFT JOIN LATERAL (
                    SELECT * FROM sync_records r
                    WHERE r.user_id = c.user_id AND r.app_id = $2
