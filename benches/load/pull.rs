@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 
 use crate::cluster::Deployment;
 use crate::measure::{CpuMeter, Goal, Latencies, Progress, Results};
-use crate::push::Device;
+use crate::push::{Answer, Device};
 
 /// Writes records `0..records` of each device's user, `batch` per push,
 /// `concurrency` devices at a time.
@@ -69,8 +69,8 @@ pub async fn vacuum(deployment: &Deployment) {
 }
 
 /// `samples` pulls of the first page since the start by each of
-/// `devices`, in turn (so that each sees the same machine), each of which
-/// must hold `expect` records.
+/// `devices`, in turn (so that each sees the same machine), each timed
+/// until its last byte and then checked to hold `expect` records.
 async fn time_pulls<const N: usize>(
     http: &reqwest::Client,
     base: &str,
@@ -82,11 +82,12 @@ async fn time_pulls<const N: usize>(
     for _ in 0..samples {
         for (device, latencies) in devices.iter().zip(&mut latencies) {
             let sent = Instant::now();
-            let page = device
-                .pull(http, base, "1970-01-01T00:00:00.000Z")
+            let body = device
+                .pull_body(http, base, "1970-01-01T00:00:00.000Z")
                 .await
                 .expect("a pull");
             latencies.record(sent.elapsed());
+            let page = Answer::parse(&body).expect("a page");
             assert_eq!(page.server_changes.len(), expect, "a page of every record");
         }
     }

@@ -103,6 +103,11 @@ impl Device {
 
     /// Pulls one page of the collection since `since`.
     pub async fn pull(&self, http: &reqwest::Client, base: &str, since: &str) -> Result<Answer, String> {
+        Answer::parse(&self.pull_body(http, base, since).await?)
+    }
+
+    /// A pull's answer as received, unread: its latency ends with its last byte.
+    pub async fn pull_body(&self, http: &reqwest::Client, base: &str, since: &str) -> Result<bytes::Bytes, String> {
         let response = http
             .get(format!("{base}/sync/{APP}/pull"))
             .query(&[("collection", TABLE), ("since", since)])
@@ -110,18 +115,29 @@ impl Device {
             .header("X-Client-Id", &self.client)
             .send()
             .await;
-        answer(response).await
+        received(response).await
+    }
+}
+
+impl Answer {
+    pub fn parse(body: &[u8]) -> Result<Answer, String> {
+        serde_json::from_slice(body).map_err(|e| format!("unreadable answer: {e}"))
     }
 }
 
 async fn answer(response: reqwest::Result<reqwest::Response>) -> Result<Answer, String> {
+    Answer::parse(&received(response).await?)
+}
+
+/// The body of a successful answer.
+async fn received(response: reqwest::Result<reqwest::Response>) -> Result<bytes::Bytes, String> {
     let response = response.map_err(|e| format!("request failed: {e}"))?;
     let status = response.status();
     let body = response.bytes().await.map_err(|e| format!("reading the answer: {e}"))?;
     if !status.is_success() {
         return Err(format!("{status}: {}", String::from_utf8_lossy(&body)));
     }
-    serde_json::from_slice(&body).map_err(|e| format!("unreadable answer: {e}"))
+    Ok(body)
 }
 
 /// A push load: `clients` connections pushing batches of `batch` updates
