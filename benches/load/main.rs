@@ -128,7 +128,7 @@ impl Sizes {
             growth: (10_000, 1_000_000),
             growth_samples: 200,
             fan_sockets: 1000,
-            fan_pushes: 50,
+            fan_pushes: 200,
             fan_users: 10_000,
             idle_sockets: 10_000,
             most_sockets: 19_000,

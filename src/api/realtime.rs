@@ -195,10 +195,14 @@ async fn session(socket: WebSocketStream, state: AppState, app_id: Option<String
     }
     // The client may have missed notices while it was away.
     subscription.subscriber.mark_all();
-    let mut expires = user.expiry();
     let mut keepalive = tokio::time::interval(KEEPALIVE);
     keepalive.reset();
     let mut heard = Instant::now();
+    // Made once, not at every turn of the loop: a notice then wakes the
+    // socket without setting a new timer and watch for it.
+    let closing = hub.closing();
+    let expiry = sleep_until(user.expiry());
+    tokio::pin!(closing, expiry);
 
     loop {
         tokio::select! {
@@ -209,8 +213,8 @@ async fn session(socket: WebSocketStream, state: AppState, app_id: Option<String
                     return;
                 }
             }
-            _ = hub.closing() => return refuse(&mut sink, Refusal::ShuttingDown).await,
-            _ = sleep_until(expires) => return close(&mut sink, CloseCode::from(TOKEN_EXPIRED), "token expired").await,
+            () = &mut closing => return refuse(&mut sink, Refusal::ShuttingDown).await,
+            () = &mut expiry => return close(&mut sink, CloseCode::from(TOKEN_EXPIRED), "token expired").await,
             _ = subscription.subscriber.changed() => {
                 if !Box::pin(notify(&mut sink, &state, &subscription)).await {
                     return;
@@ -221,7 +225,7 @@ async fn session(socket: WebSocketStream, state: AppState, app_id: Option<String
                     Ok(ClientMessage::Auth { token, .. }) => match Box::pin(state.verify(&token)).await {
                         Ok(renewed) if renewed.id == user.id => {
                             user = renewed;
-                            expires = user.expiry();
+                            expiry.as_mut().reset(user.expiry());
                             if !send(&mut sink, ServerMessage::AuthOk.frame()).await {
                                 return;
                             }
@@ -252,8 +256,8 @@ async fn session(socket: WebSocketStream, state: AppState, app_id: Option<String
 /// Returns false when the socket is gone.
 async fn notify(sink: &mut Sink, state: &AppState, subscription: &Subscription) -> bool {
     let subscriber = &subscription.subscriber;
-    let taken = subscriber.take();
-    for (app, tables) in taken.tables.clone() {
+    let mut taken = subscriber.take();
+    for (app, tables) in std::mem::take(&mut taken.tables) {
         let messages: Vec<(String, Vec<String>)> = match tables {
             Some(tables) => vec![(app, tables.into_iter().collect())],
             None => {
