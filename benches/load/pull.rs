@@ -59,11 +59,14 @@ async fn rewrite(http: &reqwest::Client, base: &str, device: &mut Device, record
 /// refreshes the planner's statistics, and clears the index entries of the
 /// row versions that updates left behind (a record rewritten 100 times
 /// leaves 99 in each of its delta indexes, which a pull from the start
-/// steps over until then).
+/// steps over until then); then checkpoints.
 pub async fn vacuum(deployment: &Deployment) {
     if let Some(url) = &deployment.admin_url {
         let pool = sqlx::PgPool::connect(url).await.expect("connect to VACUUM");
         sqlx::query("VACUUM (ANALYZE)").execute(&pool).await.expect("VACUUM");
+        // Its writes are flushed now rather than by a checkpoint that would
+        // compete with the measurement's commits for the disk.
+        sqlx::query("CHECKPOINT").execute(&pool).await.expect("CHECKPOINT");
         pool.close().await;
     }
 }
