@@ -1,0 +1,83 @@
+import { describe, expect, it } from "vitest";
+
+import { merge } from "../src/apply.js";
+import { coalesce, pendingRecords } from "../src/queue.js";
+import type { PendingEntry } from "../src/tables.js";
+
+const t = (s: number) => new Date(Date.UTC(2026, 0, 1, 0, 0, s)).toISOString();
+const put = (key: string, fields: Record<string, unknown>, at: string, created = false): PendingEntry => ({
+  table: "todos",
+  key,
+  op: "put",
+  at,
+  created,
+  fields: Object.fromEntries(Object.entries(fields).map(([f, value]) => [f, { value, at }])),
+});
+const del = (key: string, at: string): PendingEntry => ({ table: "todos", key, op: "delete", at });
+
+describe("coalescing the queue into changes", () => {
+  it("merges a record's writes into one update holding each field's latest write", () => {
+    const changes = coalesce([put("a", { title: "1", done: false }, t(1), true), put("b", { title: "b" }, t(2), true), put("a", { title: "2" }, t(3))]);
+    expect(changes).toEqual([
+      { table: "todos", id: "a", op: "update", fields: { title: { value: "2", updatedAt: t(3) }, done: { value: false, updatedAt: t(1) } } },
+      { table: "todos", id: "b", op: "update", fields: { title: { value: "b", updatedAt: t(2) } } },
+    ]);
+  });
+
+  it("keeps a delete between writes, and makes a record made again after it live", () => {
+    const changes = coalesce([put("a", { title: "1" }, t(1), true), del("a", t(2)), del("a", t(3)), put("a", { title: "again" }, t(4), true)]);
+    expect(changes).toEqual([
+      { table: "todos", id: "a", op: "update", fields: { title: { value: "1", updatedAt: t(1) } } },
+      { table: "todos", id: "a", op: "delete", deletedAt: t(2) },
+      {
+        table: "todos",
+        id: "a",
+        op: "update",
+        fields: { title: { value: "again", updatedAt: t(4) }, deletedAt: { value: null, updatedAt: t(4) } },
+      },
+    ]);
+  });
+});
+
+describe("merging a server change under queued writes", () => {
+  const local = { id: "a", title: "mine", note: "n", done: false };
+  const pending = pendingRecords([put("a", { title: "mine" }, t(10))]);
+
+  it("keeps a queued field unless the server's was written later", () => {
+    const older = merge(
+      { table: "todos", id: "a", op: "update", data: { id: "a", title: "old", note: "theirs", done: true }, fields: { title: { value: "old", updatedAt: t(5) }, done: { value: true, updatedAt: t(5) } } },
+      local,
+      pending.get(JSON.stringify(["todos", "a"])),
+    );
+    expect(older).toEqual({ put: { id: "a", title: "mine", note: "theirs", done: true } });
+    const newer = merge(
+      { table: "todos", id: "a", op: "update", data: { id: "a", title: "new", note: "n", done: false }, fields: { title: { value: "new", updatedAt: "2026-01-01T00:00:10.000000001Z" } } },
+      local,
+      pending.get(JSON.stringify(["todos", "a"])),
+    );
+    expect(newer).toEqual({ put: { id: "a", title: "mine", note: "n", done: false } });
+    const later = merge(
+      { table: "todos", id: "a", op: "update", data: { id: "a", title: "new", note: "n", done: false }, fields: { title: { value: "new", updatedAt: t(11) } } },
+      local,
+      pending.get(JSON.stringify(["todos", "a"])),
+    );
+    expect(later).toEqual({ put: { id: "a", title: "new", note: "n", done: false } });
+  });
+
+  it("keeps queued fields over a whole record (an insert has no field times)", () => {
+    const outcome = merge({ table: "todos", id: "a", op: "insert", data: { id: "a", title: "theirs", extra: 1 } }, local, pending.get(JSON.stringify(["todos", "a"])));
+    expect(outcome).toEqual({ put: { id: "a", title: "mine", extra: 1 } });
+  });
+
+  it("applies deletes, and leaves a record deleted here until the delete is pushed", () => {
+    expect(merge({ table: "todos", id: "a", op: "delete", deletedAt: t(1) }, local, pending.get(JSON.stringify(["todos", "a"])))).toEqual({ delete: true });
+    const deleted = pendingRecords([put("a", { title: "x" }, t(1)), del("a", t(2))]).get(JSON.stringify(["todos", "a"]));
+    expect(merge({ table: "todos", id: "a", op: "update", data: { id: "a", title: "y" }, fields: { title: { value: "y", updatedAt: t(3) } } }, undefined, deleted)).toBeNull();
+  });
+
+  it("takes the server's record whole when nothing is queued", () => {
+    expect(merge({ table: "todos", id: "a", op: "update", data: { id: "a", title: "t" }, fields: { title: { value: "t", updatedAt: t(1) } } }, local, undefined)).toEqual({
+      put: { id: "a", title: "t" },
+    });
+  });
+});
