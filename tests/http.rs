@@ -114,6 +114,33 @@ fn the_committed_openapi_document_matches_the_code() {
     );
 }
 
+/// poem-openapi drops the schemas no operation reaches through the keywords
+/// it knows, even those a `$ref` it does not know of (`contentSchema`) names.
+#[test]
+fn every_reference_of_the_openapi_document_names_a_schema_it_holds() {
+    fn references<'a>(value: &'a serde_json::Value, found: &mut Vec<&'a str>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                found.extend(map.get("$ref").and_then(serde_json::Value::as_str));
+                map.values().for_each(|v| references(v, found));
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| references(v, found)),
+            _ => {}
+        }
+    }
+    let spec: serde_json::Value = serde_json::from_str(&mana_sync::api::spec()).unwrap();
+    let mut found = Vec::new();
+    references(&spec, &mut found);
+    assert!(found.contains(&"#/components/schemas/ChangeEvent"), "{found:?}");
+    for reference in found {
+        let name = reference.strip_prefix("#/components/schemas/").unwrap_or(reference);
+        assert!(
+            spec["components"]["schemas"][name].is_object(),
+            "{reference} names no schema"
+        );
+    }
+}
+
 #[test]
 fn every_operation_and_error_status_is_documented() {
     let spec: serde_json::Value = serde_json::from_str(&mana_sync::api::spec()).unwrap();

@@ -43,8 +43,7 @@ impl StreamEvent {
     /// `{event, data}` for each kind: `event` the SSE event name, `data`
     /// the text of its `data:` line. What that text holds as JSON is added
     /// by [`declare_event_data`].
-    fn schema(registry: &mut Registry) -> MetaSchema {
-        ChangeEvent::register(registry);
+    fn schema(_: &mut Registry) -> MetaSchema {
         let kind = |name: &'static str, description: &'static str, data: MetaSchema| {
             MetaSchemaRef::Inline(Box::new(MetaSchema {
                 title: Some(name.to_owned()),
@@ -95,7 +94,9 @@ impl StreamEvent {
 /// Says in `spec` (the generated document) that the `data` of a `changes`
 /// event is a JSON `ChangeEvent`, with the JSON Schema keywords OpenAPI 3.1
 /// and 3.2 use for it (`contentMediaType`, `contentSchema`), which
-/// poem-openapi's schema type cannot carry.
+/// poem-openapi's schema type cannot carry; and adds `ChangeEvent` to the
+/// components, which poem-openapi leaves out: it drops every schema that no
+/// operation reaches through the keywords it knows.
 pub fn declare_event_data(spec: &mut Value) {
     let kinds = spec
         .pointer_mut(&format!("/components/schemas/{}/oneOf", StreamEvent::SCHEMA))
@@ -107,6 +108,15 @@ pub fn declare_event_data(spec: &mut Value) {
     if let Some(data) = changes.and_then(|kind| kind.pointer_mut("/properties/data")) {
         data["contentMediaType"] = Value::from("application/json");
         data["contentSchema"] = serde_json::json!({ "$ref": "#/components/schemas/ChangeEvent" });
+    }
+    let mut registry = Registry::new();
+    ChangeEvent::register(&mut registry);
+    if let Some(schemas) = spec.pointer_mut("/components/schemas").and_then(Value::as_object_mut) {
+        for (name, schema) in registry.schemas {
+            schemas
+                .entry(name)
+                .or_insert_with(|| serde_json::to_value(schema).expect("a schema serializes"));
+        }
     }
 }
 

@@ -148,15 +148,18 @@ impl SyncResponse {
     }
 }
 
-/// A record that changed since the cursor.
+/// A record that changed since the cursor. Its `op` is `insert` if the
+/// record did not exist at the cursor (or was deleted and is live again),
+/// `delete` if it is now deleted, else `update`.
 #[derive(Debug, Clone, Object, serde::Serialize)]
 #[oai(rename_all = "camelCase")]
 #[serde(rename_all = "camelCase")]
 pub struct ServerChange {
     pub table: String,
     pub id: String,
-    /// `insert` if the record did not exist at the cursor (or was deleted
-    /// and is live again), `delete` if it is now deleted, else `update`.
+    // Its meaning is in the struct's doc: a `///` here would make the field
+    // `allOf: [Op, {description}]`, which client generators (openapi-python-client)
+    // cannot take, where a plain `$ref` they can.
     pub op: Op,
     /// The whole folded record, `id` included (absent for deletes). A
     /// record written by one change is exactly what it sent; once another
