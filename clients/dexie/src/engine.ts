@@ -99,12 +99,12 @@ export class SyncEngine {
     });
     // Followers show the leader's status; a new follower asks for it.
     const mirrored = this.status.subscribe((s) => {
-      if (s.leader) this.post(channel, { status: { ...s, pending: undefined, leader: undefined } });
+      if (s.leader) this.post(channel, { status: shared(s) });
     });
     if (channel !== null) {
       channel.onmessage = ({ data }: MessageEvent<Message>) => {
-        if ("status" in data && !this.status.current.leader) this.status.update(defined(data.status));
-        if ("hello" in data && this.status.current.leader) this.post(channel, { status: this.status.current });
+        if ("status" in data && !this.status.current.leader) this.status.update(data.status);
+        if ("hello" in data && this.status.current.leader) this.post(channel, { status: shared(this.status.current) });
         if ("sync" in data) this.want(this.options.tables);
       };
       this.post(channel, { hello: true });
@@ -336,7 +336,7 @@ export class SyncEngine {
   }
 }
 
-/** `patch` without its undefined entries. */
-function defined<T extends object>(patch: T): Partial<T> {
-  return Object.fromEntries(Object.entries(patch).filter(([, v]) => v !== undefined)) as Partial<T>;
+/** What followers take from the leader's status: not its pending count (each tab counts the shared queue) nor its role. */
+function shared({ state, lastError, lastSyncAt, connected }: SyncStatus): Partial<SyncStatus> {
+  return { state, lastError, lastSyncAt, connected };
 }

@@ -35,20 +35,19 @@ describe("tabs", () => {
     const locks = new FakeLocks();
     const name = `tabs-${Math.random()}`;
     const tabs = [0, 1].map(() => database({ fetch: server.fetch, locks }, name));
-    for (const tab of tabs) {
-      engines.push(tab.engine);
-      tab.engine.start();
-    }
     const [first, second] = tabs as [(typeof tabs)[0], (typeof tabs)[0]];
-    await eventually(() => first.engine.status.current.leader);
+    engines.push(first.engine, second.engine);
+    first.engine.start();
+    await eventually(() => first.engine.status.current.state === "idle" && first.engine.status.current.leader);
+    // A tab opened later is told the leader's status (and is not the leader).
+    second.engine.start();
+    await eventually(() => second.engine.status.current.lastSyncAt !== null);
     expect(second.engine.status.current.leader).toBe(false);
 
     // The follower records; the leader pushes.
     await second.db.todos.add({ id: "a", title: "from the second tab" });
     await eventually(() => server.record("todos", "a") !== undefined);
     await eventually(() => second.engine.status.current.pending === 0);
-    // The follower shows the leader's state.
-    await eventually(() => second.engine.status.current.lastSyncAt !== null);
     expect(server.requests.every((r) => r.headers.get("x-client-id") === server.requests[0]!.headers.get("x-client-id"))).toBe(true);
 
     await first.engine.stop();

@@ -158,6 +158,27 @@ describe("pulling", () => {
   });
 });
 
+describe("while the socket is down", () => {
+  it("polls every pollInterval while the socket cannot connect", async () => {
+    const server = new FakeServer();
+    /** A socket that never connects. */
+    class Refused {
+      onclose: ((e: { code: number }) => void) | null = null;
+      readyState = 0;
+      constructor() {
+        setTimeout(() => this.onclose?.({ code: 1006 }), 1);
+      }
+      close() {}
+    }
+    const { db, engine } = started(server, { live: true, WebSocket: Refused as unknown as typeof WebSocket, pollInterval: 50 });
+    await eventually(() => engine.status.current.state === "idle" && engine.stats.pulls > 0);
+    server.write([{ table: "todos", id: "a", op: "insert", data: { title: "found by polling" } }]);
+    await eventually(async () => (await db.todos.get("a")) !== undefined, 1000);
+    expect(engine.status.current.connected).toBe(false);
+    expect(engine.stats.socketsOpened).toBeGreaterThan(1);
+  });
+});
+
 describe("status", () => {
   it("says offline while the server cannot be reached, then idle", async () => {
     const server = new FakeServer();

@@ -2,7 +2,7 @@ import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 
 import { LiveSocket, TOKEN_EXPIRED } from "../src/socket.js";
 import { TokenSource } from "../src/token.js";
-import { jwt } from "./token.test.js";
+import { jwt } from "./helpers.js";
 
 /** A WebSocket whose server side the test plays. */
 class FakeSocket {

@@ -3,12 +3,7 @@ import { describe, expect, it } from "vitest";
 import { backoffDelay } from "../src/backoff.js";
 import { TokenSource, decodeClaims } from "../src/token.js";
 import { retryAfter } from "../src/transport.js";
-
-/** An unsigned JWT with the given claims (only the server verifies). */
-export function jwt(claims: Record<string, unknown>): string {
-  const part = (o: object) => btoa(JSON.stringify(o)).replace(/=+$/, "").replace(/\+/g, "-").replace(/\//g, "_");
-  return `${part({ alg: "EdDSA" })}.${part(claims)}.sig`;
-}
+import { jwt } from "./helpers.js";
 
 describe("tokens", () => {
   it("keeps a token until a quarter of its life (at most a minute) before expiry, then asks again", async () => {

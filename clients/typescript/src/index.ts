@@ -30,6 +30,8 @@ export type ServerChange = Schemas["ServerChange"];
 export type SyncResponse = Schemas["SyncResponse"];
 /** Every error's body: a stable `code` and a readable `message`. */
 export type ErrorBody = Schemas["ErrorBody"];
+/** One `changes` event of the change stream (`GET /sync/{appId}/stream`). */
+export type ChangeEvent = Schemas["ChangeEvent"];
 /** `insert`, `update` or `delete`. */
 export type Op = Schemas["Op"];
 

@@ -151,6 +151,20 @@ export type webhooks = Record<string, never>;
 export interface components {
     schemas: {
         /**
+         * ChangeEvent
+         * @description `event: changes` of the change stream: one collection's folded delta.
+         */
+        ChangeEvent: {
+            /** @description Each record of it changed after the previous event's cursor. */
+            changes: components["schemas"]["ServerChange"][];
+            /** @description More is coming at once in further events. */
+            hasMore: boolean;
+            /** @description Resume from here (per collection). */
+            syncedUntil: string;
+            /** @description The collection. */
+            table: string;
+        };
+        /**
          * ChangeInput
          * @description One change to one record.
          */
@@ -292,7 +306,9 @@ export interface components {
         };
         /**
          * ServerChange
-         * @description A record that changed since the cursor.
+         * @description A record that changed since the cursor. Its `op` is `insert` if the
+         *     record did not exist at the cursor (or was deleted and is live again),
+         *     `delete` if it is now deleted, else `update`.
          */
         ServerChange: {
             /**
@@ -318,11 +334,7 @@ export interface components {
                 [key: string]: components["schemas"]["FieldValue"];
             };
             id: string;
-            /**
-             * @description `insert` if the record did not exist at the cursor (or was deleted
-             *     and is live again), `delete` if it is now deleted, else `update`.
-             */
-            op: components["schemas"]["Op"] & unknown;
+            op: components["schemas"]["Op"];
             table: string;
         };
         /** @description One Server-Sent Event of the change stream (the response is a sequence of them): `event` is its `event:` line, `data` its `data:` line. */
