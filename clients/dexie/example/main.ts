@@ -42,6 +42,7 @@ if (hosted === undefined && storedToken() === "") {
 document.querySelector("#connect")!.addEventListener("submit", (event) => {
   event.preventDefault();
   localStorage.setItem("mana-sync-token", tokenInput.value.trim());
+  (document.querySelector("#settings") as HTMLDetailsElement).open = false;
   void sync.stop().then(() => sync.start());
 });
 
