@@ -14,15 +14,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
-use common::process::{ServerProcess, answered};
+use common::process::{ServerProcess, repository, serve};
 use common::{free_port, pg};
 use serde_json::json;
-
-fn repository() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// `clients/`, with its packages installed, or a failure that says how.
 fn clients() -> PathBuf {
@@ -86,24 +82,15 @@ fn release_binary() -> PathBuf {
 /// `dir`, on SQLite or, given a URL, PostgreSQL, allowing `origin`.
 async fn start(binary: &Path, dir: &Path, database_url: Option<&str>, origin: &str) -> (ServerProcess, String) {
     std::fs::create_dir_all(dir).unwrap();
-    let port = free_port();
-    let log = std::fs::File::create(dir.join("server.log")).unwrap();
-    let mut cmd = Command::new(binary);
-    cmd.env_clear()
-        .current_dir(dir)
-        .env("PORT", port.to_string())
-        .env("DATA_DIR", dir.join("data"))
-        .env("CORS_ORIGINS", origin)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(log);
-    if let Some(url) = database_url {
-        cmd.env("DATABASE_URL", url);
-    }
-    let mut server = ServerProcess(cmd.spawn().expect("run the release build"));
-    let url = format!("http://127.0.0.1:{port}");
-    answered(&mut server.0, &format!("{url}/ready")).await;
-    (server, url)
+    let data = dir.join("data").display().to_string();
+    let mut env = vec![
+        ("DATA_DIR", data.as_str()),
+        ("CORS_ORIGINS", origin),
+        ("RUST_LOG", "warn"),
+    ];
+    env.extend(database_url.map(|url| ("DATABASE_URL", url)));
+    let (server, port) = serve(binary, dir, &env).await;
+    (server, format!("http://127.0.0.1:{port}"))
 }
 
 #[test]

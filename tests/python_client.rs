@@ -9,16 +9,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
-use common::process::{ServerProcess, answered};
+use common::process::{local_token, repository, serve};
 
 /// The generated package's name, as `roundtrip.py` imports it.
 const PACKAGE: &str = "mana_sync_client";
-
-fn repository() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// `.venv-client/bin`, or a failure that says how to get it.
 fn venv_bin() -> PathBuf {
@@ -38,12 +34,6 @@ fn venv_bin() -> PathBuf {
 fn venv_command(bin: &Path, program: &str) -> Command {
     let mut cmd = Command::new(bin.join(program));
     cmd.env_clear().env("PATH", bin);
-    cmd
-}
-
-fn mana_sync(dir: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mana-sync"));
-    cmd.env_clear().current_dir(dir);
     cmd
 }
 
@@ -82,28 +72,14 @@ async fn a_python_client_generated_from_the_spec_without_a_warning_syncs() {
         printed(&generated)
     );
 
-    let port = common::free_port();
-    let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
-    let child = mana_sync(dir.path())
-        .env("PORT", port.to_string())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("run mana-sync");
-    let mut server = ServerProcess(child);
-    answered(&mut server.0, &format!("http://127.0.0.1:{port}/ready")).await;
-    let token = mana_sync(dir.path())
-        .args(["token", "--sub", "alice"])
-        .output()
-        .unwrap();
-    assert!(token.status.success(), "mana-sync token failed\n{}", printed(&token));
-    let token = String::from_utf8(token.stdout).unwrap();
+    let (_server, port) = serve(Path::new(env!("CARGO_BIN_EXE_mana-sync")), dir.path(), &[]).await;
+    let token = local_token(dir.path(), "alice");
 
     let roundtrip = venv_command(&bin, "python")
         .env("PYTHONPATH", dir.path())
         .arg(repository().join("tests/python_client/roundtrip.py"))
         .arg(format!("http://127.0.0.1:{port}"))
-        .arg(token.trim())
+        .arg(&token)
         .output()
         .expect("run roundtrip.py");
     assert!(

@@ -12,19 +12,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use common::process::{ServerProcess, answered};
-
-fn mana_sync(dir: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mana-sync"));
-    cmd.env_clear().current_dir(dir);
-    cmd
-}
-
-fn repository() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
+use common::process::{local_token, repository, serve};
 
 /// `.venv/bin/schemathesis`, or a failure that says how to get it.
 fn schemathesis() -> PathBuf {
@@ -36,22 +26,6 @@ fn schemathesis() -> PathBuf {
         path.display()
     );
     path
-}
-
-async fn start(dir: &Path, port: u16) -> ServerProcess {
-    let log = std::fs::File::create(dir.join("server.log")).unwrap();
-    let child = mana_sync(dir)
-        .env("PORT", port.to_string())
-        .env("PUSH_RATE", "0")
-        .env("PULL_RATE", "0")
-        .env("OPEN_RATE", "0")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("run mana-sync");
-    let mut server = ServerProcess(child);
-    answered(&mut server.0, &format!("http://127.0.0.1:{port}/ready")).await;
-    server
 }
 
 /// Runs schemathesis with every check against the server on `port`,
@@ -82,15 +56,9 @@ fn run(port: u16, headers: &[String], examples: u32) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_nothing_with_a_token_or_without() {
     let dir = tempfile::tempdir().unwrap();
-    let port = common::free_port();
-    let _server = start(dir.path(), port).await;
-    let token = mana_sync(dir.path())
-        .args(["token", "--sub", "schemathesis"])
-        .output()
-        .unwrap();
-    assert!(token.status.success());
-    let token = String::from_utf8(token.stdout).unwrap();
-    let bearer = format!("Authorization: Bearer {}", token.trim());
+    let limits_off = [("PUSH_RATE", "0"), ("PULL_RATE", "0"), ("OPEN_RATE", "0")];
+    let (_server, port) = serve(Path::new(env!("CARGO_BIN_EXE_mana-sync")), dir.path(), &limits_off).await;
+    let bearer = format!("Authorization: Bearer {}", local_token(dir.path(), "schemathesis"));
 
     let (with, without) = tokio::task::spawn_blocking(move || (run(port, &[bearer], 100), run(port, &[], 20)))
         .await

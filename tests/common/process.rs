@@ -32,3 +32,41 @@ pub async fn answered(child: &mut Child, url: &str) -> reqwest::Response {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The repository's root (where `Cargo.toml` is).
+pub fn repository() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `binary` (the server) in `dir` with an empty environment but `PORT` (a
+/// free one) and `env`, its log in `dir/server.log`, once `/ready`
+/// answers; with the port it listens on.
+pub async fn serve(binary: &std::path::Path, dir: &std::path::Path, env: &[(&str, &str)]) -> (ServerProcess, u16) {
+    let port = super::free_port();
+    let log = std::fs::File::create(dir.join("server.log")).unwrap();
+    let child = std::process::Command::new(binary)
+        .env_clear()
+        .current_dir(dir)
+        .env("PORT", port.to_string())
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("run mana-sync");
+    let mut server = ServerProcess(child);
+    answered(&mut server.0, &format!("http://127.0.0.1:{port}/ready")).await;
+    (server, port)
+}
+
+/// A local-mode token for `sub` from the server's key in `dir/data` (as
+/// `mana-sync token` run there prints it).
+pub fn local_token(dir: &std::path::Path, sub: &str) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_mana-sync"))
+        .env_clear()
+        .current_dir(dir)
+        .args(["token", "--sub", sub])
+        .output()
+        .expect("run mana-sync token");
+    assert!(output.status.success(), "mana-sync token failed: {output:?}");
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
