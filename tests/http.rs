@@ -48,6 +48,11 @@ async fn errors_carry_the_allow_origin_header_too(store: Backend) {
         .unwrap();
     assert_eq!(unauthorized.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(unauthorized.headers()["access-control-allow-origin"], ORIGIN);
+    // A page must be able to read a 429's Retry-After.
+    let exposed = unauthorized.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap();
+    assert!(exposed.to_ascii_lowercase().contains("retry-after"), "{exposed}");
     let bad = app
         .http
         .post(app.url(&format!("/sync/{APP}")))

@@ -88,6 +88,9 @@ pub fn cors(origins: &[String]) -> Cors {
             "traceparent",
             "tracestate",
         ])
+        // Not a header browsers show a page of another origin unless told:
+        // without it a client cannot honour a 429's or 503's wait.
+        .expose_header("retry-after")
         .max_age(3600);
     if origins.iter().any(|o| o == "*") {
         cors

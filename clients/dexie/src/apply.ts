@@ -16,7 +16,13 @@ type Row = Record<string, unknown>;
 export type Outcome = { put: Row } | { delete: true } | null;
 
 export function merge(change: ServerChange, local: Row | undefined, pending: PendingRecord | undefined): Outcome {
-  if (change.op === "delete") return { delete: true };
+  if (change.op === "delete") {
+    // Made again here after the delete (a queued `deletedAt: null`):
+    // once pushed, the record is live on the server too.
+    const revived = pending?.deleted ? undefined : pending?.fields.get("deletedAt");
+    const deletedAt = typeof change.deletedAt === "string" ? instant(change.deletedAt) : Infinity;
+    return revived !== undefined && revived >= deletedAt ? null : { delete: true };
+  }
   // Deleted here, not yet pushed: the delete wins once pushed (a deleted
   // record stays deleted whatever its other fields do).
   if (pending?.deleted) return null;

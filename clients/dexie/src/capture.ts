@@ -8,7 +8,7 @@
 import type { DBCore, DBCoreMutateRequest, DBCoreMutateResponse, DBCoreTable, Middleware } from "dexie";
 
 import type { Clock } from "./clock.js";
-import { PENDING, type FieldWrite, type PendingEntry } from "./tables.js";
+import { DELETED, PENDING, SERVER_FIELDS, type FieldWrite, type PendingEntry, type Tombstone } from "./tables.js";
 
 /** Transactions in which the adapter applies server changes: not recorded. */
 export type Applying = WeakSet<object>;
@@ -23,10 +23,11 @@ export function captureMiddleware(synced: ReadonlySet<string>, clock: Clock, app
       return {
         ...down,
         transaction(stores, mode, options) {
-          // A write to a synced table needs the queue in its transaction.
+          // A write to a synced table needs the queue and the deleted
+          // records in its transaction.
           const widened =
-            mode === "readwrite" && stores.some((s) => synced.has(s)) && !stores.includes(PENDING)
-              ? [...stores, PENDING]
+            mode === "readwrite" && stores.some((s) => synced.has(s))
+              ? [...new Set([...stores, PENDING, DELETED])]
               : stores;
           return down.transaction(widened, mode, options);
         },
@@ -34,9 +35,10 @@ export function captureMiddleware(synced: ReadonlySet<string>, clock: Clock, app
           const table = down.table(name);
           if (!synced.has(name)) return table;
           const queue = down.table(PENDING);
+          const deleted = down.table(DELETED);
           return {
             ...table,
-            mutate: (req) => (applying.has(req.trans) ? table.mutate(req) : recorded(table, queue, req, clock)),
+            mutate: (req) => (applying.has(req.trans) ? table.mutate(req) : recorded(table, queue, deleted, req, clock)),
           };
         },
       };
@@ -52,28 +54,46 @@ export function captureMiddleware(synced: ReadonlySet<string>, clock: Clock, app
 function recorded(
   table: DBCoreTable,
   queue: DBCoreTable,
+  deleted: DBCoreTable,
   req: DBCoreMutateRequest,
   clock: Clock,
 ): Promise<DBCoreMutateResponse> {
-  const write = (keys: unknown[]) =>
-    table.getMany({ trans: req.trans, keys }).then((before: (Row | undefined)[]) =>
-      table.mutate(req).then((response) => {
-        const at = clock.stamp();
-        const entries: PendingEntry[] = [];
-        keys.forEach((key, i) => {
-          if (response.failures[i] !== undefined) return;
-          const entry =
-            req.type === "add" || req.type === "put"
-              ? written(table.name, key, before[i], req.values[i] as Row, at)
-              : before[i] !== undefined
-                ? { table: table.name, key: String(key), op: "delete" as const, at }
-                : null;
-          if (entry !== null) entries.push(entry);
-        });
-        if (entries.length === 0) return response;
-        return queue.mutate({ type: "add", trans: req.trans, values: entries }).then(() => response);
-      }),
+  const trans = req.trans;
+  const write = (keys: unknown[]) => {
+    const bad = keys.find((k) => typeof k !== "string");
+    if (bad !== undefined) {
+      throw new TypeError(`${table.name}: a synced record's id must be a string, not ${typeof bad} ${String(bad)}`);
+    }
+    const ids = keys as string[];
+    const tombstones = ids.map((key) => [table.name, key]);
+    return table.getMany({ trans, keys: ids }).then((before: (Row | undefined)[]) =>
+      deleted.getMany({ trans, keys: tombstones }).then((graves: (Tombstone | undefined)[]) =>
+        table.mutate(req).then((response) => {
+          const at = clock.stamp();
+          const entries: PendingEntry[] = [];
+          const buried: Tombstone[] = [];
+          const revived: unknown[] = [];
+          ids.forEach((key, i) => {
+            if (response.failures[i] !== undefined) return;
+            const old = before[i];
+            if (req.type === "add" || req.type === "put") {
+              const entry = written(table.name, key, old, req.values[i] as Row, at, graves[i]);
+              if (entry !== null) entries.push(entry);
+              if (graves[i] !== undefined) revived.push(tombstones[i]);
+            } else if (old !== undefined) {
+              entries.push({ table: table.name, key, op: "delete", at });
+              buried.push({ table: table.name, key, fields: Object.keys(old) });
+            }
+          });
+          return Promise.all([
+            entries.length > 0 ? queue.mutate({ type: "add", trans, values: entries }) : null,
+            buried.length > 0 ? deleted.mutate({ type: "put", trans, values: buried }) : null,
+            revived.length > 0 ? deleted.mutate({ type: "delete", trans, keys: revived }) : null,
+          ]).then(() => response);
+        }),
+      ),
     );
+  };
   switch (req.type) {
     case "add":
     case "put": {
@@ -87,7 +107,7 @@ function recorded(
       // `clear()` and `where(...).delete()`: list the keys first, so that
       // each deleted record is queued as a delete.
       return table
-        .query({ trans: req.trans, query: { index: table.schema.primaryKey, range: req.range }, values: false })
+        .query({ trans, query: { index: table.schema.primaryKey, range: req.range }, values: false })
         .then(({ result }) => write(result));
   }
 }
@@ -95,29 +115,54 @@ function recorded(
 /**
  * The queue entry for writing `after` over `before`: every field of a new
  * record, else only the fields whose value changed (a removed field is
- * sent as `null`: the protocol has no field removal). `null` when nothing
- * changed.
+ * sent as `null`: the protocol has no field removal; `deletedAt` and
+ * `updatedAt`, which the server keeps, are not removed by leaving them
+ * out). A record made again after a delete (`grave`) says it is live and
+ * clears the fields it had then. `null` when nothing changed.
  */
-export function written(table: string, key: unknown, before: Row | undefined, after: Row, at: string): PendingEntry | null {
+export function written(
+  table: string,
+  key: string,
+  before: Row | undefined,
+  after: Row,
+  at: string,
+  grave?: Tombstone,
+): PendingEntry | null {
   const fields: Record<string, FieldWrite> = {};
   const names = new Set([...Object.keys(after), ...(before ? Object.keys(before) : [])]);
   names.delete("id");
   for (const name of names) {
-    if (before === undefined || !sameValue(before[name], after[name])) {
+    if (!Object.hasOwn(after, name) && SERVER_FIELDS.has(name)) continue;
+    if (before === undefined || !sameValue(before[name] ?? null, after[name] ?? null)) {
       fields[name] = { value: after[name] ?? null, at };
     }
   }
+  if (before === undefined && grave !== undefined) {
+    for (const name of grave.fields) {
+      if (name !== "id" && !SERVER_FIELDS.has(name) && !Object.hasOwn(after, name)) fields[name] = { value: null, at };
+    }
+    if (!Object.hasOwn(after, "deletedAt")) fields.deletedAt = { value: null, at };
+  }
   if (before !== undefined && Object.keys(fields).length === 0) return null;
-  return { table, key: String(key), op: "put", at, fields, created: before === undefined };
+  return { table, key, op: "put", at, fields, created: before === undefined };
 }
 
-/** Deep equality of two JSON values (what a field can hold on the wire). */
+/**
+ * Deep equality of two field values as they go on the wire: plain objects
+ * and arrays member by member, anything else (a `Date`, say) by its JSON.
+ */
 export function sameValue(a: unknown, b: unknown): boolean {
   if (a === b) return true;
   if (typeof a !== "object" || typeof b !== "object" || a === null || b === null) return false;
+  if (!plain(a) || !plain(b)) return JSON.stringify(a) === JSON.stringify(b);
   if (Array.isArray(a) !== Array.isArray(b)) return false;
   const ak = Object.keys(a);
   const bk = Object.keys(b);
   if (ak.length !== bk.length) return false;
   return ak.every((k) => Object.hasOwn(b, k) && sameValue((a as Row)[k], (b as Row)[k]));
+}
+
+function plain(value: object): boolean {
+  const proto = Object.getPrototypeOf(value);
+  return proto === Object.prototype || proto === Array.prototype || proto === null;
 }

@@ -12,12 +12,14 @@ import { backoffDelay, defaultBackoff, sleep, type BackoffOptions } from "./back
 import { captureMiddleware } from "./capture.js";
 import { Clock } from "./clock.js";
 import { browserLocks, elect, type Locks } from "./election.js";
+import { mirrorStatus, type Mirror } from "./mirror.js";
+import { Rounds } from "./round.js";
 import { LiveSocket } from "./socket.js";
-import { StatusStore, type SyncStatus } from "./status.js";
+import { StatusStore } from "./status.js";
 import { SyncStore, type Rejected } from "./store.js";
-import { PENDING, STATE } from "./tables.js";
+import { DELETED, PENDING, STATE } from "./tables.js";
 import { TokenSource, type TokenGetter } from "./token.js";
-import { SyncFailure, Transport } from "./transport.js";
+import { SyncFailure, Transport, anySignal } from "./transport.js";
 
 export interface SyncOptions {
   /** The server, e.g. `http://localhost:3050`. */
@@ -30,7 +32,7 @@ export interface SyncOptions {
   token: TokenGetter;
   /** Most queued writes per push (default 500). */
   batchSize?: number;
-  /** Records per pull page (default 1000; the server allows up to 5000). */
+  /** Records per pull page (default 1000; at most 5000, the server's limit). */
   pullLimit?: number;
   /** How often to pull while the socket is down, in ms (default 30 s). */
   pollInterval?: number;
@@ -55,22 +57,36 @@ export interface SyncStats {
   tokenRenewals: number;
 }
 
-type Message = { status: Partial<SyncStatus> } | { hello: true } | { sync: true };
+/** The server's largest pull page. */
+const MAX_PULL_LIMIT = 5000;
+
+interface Running {
+  abort: AbortController;
+  done: Promise<void>;
+  mirror: Mirror;
+  teardown: () => void;
+}
+
+interface Waiter {
+  resolve: () => void;
+  reject: (e: Error) => void;
+}
 
 export class SyncEngine {
   readonly status = new StatusStore();
   private readonly counters = { pushes: 0, pushedChanges: 0, pulls: 0, pulledRecords: 0, retries: 0 };
   private readonly store: SyncStore;
+  private readonly rounds: Rounds;
   private readonly tokens: TokenSource;
   private readonly synced: ReadonlySet<string>;
   private readonly wanted = new Set<string>();
   private dirty = false;
   private wake: () => void = () => {};
-  private waiters: (() => void)[] = [];
-  private running: { abort: AbortController; done: Promise<void>; teardown: () => void } | null = null;
-  private channel: BroadcastChannel | null = null;
+  private waiters: Waiter[] = [];
+  private running: Running | null = null;
+  /** Settles when the last `stop()` has finished: a new start waits for it. */
+  private stopped: Promise<void> = Promise.resolve();
   private socket: LiveSocket | null = null;
-  private batchLimit: number;
 
   constructor(
     private readonly db: Dexie,
@@ -82,14 +98,24 @@ export class SyncEngine {
     db.use(captureMiddleware(this.synced, new Clock(), applying));
     this.store = new SyncStore(db, options.tables, applying);
     this.tokens = new TokenSource(options.token);
-    this.batchLimit = options.batchSize ?? 500;
+    this.rounds = new Rounds(
+      this.store,
+      {
+        tables: options.tables,
+        batchSize: options.batchSize ?? 500,
+        pullLimit: Math.min(options.pullLimit ?? 1000, MAX_PULL_LIMIT),
+      },
+      this.counters,
+    );
   }
 
   /** Starts syncing (in this tab once it leads). Opens the database if needed. */
   start(): void {
     if (this.running !== null) return;
+    const { appId, tables } = this.options;
+    const name = `mana-sync:${this.db.name}:${appId}`;
     const abort = new AbortController();
-    const channel = typeof BroadcastChannel === "function" ? new BroadcastChannel(`mana-sync:${this.db.name}`) : null;
+    const mirror = mirrorStatus(name, this.status, () => this.want(tables));
     const pending = liveQuery(() => this.db.table(PENDING).count()).subscribe({
       next: (count) => {
         this.status.update({ pending: count });
@@ -97,24 +123,12 @@ export class SyncEngine {
       },
       error: (e) => this.status.update({ state: "error", lastError: String(e) }),
     });
-    // Followers show the leader's status; a new follower asks for it.
-    const mirrored = this.status.subscribe((s) => {
-      if (s.leader) this.post(channel, { status: shared(s) });
-    });
-    if (channel !== null) {
-      channel.onmessage = ({ data }: MessageEvent<Message>) => {
-        if ("status" in data && !this.status.current.leader) this.status.update(data.status);
-        if ("hello" in data && this.status.current.leader) this.post(channel, { status: shared(this.status.current) });
-        if ("sync" in data) this.want(this.options.tables);
-      };
-      this.post(channel, { hello: true });
-    }
-    const done = this.db
-      .open()
+    const done = this.stopped
+      .then(() => this.db.open())
       .then(() => {
         this.check();
         const locks = this.options.locks === undefined ? browserLocks() : this.options.locks;
-        return elect(locks, `mana-sync:${this.db.name}:${this.options.appId}`, abort.signal, () => {
+        return elect(locks, name, abort.signal, () => {
           const led = this.lead(abort.signal);
           return () => led;
         });
@@ -123,37 +137,40 @@ export class SyncEngine {
     this.running = {
       abort,
       done,
+      mirror,
       teardown: () => {
         pending.unsubscribe();
-        mirrored.unsubscribe();
-        channel?.close();
+        mirror.close();
       },
     };
-    this.channel = channel;
   }
 
   /** Stops syncing; another tab takes over. Local writes are still queued. */
   async stop(): Promise<void> {
     const running = this.running;
-    if (running === null) return;
+    if (running === null) return this.stopped;
     this.running = null;
     running.abort.abort();
     this.wake();
-    await running.done.catch(() => {});
-    running.teardown();
+    this.stopped = running.done.then(() => {
+      running.teardown();
+      for (const waiter of this.waiters.splice(0)) waiter.reject(new Error("sync stopped"));
+    });
+    return this.stopped;
   }
 
   /**
    * Pushes what is queued and pulls every table now; resolves when that is
-   * done (at once in a tab that does not lead: the leader is asked).
+   * done. In a tab that does not lead, asks the leader and resolves at once.
    */
   sync(): Promise<void> {
+    if (this.running === null) return Promise.reject(new Error("sync is not started"));
     if (!this.status.current.leader) {
-      this.post(this.channel, { sync: true });
+      this.running.mirror.requestSync();
       return Promise.resolve();
     }
     this.want(this.options.tables);
-    return new Promise((resolve) => this.waiters.push(resolve));
+    return new Promise((resolve, reject) => this.waiters.push({ resolve, reject }));
   }
 
   /** The batches the server refused as malformed (their changes were not recorded). */
@@ -171,7 +188,7 @@ export class SyncEngine {
 
   /** The schema must hold the adapter's tables and give each synced table an `id` key. */
   private check(): void {
-    for (const name of [PENDING, STATE]) {
+    for (const name of [PENDING, STATE, DELETED]) {
       if (!this.db.tables.some((t) => t.name === name)) {
         throw new Error(`the database has no ${name} table: add ...syncStores to its stores()`);
       }
@@ -182,10 +199,6 @@ export class SyncEngine {
         throw new Error(`synced table ${name} needs the primary key "id" (inbound, not auto-incremented)`);
       }
     }
-  }
-
-  private post(channel: BroadcastChannel | null, message: Message): void {
-    channel?.postMessage(message);
   }
 
   private want(tables: Iterable<string>): void {
@@ -211,41 +224,64 @@ export class SyncEngine {
     });
   }
 
-  /** The leader's loop, until `signal` aborts. */
+  /** This tab's leadership, until `signal` aborts: serves, and serves again if it fails to start. */
   private async lead(signal: AbortSignal): Promise<void> {
-    this.status.update({ leader: true });
+    // Not what the previous leader said: this tab has no socket yet.
+    this.status.update({ leader: true, connected: false, state: "syncing" });
+    try {
+      for (let attempt = 0; !signal.aborted; attempt++) {
+        try {
+          await this.serve(signal);
+        } catch (e) {
+          this.status.update({ state: "error", lastError: `sync stopped: ${String(e)}` });
+          await sleep(backoffDelay(attempt, this.options.backoff), signal);
+        }
+      }
+    } finally {
+      this.status.update({ leader: false, connected: false });
+    }
+  }
+
+  /** The leader's loop: rounds of syncing, as asked for, with retries. */
+  private async serve(signal: AbortSignal): Promise<void> {
     const { url, appId, tables } = this.options;
     const clientId = await this.store.clientId();
     const transport = new Transport(url, appId, clientId, this.tokens, this.options.fetch);
-    const retryNow = { controller: new AbortController() };
+    let retryNow = new AbortController();
     const online = () => {
-      retryNow.controller.abort();
-      this.socket?.retryNow();
+      retryNow.abort();
+      socket?.retryNow();
       this.want(tables);
     };
     const offline = () => this.status.update({ state: "offline" });
+    const socket =
+      this.options.live === false
+        ? null
+        : new LiveSocket({
+            url,
+            clientId,
+            tokens: this.tokens,
+            backoff: this.options.backoff ?? defaultBackoff,
+            ...(this.options.WebSocket ? { WebSocket: this.options.WebSocket } : {}),
+            events: {
+              notice: (app, named) => app === appId && this.want(named.length > 0 ? named : tables),
+              connected: (live) => {
+                this.status.update({ connected: live });
+                // Lost: catch up now, then poll until it is back.
+                if (!live) this.want(tables);
+              },
+            },
+          });
+    this.socket = socket;
     globalThis.addEventListener?.("online", online);
     globalThis.addEventListener?.("offline", offline);
-    if (this.options.live !== false) {
-      this.socket = new LiveSocket({
-        url,
-        clientId,
-        tokens: this.tokens,
-        backoff: this.options.backoff ?? defaultBackoff,
-        ...(this.options.WebSocket ? { WebSocket: this.options.WebSocket } : {}),
-        events: {
-          notice: (app, named) => app === appId && this.want(named.length > 0 ? named : tables),
-          connected: (live) => this.status.update({ connected: live }),
-        },
-      });
-      this.socket.start();
-    }
+    socket?.start();
     this.want(tables);
     let attempt = 0;
     try {
       while (!signal.aborted) {
         if (!this.dirty) {
-          const polled = this.socket?.isLive ? Infinity : (this.options.pollInterval ?? 30_000);
+          const polled = socket?.isLive ? Infinity : (this.options.pollInterval ?? 30_000);
           if (await this.idle(signal, Math.min(polled, 2 ** 31 - 1))) this.want(tables);
           continue;
         }
@@ -253,90 +289,29 @@ export class SyncEngine {
         const waiters = this.waiters.splice(0);
         this.status.update({ state: "syncing" });
         try {
-          const refused = await this.cycle(transport, clientId);
-          attempt = 0;
-          this.status.update({ state: refused ? "error" : "idle", lastSyncAt: new Date().toISOString() });
-          for (const resolve of waiters) resolve();
-        } catch (e) {
+          const refused = await this.rounds.run(transport, clientId, this.wanted, signal);
           if (signal.aborted) break;
+          attempt = 0;
+          const lastError = refused.length > 0 ? `push refused: ${refused.at(-1)}` : this.status.current.lastError;
+          this.status.update({ state: refused.length > 0 ? "error" : "idle", lastError, lastSyncAt: new Date().toISOString() });
+          for (const waiter of waiters) waiter.resolve();
+        } catch (e) {
           this.waiters.unshift(...waiters);
+          if (signal.aborted) break;
           const failure = e instanceof SyncFailure ? e : new SyncFailure("server", String(e));
           if (failure.kind === "auth") this.tokens.invalidate();
           this.status.update({ state: failure.kind === "network" ? "offline" : "error", lastError: failure.message });
           this.counters.retries += 1;
           this.dirty = true;
-          retryNow.controller = new AbortController();
+          retryNow = new AbortController();
           const delay = failure.retryAfterMs ?? backoffDelay(attempt++, this.options.backoff);
-          await sleep(delay, AbortSignal.any([signal, retryNow.controller.signal]));
+          await sleep(delay, anySignal([signal, retryNow.signal]));
         }
       }
     } finally {
       globalThis.removeEventListener?.("online", online);
       globalThis.removeEventListener?.("offline", offline);
-      this.socket?.stop();
-      this.status.update({ leader: false, connected: false });
+      socket?.stop();
     }
   }
-
-  /** Pushes the whole queue, then pulls the wanted tables. Returns whether a batch was refused. */
-  private async cycle(transport: Transport, clientId: string): Promise<boolean> {
-    let refused = false;
-    for (;;) {
-      const batch = await this.store.nextBatch(clientId, this.batchLimit);
-      if (batch === null) break;
-      let answer;
-      try {
-        answer = await transport.push(batch.body, batch.key);
-      } catch (e) {
-        if (!(e instanceof SyncFailure) || e.kind !== "rejected") throw e;
-        if (e.status === 413 && batch.entries > 1) {
-          // Too large: send it in halves.
-          this.batchLimit = Math.ceil(batch.entries / 2);
-          await this.store.unfreeze();
-          continue;
-        }
-        await this.store.reject(batch, e.message);
-        this.status.update({ lastError: `push refused: ${e.message}` });
-        refused = true;
-        continue;
-      }
-      this.batchLimit = this.options.batchSize ?? 500;
-      this.counters.pushes += 1;
-      this.counters.pushedChanges += batch.body.changes.length;
-      // The answer holds every table's changes since the oldest cursor: all
-      // cursors move to it, unless it was cut short (then pull the rest).
-      const cursors = answer.hasMore ? {} : Object.fromEntries(this.options.tables.map((t) => [t, answer.syncedUntil]));
-      await this.store.apply(answer.serverChanges, cursors, batch);
-      if (answer.hasMore) this.want(this.options.tables);
-    }
-    // Taken before pulling: a notice that comes during a pull asks again.
-    const tables = [...this.wanted];
-    this.wanted.clear();
-    for (const [i, table] of tables.entries()) {
-      try {
-        await this.pull(transport, table);
-      } catch (e) {
-        for (const t of tables.slice(i)) this.wanted.add(t);
-        throw e;
-      }
-    }
-    return refused;
-  }
-
-  /** Pulls `table` page by page until the server has no more. */
-  private async pull(transport: Transport, table: string): Promise<void> {
-    const limit = this.options.pullLimit ?? 1000;
-    for (;;) {
-      const page = await transport.pull(table, await this.store.cursor(table), limit);
-      await this.store.apply(page.serverChanges, { [table]: page.syncedUntil });
-      this.counters.pulls += 1;
-      this.counters.pulledRecords += page.serverChanges.length;
-      if (!page.hasMore) return;
-    }
-  }
-}
-
-/** What followers take from the leader's status: not its pending count (each tab counts the shared queue) nor its role. */
-function shared({ state, lastError, lastSyncAt, connected }: SyncStatus): Partial<SyncStatus> {
-  return { state, lastError, lastSyncAt, connected };
 }

@@ -27,8 +27,7 @@ type Step = { kind: "fields"; fields: Record<string, FieldWrite> } | { kind: "de
  * of writes to a record, holding each field's latest write, and a
  * `delete` for each delete. A new record goes as an `update` with every
  * field timed (the server creates a record it has never seen): an
- * `insert`'s `data` would take one time for all fields. A record made
- * again after a queued delete says `deletedAt: null`, which makes it live.
+ * `insert`'s `data` would take one time for all fields.
  */
 export function coalesce(entries: readonly PendingEntry[]): ChangeInput[] {
   const records = new Map<string, { table: string; id: string; steps: Step[] }>();
@@ -45,7 +44,6 @@ export function coalesce(entries: readonly PendingEntry[]): ChangeInput[] {
       continue;
     }
     const fields = { ...entry.fields };
-    if (last?.kind === "delete" && entry.created) fields.deletedAt = { value: null, at: entry.at };
     if (last?.kind === "fields") {
       for (const [field, write] of Object.entries(fields)) {
         const held = last.fields[field];
@@ -80,7 +78,7 @@ export function coalesce(entries: readonly PendingEntry[]): ChangeInput[] {
 export interface PendingRecord {
   /** The last queued write deletes the record. */
   deleted: boolean;
-  /** Each field's latest queued write time (ms). */
+  /** Each field's latest queued write time (ms); `deletedAt`'s is when the record was made again. */
   fields: Map<string, number>;
 }
 

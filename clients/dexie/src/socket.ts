@@ -14,6 +14,12 @@ export const TOKEN_EXPIRED = 4001;
 const PING_EVERY_MS = 25_000;
 /** ...and given up when nothing came back for this long. */
 const SILENCE_LIMIT_MS = 10_000;
+/**
+ * A connection that lasted this long starts the backoff afresh when lost;
+ * one closed sooner (accepted, then closed: a token the server takes but
+ * finds expired) counts as one more failure.
+ */
+const STABLE_AFTER_MS = 30_000;
 
 export interface SocketEvents {
   /** `sync-available` for `appId`; `tables` may be empty (then: all). */
@@ -34,6 +40,7 @@ export interface SocketOptions {
 export class LiveSocket {
   private socket: WebSocket | null = null;
   private live = false;
+  private liveSince = 0;
   private attempt = 0;
   private stopped = true;
   private timers = new Set<ReturnType<typeof setTimeout>>();
@@ -72,7 +79,8 @@ export class LiveSocket {
 
   private connect(): void {
     const Impl = this.options.WebSocket ?? globalThis.WebSocket;
-    const url = new URL("/ws", this.options.url);
+    // Relative to the server's URL, which may have a path (behind a proxy).
+    const url = new URL("ws", this.options.url.endsWith("/") ? this.options.url : `${this.options.url}/`);
     url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
     url.searchParams.set("clientId", this.options.clientId);
     let socket: WebSocket;
@@ -118,7 +126,7 @@ export class LiveSocket {
           this.counts.renewed += 1;
         } else {
           this.live = true;
-          this.attempt = 0;
+          this.liveSince = Date.now();
           this.options.events.connected(true);
         }
         this.scheduleRenewal(socket);
@@ -135,7 +143,8 @@ export class LiveSocket {
     this.silence = setTimeout(() => {
       if (socket !== this.socket) return;
       socket.send(JSON.stringify({ type: "ping" }));
-      this.silence = setTimeout(() => socket === this.socket && socket.close(), SILENCE_LIMIT_MS);
+      // Given up at once: a half-open connection's close event may take minutes.
+      this.silence = setTimeout(() => this.closed(socket, 1006), SILENCE_LIMIT_MS);
     }, PING_EVERY_MS);
   }
 
@@ -153,6 +162,7 @@ export class LiveSocket {
     if (socket !== this.socket) return;
     // Refused or expired: the next connection asks for a new token.
     if (code === TOKEN_EXPIRED || code === 1008) this.options.tokens.invalidate();
+    if (this.live && Date.now() - this.liveSince >= STABLE_AFTER_MS) this.attempt = 0;
     this.drop();
     this.reconnect(code === 1012 ? 0 : undefined);
   }

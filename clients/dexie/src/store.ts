@@ -10,7 +10,7 @@ import type { Dexie, Table } from "dexie";
 import { merge } from "./apply.js";
 import type { Applying } from "./capture.js";
 import { coalesce, pendingRecords, type Batch } from "./queue.js";
-import { PENDING, STATE, stateKey, type PendingEntry } from "./tables.js";
+import { DELETED, PENDING, STATE, stateKey, type PendingEntry, type Tombstone } from "./tables.js";
 
 /** How many rejected batches are kept for the app to look at. */
 const REJECTED_KEPT = 100;
@@ -104,9 +104,11 @@ export class SyncStore {
     const byTable = new Map<string, ServerChange[]>();
     for (const change of changes) {
       if (!this.tables.includes(change.table)) continue;
-      byTable.set(change.table, [...(byTable.get(change.table) ?? []), change]);
+      const list = byTable.get(change.table);
+      if (list === undefined) byTable.set(change.table, [change]);
+      else list.push(change);
     }
-    const scope = [...byTable.keys(), PENDING, STATE];
+    const scope = [...byTable.keys(), PENDING, STATE, DELETED];
     await this.db.transaction("rw", scope, async (tx) => {
       this.applying.add(tx.idbtrans);
       if (ack !== undefined) {
@@ -133,13 +135,19 @@ export class SyncStore {
     const pending = pendingRecords(queued);
     const puts: Record<string, unknown>[] = [];
     const deletes: string[] = [];
+    const graves: Tombstone[] = [];
     changes.forEach((change, i) => {
       const outcome = merge(change, locals[i], pending.get(JSON.stringify([table, change.id])));
       if (outcome === null) return;
-      if ("put" in outcome) puts.push(outcome.put);
-      else deletes.push(change.id);
+      if ("put" in outcome) {
+        puts.push(outcome.put);
+      } else {
+        deletes.push(change.id);
+        graves.push({ table, key: change.id, fields: Object.keys(locals[i] ?? {}) });
+      }
     });
     await this.db.table(table).bulkPut(puts);
     await this.db.table(table).bulkDelete(deletes);
+    await this.db.table(DELETED).bulkPut(graves);
   }
 }

@@ -7,11 +7,11 @@ import { createSyncClient, type PushRequest, type SyncClient, type SyncResponse 
 import type { TokenSource } from "./token.js";
 
 /**
- * - `network`: no answer (offline, refused, cut): retry later.
+ * - `network`: no answer (offline, refused, cut, timed out): retry later.
  * - `busy`: 429, 503 or 408: retry after `retryAfterMs` (the server's `Retry-After`) or a backoff.
- * - `server`: another 5xx: retry with a backoff.
- * - `auth`: 401: get a new token, then retry.
- * - `rejected`: any other 4xx: the request itself is wrong and will not succeed as it is.
+ * - `server`: another 5xx, or a 4xx that is not the server's answer to this request (a proxy's 403 or 404): retry with a backoff.
+ * - `auth`: a 401, or the app gave no token: get a new one, then retry.
+ * - `rejected`: the server refused the request itself (400 or 422 with its error body, 413): sent as it is, it will never succeed.
  */
 export type FailureKind = "network" | "busy" | "server" | "auth" | "rejected";
 
@@ -27,6 +27,9 @@ export class SyncFailure extends Error {
   }
 }
 
+/** Longest wait for an answer: a connection that hangs is given up and retried. */
+const REQUEST_TIMEOUT_MS = 30_000;
+
 export class Transport {
   private readonly api: SyncClient;
 
@@ -37,27 +40,52 @@ export class Transport {
     tokens: TokenSource,
     fetch?: typeof globalThis.fetch,
   ) {
-    this.api = createSyncClient({ baseUrl: url, token: () => tokens.get(), clientId, ...(fetch ? { fetch } : {}) });
+    const token = () =>
+      tokens.get().catch((e: unknown) => {
+        throw new SyncFailure("auth", `no token: ${e instanceof Error ? e.message : String(e)}`);
+      });
+    this.api = createSyncClient({ baseUrl: url, token, clientId, ...(fetch ? { fetch } : {}) });
   }
 
-  /** `POST /sync/{appId}` under `key`. */
-  push(body: PushRequest, key: string): Promise<SyncResponse> {
+  /** `POST /sync/{appId}` under `key`; given up when `signal` aborts. */
+  push(body: PushRequest, key: string, signal: AbortSignal): Promise<SyncResponse> {
     return answered(
       this.api.POST("/sync/{appId}", {
         params: { path: { appId: this.appId }, header: { "Idempotency-Key": key } },
         body,
+        signal: bounded(signal),
       }),
     );
   }
 
   /** `GET /sync/{appId}/pull`: one page of `table` since `since`. */
-  pull(table: string, since: string | undefined, limit: number): Promise<SyncResponse> {
+  pull(table: string, since: string | undefined, limit: number, signal: AbortSignal): Promise<SyncResponse> {
     return answered(
       this.api.GET("/sync/{appId}/pull", {
         params: { path: { appId: this.appId }, query: { collection: table, limit, ...(since ? { since } : {}) } },
+        signal: bounded(signal),
       }),
     );
   }
+}
+
+/** `signal`, or the request timeout, whichever comes first. */
+function bounded(signal: AbortSignal): AbortSignal {
+  return anySignal([signal, AbortSignal.timeout(REQUEST_TIMEOUT_MS)]);
+}
+
+/** Aborts when any of `signals` does (`AbortSignal.any`, where the browser lacks it). */
+export function anySignal(signals: AbortSignal[]): AbortSignal {
+  if (typeof AbortSignal.any === "function") return AbortSignal.any(signals);
+  const controller = new AbortController();
+  for (const signal of signals) {
+    if (signal.aborted) {
+      controller.abort(signal.reason);
+      break;
+    }
+    signal.addEventListener("abort", () => controller.abort(signal.reason), { once: true });
+  }
+  return controller.signal;
 }
 
 async function answered(
@@ -67,18 +95,21 @@ async function answered(
   try {
     result = await call;
   } catch (e) {
+    if (e instanceof SyncFailure) throw e;
     throw new SyncFailure("network", `network: ${e instanceof Error ? e.message : String(e)}`);
   }
   const { data, error, response } = result;
   if (data !== undefined) return data;
   const status = response.status;
-  const message = `${status} ${error?.code ?? ""}: ${error?.message ?? response.statusText}`;
+  // The server's errors are JSON `{code, message}`; a proxy's are not.
+  const own = typeof error === "object" && error !== null && typeof error.code === "string";
+  const message = own ? `${status} ${error.code}: ${error.message}` : `${status} ${response.statusText}`;
   if (status === 401) throw new SyncFailure("auth", message, status);
   if (status === 429 || status === 503 || status === 408) {
     throw new SyncFailure("busy", message, status, retryAfter(response.headers.get("Retry-After")));
   }
-  if (status >= 500) throw new SyncFailure("server", message, status);
-  throw new SyncFailure("rejected", message, status);
+  if (status === 413 || ((status === 400 || status === 422) && own)) throw new SyncFailure("rejected", message, status);
+  throw new SyncFailure("server", message, status);
 }
 
 /** `Retry-After` in ms: seconds, or an HTTP date. */

@@ -75,4 +75,40 @@ describe("recording local writes", () => {
     });
     expect(await queued(db)).toHaveLength(2);
   });
+
+  it("makes a record deleted here live again, clearing the fields it had", async () => {
+    const { db } = database();
+    await db.open();
+    await db.todos.add({ id: "a", title: "old", note: "secret" });
+    await db.todos.delete("a");
+    await db.todos.add({ id: "a", title: "new" });
+    const again = (await queued(db)).at(-1)!;
+    expect(again).toMatchObject({ op: "put", created: true });
+    expect(Object.fromEntries(Object.entries(again.fields!).map(([k, v]) => [k, v.value]))).toEqual({
+      title: "new",
+      note: null,
+      deletedAt: null,
+    });
+    // Once live again, a later edit is an ordinary one.
+    await db.todos.update("a", { title: "newer" });
+    expect(Object.keys((await queued(db)).at(-1)!.fields!)).toEqual(["title"]);
+  });
+
+  it("sees a changed Date, and does not re-send what is already null or kept by the server", async () => {
+    const { db } = database();
+    await db.open();
+    await db.todos.add({ id: "a", title: "x", due: new Date("2026-01-01"), gone: null, updatedAt: "2026-01-01T00:00:00.000Z" });
+    await db.todos.update("a", { due: new Date("2026-02-01") });
+    await db.todos.put({ id: "a", title: "x", due: new Date("2026-02-01") });
+    const entries = await queued(db);
+    expect(entries).toHaveLength(2);
+    expect(Object.keys(entries[1]!.fields!)).toEqual(["due"]);
+  });
+
+  it("refuses a record whose id is not a string", async () => {
+    const { db } = database();
+    await db.open();
+    await expect(db.todos.add({ id: 5 as unknown as string, title: "x" })).rejects.toThrow("must be a string");
+    expect(await db.todos.count()).toBe(0);
+  });
 });

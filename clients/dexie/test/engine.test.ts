@@ -43,7 +43,7 @@ describe("pushing", () => {
 
   it("sends a batch whose answer was lost again under the same key, recorded once", async () => {
     const server = new FakeServer();
-    server.faults.push({ loseAnswer: true }, { network: true });
+    server.faults.push({ loseAnswer: true, on: "POST" }, { network: true, on: "POST" });
     const { db, engine } = started(server);
     await db.todos.add({ id: "a", title: "milk" });
     await eventually(async () => engine.status.current.pending === 0 && (await db.table(PENDING).count()) === 0);
@@ -57,7 +57,7 @@ describe("pushing", () => {
 
   it("waits as long as a 429 or 503 says in Retry-After", async () => {
     const server = new FakeServer();
-    server.faults.push({ status: 429, retryAfter: "1" }, { status: 503, retryAfter: "1" });
+    server.faults.push({ status: 429, retryAfter: "1", on: "POST" }, { status: 503, retryAfter: "1", on: "POST" });
     const { db } = started(server);
     await db.todos.add({ id: "a", title: "milk" });
     await eventually(async () => (await db.table(PENDING).count()) === 0, 5000);
@@ -89,6 +89,29 @@ describe("pushing", () => {
     expect(server.record("todos", "b")).toEqual({ title: "good" });
     expect((await engine.rejected())[0]!.batch.body.changes[0]!.id).toBe("a");
     expect(engine.status.current.lastError).toContain("400");
+  });
+
+  it("sends every other change when the server refuses one, keeping only that one aside", async () => {
+    const server = new FakeServer();
+    server.refuse = (change) => change.id === "bad";
+    const { db, engine } = started(server, { batchSize: 8 });
+    await db.todos.bulkAdd(["r1", "r2", "bad", "r3", "r4", "r5"].map((id) => ({ id, title: id })));
+    await eventually(async () => (await db.table(PENDING).count()) === 0);
+    expect(server.log.map((c) => c.id).sort()).toEqual(["r1", "r2", "r3", "r4", "r5"]);
+    const rejected = await engine.rejected();
+    expect(rejected.map((r) => r.batch.body.changes.map((c) => c.id))).toEqual([["bad"]]);
+    // Said once (state `error` for that round); the message stays.
+    await eventually(() => engine.status.current.lastError?.includes("invalid_value") === true);
+  });
+
+  it("retries what is not the server's refusal (a proxy's 404) instead of dropping it", async () => {
+    const server = new FakeServer();
+    server.faults.push({ status: 404, body: "<html>not found</html>", on: "POST" });
+    const { db, engine } = started(server);
+    await db.todos.add({ id: "a", title: "kept" });
+    await eventually(async () => (await db.table(PENDING).count()) === 0);
+    expect(server.record("todos", "a")).toEqual({ title: "kept" });
+    expect(await engine.rejected()).toEqual([]);
   });
 
   it("halves a batch the server finds too large", async () => {
@@ -146,6 +169,21 @@ describe("pulling", () => {
     expect(server.record("todos", "a")).toMatchObject({ title: "mine", note: "theirs, newer" });
   });
 
+  it("makes a record another device deleted live again when it is made here anew", async () => {
+    const server = new FakeServer();
+    const { db, engine } = started(server);
+    await db.todos.add({ id: "a", title: "first", note: "n" });
+    await eventually(async () => (await db.table(PENDING).count()) === 0);
+    server.write([{ table: "todos", id: "a", op: "delete", deletedAt: new Date().toISOString() }]);
+    await engine.sync();
+    expect(await db.todos.get("a")).toBeUndefined();
+    await new Promise((r) => setTimeout(r, 2));
+    await db.todos.add({ id: "a", title: "second" });
+    await eventually(async () => (await db.table(PENDING).count()) === 0);
+    expect(server.record("todos", "a")).toEqual({ title: "second", note: null, deletedAt: null });
+    expect(await db.todos.get("a")).toEqual({ id: "a", title: "second", note: null, deletedAt: null });
+  });
+
   it("applies a delete as a delete", async () => {
     const server = new FakeServer();
     const { db, engine } = started(server);
@@ -176,6 +214,64 @@ describe("while the socket is down", () => {
     await eventually(async () => (await db.todos.get("a")) !== undefined, 1000);
     expect(engine.status.current.connected).toBe(false);
     expect(engine.stats.socketsOpened).toBeGreaterThan(1);
+  });
+
+  it("pulls at once when a live socket drops, then polls until it is back", async () => {
+    const server = new FakeServer();
+    /** The first connection is accepted, then cut; later ones are refused. */
+    class Flaky {
+      static made = 0;
+      readonly OPEN = 1;
+      readonly CONNECTING = 0;
+      readyState = 0;
+      onopen: (() => void) | null = null;
+      onmessage: ((e: { data: string }) => void) | null = null;
+      onclose: ((e: { code: number }) => void) | null = null;
+      constructor() {
+        const first = Flaky.made++ === 0;
+        setTimeout(() => {
+          if (!first) return this.onclose?.({ code: 1006 });
+          this.readyState = 1;
+          this.onopen?.();
+        }, 1);
+      }
+      send(data: string) {
+        if (JSON.parse(data).type !== "auth") return;
+        setTimeout(() => this.onmessage?.({ data: JSON.stringify({ type: "auth-ok" }) }), 1);
+        setTimeout(() => this.onclose?.({ code: 1006 }), 60);
+      }
+      close() {}
+    }
+    const { db, engine } = started(server, { live: true, WebSocket: Flaky as unknown as typeof WebSocket, pollInterval: 50 });
+    await eventually(() => engine.status.current.connected);
+    await eventually(() => !engine.status.current.connected);
+    server.write([{ table: "todos", id: "a", op: "insert", data: { title: "after the socket went" } }]);
+    await eventually(async () => (await db.todos.get("a")) !== undefined, 1000);
+  });
+});
+
+describe("stopping", () => {
+  it("stops between pages, without waiting for the whole download", async () => {
+    const server = new FakeServer();
+    for (let n = 0; n < 30; n++) server.write([{ table: "todos", id: `r${n}`, op: "insert", data: { title: "t" } }]);
+    server.delay = 20;
+    const { engine } = started(server, { pullLimit: 1 });
+    await eventually(() => engine.stats.pulls >= 1);
+    const stopping = Date.now();
+    await engine.stop();
+    expect(Date.now() - stopping).toBeLessThan(200);
+    expect(engine.stats.pulls).toBeLessThan(10);
+  });
+
+  it("rejects a sync() that cannot finish, and one asked of a stopped engine", async () => {
+    const server = new FakeServer();
+    server.faults.push(...Array.from({ length: 50 }, () => ({ network: true as const })));
+    const { engine } = started(server, { backoff: { base: 1000, cap: 1000 } });
+    await eventually(() => engine.status.current.leader);
+    const pending = engine.sync();
+    await engine.stop();
+    await expect(pending).rejects.toThrow("stopped");
+    await expect(engine.sync()).rejects.toThrow("not started");
   });
 });
 

@@ -21,13 +21,14 @@ interface Stored {
   fields: Map<string, Field>;
 }
 
-/** What to do to the next request instead of (or after) answering it. */
-export type Fault =
-  | { status: number; retryAfter?: string }
+/** What to do to the next request (of method `on`, if given) instead of (or after) answering it. */
+export type Fault = { on?: "GET" | "POST" } & (
+  | { status: number; retryAfter?: string; body?: string }
   /** The request is processed, but its answer never arrives. */
   | { loseAnswer: true }
   /** The request never arrives. */
-  | { network: true };
+  | { network: true }
+);
 
 export interface Request {
   method: string;
@@ -48,18 +49,30 @@ export class FakeServer {
   readonly log: ChangeInput[] = [];
   readonly requests: Request[] = [];
   readonly faults: Fault[] = [];
+  /** A push holding a change this refuses is answered 400, as the server refuses a malformed one. */
+  refuse: (change: ChangeInput) => boolean = () => false;
+  /** Milliseconds before each answer. */
+  delay = 0;
 
   readonly fetch = async (input: RequestInfo | URL, init?: RequestInit): Promise<Response> => {
     const request = new Request(input, init);
     const url = new URL(request.url);
     const body = request.method === "POST" ? await request.json() : undefined;
     this.requests.push({ method: request.method, path: url.pathname, query: url.searchParams, headers: request.headers, body, at: Date.now() });
-    const fault = this.faults.shift();
+    const index = this.faults.findIndex((f) => f.on === undefined || f.on === request.method);
+    const fault = index < 0 ? undefined : this.faults.splice(index, 1)[0];
     if (fault && "network" in fault) throw new TypeError("Failed to fetch");
     if (fault && "status" in fault) {
       const headers: Record<string, string> = { "content-type": "application/json" };
       if (fault.retryAfter !== undefined) headers["retry-after"] = fault.retryAfter;
-      return new Response(JSON.stringify({ code: "fault", message: "scripted" }), { status: fault.status, headers });
+      return new Response(fault.body ?? JSON.stringify({ code: "fault", message: "scripted" }), { status: fault.status, headers });
+    }
+    if (this.delay > 0) await new Promise((r) => setTimeout(r, this.delay));
+    if (request.method === "POST" && body!.changes.some(this.refuse)) {
+      return new Response(JSON.stringify({ code: "invalid_value", message: "refused" }), {
+        status: 400,
+        headers: { "content-type": "application/json" },
+      });
     }
     const answer =
       request.method === "POST"

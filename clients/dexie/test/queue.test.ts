@@ -24,8 +24,9 @@ describe("coalescing the queue into changes", () => {
     ]);
   });
 
-  it("keeps a delete between writes, and makes a record made again after it live", () => {
-    const changes = coalesce([put("a", { title: "1" }, t(1), true), del("a", t(2)), del("a", t(3)), put("a", { title: "again" }, t(4), true)]);
+  it("keeps a delete between a record's writes", () => {
+    const again = put("a", { title: "again", deletedAt: null }, t(4), true);
+    const changes = coalesce([put("a", { title: "1" }, t(1), true), del("a", t(2)), del("a", t(3)), again]);
     expect(changes).toEqual([
       { table: "todos", id: "a", op: "update", fields: { title: { value: "1", updatedAt: t(1) } } },
       { table: "todos", id: "a", op: "delete", deletedAt: t(2) },
@@ -67,6 +68,12 @@ describe("merging a server change under queued writes", () => {
   it("keeps queued fields over a whole record (an insert has no field times)", () => {
     const outcome = merge({ table: "todos", id: "a", op: "insert", data: { id: "a", title: "theirs", extra: 1 } }, local, pending.get(JSON.stringify(["todos", "a"])));
     expect(outcome).toEqual({ put: { id: "a", title: "mine", extra: 1 } });
+  });
+
+  it("keeps a record made again here after the server's delete", () => {
+    const revived = pendingRecords([put("a", { title: "again", deletedAt: null }, t(5), true)]).get(JSON.stringify(["todos", "a"]));
+    expect(merge({ table: "todos", id: "a", op: "delete", deletedAt: t(4) }, local, revived)).toBeNull();
+    expect(merge({ table: "todos", id: "a", op: "delete", deletedAt: t(6) }, local, revived)).toEqual({ delete: true });
   });
 
   it("applies deletes, and leaves a record deleted here until the delete is pushed", () => {

@@ -121,9 +121,10 @@ describe("the live socket", () => {
     ws.say({ type: "auth-ok" });
     expect(states.at(-1)).toBe(true);
     const before = issued();
+    // Lasted 30 s: the backoff starts afresh (one closed sooner would not).
+    await vi.advanceTimersByTimeAsync(30_000);
     ws.serverClose(TOKEN_EXPIRED);
     expect(states.at(-1)).toBe(false);
-    // Back to the first delay: the connection had succeeded.
     await vi.advanceTimersByTimeAsync(1000);
     const next = FakeSocket.all.at(-1)!;
     expect(next).not.toBe(ws);
