@@ -32,10 +32,18 @@ const sync = syncDexie(db, {
   token: hosted ?? storedToken,
 });
 
+/** When syncing last started (for the browser console and the tests). */
+let startedAt = 0;
+
 document.querySelector("#server")!.textContent = server;
 if (hosted === undefined && storedToken() === "") {
   (document.querySelector("#settings") as HTMLDetailsElement).open = true;
 } else {
+  start();
+}
+
+function start(): void {
+  startedAt = Date.now();
   sync.start();
 }
 
@@ -43,7 +51,7 @@ document.querySelector("#connect")!.addEventListener("submit", (event) => {
   event.preventDefault();
   localStorage.setItem("mana-sync-token", tokenInput.value.trim());
   (document.querySelector("#settings") as HTMLDetailsElement).open = false;
-  void sync.stop().then(() => sync.start());
+  void sync.stop().then(start);
 });
 
 document.querySelector("#add")!.addEventListener("submit", (event) => {
@@ -86,5 +94,15 @@ sync.status.subscribe((s) => {
     (s.lastError ? ` · last error: ${s.lastError}` : "");
 });
 
-// For the browser console (and the browser tests): the database, the engine and Dexie's liveQuery.
-Object.assign(globalThis, { mana: { db, sync, liveQuery } });
+// For the browser console (and the browser tests): the database, the
+// engine, Dexie's liveQuery and when syncing started.
+Object.assign(globalThis, {
+  mana: {
+    db,
+    sync,
+    liveQuery,
+    get startedAt() {
+      return startedAt;
+    },
+  },
+});

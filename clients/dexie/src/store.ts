@@ -125,27 +125,37 @@ export class SyncStore {
   }
 
   private async applyTable(table: string, changes: readonly ServerChange[]): Promise<void> {
-    const ids = changes.map((c) => c.id);
-    const locals = await this.db.table(table).bulkGet(ids);
-    const queued = await this.pending
-      .where("[table+key]")
-      .anyOf(ids.map((id) => [table, id]))
-      .toArray();
+    const name = (id: string) => JSON.stringify([table, id]);
+    // Mostly the queue is empty: then there is nothing to look up in it.
+    const queued =
+      (await this.pending.count()) === 0
+        ? []
+        : await this.pending
+            .where("[table+key]")
+            .anyOf(changes.map((c) => [table, c.id]))
+            .toArray();
     queued.sort((a, b) => (a.seq ?? 0) - (b.seq ?? 0));
     const pending = pendingRecords(queued);
+    // The local copies a merge reads: of records with queued writes, of
+    // changes without the whole record, and of deleted records (whose
+    // fields are remembered). A page of new records reads none.
+    const read = changes.filter((c) => pending.has(name(c.id)) || c.op === "delete" || !c.data).map((c) => c.id);
+    const found = await this.db.table(table).bulkGet(read);
+    const locals = new Map(read.map((id, i) => [id, found[i] as Record<string, unknown> | undefined]));
     const puts: Record<string, unknown>[] = [];
     const deletes: string[] = [];
     const graves: Tombstone[] = [];
-    changes.forEach((change, i) => {
-      const outcome = merge(change, locals[i], pending.get(JSON.stringify([table, change.id])));
-      if (outcome === null) return;
+    for (const change of changes) {
+      const local = locals.get(change.id);
+      const outcome = merge(change, local, pending.get(name(change.id)));
+      if (outcome === null) continue;
       if ("put" in outcome) {
         puts.push(outcome.put);
       } else {
         deletes.push(change.id);
-        graves.push({ table, key: change.id, fields: Object.keys(locals[i] ?? {}) });
+        graves.push({ table, key: change.id, fields: Object.keys(local ?? {}) });
       }
-    });
+    }
     await this.db.table(table).bulkPut(puts);
     await this.db.table(table).bulkDelete(deletes);
     await this.db.table(DELETED).bulkPut(graves);
