@@ -13,7 +13,7 @@ import { captureMiddleware } from "./capture.js";
 import { Clock } from "./clock.js";
 import { browserLocks, elect, type Locks } from "./election.js";
 import { mirrorStatus, type Mirror } from "./mirror.js";
-import { Rounds } from "./round.js";
+import { Rounds, type Counters } from "./round.js";
 import { LiveSocket } from "./socket.js";
 import { StatusStore } from "./status.js";
 import { SyncStore, type Rejected } from "./store.js";
@@ -47,12 +47,7 @@ export interface SyncOptions {
 }
 
 /** Counters, for a status page (and the tests). */
-export interface SyncStats {
-  pushes: number;
-  pushedChanges: number;
-  pulls: number;
-  pulledRecords: number;
-  retries: number;
+export interface SyncStats extends Counters {
   socketsOpened: number;
   tokenRenewals: number;
 }
@@ -74,7 +69,7 @@ interface Waiter {
 
 export class SyncEngine {
   readonly status = new StatusStore();
-  private readonly counters = { pushes: 0, pushedChanges: 0, pulls: 0, pulledRecords: 0, retries: 0 };
+  private readonly counters: Counters = { pushes: 0, pushedChanges: 0, pulls: 0, pulledRecords: 0, retries: 0 };
   private readonly store: SyncStore;
   private readonly rounds: Rounds;
   private readonly tokens: TokenSource;
