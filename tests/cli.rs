@@ -1,5 +1,5 @@
 //! The binary: configuration errors, waiting for the database, `openapi`,
-//! `migrate`, and SIGTERM.
+//! `migrate`, `health` and SIGTERM.
 
 mod common;
 
@@ -62,6 +62,30 @@ fn openapi_prints_the_committed_document() {
     assert!(output.status.success());
     let printed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(printed["info"]["title"], "mana-sync");
+}
+
+/// `mana-sync health` (the container's HEALTHCHECK) exits 0 while the
+/// server on `PORT` serves, and non-zero, naming the URL, when none does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_says_whether_the_local_server_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_mana-sync"));
+    let (server, port) = common::process::serve(binary, dir.path(), &[]).await;
+    let check = |port: u16| {
+        Command::new(binary)
+            .env_clear()
+            .current_dir(dir.path())
+            .env("PORT", port.to_string())
+            .arg("health")
+            .output()
+            .unwrap()
+    };
+    assert!(check(port).status.success(), "{:?}", check(port));
+    drop(server);
+    let refused = check(port);
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains(&format!("127.0.0.1:{port}/health")), "{said}");
 }
 
 /// `mana-sync migrate` as the serving role, which may not create tables,

@@ -674,7 +674,7 @@ fn free_port() -> io::Result<u16> {
 }
 
 /// The highest `/usr/lib/postgresql/<version>/bin` with `initdb` and `postgres`.
-fn find_pg_bin_dir() -> Option<PathBuf> {
+pub fn find_pg_bin_dir() -> Option<PathBuf> {
     let has_server = |d: &Path| d.join("initdb").is_file() && d.join("postgres").is_file();
     std::fs::read_dir("/usr/lib/postgresql")
         .ok()?
