@@ -1,5 +1,5 @@
 //! The binary: configuration errors, waiting for the database, `openapi`,
-//! `migrate`, `health` and SIGTERM.
+//! `migrate`, `health` and SIGTERM (also right after start).
 
 mod common;
 
@@ -86,6 +86,22 @@ async fn health_says_whether_the_local_server_serves() {
     assert!(!refused.status.success());
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(said.contains(&format!("127.0.0.1:{port}/health")), "{said}");
+}
+
+/// A SIGTERM as soon as the server answers (an orchestrator stopping a
+/// pod it just started) shuts it down gracefully: its handler is in place
+/// before it serves, so the process exits 0 rather than dying of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_right_after_start_is_a_graceful_shutdown() {
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_mana-sync"));
+    for _ in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut server, _) = common::process::serve(binary, dir.path(), &[]).await;
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(server.0.id() as i32, libc::SIGTERM) }, 0);
+        let status = server.0.wait().unwrap();
+        assert!(status.success(), "exited with {status}");
+    }
 }
 
 /// `mana-sync migrate` as the serving role, which may not create tables,

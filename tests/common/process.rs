@@ -43,7 +43,22 @@ pub fn repository() -> &'static std::path::Path {
 /// answers; with the port it listens on.
 pub async fn serve(binary: &std::path::Path, dir: &std::path::Path, env: &[(&str, &str)]) -> (ServerProcess, u16) {
     let port = super::free_port();
-    let log = std::fs::File::create(dir.join("server.log")).unwrap();
+    (serve_at(binary, dir, port, env).await, port)
+}
+
+/// As [`serve`], on `port` (a replica started again where it was); its
+/// log appended to `dir/server.log`.
+pub async fn serve_at(
+    binary: &std::path::Path,
+    dir: &std::path::Path,
+    port: u16,
+    env: &[(&str, &str)],
+) -> ServerProcess {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("server.log"))
+        .unwrap();
     let child = std::process::Command::new(binary)
         .env_clear()
         .current_dir(dir)
@@ -55,7 +70,7 @@ pub async fn serve(binary: &std::path::Path, dir: &std::path::Path, env: &[(&str
         .expect("run mana-sync");
     let mut server = ServerProcess(child);
     answered(&mut server.0, &format!("http://127.0.0.1:{port}/ready")).await;
-    (server, port)
+    server
 }
 
 /// A local-mode token for `sub` from the server's key in `dir/data` (as
