@@ -46,6 +46,10 @@ pub struct Config {
     pub max_sockets: usize,
     /// Longest wait for in-flight requests at shutdown.
     pub shutdown_timeout: Duration,
+    /// How long a replica told to stop keeps serving with `/ready` at 503
+    /// before it closes its sockets: the time a balancer polling `/ready`
+    /// needs to stop sending it new clients.
+    pub shutdown_drain: Duration,
     /// Longest wait for a request's head, from a connection's opening or
     /// the previous response (so also how long a keep-alive connection
     /// may idle).
@@ -120,6 +124,7 @@ impl Config {
             max_sockets_per_user: env.parse("MAX_SOCKETS_PER_USER", "20")?,
             max_sockets: env.parse("MAX_SOCKETS", "10000")?,
             shutdown_timeout: env.duration("SHUTDOWN_TIMEOUT", "30s")?,
+            shutdown_drain: env.duration("SHUTDOWN_DRAIN", "0s")?,
             idle_timeout: env.duration("IDLE_TIMEOUT", "75s")?,
             body_timeout: env.duration("BODY_TIMEOUT", "10s")?,
             body_min_rate: env.parse("BODY_MIN_RATE", "1024")?,

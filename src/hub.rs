@@ -184,6 +184,7 @@ struct Inner {
     max_per_user: usize,
     max_total: usize,
     listening: AtomicBool,
+    draining: AtomicBool,
     closing: watch::Sender<bool>,
     metrics: Metrics,
 }
@@ -231,6 +232,7 @@ impl Hub {
                 max_per_user,
                 max_total,
                 listening: AtomicBool::new(false),
+                draining: AtomicBool::new(false),
                 closing: watch::channel(false).0,
                 metrics,
             }),
@@ -323,6 +325,17 @@ impl Hub {
 
     pub fn set_listening(&self, listening: bool) {
         self.inner.listening.store(listening, Ordering::SeqCst);
+    }
+
+    /// Marks the replica as on its way out: it still serves, sockets
+    /// included, but [`Hub::is_draining`] says so (`/ready` answers 503).
+    pub fn drain(&self) {
+        self.inner.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the replica is on its way out: draining or closing.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::SeqCst) || self.is_closing()
     }
 
     /// Asks every subscriber to close (the replica is shutting down).

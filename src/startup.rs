@@ -34,10 +34,18 @@ pub async fn serve(
     }
     let (hub, notifier) = (state.hub.clone(), state.notifier.clone());
     let closing = hub.clone();
-    // On shutdown, sockets and streams are closed (1012) at once, so
-    // clients reconnect to another replica, and in-flight requests finish.
+    let drain = state.config.shutdown_drain;
+    // On shutdown, `/ready` turns 503 first, and the replica goes on
+    // serving for `drain`, so that a balancer polling it sends it no new
+    // clients; then sockets and streams are closed (1012), so clients
+    // reconnect to another replica, and in-flight requests finish.
     let shutdown = async move {
         shutdown.await;
+        closing.drain();
+        if !drain.is_zero() {
+            tracing::info!(?drain, "draining: /ready answers 503 while this replica still serves");
+            tokio::time::sleep(drain).await;
+        }
         closing.close_all();
     };
     tracing::info!(%addr, "mana-sync listening");

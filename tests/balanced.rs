@@ -1,134 +1,36 @@
-//! Three replicas on one PostgreSQL behind nginx, configured by the very
-//! `deploy/nginx/mana-sync.conf` an operator uses, all on loopback:
-//! pushes and pulls go through the balancer, a socket held through it is
+//! The smoke test of the deployment (`deploy/smoke.sh` runs it on the
+//! release build, and `tests/deploy.rs` runs that script): three replicas
+//! on one PostgreSQL behind nginx, configured by the very
+//! `deploy/nginx/mana-sync.conf` an operator uses, all on loopback.
+//! Pushes and pulls go through the balancer, a socket held through it is
 //! told of pushes every replica served, and a change stream through it
 //! delivers a change within a second (nothing buffers it). Then one
-//! replica is stopped (SIGTERM) under a stream of pushes: its sockets
-//! close with 1012 and connect again through the balancer, and after a
-//! rolling restart of all three no acknowledged change is missing. nginx
-//! is Debian's (`apt-get install nginx`, which `bash .ci/run` does).
+//! replica is stopped (SIGTERM) under a stream of pushes: `/ready` turns
+//! 503 first, then its sockets close with 1012 and connect again through
+//! the balancer, and after a rolling restart of all three no acknowledged
+//! change is missing. Each check prints a `checked:` line. nginx is
+//! Debian's (`apt-get install nginx`, which `bash .ci/run` does).
 
+#[path = "balanced/cluster.rs"]
+mod cluster;
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::process::{ServerProcess, local_token, repository, serve_at};
+use cluster::{exited, nginx, ready_status, replica_env, replicas, sigterm, sockets_held, start_replica, terminate};
+use common::process::local_token;
 use common::ws::{Socket, expect_json, send};
 use common::{free_port, pg};
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-fn nginx_binary() -> PathBuf {
-    let path = PathBuf::from(std::env::var("NGINX").unwrap_or_else(|_| "/usr/sbin/nginx".to_owned()));
-    assert!(
-        path.exists(),
-        "no nginx at {}: `apt-get install nginx` (bash .ci/run does), or set NGINX",
-        path.display()
-    );
-    path
-}
-
-/// nginx in the foreground, killed when dropped.
-struct Nginx(Child);
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// nginx on `port` in front of `replicas`, with `deploy/nginx/mana-sync.conf`
-/// as it is; its files in `dir`.
-async fn nginx(dir: &Path, port: u16, replicas: &[u16]) -> Nginx {
-    // As deploy/nginx/nginx.conf names its replicas.
-    let servers: String = replicas
-        .iter()
-        .map(|p| format!("server 127.0.0.1:{p} max_fails=1 fail_timeout=1s;\n"))
-        .collect();
-    let conf = format!(
-        "daemon off;\nmaster_process off;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log warn;\n\
-         events {{}}\nhttp {{\n  access_log off;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n\
-         upstream mana_sync {{\n{servers}keepalive 16;\n}}\n\
-         server {{\n  listen 127.0.0.1:{port};\n  include {include};\n}}\n}}\n",
-        dir = dir.display(),
-        include = repository().join("deploy/nginx/mana-sync.conf").display(),
-    );
-    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-    let child = Command::new(nginx_binary())
-        .arg("-p")
-        .arg(dir)
-        .arg("-c")
-        .arg(dir.join("nginx.conf"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run nginx");
-    let mut nginx = Nginx(child);
-    common::process::answered(&mut nginx.0, &format!("http://127.0.0.1:{port}/health")).await;
-    nginx
-}
-
-/// A replica: its process, port and directory.
-struct Replica {
-    process: Option<ServerProcess>,
-    port: u16,
-    dir: PathBuf,
-}
-
-/// The replicas' environment: one database, one data directory (so one
-/// local signing key: a token is good on every replica), and no per-user
-/// rate limit, so that the load below measures failover, not throttling.
-fn replica_env(dir: &Path, database_url: &str) -> Vec<(&'static str, String)> {
-    vec![
-        ("DATABASE_URL", database_url.to_owned()),
-        ("DATA_DIR", dir.join("data").display().to_string()),
-        ("RUST_LOG", "warn".to_owned()),
-        ("PUSH_RATE", "0".to_owned()),
-        ("PULL_RATE", "0".to_owned()),
-        ("OPEN_RATE", "0".to_owned()),
-    ]
-}
-
-async fn start_replica(dir: &Path, port: u16, env: &[(&'static str, String)]) -> ServerProcess {
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    serve_at(Path::new(env!("CARGO_BIN_EXE_mana-sync")), dir, port, &env).await
-}
-
-/// Three replicas of the built server; the first creates the key, the others load it.
-async fn replicas(dir: &Path, env: &[(&'static str, String)]) -> Vec<Replica> {
-    let mut started = Vec::new();
-    for i in 0..3 {
-        let own = dir.join(format!("replica-{i}"));
-        std::fs::create_dir_all(&own).unwrap();
-        let port = free_port();
-        let process = start_replica(&own, port, env).await;
-        started.push(Replica {
-            process: Some(process),
-            port,
-            dir: own,
-        });
-    }
-    started
-}
-
-/// SIGTERM, then the exit (within the shutdown timeout).
-fn terminate(replica: &mut Replica) {
-    let mut process = replica.process.take().expect("a running replica");
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(process.0.id() as i32, libc::SIGTERM) }, 0);
-    let status = process.0.wait().unwrap();
-    assert!(status.success(), "replica on {} exited with {status}", replica.port);
-}
-
 fn change(id: &str) -> Value {
     json!({ "clientId": "pusher", "changes": [{ "table": "todos", "id": id, "op": "insert", "data": { "title": id } }] })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "deploy/smoke.sh runs it on the release build (and tests/deploy.rs runs deploy/smoke.sh)"]
 async fn three_replicas_behind_nginx_push_pull_notify_and_stream() {
     let database = pg::test_database().await;
     let dir = tempfile::tempdir().unwrap();
@@ -162,6 +64,7 @@ async fn three_replicas_behind_nginx_push_pull_notify_and_stream() {
         .await
         .unwrap();
     assert_eq!(pulled["serverChanges"].as_array().unwrap().len(), 6, "{pulled}");
+    println!("checked: 6 pushes through nginx, then a pull through it returned all 6 records");
 
     // A socket through the balancer hears of a push on each replica.
     let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{lb_port}/ws"))
@@ -191,6 +94,7 @@ async fn three_replicas_behind_nginx_push_pull_notify_and_stream() {
         assert_eq!(pushed.status(), 200);
         notified(&mut socket, i).await;
     }
+    println!("checked: a socket held through nginx was told of a push served by each of the 3 replicas");
 
     // A change stream through the balancer: the change arrives within a second.
     let response = http
@@ -234,7 +138,10 @@ async fn three_replicas_behind_nginx_push_pull_notify_and_stream() {
             break;
         }
     }
-    println!("a change streamed through nginx in {:?}", pushed_at.elapsed());
+    println!(
+        "checked: a change streamed through nginx {:?} after its push (limit 1 s: nothing buffers it)",
+        pushed_at.elapsed()
+    );
 }
 
 /// The socket is told to pull `todos` (the push on replica `i`).
@@ -302,7 +209,21 @@ async fn pulled_ids(http: &reqwest::Client, lb: &str, token: &str) -> std::colle
     }
 }
 
+/// A socket through the balancer, authenticated.
+async fn socket_through(lb_port: u16, token: &str) -> Socket {
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{lb_port}/ws"))
+        .await
+        .expect("a WebSocket through nginx");
+    send(&mut socket, json!({ "type": "auth", "token": token })).await;
+    assert_eq!(
+        expect_json(&mut socket, Duration::from_secs(5)).await["type"],
+        "auth-ok"
+    );
+    socket
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "deploy/smoke.sh runs it on the release build (and tests/deploy.rs runs deploy/smoke.sh)"]
 async fn a_replica_stopped_and_a_rolling_restart_under_load_lose_nothing() {
     let database = pg::test_database().await;
     let dir = tempfile::tempdir().unwrap();
@@ -313,51 +234,88 @@ async fn a_replica_stopped_and_a_rolling_restart_under_load_lose_nothing() {
     let _nginx = nginx(dir.path(), lb_port, &ports).await;
     let lb = format!("http://127.0.0.1:{lb_port}");
     let token = local_token(dir.path(), "alice");
+    let http = reqwest::Client::new();
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let load = tokio::spawn(pushing(lb.clone(), token.clone(), stopped));
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    // A socket on the first replica: closed with 1012 when it stops.
-    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/ws", ports[0]))
-        .await
-        .unwrap();
-    send(&mut socket, json!({ "type": "auth", "token": token })).await;
-    assert_eq!(
-        expect_json(&mut socket, Duration::from_secs(5)).await["type"],
-        "auth-ok"
+    // Sockets through the balancer, until the first replica holds two of
+    // them (its gauge says which ones it took).
+    let (mut on_first, mut elsewhere) = (Vec::new(), Vec::new());
+    while on_first.len() < 2 {
+        assert!(elsewhere.len() < 30, "nginx sent no socket to the first replica");
+        let socket = socket_through(lb_port, &token).await;
+        if sockets_held(ports[0]).await > on_first.len() as u64 {
+            on_first.push(socket);
+        } else {
+            elsewhere.push(socket);
+        }
+    }
+
+    // Stop the first replica: its /ready turns 503 while it still holds
+    // its sockets; they close with 1012 only after the drain.
+    let signalled = Instant::now();
+    let process = sigterm(&mut replicas[0]);
+    let closes: Vec<_> = on_first
+        .into_iter()
+        .map(|mut socket| {
+            tokio::spawn(async move {
+                let code = common::ws::expect_close(&mut socket, Duration::from_secs(30)).await;
+                (code, Instant::now())
+            })
+        })
+        .collect();
+    while ready_status(&http, ports[0]).await != 503 {
+        assert!(signalled.elapsed() < Duration::from_secs(5), "/ready never turned 503");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let not_ready = Instant::now();
+    let mut first_close = None;
+    for close in closes {
+        let (code, at) = close.await.unwrap();
+        assert_eq!(code, Some(1012), "the stopping replica's socket closes with 1012");
+        assert!(at > not_ready, "/ready turned 503 before the sockets closed");
+        first_close = Some(first_close.map_or(at, |f: Instant| f.min(at)));
+    }
+    exited(process, ports[0]).await;
+    println!(
+        "checked: SIGTERM to one replica: its /ready answered 503 after {:?}, {:?} before its sockets closed",
+        not_ready - signalled,
+        first_close.unwrap() - not_ready
     );
-    let first = &mut replicas[0];
-    let closing = tokio::spawn(async move { common::ws::expect_close(&mut socket, Duration::from_secs(30)).await });
-    terminate(first);
+    // The clients connect again through the balancer: the others take them.
+    let _again = [
+        socket_through(lb_port, &token).await,
+        socket_through(lb_port, &token).await,
+    ];
+    let others = sockets_held(ports[1]).await + sockets_held(ports[2]).await;
     assert_eq!(
-        closing.await.unwrap(),
-        Some(1012),
-        "the stopping replica's socket closes with 1012"
+        others,
+        elsewhere.len() as u64 + 2,
+        "the other replicas hold their sockets and the two that came back"
     );
-    // The client connects again through the balancer: another replica takes it.
-    let (mut again, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{lb_port}/ws"))
-        .await
-        .expect("a socket through nginx while a replica is down");
-    send(&mut again, json!({ "type": "auth", "token": token })).await;
-    assert_eq!(expect_json(&mut again, Duration::from_secs(5)).await["type"], "auth-ok");
+    println!(
+        "checked: its 2 sockets closed with 1012 and connected again through nginx to the others, whose {} stayed open",
+        elsewhere.len()
+    );
     let first = &mut replicas[0];
     first.process = Some(start_replica(&first.dir, first.port, &env).await);
 
     // A rolling restart of all three, one after the other, under the same
     // load: each back and ready (and past nginx's fail_timeout) before the next goes.
     for replica in replicas.iter_mut() {
-        terminate(replica);
+        terminate(replica).await;
         replica.process = Some(start_replica(&replica.dir, replica.port, &env).await);
         tokio::time::sleep(Duration::from_millis(1200)).await;
     }
 
     stop.send(true).unwrap();
     let (acknowledged, retries) = load.await.unwrap();
-    let stored = pulled_ids(&reqwest::Client::new(), &lb, &token).await;
+    let stored = pulled_ids(&http, &lb, &token).await;
     let missing: Vec<&String> = acknowledged.iter().filter(|id| !stored.contains(*id)).collect();
     println!(
-        "{} pushes acknowledged through nginx across a stop and a rolling restart ({retries} sent again), {} missing",
+        "checked: {} pushes acknowledged through nginx across a stop and a rolling restart of all 3 replicas ({retries} sent again), {} missing",
         acknowledged.len(),
         missing.len()
     );

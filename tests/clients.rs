@@ -65,9 +65,8 @@ fn the_typescript_client_matches_the_spec_and_the_adapter_passes_its_unit_tests(
 /// The release build of the server, brought up to date by cargo (a
 /// no-op when it is; the target directory is the one this test was built in).
 fn release_binary() -> PathBuf {
-    let status = Command::new(env!("CARGO"))
+    let status = common::process::outside_cargo(env!("CARGO"))
         .args(["build", "--release", "--locked", "--bin", "mana-sync"])
-        .current_dir(repository())
         .status()
         .expect("run cargo build --release");
     assert!(status.success(), "cargo build --release failed");

@@ -3,33 +3,22 @@
 //! `tests/deploy/requirements.txt`, installed into `.venv-deploy` by
 //! `.ci/run`), and `deploy/init-role.sql` makes a database whose serving
 //! role can sync but owns nothing, bypasses no row-level security and
-//! cannot change the schema, while the owner role migrates it.
+//! cannot change the schema, while the owner role migrates it; and
+//! `deploy/smoke.sh` (the load-balanced replicas) passes.
 
 mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::process::{repository, serve};
+use common::process::{deploy_tool, repository, serve};
 use common::{free_port, pg};
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
 
-/// A program of `.venv-deploy`, or a failure that says how to get it.
-fn linter(name: &str) -> PathBuf {
-    let path = repository().join(".venv-deploy/bin").join(name);
-    assert!(
-        path.exists(),
-        "{name} is not installed at {}: run `bash .ci/run` once, or `python3 -m venv .venv-deploy && \
-         .venv-deploy/bin/pip install -r tests/deploy/requirements.txt`",
-        path.display()
-    );
-    path
-}
-
 #[test]
 fn the_dockerfile_passes_hadolint() {
-    let output = Command::new(linter("hadolint"))
+    let output = Command::new(deploy_tool("hadolint"))
         .arg("--no-color")
         .arg(repository().join("deploy/Dockerfile"))
         .output()
@@ -108,10 +97,31 @@ async fn init_role_sql_makes_an_owner_that_migrates_and_a_serving_role_that_only
         "CREATE TABLE intruder (x int)",
         "DROP TABLE sync_changes",
         "TRUNCATE sync_changes",
+        "ALTER TABLE sync_records RESET (autovacuum_vacuum_scale_factor)",
+        // The migration history: readable (a replica checks nothing is
+        // pending), not writable (the next migrate would trust it).
+        "DELETE FROM _sqlx_migrations",
+        "UPDATE _sqlx_migrations SET checksum = ''",
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES (1, 'x', true, '', 0)",
     ] {
         let refused = sqlx::raw_sql(ddl).execute(&mut conn).await;
         assert!(refused.is_err(), "the serving role ran {ddl}");
     }
+    let history: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(history as usize, mana_sync::store::postgres::MIGRATOR.iter().count());
+    // The update-heavy projection is vacuumed early.
+    let options: Vec<String> =
+        sqlx::query_scalar("SELECT unnest(reloptions) FROM pg_class WHERE oid = 'sync_records'::regclass")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert!(
+        options.contains(&"autovacuum_vacuum_scale_factor=0.05".to_owned()),
+        "{options:?}"
+    );
     conn.close().await.unwrap();
 
     // A replica serves as it: a push and a pull through it.
@@ -146,4 +156,37 @@ async fn init_role_sql_makes_an_owner_that_migrates_and_a_serving_role_that_only
         .unwrap();
     let changes = pulled["serverChanges"].as_array().unwrap();
     assert!(changes.iter().any(|c| c["id"] == id.as_str()), "{pulled}");
+}
+
+/// `deploy/smoke.sh`, as an operator runs it: the release build behind
+/// Debian's nginx (tests/balanced.rs holds its checks). Its output is
+/// printed, and every check it promises must have been made.
+#[test]
+fn the_smoke_script_passes() {
+    let output = common::process::outside_cargo("bash")
+        .arg("deploy/smoke.sh")
+        .output()
+        .expect("run deploy/smoke.sh");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    println!("{stdout}");
+    assert!(
+        output.status.success(),
+        "deploy/smoke.sh failed:\n{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for check in [
+        "then a pull through it returned all 6 records",
+        "told of a push served by each of the 3 replicas",
+        "a change streamed through nginx",
+        "its /ready answered 503 after",
+        "its 2 sockets closed with 1012 and connected again through nginx",
+        "rolling restart of all 3 replicas",
+        "2 passed",
+        "smoke: passed",
+    ] {
+        assert!(
+            stdout.contains(check),
+            "deploy/smoke.sh did not check `{check}`:\n{stdout}"
+        );
+    }
 }

@@ -91,11 +91,12 @@ impl HealthApi {
     ///
     /// 200 when the database answers and the change listener listens (so
     /// this replica both serves requests and hears other replicas' pushes);
-    /// 503 with the reason otherwise, and while the replica shuts down. For
-    /// load balancers and Kubernetes.
+    /// 503 with the reason otherwise, and from the moment the replica is
+    /// told to stop (while it still serves for `SHUTDOWN_DRAIN`). For load
+    /// balancers and Kubernetes.
     #[oai(path = "/ready", method = "get", operation_id = "ready")]
     async fn ready(&self, state: Data<&AppState>) -> ReadyResponse {
-        let reason = if state.hub.is_closing() {
+        let reason = if state.hub.is_draining() {
             Some("shutting down")
         } else if !state.store.ping().await {
             Some("database unreachable")

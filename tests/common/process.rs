@@ -38,6 +38,47 @@ pub fn repository() -> &'static std::path::Path {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A command in the repository, with the environment cargo gave this test
+/// minus the variables cargo sets for a crate (`CARGO_PKG_*`,
+/// `CARGO_MANIFEST_DIR`, `OUT_DIR`, …): dependencies' build scripts (ring's,
+/// through cc) rerun when these change, so a cargo run from a test would
+/// otherwise rebuild them, and a later cargo run from the shell again.
+pub fn outside_cargo(program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+    let mut command = std::process::Command::new(program);
+    command.current_dir(repository());
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        let per_crate = [
+            "CARGO_PKG_",
+            "CARGO_BIN_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_TARGET_TMPDIR",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_RUSTC_CURRENT_DIR",
+        ]
+        .iter()
+        .any(|prefix| name.starts_with(prefix));
+        if per_crate || name == "OUT_DIR" {
+            command.env_remove(name.as_ref());
+        }
+    }
+    command
+}
+
+/// A program of `.venv-deploy` (the tools that check `deploy/`, pinned in
+/// `tests/deploy/requirements.txt`), or a failure that says how to get it.
+pub fn deploy_tool(name: &str) -> std::path::PathBuf {
+    let path = repository().join(".venv-deploy/bin").join(name);
+    assert!(
+        path.exists(),
+        "{name} is not installed at {}: run `bash .ci/run` once, or `python3 -m venv .venv-deploy && \
+         .venv-deploy/bin/pip install -r tests/deploy/requirements.txt`",
+        path.display()
+    );
+    path
+}
+
 /// `binary` (the server) in `dir` with an empty environment but `PORT` (a
 /// free one) and `env`, its log in `dir/server.log`, once `/ready`
 /// answers; with the port it listens on.

@@ -60,8 +60,9 @@ export interface paths {
          * Readiness
          * @description 200 when the database answers and the change listener listens (so
          *     this replica both serves requests and hears other replicas' pushes);
-         *     503 with the reason otherwise, and while the replica shuts down. For
-         *     load balancers and Kubernetes.
+         *     503 with the reason otherwise, and from the moment the replica is
+         *     told to stop (while it still serves for `SHUTDOWN_DRAIN`). For load
+         *     balancers and Kubernetes.
          */
         get: operations["ready"];
         put?: never;
