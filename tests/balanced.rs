@@ -65,6 +65,10 @@ async fn three_replicas_behind_nginx_push_pull_notify_and_stream() {
         .unwrap();
     assert_eq!(pulled["serverChanges"].as_array().unwrap().len(), 6, "{pulled}");
     println!("checked: 6 pushes through nginx, then a pull through it returned all 6 records");
+    let metrics = http.get(format!("{lb}/metrics")).send().await.unwrap();
+    assert_eq!(metrics.status(), 404, "/metrics is not served through the balancer");
+    let body: Value = metrics.json().await.expect("a JSON error");
+    assert_eq!(body["code"], "not_found");
 
     // A socket through the balancer hears of a push on each replica.
     let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{lb_port}/ws"))

@@ -10,6 +10,7 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::Duration;
 
 use common::process::{deploy_tool, repository, serve};
 use common::{free_port, pg};
@@ -189,4 +190,104 @@ fn the_smoke_script_passes() {
             "deploy/smoke.sh did not check `{check}`:\n{stdout}"
         );
     }
+}
+
+/// A YAML file of `deploy/` as JSON (through PyYAML, in `.venv-deploy`).
+fn yaml(path: &str) -> Value {
+    let output = Command::new(deploy_tool("python"))
+        .args([
+            "-c",
+            "import json, sys, yaml; json.dump(yaml.safe_load(open(sys.argv[1])), sys.stdout)",
+        ])
+        .arg(repository().join(path))
+        .output()
+        .expect("run python");
+    assert!(
+        output.status.success(),
+        "{path}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[test]
+fn the_compose_file_follows_the_compose_specification() {
+    let output = Command::new(deploy_tool("check-jsonschema"))
+        .args(["--builtin-schema", "vendor.compose-spec"])
+        .arg(repository().join("deploy/docker-compose.yml"))
+        .output()
+        .expect("run check-jsonschema");
+    assert!(
+        output.status.success(),
+        "deploy/docker-compose.yml breaks the compose specification:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The compose file's parts agree: nginx balances and Prometheus scrapes
+/// exactly its replicas, the replicas' spans go to its collector, which
+/// sends them to its Jaeger, only the migration connects as the owner,
+/// and Docker waits out the server's shutdown before it kills.
+#[test]
+fn the_compose_files_parts_name_each_other() {
+    let compose = yaml("deploy/docker-compose.yml");
+    let services = compose["services"].as_object().unwrap();
+    let replicas: Vec<&String> = services.keys().filter(|name| name.starts_with("sync-")).collect();
+    assert_eq!(replicas.len(), 3, "{replicas:?}");
+    let on_port = |names: &[&String]| -> Vec<String> { names.iter().map(|n| format!("{n}:3050")).collect() };
+
+    let nginx = std::fs::read_to_string(repository().join("deploy/nginx/nginx.conf")).unwrap();
+    let upstream: Vec<String> = nginx
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("server ")?.split_whitespace().next())
+        // `server host:port …;`, not the `server {` block.
+        .filter(|address| address.contains(':'))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(upstream, on_port(&replicas), "nginx.conf's upstream");
+    let prometheus = yaml("deploy/prometheus.yml");
+    assert_eq!(
+        prometheus["scrape_configs"][0]["static_configs"][0]["targets"],
+        json!(on_port(&replicas)),
+        "prometheus.yml's targets"
+    );
+
+    let collector = yaml("deploy/otel-collector.yaml");
+    let host = |url: &str| url::Url::parse(&format!("http://{}", url.trim_start_matches("http://"))).unwrap();
+    let exported = host(collector["exporters"]["otlp/jaeger"]["endpoint"].as_str().unwrap());
+    assert!(
+        services.contains_key(exported.host_str().unwrap()),
+        "the collector exports to {exported}"
+    );
+    for name in &replicas {
+        let replica = &services[name.as_str()];
+        let env = &replica["environment"];
+        let endpoint = host(env["OTEL_EXPORTER_OTLP_ENDPOINT"].as_str().unwrap());
+        assert!(
+            services.contains_key(endpoint.host_str().unwrap()),
+            "{name} sends spans to {endpoint}"
+        );
+        assert_eq!(endpoint.port(), Some(4318), "{name}: the collector's OTLP/HTTP port");
+        assert!(
+            env["DATABASE_URL"]
+                .as_str()
+                .unwrap()
+                .starts_with("postgres://mana_sync:"),
+            "{name}"
+        );
+        let grace = humantime::parse_duration(replica["stop_grace_period"].as_str().unwrap()).unwrap();
+        assert!(
+            grace >= Duration::from_secs(40),
+            "{name}: Docker kills it after {grace:?}"
+        );
+    }
+    let migrate = &services["migrate"];
+    assert_eq!(migrate["command"], json!(["migrate"]));
+    assert!(
+        migrate["environment"]["DATABASE_URL"]
+            .as_str()
+            .unwrap()
+            .starts_with("postgres://mana_sync_owner:")
+    );
 }
