@@ -1,5 +1,5 @@
 //! The binary: configuration errors, waiting for the database, `openapi`,
-//! `migrate`, `health` and SIGTERM (also right after start).
+//! `migrate`, `health` and SIGTERM (also right after start, and with a drain).
 
 mod common;
 
@@ -194,4 +194,55 @@ async fn sigterm_closes_sockets_with_1012_and_exits_in_time() {
         "exited after {:?}",
         signalled.elapsed()
     );
+}
+
+/// With `SHUTDOWN_DRAIN`, a SIGTERM turns `/ready` 503 at once while the
+/// replica goes on serving, sockets included, for the drain; then its
+/// sockets close with 1012 and it exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_keeps_serving_with_ready_at_503_then_closes_sockets() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_mana-sync"));
+    let (mut server, port) = common::process::serve(binary, dir.path(), &[("SHUTDOWN_DRAIN", "2s")]).await;
+    let token = common::process::local_token(dir.path(), "alice");
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws"))
+        .await
+        .unwrap();
+    common::ws::send(&mut socket, serde_json::json!({ "type": "auth", "token": token })).await;
+    let ok = common::ws::expect_json(&mut socket, Duration::from_secs(5)).await;
+    assert_eq!(ok["type"], "auth-ok");
+
+    let signalled = Instant::now();
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(server.0.id() as i32, libc::SIGTERM) }, 0);
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    while http.get(format!("{base}/ready")).send().await.unwrap().status() != 503 {
+        assert!(signalled.elapsed() < Duration::from_secs(1), "/ready still 200");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Still serving: a push (on a new connection) is acknowledged.
+    let pushed = http
+        .post(format!("{base}/sync/todo"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({ "clientId": "c", "changes": [{ "table": "todos", "id": "t", "op": "insert", "data": { "title": "x" } }] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pushed.status(), 200, "a push while draining");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(2),
+        "the checks took the whole drain"
+    );
+    let code = common::ws::expect_close(&mut socket, Duration::from_secs(10)).await;
+    assert_eq!(code, Some(1012));
+    assert!(
+        signalled.elapsed() >= Duration::from_secs(2),
+        "the socket closed after {:?}, before the drain ended",
+        signalled.elapsed()
+    );
+    let status = tokio::task::spawn_blocking(move || server.0.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "clean exit: {status}");
 }
