@@ -17,18 +17,31 @@ use common::{free_port, pg};
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
 
-#[test]
-fn the_dockerfile_passes_hadolint() {
-    let output = Command::new(deploy_tool("hadolint"))
-        .arg("--no-color")
-        .arg(repository().join("deploy/Dockerfile"))
+/// Runs the `.venv-deploy` tool `name` with `args` and the repository
+/// file `file` last; its standard output, or a failure that says `fault`
+/// with everything the tool printed.
+fn check(name: &str, args: &[&str], file: &str, fault: &str) -> Vec<u8> {
+    let output = Command::new(deploy_tool(name))
+        .args(args)
+        .arg(repository().join(file))
         .output()
-        .expect("run hadolint");
+        .unwrap_or_else(|e| panic!("cannot run {name}: {e}"));
     assert!(
         output.status.success(),
-        "hadolint found problems in deploy/Dockerfile:\n{}{}",
+        "{file}: {fault}:\n{}{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
+    );
+    output.stdout
+}
+
+#[test]
+fn the_dockerfile_passes_hadolint() {
+    check(
+        "hadolint",
+        &["--no-color"],
+        "deploy/Dockerfile",
+        "hadolint found problems",
     );
 }
 
@@ -194,34 +207,17 @@ fn the_smoke_script_passes() {
 
 /// A YAML file of `deploy/` as JSON (through PyYAML, in `.venv-deploy`).
 fn yaml(path: &str) -> Value {
-    let output = Command::new(deploy_tool("python"))
-        .args([
-            "-c",
-            "import json, sys, yaml; json.dump(yaml.safe_load(open(sys.argv[1])), sys.stdout)",
-        ])
-        .arg(repository().join(path))
-        .output()
-        .expect("run python");
-    assert!(
-        output.status.success(),
-        "{path}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
+    let script = "import json, sys, yaml; json.dump(yaml.safe_load(open(sys.argv[1])), sys.stdout)";
+    serde_json::from_slice(&check("python", &["-c", script], path, "not YAML")).unwrap()
 }
 
 #[test]
 fn the_compose_file_follows_the_compose_specification() {
-    let output = Command::new(deploy_tool("check-jsonschema"))
-        .args(["--builtin-schema", "vendor.compose-spec"])
-        .arg(repository().join("deploy/docker-compose.yml"))
-        .output()
-        .expect("run check-jsonschema");
-    assert!(
-        output.status.success(),
-        "deploy/docker-compose.yml breaks the compose specification:\n{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+    check(
+        "check-jsonschema",
+        &["--builtin-schema", "vendor.compose-spec"],
+        "deploy/docker-compose.yml",
+        "breaks the compose specification",
     );
 }
 
