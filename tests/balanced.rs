@@ -155,15 +155,24 @@ async fn notified(socket: &mut Socket, i: usize) {
     assert_eq!(notice["tables"], json!(["todos"]), "replica {i}: {notice}");
 }
 
+/// The ids of the pushes acknowledged so far, in order.
+type Acknowledged = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
 /// Pushes one change after another through the balancer until `stop`,
 /// each under its own `Idempotency-Key`, sent again after any failure (a
-/// replica going away) until acknowledged; returns the acknowledged ids.
-async fn pushing(lb: String, token: String, stop: tokio::sync::watch::Receiver<bool>) -> (Vec<String>, u32) {
+/// replica going away) until acknowledged, adding each acknowledged id to
+/// `acknowledged`; returns how many were sent again.
+async fn pushing(
+    lb: String,
+    token: String,
+    stop: tokio::sync::watch::Receiver<bool>,
+    acknowledged: Acknowledged,
+) -> u32 {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
-    let (mut acknowledged, mut retries) = (Vec::new(), 0);
+    let mut retries = 0;
     for n in 0.. {
         if *stop.borrow() {
             break;
@@ -183,9 +192,19 @@ async fn pushing(lb: String, token: String, stop: tokio::sync::watch::Receiver<b
             retries += 1;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        acknowledged.push(id);
+        acknowledged.lock().unwrap().push(id);
     }
-    (acknowledged, retries)
+    retries
+}
+
+/// The ids of `acknowledged` that a pull through the balancer does not find.
+async fn missing(http: &reqwest::Client, lb: &str, token: &str, acknowledged: &[String]) -> Vec<String> {
+    let stored = pulled_ids(http, lb, token).await;
+    acknowledged
+        .iter()
+        .filter(|id| !stored.contains(*id))
+        .cloned()
+        .collect()
 }
 
 /// Every record id of `todos` through the balancer, page after page.
@@ -241,7 +260,8 @@ async fn a_replica_stopped_and_a_rolling_restart_under_load_lose_nothing() {
     let http = reqwest::Client::new();
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let load = tokio::spawn(pushing(lb.clone(), token.clone(), stopped));
+    let acknowledged = Acknowledged::default();
+    let load = tokio::spawn(pushing(lb.clone(), token.clone(), stopped, acknowledged.clone()));
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Sockets through the balancer, until the first replica holds two of
@@ -303,6 +323,14 @@ async fn a_replica_stopped_and_a_rolling_restart_under_load_lose_nothing() {
         "checked: its 2 sockets closed with 1012 and connected again through nginx to the others, whose {} stayed open",
         elsewhere.len()
     );
+    let so_far = acknowledged.lock().unwrap().clone();
+    let lost = missing(&http, &lb, &token, &so_far).await;
+    println!(
+        "checked: {} pushes acknowledged through nginx before and while one replica stopped, {} missing",
+        so_far.len(),
+        lost.len()
+    );
+    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
     let first = &mut replicas[0];
     first.process = Some(start_replica(&first.dir, first.port, &env).await);
 
@@ -315,14 +343,14 @@ async fn a_replica_stopped_and_a_rolling_restart_under_load_lose_nothing() {
     }
 
     stop.send(true).unwrap();
-    let (acknowledged, retries) = load.await.unwrap();
-    let stored = pulled_ids(&http, &lb, &token).await;
-    let missing: Vec<&String> = acknowledged.iter().filter(|id| !stored.contains(*id)).collect();
+    let retries = load.await.unwrap();
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    let lost = missing(&http, &lb, &token, &acknowledged).await;
     println!(
-        "checked: {} pushes acknowledged through nginx across a stop and a rolling restart of all 3 replicas ({retries} sent again), {} missing",
+        "checked: {} pushes acknowledged through nginx across the stop and a rolling restart of all 3 replicas ({retries} sent again), {} missing",
         acknowledged.len(),
-        missing.len()
+        lost.len()
     );
     assert!(acknowledged.len() > 50, "the load ran: {}", acknowledged.len());
-    assert!(missing.is_empty(), "acknowledged but lost: {missing:?}");
+    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
 }

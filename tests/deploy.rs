@@ -194,6 +194,7 @@ fn the_smoke_script_passes() {
         "a change streamed through nginx",
         "its /ready answered 503 after",
         "its 2 sockets closed with 1012 and connected again through nginx",
+        "before and while one replica stopped, 0 missing",
         "rolling restart of all 3 replicas",
         "2 passed",
         "smoke: passed",
