@@ -29,6 +29,11 @@ SELECT 'CREATE DATABASE mana_sync OWNER mana_sync_owner'
 WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'mana_sync') \gexec
 
 \connect mana_sync
+-- Only the owner creates in `public`: PostgreSQL 15 makes it so, older
+-- versions let every role (a replica connected as mana_sync could then
+-- migrate, and own, the tables).
+REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+GRANT CREATE ON SCHEMA public TO mana_sync_owner;
 -- What the owner grants, before it migrates: use of the schema, and rows
 -- (not tables) in every table its migrations create. PostgreSQL 15 lets
 -- only the database's owner create in `public`.

@@ -72,13 +72,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
     let config = Config::from_env()?;
     match command {
         Command::Serve => {
-            let shutdown = shutdown_signal();
+            let signals = signals();
             let addr = (config.host, config.port);
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("failed to bind {}:{} (HOST/PORT)", addr.0, addr.1))?;
             let state = AppState::connect(config).await?;
-            startup::serve(state, listener, shutdown).await
+            let (stop, hurry) = (signalled(signals.clone(), 1), signalled(signals, 2));
+            startup::serve(state, listener, stop, hurry).await
         }
         Command::Migrate => {
             let store = Store::open(&config).await?;
@@ -127,29 +128,40 @@ async fn health(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves on SIGINT or SIGTERM. The handlers are installed now, not
-/// when the future is first polled: a SIGTERM that comes as soon as the
-/// server answers (an orchestrator stopping a pod it just started) must
-/// still shut it down gracefully, not kill it.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+/// SIGINT and SIGTERM, counted: the first asks for a graceful shutdown,
+/// a second cuts its drain short. The handlers are installed now, not when
+/// first awaited: a SIGTERM that comes as soon as the server answers (an
+/// orchestrator stopping a pod it just started) must still shut it down
+/// gracefully, not kill it.
+fn signals() -> tokio::sync::watch::Receiver<u32> {
     #[cfg(unix)]
     let mut signals = {
         use tokio::signal::unix::{SignalKind, signal};
         [SignalKind::interrupt(), SignalKind::terminate()].map(|kind| signal(kind).ok())
     };
-    async move {
-        #[cfg(unix)]
-        {
-            let [interrupt, terminate] = &mut signals;
-            tokio::select! {
-                _ = received(interrupt.as_mut()) => {},
-                _ = received(terminate.as_mut()) => {},
+    let (count, counted) = tokio::sync::watch::channel(0);
+    tokio::spawn(async move {
+        loop {
+            #[cfg(unix)]
+            {
+                let [interrupt, terminate] = &mut signals;
+                tokio::select! {
+                    _ = received(interrupt.as_mut()) => {},
+                    _ = received(terminate.as_mut()) => {},
+                }
             }
+            #[cfg(not(unix))]
+            let _ = tokio::signal::ctrl_c().await;
+            count.send_modify(|n| *n += 1);
+            tracing::info!(signals = *count.borrow(), "shutdown signal received");
         }
-        #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("shutdown signal received");
-    }
+    });
+    counted
+}
+
+/// Resolves once `signals` has counted `n`.
+async fn signalled(mut signals: tokio::sync::watch::Receiver<u32>, n: u32) {
+    let _ = signals.wait_for(|count| *count >= n).await;
 }
 
 /// The next delivery of `signal` (never, if its handler could not be installed).

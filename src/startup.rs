@@ -9,12 +9,14 @@ use anyhow::Context;
 use crate::state::AppState;
 use crate::{api, fanout};
 
-/// Serves on `listener` until `shutdown` resolves, then lets in-flight
+/// Serves on `listener` until `shutdown` resolves, then drains for
+/// `SHUTDOWN_DRAIN` (cut short when `hurry` resolves) and lets in-flight
 /// requests finish (up to `SHUTDOWN_TIMEOUT`).
 pub async fn serve(
     state: AppState,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()>,
+    hurry: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr().context("listener has no address")?;
     raise_open_files_limit();
@@ -44,7 +46,10 @@ pub async fn serve(
         closing.drain();
         if !drain.is_zero() {
             tracing::info!(?drain, "draining: /ready answers 503 while this replica still serves");
-            tokio::time::sleep(drain).await;
+            tokio::select! {
+                () = tokio::time::sleep(drain) => {}
+                () = hurry => tracing::info!("asked again: the drain ends now"),
+            }
         }
         closing.close_all();
     };

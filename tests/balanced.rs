@@ -178,6 +178,7 @@ async fn pushing(
             break;
         }
         let id = format!("load-{n}");
+        let given_up = Instant::now() + Duration::from_secs(60);
         loop {
             let answer = http
                 .post(format!("{lb}/sync/todo"))
@@ -186,8 +187,10 @@ async fn pushing(
                 .json(&change(&id))
                 .send()
                 .await;
-            if answer.is_ok_and(|a| a.status() == 200) {
-                break;
+            match answer {
+                Ok(a) if a.status() == 200 => break,
+                // Failover takes a few seconds; a minute of refusals is a fault.
+                answer => assert!(Instant::now() < given_up, "{id} refused for a minute: {answer:?}"),
             }
             retries += 1;
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -197,13 +197,14 @@ async fn sigterm_closes_sockets_with_1012_and_exits_in_time() {
 }
 
 /// With `SHUTDOWN_DRAIN`, a SIGTERM turns `/ready` 503 at once while the
-/// replica goes on serving, sockets included, for the drain; then its
-/// sockets close with 1012 and it exits.
+/// replica goes on serving, new connections and sockets included; a second
+/// signal ends the drain: its sockets close with 1012 and it exits, long
+/// before the drain would have ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_drain_keeps_serving_with_ready_at_503_then_closes_sockets() {
+async fn a_drain_keeps_serving_with_ready_at_503_until_a_second_signal() {
     let dir = tempfile::tempdir().unwrap();
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_mana-sync"));
-    let (mut server, port) = common::process::serve(binary, dir.path(), &[("SHUTDOWN_DRAIN", "2s")]).await;
+    let (mut server, port) = common::process::serve(binary, dir.path(), &[("SHUTDOWN_DRAIN", "60s")]).await;
     let token = common::process::local_token(dir.path(), "alice");
     let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws"))
         .await
@@ -211,18 +212,21 @@ async fn a_drain_keeps_serving_with_ready_at_503_then_closes_sockets() {
     common::ws::send(&mut socket, serde_json::json!({ "type": "auth", "token": token })).await;
     let ok = common::ws::expect_json(&mut socket, Duration::from_secs(5)).await;
     assert_eq!(ok["type"], "auth-ok");
+    let sigterm = |server: &common::process::ServerProcess| {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(server.0.id() as i32, libc::SIGTERM) }, 0);
+    };
 
     let signalled = Instant::now();
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(server.0.id() as i32, libc::SIGTERM) }, 0);
-    let http = reqwest::Client::new();
+    sigterm(&server);
     let base = format!("http://127.0.0.1:{port}");
-    while http.get(format!("{base}/ready")).send().await.unwrap().status() != 503 {
-        assert!(signalled.elapsed() < Duration::from_secs(1), "/ready still 200");
+    // Each request on a connection of its own: new ones are still accepted.
+    let fresh = || reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    while fresh().get(format!("{base}/ready")).send().await.unwrap().status() != 503 {
+        assert!(signalled.elapsed() < Duration::from_secs(10), "/ready still 200");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // Still serving: a push (on a new connection) is acknowledged.
-    let pushed = http
+    let pushed = fresh()
         .post(format!("{base}/sync/todo"))
         .bearer_auth(&token)
         .json(&serde_json::json!({ "clientId": "c", "changes": [{ "table": "todos", "id": "t", "op": "insert", "data": { "title": "x" } }] }))
@@ -230,19 +234,37 @@ async fn a_drain_keeps_serving_with_ready_at_503_then_closes_sockets() {
         .await
         .unwrap();
     assert_eq!(pushed.status(), 200, "a push while draining");
-    assert!(
-        signalled.elapsed() < Duration::from_secs(2),
-        "the checks took the whole drain"
+    let (mut late, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws"))
+        .await
+        .expect("a socket opened while draining");
+    common::ws::send(&mut late, serde_json::json!({ "type": "auth", "token": token })).await;
+    assert_eq!(
+        common::ws::expect_json(&mut late, Duration::from_secs(5)).await["type"],
+        "auth-ok"
     );
-    let code = common::ws::expect_close(&mut socket, Duration::from_secs(10)).await;
-    assert_eq!(code, Some(1012));
-    assert!(
-        signalled.elapsed() >= Duration::from_secs(2),
-        "the socket closed after {:?}, before the drain ended",
-        signalled.elapsed()
-    );
+    // The first socket stays open (told of the push meanwhile).
+    let quiet_until = tokio::time::Instant::now() + Duration::from_millis(500);
+    while let Some(event) = common::ws::next(&mut socket, quiet_until - tokio::time::Instant::now()).await {
+        assert!(
+            matches!(event, common::ws::Event::Json(_)),
+            "the socket was closed during the drain: {event:?}"
+        );
+    }
+
+    sigterm(&server);
+    for socket in [&mut socket, &mut late] {
+        assert_eq!(
+            common::ws::expect_close(socket, Duration::from_secs(10)).await,
+            Some(1012)
+        );
+    }
     let status = tokio::task::spawn_blocking(move || server.0.wait().unwrap())
         .await
         .unwrap();
     assert!(status.success(), "clean exit: {status}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(30),
+        "the second signal did not end the drain: exited after {:?}",
+        signalled.elapsed()
+    );
 }

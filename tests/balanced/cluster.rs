@@ -67,15 +67,16 @@ pub struct Replica {
 }
 
 /// The replicas' environment: one database, one data directory (so one
-/// local signing key: a token is good on every replica), a second of
-/// drain at shutdown (`/ready` at 503 first), and no per-user rate limit,
+/// local signing key: a token is good on every replica), three seconds of
+/// drain at shutdown (`/ready` at 503 first: time enough to see it on a
+/// busy machine), and no per-user rate limit,
 /// so that the load measures failover, not throttling.
 pub fn replica_env(dir: &Path, database_url: &str) -> Vec<(&'static str, String)> {
     vec![
         ("DATABASE_URL", database_url.to_owned()),
         ("DATA_DIR", dir.join("data").display().to_string()),
         ("RUST_LOG", "warn".to_owned()),
-        ("SHUTDOWN_DRAIN", "1s".to_owned()),
+        ("SHUTDOWN_DRAIN", "3s".to_owned()),
         ("PUSH_RATE", "0".to_owned()),
         ("PULL_RATE", "0".to_owned()),
         ("OPEN_RATE", "0".to_owned()),

@@ -132,9 +132,14 @@ pub async fn start_without_waiting(storage: Storage, jwks: Arc<JwksServer>, over
     let address = format!("http://{}", listener.local_addr().unwrap());
     let store = state.store.clone();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(startup::serve(state, listener, async {
-        let _ = rx.await;
-    }));
+    let server = tokio::spawn(startup::serve(
+        state,
+        listener,
+        async {
+            let _ = rx.await;
+        },
+        std::future::pending(),
+    ));
     TestApp {
         address,
         http: reqwest::Client::new(),
