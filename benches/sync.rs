@@ -277,6 +277,7 @@ async fn tracing_overhead(sizes: &Sizes) {
             // Pushes back to back, as fast as they go: the latency, not the
             // per-user rate limit, is what is measured.
             .env("PUSH_RATE", "0")
+            .env("PUSH_BYTES_RATE", "0")
             .current_dir(dir.path())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());

@@ -62,6 +62,29 @@ pub struct Config {
     pub body_min_rate: u64,
     /// Most bytes of request bodies held at once by the replica.
     pub body_budget: usize,
+    /// Most bytes of request bodies one user may hold at once on the
+    /// replica, counted as they arrive: one user cannot take the whole
+    /// [`Config::body_budget`].
+    pub body_budget_per_user: usize,
+    /// Longest a request body may take to arrive in all, however steadily.
+    pub body_deadline: Duration,
+    /// Most requests one user may have in flight at once on the replica
+    /// (from its head until its answer is sent; streams and sockets are
+    /// bounded by `MAX_SOCKETS_PER_USER` instead). 0: no limit.
+    pub max_requests_per_user: usize,
+    /// Most bytes of answers held at once by the replica (built and not yet
+    /// taken by their clients); over it, new requests get 503.
+    pub answer_budget: usize,
+    /// Longest the server waits for a client to take the next bytes it
+    /// sends (an answer, a stream's event, a socket's message), and the
+    /// grace period before [`Config::send_min_rate`] applies.
+    pub send_timeout: Duration,
+    /// Least average rate, in bytes per second, at which a client must
+    /// take what the server sends once `send_timeout` has passed.
+    pub send_min_rate: u64,
+    /// Bytes of push bodies a second one user may send on one replica (0:
+    /// no limit). A push over it waits, up to 10 s, rather than being refused.
+    pub push_bytes_rate: u32,
     /// Most TCP connections open at once on the replica.
     pub max_connections: usize,
     /// Most TCP connections open at once from one IP address (0: no limit).
@@ -129,6 +152,13 @@ impl Config {
             body_timeout: env.duration("BODY_TIMEOUT", "10s")?,
             body_min_rate: env.parse("BODY_MIN_RATE", "1024")?,
             body_budget: env.parse("BODY_BUDGET", "268435456")?,
+            body_budget_per_user: env.parse("BODY_BUDGET_PER_USER", "33554432")?,
+            body_deadline: env.duration("BODY_DEADLINE", "3m")?,
+            max_requests_per_user: env.parse("MAX_REQUESTS_PER_USER", "32")?,
+            answer_budget: env.parse("ANSWER_BUDGET", "268435456")?,
+            send_timeout: env.duration("SEND_TIMEOUT", "10s")?,
+            send_min_rate: env.parse("SEND_MIN_RATE", "8192")?,
+            push_bytes_rate: env.parse("PUSH_BYTES_RATE", "2097152")?,
             max_connections: env.parse("MAX_CONNECTIONS", "10000")?,
             max_connections_per_address: env.parse("MAX_CONNECTIONS_PER_ADDRESS", "1000")?,
             push_rate: env.parse("PUSH_RATE", "20")?,

@@ -26,6 +26,11 @@ pub enum Error {
     /// migrated at start-up); nothing was recorded.
     #[error("the database cannot be reached; retry shortly")]
     Unavailable,
+    /// The database refused a write for want of a resource (its disk is
+    /// full, or it is out of memory); nothing was recorded, and a retry at
+    /// once would fail the same way.
+    #[error("the database is out of disk space or memory; retry later")]
+    Exhausted,
     /// The user went over a rate limit; the next attempt is allowed after this long.
     #[error("too many requests from this user; retry after the given time")]
     RateLimited(std::time::Duration),

@@ -7,7 +7,7 @@
 //!
 //! The modules, from the ground up (each imports only from those before it):
 //! - leaves: `config`, `error`, `metrics`, `telemetry`;
-//! - the pure core: `timestamp`, `cursor`, `fold`, `protocol` (limits and
+//! - the pure core: `timestamp`, `clock` (the time replicas share), `cursor`, `fold`, `protocol` (limits and
 //!   wire types; these derive poem-openapi's schema traits, so their docs
 //!   are the OpenAPI schema), `change_log`, `projection`, `validate`,
 //!   `idempotency`;
@@ -23,6 +23,7 @@
 pub mod api;
 pub mod auth;
 pub mod change_log;
+pub mod clock;
 pub mod config;
 pub mod cursor;
 pub mod error;

@@ -68,6 +68,8 @@ struct Inner {
     listener_reconnects: Counter,
     fanout_delay: Histogram,
     pool_connections: Family<PoolLabels, Gauge>,
+    answer_bytes: Gauge,
+    clock_offset: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -97,6 +99,8 @@ impl Metrics {
             listener_reconnects: Counter::default(),
             fanout_delay: latency_histogram(),
             pool_connections: Family::default(),
+            answer_bytes: Gauge::default(),
+            clock_offset: Gauge::default(),
         };
         let registry = &mut inner.registry;
         registry.register(
@@ -137,7 +141,7 @@ impl Metrics {
         );
         registry.register(
             "requests_shed",
-            "Requests refused while their body was read, by reason (body_budget: 503, slow_body: 408)",
+            "Requests refused for the replica's or the user's budgets, by reason (body_budget, answer_budget: 503; user_body_budget, user_requests: 429; slow_body: 408)",
             inner.requests_shed.clone(),
         );
         // The seed's names, kept for its dashboards.
@@ -181,7 +185,22 @@ impl Metrics {
             "Database pool connections by state (in_use, idle)",
             inner.pool_connections.clone(),
         );
+        registry.register(
+            "answer_bytes_held",
+            "Bytes of answers built and not yet taken by their clients (bounded by ANSWER_BUDGET)",
+            inner.answer_bytes.clone(),
+        );
+        registry.register(
+            "clock_offset_seconds",
+            "How far this host's clock is behind the database's (negative: ahead); corrected, but past 1 s the host's time keeping is broken",
+            inner.clock_offset.clone(),
+        );
         Metrics { inner: Arc::new(inner) }
+    }
+
+    /// Bytes of answers held grew (or shrank, when negative) by `delta`.
+    pub fn answer_bytes_held(&self, delta: i64) {
+        self.inner.answer_bytes.inc_by(delta);
     }
 
     /// A request answered.
@@ -252,9 +271,11 @@ impl Metrics {
         self.inner.listener_reconnects.inc();
     }
 
-    /// The text exposition, with the current sockets, users and pool state.
-    pub fn render(&self, (connections, users): (u64, u64), (in_use, idle): (u32, u32)) -> String {
+    /// The text exposition, with the current sockets, users, pool state
+    /// and clock offset (in nanoseconds).
+    pub fn render(&self, (connections, users): (u64, u64), (in_use, idle): (u32, u32), clock_offset: i64) -> String {
         let inner = &self.inner;
+        inner.clock_offset.set(clock_offset as f64 / 1e9);
         inner.connections.set(connections as i64);
         inner.users_connected.set(users as i64);
         inner

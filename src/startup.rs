@@ -19,7 +19,7 @@ pub async fn serve(
     hurry: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr().context("listener has no address")?;
-    raise_open_files_limit();
+    let state = fit_connections_to_open_files(state, raise_open_files_limit());
     let timeout = state.config.shutdown_timeout;
     let mut background = vec![
         state.auth.spawn_refresh(state.config.jwks_refresh),
@@ -66,13 +66,54 @@ pub async fn serve(
     result
 }
 
-/// Raises the soft limit on open files to the hard one: every connection
-/// holds a descriptor, and the soft limit is often as low as 1,024.
-fn raise_open_files_limit() {
+/// Raises the soft limit on open files to the hard one, and returns it:
+/// every connection holds a descriptor, and the soft limit is often as
+/// low as 1,024.
+fn raise_open_files_limit() -> Option<u64> {
     match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) => tracing::debug!(limit, "open files limit"),
-        Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
+        Ok(limit) => {
+            tracing::debug!(limit, "open files limit");
+            Some(limit)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not raise the open files limit");
+            None
+        }
     }
+}
+
+/// Descriptors kept for what is not a client's connection: the database
+/// pool, the listener, the notifier, JWKS fetches, files.
+const RESERVED_DESCRIPTORS: u64 = 64;
+
+/// Lowers `MAX_CONNECTIONS` to what the open files limit allows (see
+/// [`fitted_connections`]), saying so.
+fn fit_connections_to_open_files(mut state: AppState, open_files: Option<u64>) -> AppState {
+    let Some(open_files) = open_files else { return state };
+    let config = &state.config;
+    let fitted = fitted_connections(config.max_connections, config.database_max_connections, open_files);
+    if fitted < config.max_connections {
+        tracing::warn!(
+            max_connections = config.max_connections,
+            open_files,
+            fitted,
+            "MAX_CONNECTIONS is more than the open files limit allows: lowered (raise the limit, e.g. LimitNOFILE or ulimit -n)"
+        );
+        let mut config = (**config).clone();
+        config.max_connections = fitted;
+        state.config = std::sync::Arc::new(config);
+    }
+    state
+}
+
+/// The most client connections `open_files` descriptors allow, with the
+/// database pool's and [`RESERVED_DESCRIPTORS`] kept aside, and at most
+/// `max_connections`: past the limit, accepting fails (the listener backs
+/// off) while the database pool and JWKS fetches fail too; under it, a
+/// connection over the cap is closed at once and everything else goes on.
+fn fitted_connections(max_connections: usize, pool: u32, open_files: u64) -> usize {
+    let room = open_files.saturating_sub(RESERVED_DESCRIPTORS + u64::from(pool));
+    max_connections.min(usize::try_from(room).unwrap_or(usize::MAX).max(1))
 }
 
 /// Waits until `done` holds, checking every 10 ms, for at most `limit`.
@@ -80,5 +121,17 @@ async fn settle(limit: Duration, done: impl Fn() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;
     while !done() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_fit_the_descriptors_left_over() {
+        assert_eq!(fitted_connections(10_000, 20, 1_048_576), 10_000);
+        assert_eq!(fitted_connections(10_000, 20, 1024), 1024 - 64 - 20);
+        assert_eq!(fitted_connections(10_000, 20, 64), 1, "one, rather than none");
     }
 }

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use crate::auth::{AuthError, Authenticator, User};
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::fanout::Notifier;
 use crate::hub::Hub;
@@ -20,6 +21,8 @@ pub struct AppState {
     pub notifier: Notifier,
     pub metrics: Metrics,
     pub throttle: Throttle,
+    /// The time every replica shares (receive times, token checks).
+    pub clock: Clock,
 }
 
 impl AppState {
@@ -29,7 +32,8 @@ impl AppState {
         let store = Store::open(&config).await?;
         store.start().await?;
         tracing::info!(store = store.kind(), "storing in {}", store.describe());
-        let auth = Authenticator::new(&config)?;
+        let clock = store.clock().clone();
+        let auth = Authenticator::new(&config, clock.clone())?;
         match &config.jwks_url {
             Some(url) => tracing::info!(jwks_url = %url, "tokens are checked against the JWKS"),
             None => tracing::warn!(
@@ -40,13 +44,16 @@ impl AppState {
         if config.jwks_url.is_none() && !config.host.is_loopback() {
             tracing::warn!(host = %config.host, "LOCAL MODE ON A NON-LOOPBACK ADDRESS: anyone who can reach it and holds a local token gets in");
         }
-        auth.refresh(true).await;
+        // The JWKS is fetched in the background from the start (see
+        // `startup`): a slow or unreachable auth service does not hold up
+        // start-up, and the first token waits for that one fetch only.
         let metrics = Metrics::new();
         let hub = Hub::new(config.max_sockets_per_user, config.max_sockets, metrics.clone());
         let notifier = Notifier::start(store.notify_options(), hub.clone());
         let throttle = Throttle::new(&config, metrics.clone());
         Ok(AppState {
             throttle,
+            clock,
             config: Arc::new(config),
             store,
             auth,

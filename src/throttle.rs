@@ -18,6 +18,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use crate::config::Config;
 use crate::error::Error;
 use crate::metrics::Metrics;
+use crate::protocol::MAX_BODY_BYTES;
 
 /// What a user does that is rate-limited.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,8 +45,14 @@ pub struct Throttle {
     push: Option<std::sync::Arc<DefaultKeyedRateLimiter<String>>>,
     pull: Option<std::sync::Arc<DefaultKeyedRateLimiter<String>>>,
     open: Option<std::sync::Arc<DefaultKeyedRateLimiter<String>>>,
+    /// Bytes of push bodies.
+    push_bytes: Option<std::sync::Arc<DefaultKeyedRateLimiter<String>>>,
     metrics: Metrics,
 }
+
+/// Longest a push waits for its bytes to fit its user's rate before it is
+/// refused: an honest client's burst is slowed, not refused.
+pub const MAX_PUSH_BYTES_WAIT: Duration = Duration::from_secs(10);
 
 /// A keyed limiter of `per_second` a user, with five seconds' burst; none for 0.
 fn limiter(per_second: u32) -> Option<std::sync::Arc<DefaultKeyedRateLimiter<String>>> {
@@ -62,6 +69,13 @@ impl Throttle {
             push: limiter(config.push_rate),
             pull: limiter(config.pull_rate),
             open: limiter(config.open_rate),
+            push_bytes: NonZeroU32::new(config.push_bytes_rate).map(|rate| {
+                // The bucket holds five seconds' worth, and at least one
+                // body of the largest size, which could never pass otherwise.
+                let burst = rate.saturating_mul(NonZeroU32::new(5).expect("5 is not 0"));
+                let body = NonZeroU32::new(MAX_BODY_BYTES as u32).expect("the body limit is not 0");
+                std::sync::Arc::new(RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst.max(body))))
+            }),
             metrics,
         }
     }
@@ -83,10 +97,33 @@ impl Throttle {
         })
     }
 
+    /// Takes `bytes` of `user_id`'s push rate (`PUSH_BYTES_RATE`), waiting
+    /// for them up to [`MAX_PUSH_BYTES_WAIT`]; a push that would wait
+    /// longer is [`Error::RateLimited`].
+    pub async fn push_bytes(&self, user_id: &str, bytes: usize) -> Result<(), Error> {
+        let (Some(limiter), Some(n)) = (&self.push_bytes, NonZeroU32::new(bytes.min(MAX_BODY_BYTES) as u32)) else {
+            return Ok(());
+        };
+        let key = user_id.to_owned();
+        let deadline = tokio::time::Instant::now() + MAX_PUSH_BYTES_WAIT;
+        loop {
+            // Never over capacity: the bucket holds a body of the largest size.
+            let Ok(Err(not_until)) = limiter.check_key_n(&key, n) else {
+                return Ok(());
+            };
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            if tokio::time::Instant::now() + wait > deadline {
+                self.metrics.throttled("push_bytes");
+                return Err(Error::RateLimited(wait));
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+
     /// Forgets, every minute, the users whose buckets are full again, so
     /// memory follows the users active in the last few seconds.
     pub fn spawn_pruning(&self) -> tokio::task::JoinHandle<()> {
-        let limiters: Vec<_> = [&self.push, &self.pull, &self.open]
+        let limiters: Vec<_> = [&self.push, &self.pull, &self.open, &self.push_bytes]
             .into_iter()
             .flatten()
             .cloned()

@@ -164,3 +164,94 @@ async fn a_jwks_outage_does_not_stop_tokens_signed_by_cached_keys(store: Backend
         "refreshes were attempted (and failed) during the outage: {hits_during_outage}"
     );
 }
+
+/// A token inside its leeway is as good on a stream and a socket as on
+/// HTTP: it is accepted by all three, and none ends before the leeway does.
+#[apply(both_stores)]
+async fn the_leeway_is_the_same_on_http_streams_and_sockets(store: Backend) {
+    let app = store.spawn_with(&[("JWT_LEEWAY", "30s")]).await;
+    let lapsed = tokens::token_for_with("alice", |c| c["exp"] = json!(tokens::now() - 5));
+    expect_json(pull_with(&app, &lapsed).await, StatusCode::OK).await;
+    let mut socket = common::ws::authed(&app, "/ws/todo", &lapsed, None).await;
+    common::ws::catch_up(&mut socket).await;
+    let stream = app
+        .http
+        .get(app.url(&format!("/sync/{APP}/stream")))
+        .bearer_auth(&lapsed)
+        .query(&[("collections", "todos")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    let mut body = stream.bytes_stream();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    use futures_util::StreamExt;
+    let first = tokio::time::timeout(Duration::from_secs(1), body.next()).await;
+    assert!(
+        matches!(first, Ok(Some(Ok(_)))),
+        "the stream is still open within the leeway: {first:?}"
+    );
+    common::ws::send(&mut socket, json!({ "type": "ping" })).await;
+    assert_eq!(
+        common::ws::expect_json(&mut socket, Duration::from_secs(2)).await,
+        json!({ "type": "pong" }),
+        "the socket is still open within the leeway"
+    );
+}
+
+/// `exp` at the largest number a token can carry is a token that never
+/// expires, not a crash: a pull, a stream and a socket all take it.
+#[apply(both_stores)]
+async fn a_token_that_never_expires_is_served_everywhere(store: Backend) {
+    let app = store.spawn().await;
+    let forever = tokens::token_for_with("alice", |c| c["exp"] = json!(u64::MAX));
+    expect_json(pull_with(&app, &forever).await, StatusCode::OK).await;
+    let mut socket = common::ws::authed(&app, "/ws/todo", &forever, None).await;
+    common::ws::catch_up(&mut socket).await;
+    let stream = app
+        .http
+        .get(app.url(&format!("/sync/{APP}/stream")))
+        .bearer_auth(&forever)
+        .query(&[("collections", "todos")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    use futures_util::StreamExt;
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.bytes_stream().next()).await;
+    assert!(matches!(first, Ok(Some(Ok(_)))), "the stream serves: {first:?}");
+}
+
+/// A JWKS answer over a megabyte is not read (cached keys keep working),
+/// and a slow auth service does not hold up start-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_jwks_is_refused_and_a_slow_one_does_not_hold_up_start_up() {
+    let jwks = std::sync::Arc::new(tokens::JwksServer::start_default().await);
+    jwks.set_delay(Duration::from_secs(3));
+    let started = std::time::Instant::now();
+    let app = common::app::start(
+        common::app::Storage::Sqlite(std::sync::Arc::new(tempfile::tempdir().unwrap())),
+        jwks.clone(),
+        &[("JWKS_MIN_REFRESH_INTERVAL", "0s")],
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "started in {:?}",
+        started.elapsed()
+    );
+    // The first token waits for the one fetch under way.
+    expect_json(pull_with(&app, &tokens::token_for("alice")).await, StatusCode::OK).await;
+    jwks.set_delay(Duration::ZERO);
+
+    let rotated = TestKey::ed().with_kid("ed-2");
+    let mut huge = tokens::jwks_json([&TestKey::ed(), &rotated]);
+    huge["padding"] = json!("x".repeat(2 * 1024 * 1024));
+    jwks.set_raw_body(Some(&huge.to_string()));
+    let token = tokens::sign(&rotated, &tokens::claims_for("alice"));
+    expect_error(pull_with(&app, &token).await, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    expect_json(pull_with(&app, &tokens::token_for("alice")).await, StatusCode::OK).await;
+    jwks.set_raw_body(None);
+    jwks.set_keys(tokens::jwks_json([&TestKey::ed(), &rotated]));
+    expect_json(pull_with(&app, &token).await, StatusCode::OK).await;
+}

@@ -232,14 +232,15 @@ async fn a_body_is_not_read_before_its_token_is_checked(store: Backend) {
 #[apply(both_stores)]
 async fn bodies_over_the_budget_get_a_503_with_retry_after(store: Backend) {
     let app = store.spawn_with(&[("BODY_BUDGET", "100000")]).await;
-    // One push holds 80 kB of the budget while its body is still coming.
-    let held = push_body_of(80_000);
+    // One push holds 80 kB of the budget while its body is still coming
+    // (what has arrived counts, not what is declared).
+    let held = push_body_of(90_000);
     let mut holder = TcpStream::connect(server(&app)).await.unwrap();
     holder
         .write_all(push_head(&bearer("alice"), held.len()).as_bytes())
         .await
         .unwrap();
-    holder.write_all(&held[..1000]).await.unwrap();
+    holder.write_all(&held[..80_000]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     // Another, of 30 kB, does not fit beside it.
     let mut other = TcpStream::connect(server(&app)).await.unwrap();
@@ -248,12 +249,13 @@ async fn bodies_over_the_budget_get_a_503_with_retry_after(store: Backend) {
         .write_all(push_head(&bearer("bob"), body.len()).as_bytes())
         .await
         .unwrap();
+    let _ = other.write_all(&body).await;
     let (answer, _) = read_until_closed(&mut other, Duration::from_secs(5)).await;
     assert_eq!(status_of(&answer), 503, "{answer}");
     assert!(answer.contains("\"code\":\"overloaded\""), "{answer}");
     assert!(answer.to_lowercase().contains("retry-after: 1"), "{answer}");
     // Once the first body is in, its share is given back.
-    holder.write_all(&held[1000..]).await.unwrap();
+    holder.write_all(&held[80_000..]).await.unwrap();
     assert_eq!(read_status(&mut holder).await, 200);
     let mut again = TcpStream::connect(server(&app)).await.unwrap();
     again
@@ -267,6 +269,98 @@ async fn bodies_over_the_budget_get_a_503_with_retry_after(store: Backend) {
         value(&scrape, "mana_sync_requests_shed_total", &[("reason", "body_budget")]),
         1.0
     );
+}
+
+/// One user holds at most `BODY_BUDGET_PER_USER` of bodies, counted as
+/// they arrive: slow bodies declaring 10 MB each hold only what they sent,
+/// and one user's bodies over its share get a 429 while other users'
+/// pushes go on.
+#[apply(both_stores)]
+async fn one_user_holds_only_a_share_of_the_body_budget(store: Backend) {
+    let app = store
+        .spawn_with(&[("BODY_BUDGET", "200000"), ("BODY_BUDGET_PER_USER", "50000")])
+        .await;
+    // Twenty bodies declaring 10 MB each, a few bytes sent: they hold next to nothing.
+    let mut declared = Vec::new();
+    for _ in 0..20 {
+        let mut socket = TcpStream::connect(server(&app)).await.unwrap();
+        socket
+            .write_all(push_head(&bearer("mallory"), 10_000_000).as_bytes())
+            .await
+            .unwrap();
+        socket.write_all(b"{\"clientId\"").await.unwrap();
+        declared.push(socket);
+    }
+    let held = push_body_of(45_000);
+    let mut holder = TcpStream::connect(server(&app)).await.unwrap();
+    holder
+        .write_all(push_head(&bearer("alice"), held.len()).as_bytes())
+        .await
+        .unwrap();
+    holder.write_all(&held[..40_000]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Alice's second body does not fit in her share...
+    let body = push_body_of(30_000);
+    let mut second = TcpStream::connect(server(&app)).await.unwrap();
+    second
+        .write_all(push_head(&bearer("alice"), body.len()).as_bytes())
+        .await
+        .unwrap();
+    let _ = second.write_all(&body).await;
+    let (answer, _) = read_until_closed(&mut second, Duration::from_secs(5)).await;
+    assert_eq!(status_of(&answer), 429, "{answer}");
+    assert!(answer.contains("\"code\":\"too_many_requests\""), "{answer}");
+    // ...while Bob's does, beside hers and Mallory's.
+    let mut bob = TcpStream::connect(server(&app)).await.unwrap();
+    bob.write_all(push_head(&bearer("bob"), body.len()).as_bytes())
+        .await
+        .unwrap();
+    bob.write_all(&body).await.unwrap();
+    assert_eq!(read_status(&mut bob).await, 200);
+    holder.write_all(&held[40_000..]).await.unwrap();
+    assert_eq!(read_status(&mut holder).await, 200);
+    let scrape = scrape(&app).await;
+    assert_eq!(
+        value(
+            &scrape,
+            "mana_sync_requests_shed_total",
+            &[("reason", "user_body_budget")]
+        ),
+        1.0
+    );
+    drop(declared);
+}
+
+/// A body that keeps coming, but too slowly to be done within
+/// `BODY_DEADLINE`, is cut there with a 408.
+#[apply(both_stores)]
+async fn a_body_must_arrive_within_its_deadline_however_steady(store: Backend) {
+    let app = store
+        .spawn_with(&[("BODY_DEADLINE", "2s"), ("BODY_TIMEOUT", "1s"), ("BODY_MIN_RATE", "1")])
+        .await;
+    let body = push_body_of(2_000);
+    let mut socket = TcpStream::connect(server(&app)).await.unwrap();
+    socket
+        .write_all(push_head(&bearer("alice"), body.len()).as_bytes())
+        .await
+        .unwrap();
+    // A piece every half second: never a pause of BODY_TIMEOUT, always over BODY_MIN_RATE.
+    let started = Instant::now();
+    let mut sent = 0;
+    let answer = loop {
+        let mut buf = [0u8; 4096];
+        tokio::select! {
+            read = socket.read(&mut buf) => break String::from_utf8_lossy(&buf[..read.unwrap()]).into_owned(),
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                socket.write_all(&body[sent..sent + 10]).await.unwrap();
+                sent += 10;
+            }
+        }
+    };
+    assert_eq!(status_of(&answer), 408, "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(5), "cut at its deadline");
+    assert!(sent < body.len());
+    assert_eq!(app.log_rows().await, 0);
 }
 
 #[apply(both_stores)]
@@ -327,6 +421,9 @@ fn cpu_ticks(pid: u32) -> u64 {
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
+/// With few descriptors, the server fits `MAX_CONNECTIONS` to them (and
+/// says so) rather than run out: connections over the cap are closed at
+/// once, nothing spins, and it serves again when they go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_file_descriptors_the_server_waits_rather_than_spins() {
     use std::os::unix::process::CommandExt;
@@ -384,7 +481,10 @@ async fn out_of_file_descriptors_the_server_waits_rather_than_spins() {
         "the server used {used} ticks of CPU in 2 s while out of descriptors"
     );
     let log = std::fs::read_to_string(dir.path().join("log")).unwrap();
-    assert!(log.contains("accepting a connection failed"), "{log}");
+    assert!(
+        log.contains("MAX_CONNECTIONS is more than the open files limit allows"),
+        "{log}"
+    );
     // Given its descriptors back, it serves again.
     drop(held);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -396,4 +496,22 @@ async fn out_of_file_descriptors_the_server_waits_rather_than_spins() {
         assert!(Instant::now() < deadline, "the server did not recover");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A client that sends its request and then closes its sending side (a
+/// half-close) still gets its answer, and its push is applied.
+#[apply(both_stores)]
+async fn a_request_followed_by_the_clients_fin_is_answered(store: Backend) {
+    let app = store.spawn().await;
+    let body = push_body_of(300);
+    let mut socket = TcpStream::connect(server(&app)).await.unwrap();
+    socket
+        .write_all(push_head(&bearer("alice"), body.len()).as_bytes())
+        .await
+        .unwrap();
+    socket.write_all(&body).await.unwrap();
+    socket.shutdown().await.unwrap();
+    let (answer, _) = read_until_closed(&mut socket, Duration::from_secs(5)).await;
+    assert_eq!(status_of(&answer), 200, "{answer}");
+    assert_eq!(app.log_rows().await, 1);
 }

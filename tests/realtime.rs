@@ -136,7 +136,8 @@ async fn a_bad_token_is_refused(store: Backend) {
 
 #[apply(both_stores)]
 async fn an_expired_token_closes_the_socket_unless_renewed(store: Backend) {
-    let app = store.spawn().await;
+    // No leeway: the socket closes at `exp` itself.
+    let app = store.spawn_with(&[("JWT_LEEWAY", "0s")]).await;
     let short = |secs: i64| tokens::token_for_with("alice", |c| c["exp"] = json!(tokens::now() + secs));
     let mut lapsing = ws::authed(&app, "/ws/todo", &short(2), None).await;
     let mut renewed = ws::authed(&app, "/ws/todo", &short(2), None).await;

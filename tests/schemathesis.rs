@@ -56,7 +56,13 @@ fn run(port: u16, headers: &[String], examples: u32) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_nothing_with_a_token_or_without() {
     let dir = tempfile::tempdir().unwrap();
-    let limits_off = [("PUSH_RATE", "0"), ("PULL_RATE", "0"), ("OPEN_RATE", "0")];
+    let limits_off = [
+        ("PUSH_RATE", "0"),
+        ("PUSH_BYTES_RATE", "0"),
+        ("MAX_REQUESTS_PER_USER", "0"),
+        ("PULL_RATE", "0"),
+        ("OPEN_RATE", "0"),
+    ];
     let (_server, port) = serve(Path::new(env!("CARGO_BIN_EXE_mana-sync")), dir.path(), &limits_off).await;
     let bearer = format!("Authorization: Bearer {}", local_token(dir.path(), "schemathesis"));
 

@@ -185,7 +185,8 @@ async fn a_stream_needs_a_token_and_collections(store: Backend) {
 
 #[apply(both_stores)]
 async fn a_stream_ends_when_its_token_expires(store: Backend) {
-    let app = store.spawn().await;
+    // No leeway: the stream ends at `exp` itself.
+    let app = store.spawn_with(&[("JWT_LEEWAY", "0s")]).await;
     let token = common::tokens::token_for_with("alice", |c| c["exp"] = json!(common::tokens::now() + 2));
     let response = app
         .http

@@ -121,6 +121,8 @@ impl Environment {
                 ("JWT_ISSUER", tokens::ISSUER.to_owned()),
                 ("JWT_AUDIENCE", tokens::AUDIENCE.to_owned()),
                 ("PUSH_RATE", "0".to_owned()),
+                ("PUSH_BYTES_RATE", "0".to_owned()),
+                ("MAX_REQUESTS_PER_USER", "0".to_owned()),
                 ("PULL_RATE", "0".to_owned()),
                 ("OPEN_RATE", "0".to_owned()),
                 ("MAX_SOCKETS", "30000".to_owned()),

@@ -60,6 +60,9 @@ impl From<Error> for Answer {
             e @ Error::IdempotencyKeyReused(_) => Answer::Unprocessable(body("idempotency_key_reused", e.to_string())),
             e @ Error::Busy => Answer::TooManyRequests(body("busy", e.to_string()), 1),
             e @ Error::Unavailable => Answer::ServiceUnavailable(body("unavailable", e.to_string()), 2),
+            e @ Error::Exhausted => {
+                Answer::ServiceUnavailable(body("storage_exhausted", e.to_string()), EXHAUSTED_RETRY_AFTER)
+            }
             e @ Error::RateLimited(wait) => {
                 Answer::TooManyRequests(body("rate_limited", e.to_string()), retry_after(wait))
             }
@@ -114,12 +117,25 @@ impl Answer {
         Answer::BadRequest(body("bad_request", format!("the request body could not be read: {e}")))
     }
 
-    /// The replica holds as many request bodies as its budget allows.
-    pub fn bodies_over_budget() -> Answer {
+    /// The replica holds as many request bodies, or answers not yet taken,
+    /// as its budgets allow.
+    pub fn overloaded() -> Answer {
         Answer::ServiceUnavailable(
             body(
                 "overloaded",
-                "the server is receiving too many requests at once; retry shortly",
+                "the server is handling too many requests at once; retry shortly",
+            ),
+            1,
+        )
+    }
+
+    /// The user holds as much of the replica (`what`: requests in flight,
+    /// request bodies) as one user may.
+    pub fn user_over_share(what: &str) -> Answer {
+        Answer::TooManyRequests(
+            body(
+                "too_many_requests",
+                format!("this user holds as many {what} at once as one user may; retry shortly"),
             ),
             1,
         )
@@ -135,6 +151,10 @@ impl Answer {
         internal()
     }
 }
+
+/// How long a client is asked to wait after the database ran out of disk
+/// or memory: freeing either takes an operator, not a moment.
+const EXHAUSTED_RETRY_AFTER: u32 = 30;
 
 /// Whole seconds for `Retry-After`, rounded up (at least 1).
 pub fn retry_after(wait: std::time::Duration) -> u32 {

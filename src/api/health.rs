@@ -7,7 +7,6 @@ use poem_openapi::{ApiResponse, Object, OpenApi};
 
 use crate::api::ApiTags;
 use crate::state::AppState;
-use crate::timestamp::Timestamp;
 
 pub struct HealthApi;
 
@@ -41,7 +40,8 @@ pub struct Readiness {
     /// `ready` or `not_ready`.
     pub status: String,
     /// Why not, when not: `shutting down`, `database unreachable`,
-    /// `change listener reconnecting`.
+    /// `database out of disk space or memory` (a write was refused for it
+    /// in the last 30 s), `change listener reconnecting`.
     #[oai(skip_serializing_if_is_none)]
     pub reason: Option<String>,
 }
@@ -78,7 +78,7 @@ impl HealthApi {
         Json(Health {
             status: if database_ok && listening { "ok" } else { "degraded" }.to_owned(),
             service: "mana-sync".to_owned(),
-            timestamp: Timestamp::now().to_short_string(),
+            timestamp: state.clock.now().to_short_string(),
             connections,
             users,
             database: if database_ok { "ok" } else { "unreachable" }.to_owned(),
@@ -89,8 +89,10 @@ impl HealthApi {
 
     /// Readiness
     ///
-    /// 200 when the database answers and the change listener listens (so
-    /// this replica both serves requests and hears other replicas' pushes);
+    /// 200 when the database answers (and has not refused a write for want
+    /// of disk space or memory in the last 30 s) and the change listener
+    /// listens (so this replica both serves requests and hears other
+    /// replicas' pushes);
     /// 503 with the reason otherwise, and from the moment the replica is
     /// told to stop (while it still serves for `SHUTDOWN_DRAIN`). For load
     /// balancers and Kubernetes.
@@ -100,6 +102,8 @@ impl HealthApi {
             Some("shutting down")
         } else if !state.store.ping().await {
             Some("database unreachable")
+        } else if state.store.exhaustion().recent() {
+            Some("database out of disk space or memory")
         } else if !state.hub.is_listening() {
             Some("change listener reconnecting")
         } else {
@@ -125,8 +129,10 @@ impl HealthApi {
     /// reconnects, fan-out delay and database pool connections.
     #[oai(path = "/metrics", method = "get", operation_id = "metrics")]
     async fn metrics(&self, state: Data<&AppState>) -> MetricsResponse {
-        MetricsResponse::Ok(PlainText(
-            state.metrics.render(state.hub.stats(), state.store.pool_stats()),
-        ))
+        MetricsResponse::Ok(PlainText(state.metrics.render(
+            state.hub.stats(),
+            state.store.pool_stats(),
+            state.clock.offset_nanos(),
+        )))
     }
 }

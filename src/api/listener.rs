@@ -1,6 +1,13 @@
 //! Accepting connections: within the replica's and each address's
-//! limits, Nagle off, never spinning when accepting fails, and a
-//! lingering close.
+//! limits, Nagle off, never spinning when accepting fails, a pace the
+//! client must keep when taking what is sent to it, and a lingering close.
+//!
+//! Everything the server sends (answers, stream events, socket messages)
+//! must be taken by the client at a least pace ([`SendPace`]): a write
+//! that cannot go within `SEND_TIMEOUT`, or a client that takes less than
+//! `SEND_MIN_RATE` bytes a second on average once it has fallen behind,
+//! fails the connection, and with it whatever the server held for it.
+//! Otherwise a client that never reads would hold its answers for ever.
 //!
 //! A server that answers before it has read the whole request (a 413 for a
 //! body over the limit, a refused token) and then closes the socket makes
@@ -40,13 +47,20 @@ pub const MAX_LINGERING: usize = 1024;
 /// pause doubles from 5 ms up to this while it keeps failing.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
-/// How many connections a replica holds at once.
+/// How many connections a replica holds at once, and the pace their
+/// clients must keep.
 #[derive(Clone, Copy, Debug)]
 pub struct ConnectionLimits {
     /// In all (`MAX_CONNECTIONS`).
     pub total: usize,
     /// From one IP address (`MAX_CONNECTIONS_PER_ADDRESS`; 0: no limit).
     pub per_address: usize,
+    /// Longest a write may wait (`SEND_TIMEOUT`), and the grace before
+    /// `min_rate` applies.
+    pub send_timeout: Duration,
+    /// Least average rate a client that fell behind must take bytes at
+    /// (`SEND_MIN_RATE`, bytes a second).
+    pub send_min_rate: u64,
 }
 
 /// The open connections, in all and by address.
@@ -123,6 +137,7 @@ impl Listener {
                         stream: Some(stream),
                         lingering: self.lingering.clone(),
                         slot: Some(slot),
+                        pace: SendPace::new(self.limits.send_timeout, self.limits.send_min_rate),
                     };
                     return (connection, peer);
                 }
@@ -171,23 +186,106 @@ impl Listener {
 }
 
 /// A connection that, when dropped, is closed lingering (see the module
-/// docs), while fewer than [`MAX_LINGERING`] others are.
+/// docs), while fewer than [`MAX_LINGERING`] others are; its writes keep
+/// to a [`SendPace`].
 pub struct Lingering {
     /// `None` only once dropped.
     stream: Option<TcpStream>,
     lingering: Arc<Semaphore>,
     /// Held until the socket is let go, lingering included.
     slot: Option<Slot>,
+    pace: SendPace,
+}
+
+/// The pace at which a client takes what is sent to it. A write that
+/// cannot go at once starts a spell of falling behind, which ends when
+/// everything written has gone (a flush completes); within a spell,
+/// writes must keep going: each within `timeout` of the last, and on
+/// average at `min_rate` after the first `timeout`. Else the write fails
+/// ([`io::ErrorKind::TimedOut`]), and with it the connection.
+struct SendPace {
+    timeout: Duration,
+    min_rate: u64,
+    behind: Option<Behind>,
+    /// Set once the pace was not kept: the connection is not lingered over.
+    broken: bool,
+}
+
+/// A spell of falling behind.
+struct Behind {
+    since: tokio::time::Instant,
+    last: tokio::time::Instant,
+    written: u64,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl SendPace {
+    fn new(timeout: Duration, min_rate: u64) -> SendPace {
+        SendPace {
+            timeout,
+            min_rate: min_rate.max(1),
+            behind: None,
+            broken: false,
+        }
+    }
+
+    /// Passes on what a write or flush of the socket gave, counting its
+    /// bytes; a `Pending` one is failed once the client is too slow.
+    fn keep<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+        written: impl Fn(&T) -> usize,
+    ) -> Poll<io::Result<T>> {
+        match polled {
+            Poll::Ready(Ok(done)) => {
+                if let Some(behind) = &mut self.behind {
+                    behind.written += written(&done) as u64;
+                    behind.last = tokio::time::Instant::now();
+                }
+                Poll::Ready(Ok(done))
+            }
+            Poll::Pending => {
+                let now = tokio::time::Instant::now();
+                let timeout = self.timeout;
+                let behind = self.behind.get_or_insert_with(|| Behind {
+                    since: now,
+                    last: now,
+                    written: 0,
+                    timer: Box::pin(tokio::time::sleep(timeout)),
+                });
+                let on_pace =
+                    behind.since + self.timeout + Duration::from_secs_f64(behind.written as f64 / self.min_rate as f64);
+                let deadline = on_pace.min(behind.last + self.timeout);
+                behind.timer.as_mut().reset(deadline);
+                if behind.timer.as_mut().poll(cx).is_ready() {
+                    self.broken = true;
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client does not take what is sent to it",
+                    )));
+                }
+                Poll::Pending
+            }
+            failed => failed,
+        }
+    }
+
+    /// Everything written has gone: the client keeps up again.
+    fn caught_up(&mut self) {
+        self.behind = None;
+    }
 }
 
 impl Lingering {
+    fn parts(self: Pin<&mut Self>) -> (Pin<&mut TcpStream>, &mut SendPace) {
+        let this = self.get_mut();
+        let stream = this.stream.as_mut().expect("a connection is open until dropped");
+        (Pin::new(stream), &mut this.pace)
+    }
+
     fn stream(self: Pin<&mut Self>) -> Pin<&mut TcpStream> {
-        Pin::new(
-            self.get_mut()
-                .stream
-                .as_mut()
-                .expect("a connection is open until dropped"),
-        )
+        self.parts().0
     }
 }
 
@@ -199,11 +297,18 @@ impl AsyncRead for Lingering {
 
 impl AsyncWrite for Lingering {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        self.stream().poll_write(cx, buf)
+        let (stream, pace) = self.parts();
+        let polled = stream.poll_write(cx, buf);
+        pace.keep(cx, polled, |n| *n)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.stream().poll_flush(cx)
+        let (stream, pace) = self.parts();
+        let polled = stream.poll_flush(cx);
+        if let Poll::Ready(Ok(())) = polled {
+            pace.caught_up();
+        }
+        pace.keep(cx, polled, |_| 0)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -215,7 +320,9 @@ impl AsyncWrite for Lingering {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.stream().poll_write_vectored(cx, bufs)
+        let (stream, pace) = self.parts();
+        let polled = stream.poll_write_vectored(cx, bufs);
+        pace.keep(cx, polled, |n| *n)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -226,11 +333,16 @@ impl AsyncWrite for Lingering {
 impl Drop for Lingering {
     fn drop(&mut self) {
         // Dropping happens inside the connection's task, on the runtime;
-        // without one (the runtime is going away), or with too many
-        // connections lingering already, the socket just closes.
+        // without one (the runtime is going away), with too many
+        // connections lingering already, or for a client that stopped
+        // taking what was sent (lingering is for clients still sending),
+        // the socket just closes.
         let (Some(stream), Ok(runtime)) = (self.stream.take(), tokio::runtime::Handle::try_current()) else {
             return;
         };
+        if self.pace.broken {
+            return;
+        }
         if let Ok(permit) = self.lingering.clone().try_acquire_owned() {
             let slot = self.slot.take();
             runtime.spawn(async move {

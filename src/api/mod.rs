@@ -3,9 +3,11 @@
 //! extractor, the mapping of errors to statuses, the middleware, and the
 //! connection handling. [`app`] puts them together.
 
+pub mod admission;
 pub mod auth;
 pub mod body;
 pub mod error;
+pub mod gate;
 pub mod health;
 pub mod listener;
 pub mod middleware;
@@ -29,8 +31,8 @@ use poem_openapi::{OpenApi, OpenApiService, Tags};
 
 use crate::state::AppState;
 
-use self::body::BodyGate;
 use self::error::json_error;
+use self::gate::Gate;
 use self::health::HealthApi;
 use self::listener::{ConnectionLimits, Listener};
 use self::stream::StreamApi;
@@ -80,7 +82,7 @@ const OTHER_ROUTES: [&str; 4] = ["/openapi.json", "/.well-known/jwks.json", "/ws
 pub fn app(state: AppState) -> BoxEndpoint<'static, Response> {
     let (spec, docs) = (spec(), Html(docs()));
     let cors = middleware::cors(&state.config.cors_origins);
-    let bodies = BodyGate::new(&state.config, state.metrics.clone());
+    let gate = Gate::new(&state.config, state.metrics.clone());
     Route::new()
         .at(
             "/openapi.json",
@@ -92,8 +94,8 @@ pub fn app(state: AppState) -> BoxEndpoint<'static, Response> {
         .at("/docs", make_sync(move |_| docs.clone()))
         .nest("/", openapi())
         .around(move |ep, req| {
-            let bodies = bodies.clone();
-            async move { bodies.call(&ep, req).await }
+            let gate = gate.clone();
+            async move { gate.call(&ep, req).await }
         })
         .catch_all_error(json_error)
         .with(cors)
@@ -175,6 +177,8 @@ pub async fn serve(
     let limits = ConnectionLimits {
         total: config.max_connections,
         per_address: config.max_connections_per_address,
+        send_timeout: config.send_timeout,
+        send_min_rate: config.send_min_rate,
     };
     let idle_timeout = config.idle_timeout;
     let listener = Listener::new(listener, limits, state.metrics.clone());

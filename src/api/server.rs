@@ -50,7 +50,12 @@ pub async fn run(
     let app = Arc::new(app.map_to_response());
     let local = LocalAddr(listener.local_addr()?.into());
     let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(idle_timeout);
+    // A client may send its request and then close its sending side (a
+    // half-close, as `curl --data … | nc -N` does, or a proxy passing on a
+    // client's FIN): its request is still answered, and a push applied.
+    http.timer(TokioTimer::new())
+        .header_read_timeout(idle_timeout)
+        .half_close(true);
     let (phase, watching) = watch::channel(Phase::Serving);
     // Every connection holds a sender; when all are gone, all have ended.
     let (open, mut all_closed) = mpsc::channel::<()>(1);

@@ -17,7 +17,6 @@ use crate::protocol::{DEFAULT_PULL_LIMIT, HeaderId, Key, MAX_PULL_LIMIT, Name, P
 use crate::state::AppState;
 use crate::sync::{self, Idempotency};
 use crate::throttle::Action;
-use crate::timestamp::Timestamp;
 use crate::validate::{self, Limits};
 
 pub struct SyncApi;
@@ -66,9 +65,10 @@ pub enum PushError {
     /// A server fault; details are in the server's log, never in the response.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
-    /// The database cannot be reached, or the replica holds as many
-    /// request bodies as its `BODY_BUDGET` allows. Nothing was recorded;
-    /// retry after the given seconds.
+    /// The database cannot be reached or is out of disk space or memory
+    /// (`storage_exhausted`), or the replica holds as many request bodies
+    /// as its `BODY_BUDGET` allows. Nothing was recorded; retry after the
+    /// given seconds.
     #[oai(status = 503)]
     ServiceUnavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
 }
@@ -130,8 +130,8 @@ impl SyncApi {
         body: Json<PushRequest>,
         request: &Request,
     ) -> Result<Serialized<SyncResponse>, PushError> {
+        // Its rate was checked before its body was read (`api::gate`).
         let user = auth.0;
-        state.throttle.check(Action::Push, &user.id)?;
         for (name, code) in [
             ("X-Client-Id", "invalid_name"),
             ("Idempotency-Key", "invalid_idempotency_key"),
@@ -152,13 +152,13 @@ impl SyncApi {
             max_changes: state.config.max_batch_changes,
             max_clock_skew: state.config.max_clock_skew,
         };
-        let batch = validate::push(client_id.0.as_deref(), body.0, Timestamp::now(), limits)?;
+        let batch = validate::push(client_id.0.as_deref(), body.0, state.clock.now(), limits)?;
         let idempotency = key.zip(sent_changes).map(|(key, changes)| Idempotency {
             fingerprint: idempotency::fingerprint(&app_id, &batch.client_id, &changes),
             key,
             ttl: state.config.idempotency_ttl,
         });
-        let response = sync::push(
+        let pushed = sync::push(
             &state.store,
             &state.notifier,
             &state.metrics,
@@ -168,8 +168,8 @@ impl SyncApi {
             idempotency.as_ref(),
             DEFAULT_PULL_LIMIT,
         )
-        .await?;
-        Ok(Serialized(response))
+        .await;
+        Ok(Serialized(state.store.exhaustion().note(pushed)?))
     }
 
     /// Pull one collection's changes

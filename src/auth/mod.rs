@@ -9,12 +9,14 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use http_body_util::BodyExt;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm, OctetKeyPairType};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::protocol::{MAX_ID_CHARS, MAX_SUBJECT_BYTES, check_text};
 
@@ -28,16 +30,21 @@ pub struct User {
     pub id: String,
     /// When the token expires (`exp`, seconds since the epoch).
     pub expires_at: u64,
+    /// When the token stops being accepted (`exp` plus `JWT_LEEWAY`, by
+    /// the shared clock), as this process's instant.
+    valid_until: tokio::time::Instant,
 }
 
+/// The furthest ahead a token's end is kept as an instant: a token may
+/// say `exp` = 2^64 - 1, which no instant reaches.
+const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 impl User {
-    /// The instant the user's token expires (a socket or stream ends then).
+    /// The instant the user's token stops being accepted (a socket or
+    /// stream ends then): the same moment a request with it starts getting
+    /// 401, leeway included.
     pub fn expiry(&self) -> tokio::time::Instant {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        tokio::time::Instant::now() + Duration::from_secs(self.expires_at.saturating_sub(now))
+        self.valid_until
     }
 }
 
@@ -126,18 +133,25 @@ struct Inner {
     issuer: Option<String>,
     audience: Option<String>,
     leeway: Duration,
+    clock: Clock,
 }
 
 #[derive(Deserialize)]
 struct Claims {
     sub: Option<String>,
     exp: u64,
+    nbf: Option<u64>,
 }
+
+/// Most bytes of a JWKS read: a few dozen keys take a few kilobytes, and
+/// a JWKS endpoint gone wrong must not take the replica's memory.
+pub const MAX_JWKS_BYTES: usize = 1024 * 1024;
 
 impl Authenticator {
     /// Verifies against the JWKS at `JWKS_URL`, or, without one, against
-    /// the local issuer's key (created in `DATA_DIR` on first start).
-    pub fn new(config: &Config) -> anyhow::Result<Authenticator> {
+    /// the local issuer's key (created in `DATA_DIR` on first start);
+    /// `exp` and `nbf` by `clock`, the time every replica shares.
+    pub fn new(config: &Config, clock: Clock) -> anyhow::Result<Authenticator> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .build()
@@ -161,6 +175,7 @@ impl Authenticator {
                 issuer: config.jwt_issuer.clone(),
                 audience: config.jwt_audience.clone(),
                 leeway: config.jwt_leeway,
+                clock,
             }),
         })
     }
@@ -182,8 +197,10 @@ impl Authenticator {
             return Err(AuthError::AlgorithmMismatch);
         }
         let mut validation = Validation::new(key.alg);
-        validation.leeway = self.inner.leeway.as_secs();
-        validation.validate_nbf = true;
+        // `exp` and `nbf` are checked below, by the shared clock rather
+        // than this host's.
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
         // A configured issuer or audience must be present, not merely match when present.
         let mut required = vec!["exp", "sub"];
         match &self.inner.issuer {
@@ -201,11 +218,24 @@ impl Authenticator {
             None => validation.validate_aud = false,
         }
         validation.set_required_spec_claims(&required);
-        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(classify)?;
-        match data.claims.sub {
+        let claims = jsonwebtoken::decode::<Claims>(token, &key.key, &validation)
+            .map_err(classify)?
+            .claims;
+        let now = self.inner.clock.unix_seconds();
+        let leeway = self.inner.leeway.as_secs();
+        let valid_for = claims.exp.saturating_add(leeway).checked_sub(now);
+        if valid_for.is_none_or(|left| left == 0) {
+            return Err(AuthError::Expired);
+        }
+        if claims.nbf.is_some_and(|nbf| nbf > now.saturating_add(leeway)) {
+            return Err(AuthError::NotYetValid);
+        }
+        let valid_for = Duration::from_secs(valid_for.unwrap_or(0)).min(FOREVER);
+        match claims.sub {
             Some(sub) if sub.len() <= MAX_SUBJECT_BYTES && check_text(&sub, MAX_ID_CHARS).is_ok() => Ok(User {
                 id: sub,
-                expires_at: data.claims.exp,
+                expires_at: claims.exp,
+                valid_until: tokio::time::Instant::now() + valid_for,
             }),
             _ => Err(AuthError::InvalidSubject),
         }
@@ -249,22 +279,21 @@ impl Authenticator {
     // The URL is left out: it may carry credentials.
     #[tracing::instrument(name = "jwks.fetch", skip_all, fields(keys = tracing::field::Empty), err)]
     async fn fetch(&self, url: &str) -> anyhow::Result<HashMap<String, VerifyingKey>> {
-        let set: JwkSet = self
-            .inner
-            .http
-            .get(url)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
+        let response = self.inner.http.get(url).send().await?.error_for_status()?;
+        // Read within a bound, whatever the declared length says.
+        let body = http_body_util::Limited::new(reqwest::Body::from(response), MAX_JWKS_BYTES)
+            .collect()
+            .await
+            .map_err(|e| anyhow::anyhow!("the JWKS could not be read within {MAX_JWKS_BYTES} bytes: {e}"))?
+            .to_bytes();
+        let set: JwkSet = serde_json::from_slice(&body)?;
         let keys = verifying_keys(&set);
         tracing::Span::current().record("keys", keys.len());
         Ok(keys)
     }
 
-    /// Re-fetches the JWKS every `interval`, so rotated keys are known
-    /// before the first token signed by them arrives.
+    /// Fetches the JWKS at once, then again every `interval`, so rotated
+    /// keys are known before the first token signed by them arrives.
     pub fn spawn_refresh(&self, interval: Duration) -> tokio::task::JoinHandle<()> {
         let auth = self.clone();
         tokio::spawn(async move {
@@ -339,5 +368,44 @@ fn classify(e: jsonwebtoken::errors::Error) -> AuthError {
             AuthError::Malformed
         }
         other => AuthError::Invalid(format!("{other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::timestamp::Timestamp;
+
+    /// A local-mode authenticator whose shared clock is `ahead` of this host's.
+    fn authenticator(dir: &std::path::Path, ahead: Duration) -> (Authenticator, LocalIssuer) {
+        let config = Config::from_lookup(|name| match name {
+            "DATA_DIR" => Some(dir.display().to_string()),
+            "JWT_LEEWAY" => Some("30s".to_owned()),
+            _ => None,
+        })
+        .unwrap();
+        let clock = Clock::default();
+        let now = Timestamp::now();
+        clock.measured(now, Timestamp(now.0 + ahead.as_nanos() as i64), now);
+        let auth = Authenticator::new(&config, clock).unwrap();
+        (auth, LocalIssuer::load_or_create(dir).unwrap())
+    }
+
+    /// A replica whose own clock is ten minutes slow still refuses a token
+    /// that expired by the shared clock, and its sockets end with it.
+    #[tokio::test]
+    async fn tokens_are_checked_by_the_shared_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let (auth, issuer) = authenticator(dir.path(), Duration::from_secs(600));
+        let nine_minutes = issuer.token("alice", Duration::from_secs(540)).unwrap();
+        assert!(matches!(auth.verify(&nine_minutes).await, Err(AuthError::Expired)));
+        let eleven_minutes = issuer.token("alice", Duration::from_secs(660)).unwrap();
+        let user = auth.verify(&eleven_minutes).await.unwrap();
+        let left = user.expiry() - tokio::time::Instant::now();
+        // 60 s left by the shared clock, plus the 30 s leeway.
+        assert!(
+            left > Duration::from_secs(60) && left <= Duration::from_secs(90),
+            "{left:?}"
+        );
     }
 }

@@ -116,6 +116,10 @@ pub trait Dialect {
     /// connection broke, the server is down or restarting), so a retry in
     /// a few seconds may succeed.
     fn is_unavailable(e: &sqlx::Error) -> bool;
+
+    /// Whether the error means the database is out of a resource it needs
+    /// to write (disk space, memory), which only an operator can give it.
+    fn is_exhausted(e: &sqlx::Error) -> bool;
 }
 
 /// The statements a dialect runs on its pool, outside any user's
@@ -136,6 +140,10 @@ pub trait PoolDialect {
 pub fn fault<D: Dialect>(e: sqlx::Error) -> Error {
     if D::is_busy(&e) {
         return Error::Busy;
+    }
+    if D::is_exhausted(&e) {
+        tracing::error!(error = %e, "the database is out of disk space or memory");
+        return Error::Exhausted;
     }
     if D::is_unavailable(&e) {
         tracing::warn!(error = %e, "the database could not be reached");

@@ -198,6 +198,23 @@ impl Store {
         Ok(tables)
     }
 
+    /// The time every replica shares: on PostgreSQL, this process's clock
+    /// corrected to the database's by its probe (see [`crate::clock`]).
+    pub fn clock(&self) -> &crate::clock::Clock {
+        match self {
+            Store::Postgres(store) => &store.clock,
+            Store::Sqlite(store) => &store.clock,
+        }
+    }
+
+    /// Where the store notes that its database ran out of disk or memory.
+    pub fn exhaustion(&self) -> &Exhaustion {
+        match self {
+            Store::Postgres(store) => &store.exhaustion,
+            Store::Sqlite(store) => &store.exhaustion,
+        }
+    }
+
     /// Pool connections (in use, idle).
     pub fn pool_stats(&self) -> (u32, u32) {
         let stats = |pool_size: u32, idle: usize| (pool_size.saturating_sub(idle as u32), idle as u32);
@@ -229,6 +246,36 @@ impl Store {
         tokio::time::timeout(Duration::from_secs(2), ping)
             .await
             .unwrap_or(false)
+    }
+}
+
+/// How long after the database last refused a write for want of disk or
+/// memory the replica says it is not ready (`/ready` 503): long enough for
+/// a balancer or Kubernetes to see it, after which the next write tries again.
+pub const EXHAUSTED_FOR: Duration = Duration::from_secs(30);
+
+/// When the database last refused a write for want of disk space or
+/// memory ([`Error::Exhausted`]). Cheap to clone.
+///
+/// [`Error::Exhausted`]: crate::error::Error::Exhausted
+#[derive(Clone, Default)]
+pub struct Exhaustion(std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>);
+
+impl Exhaustion {
+    /// Notes `result`'s error if it is [`Error::Exhausted`](crate::error::Error::Exhausted), and passes it on.
+    pub fn note<T>(&self, result: Result<T>) -> Result<T> {
+        if let Err(crate::error::Error::Exhausted) = &result {
+            *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+        }
+        result
+    }
+
+    /// Whether the database ran out within the last [`EXHAUSTED_FOR`].
+    pub fn recent(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|at| at.elapsed() < EXHAUSTED_FOR)
     }
 }
 

@@ -78,6 +78,8 @@ pub fn replica_env(dir: &Path, database_url: &str) -> Vec<(&'static str, String)
         ("RUST_LOG", "warn".to_owned()),
         ("SHUTDOWN_DRAIN", "3s".to_owned()),
         ("PUSH_RATE", "0".to_owned()),
+        ("PUSH_BYTES_RATE", "0".to_owned()),
+        ("MAX_REQUESTS_PER_USER", "0".to_owned()),
         ("PULL_RATE", "0".to_owned()),
         ("OPEN_RATE", "0".to_owned()),
         // Behind a balancer every connection comes from its address.

@@ -34,6 +34,8 @@ impl Server {
             .env("RUST_LOG", "warn")
             .env("OPEN_RATE", "0")
             .env("PUSH_RATE", "0")
+            .env("PUSH_BYTES_RATE", "0")
+            .env("MAX_REQUESTS_PER_USER", "0")
             .env("PULL_RATE", "0")
             .env("MAX_CONNECTIONS_PER_ADDRESS", "5000")
             .env("MAX_SOCKETS_PER_USER", "100")

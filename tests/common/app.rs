@@ -164,6 +164,8 @@ pub fn test_config(storage: &Storage, jwks: &JwksServer, overrides: &[(&str, &st
         // Tests and benchmarks send bursts no honest app sends; the rate
         // limits have tests of their own (tests/throttle.rs).
         ("PUSH_RATE".to_owned(), "0".to_owned()),
+        ("PUSH_BYTES_RATE".to_owned(), "0".to_owned()),
+        ("MAX_REQUESTS_PER_USER".to_owned(), "0".to_owned()),
         ("PULL_RATE".to_owned(), "0".to_owned()),
         ("OPEN_RATE".to_owned(), "0".to_owned()),
     ]);

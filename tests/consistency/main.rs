@@ -117,6 +117,8 @@ async fn check(options: Options) {
         ("HOST".to_owned(), "127.0.0.1".to_owned()),
         ("DATABASE_MAX_CONNECTIONS".to_owned(), "8".to_owned()),
         ("PUSH_RATE".to_owned(), "0".to_owned()),
+        ("PUSH_BYTES_RATE".to_owned(), "0".to_owned()),
+        ("MAX_REQUESTS_PER_USER".to_owned(), "0".to_owned()),
         ("PULL_RATE".to_owned(), "0".to_owned()),
         ("OPEN_RATE".to_owned(), "0".to_owned()),
         ("RUST_LOG".to_owned(), "warn".to_owned()),

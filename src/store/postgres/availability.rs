@@ -15,6 +15,8 @@ use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 use tokio::sync::watch;
 
 use super::sql;
+use crate::clock::Clock;
+use crate::timestamp::Timestamp;
 
 /// How often the database is probed.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
@@ -72,8 +74,9 @@ impl Availability {
 }
 
 /// Waits for the database and migrates it (retrying every second at most),
-/// then probes it every [`PROBE_EVERY`], for as long as it runs.
-pub async fn watch(pool: PgPool, availability: Availability) {
+/// then probes it every [`PROBE_EVERY`], for as long as it runs; each
+/// probe reads the database's clock too, to keep `clock` to it.
+pub async fn watch(pool: PgPool, availability: Availability, clock: Clock) {
     let mut delay = Duration::from_millis(250);
     loop {
         match super::migrate(&pool).await {
@@ -101,7 +104,10 @@ pub async fn watch(pool: PgPool, availability: Availability) {
             if connection.is_none() {
                 connection = Some(options.connect().await?);
             }
-            sql::ping_connection(connection.as_mut().expect("connected just above")).await
+            let sent = Timestamp::now();
+            let theirs = sql::database_time(connection.as_mut().expect("connected just above")).await?;
+            clock.measured(sent, theirs, Timestamp::now());
+            Ok(())
         });
         match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
             Ok(Ok(())) => {

@@ -38,6 +38,10 @@ pub struct PgStore {
     since: Instant,
     /// Whether the database answers (see [`availability`]).
     pub availability: Availability,
+    /// When the database last ran out of disk or memory.
+    pub exhaustion: crate::store::Exhaustion,
+    /// This process's clock, corrected to the database's by the probe.
+    pub clock: crate::clock::Clock,
     /// The probe behind `availability`, once started; ended with the last clone.
     probe: Arc<std::sync::OnceLock<AbortOnDrop>>,
 }
@@ -94,6 +98,8 @@ impl PgStore {
             last_connected: Arc::default(),
             since: Instant::now(),
             availability: Availability::default(),
+            exhaustion: Default::default(),
+            clock: Default::default(),
             probe: Arc::default(),
         })
     }
@@ -106,6 +112,7 @@ impl PgStore {
             AbortOnDrop(tokio::spawn(availability::watch(
                 self.pool.clone(),
                 self.availability.clone(),
+                self.clock.clone(),
             )))
         });
     }
@@ -177,8 +184,30 @@ fn pool(url: &str, config: &Config) -> anyhow::Result<PgPool> {
             // statement's plan is one whatever its parameters (the indexes
             // are made so), and the tests and the load benchmark run with it.
             ("plan_cache_mode", "force_generic_plan"),
+            // A replica that stops mid-push (frozen, partitioned, paused
+            // by its host) must not hold its user's clock row, and so the
+            // user's pushes on every other replica, for longer than this:
+            // the server ends such a transaction (rolled back: nothing of
+            // it was acknowledged). A push never idles inside its
+            // transaction; it runs its statements back to back.
+            ("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION),
+            // A peer that vanished without closing (a partition, a host
+            // gone) is found by the server within about half a minute,
+            // whether its connection idles (keepalives) or has answers
+            // unacknowledged (`tcp_user_timeout`), rather than after the
+            // kernel's two hours.
+            ("tcp_keepalives_idle", "10"),
+            ("tcp_keepalives_interval", "5"),
+            ("tcp_keepalives_count", "3"),
+            ("tcp_user_timeout", "30000"),
         ])))
 }
+
+/// How long PostgreSQL lets a transaction of a replica sit idle before it
+/// ends it (`idle_in_transaction_session_timeout`): well within the
+/// default `LOCK_TIMEOUT` (30 s), so a push on another replica waiting
+/// behind a frozen one gets its turn instead of a 429.
+const IDLE_IN_TRANSACTION: &str = "10s";
 
 /// Waits for the database, retrying with exponential backoff (capped at
 /// 30 s) and logging every failed attempt, until `deadline` passes.

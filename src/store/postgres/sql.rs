@@ -11,6 +11,7 @@ use sqlx::{PgConnection, PgPool};
 use crate::cursor::Cursor;
 use crate::store::dialect::{Dialect, PoolDialect, read_batch};
 use crate::store::rows::{Appended, BatchRow, LogRow, NewRow, OutcomeRow, PageRow, RecordRow, SavedRow, TableRow};
+use crate::timestamp::Timestamp;
 
 impl Dialect for PgConnection {
     async fn append_batch(
@@ -287,6 +288,15 @@ impl Dialect for PgConnection {
             _ => false,
         }
     }
+
+    fn is_exhausted(e: &sqlx::Error) -> bool {
+        // Class 53 insufficient resources: 53100 disk_full, 53200
+        // out_of_memory, 53400 configuration_limit_exceeded (53300, too
+        // many connections, is an outage: see above).
+        e.as_database_error()
+            .and_then(|d| d.code())
+            .is_some_and(|c| c.starts_with("53") && c != "53300")
+    }
 }
 
 impl PoolDialect for PgPool {
@@ -345,9 +355,13 @@ pub async fn no_lock_timeout(conn: &mut PgConnection) -> sqlx::Result<()> {
 }
 
 /// Whether a connection still answers.
-pub async fn ping_connection(conn: &mut PgConnection) -> sqlx::Result<()> {
-    sqlx::query("SELECT 1").execute(conn).await?;
-    Ok(())
+/// The database's clock now (`clock_timestamp()`, not the transaction's
+/// start), to the microsecond: what the probe keeps the replica's time to.
+pub async fn database_time(conn: &mut PgConnection) -> sqlx::Result<Timestamp> {
+    let micros: i64 = sqlx::query_scalar("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8")
+        .fetch_one(conn)
+        .await?;
+    Ok(Timestamp(micros.saturating_mul(1000)))
 }
 
 #[cfg(test)]

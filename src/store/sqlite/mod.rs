@@ -40,6 +40,10 @@ pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
     path: Arc<PathBuf>,
+    /// When the file last could not grow (the disk is full).
+    pub exhaustion: crate::store::Exhaustion,
+    /// The process's own clock: one process, nothing to agree with.
+    pub clock: crate::clock::Clock,
     /// Held (never read) while any clone lives: the file's owner lock.
     _owner: Arc<File>,
 }
@@ -96,6 +100,8 @@ impl SqliteStore {
             writer,
             reader,
             path: Arc::new(path),
+            exhaustion: Default::default(),
+            clock: Default::default(),
             _owner: Arc::new(owner),
         })
     }

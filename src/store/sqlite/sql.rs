@@ -205,6 +205,15 @@ impl Dialect for SqliteConnection {
         // A local file: there is no outage to wait out, only faults.
         false
     }
+
+    fn is_exhausted(e: &sqlx::Error) -> bool {
+        // SQLITE_FULL (the disk, or `max_page_count`) and SQLITE_NOMEM;
+        // sqlx gives the extended code, whose low byte is the primary one.
+        e.as_database_error()
+            .and_then(|d| d.code())
+            .and_then(|c| c.parse::<u32>().ok())
+            .is_some_and(|c| matches!(c & 0xff, 13 | 7))
+    }
 }
 
 /// Advances the user's clock by `n` and returns its new value.
