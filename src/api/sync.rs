@@ -56,19 +56,24 @@ pub enum PushError {
     /// The `Idempotency-Key` was already used for a different request.
     #[oai(status = 422)]
     Unprocessable(Json<ErrorBody>),
-    /// Too many pushes from this user (`PUSH_RATE`), or the server is
+    /// Too many pushes or bytes from this user (`PUSH_RATE`, or
+    /// `PUSH_BYTES_RATE` when the wait for it would pass 10 s:
+    /// `rate_limited`), too many of the user's requests in flight or bytes
+    /// of bodies arriving at once (`MAX_REQUESTS_PER_USER`,
+    /// `BODY_BUDGET_PER_USER`: `too_many_requests`), or the server is
     /// overloaded: this push waited longer than `LOCK_TIMEOUT` for its
-    /// turn, or every database connection stayed in use. Nothing was
-    /// recorded; retry after the given seconds.
+    /// turn, or every database connection stayed in use (`busy`). Nothing
+    /// was recorded; retry after the given seconds.
     #[oai(status = 429)]
     TooManyRequests(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
     /// A server fault; details are in the server's log, never in the response.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
-    /// The database cannot be reached or is out of disk space or memory
-    /// (`storage_exhausted`), or the replica holds as many request bodies
-    /// as its `BODY_BUDGET` allows. Nothing was recorded; retry after the
-    /// given seconds.
+    /// The database cannot be reached (`unavailable`) or is out of disk
+    /// space or memory (`storage_exhausted`), or the replica holds as many
+    /// request bodies, or answers its clients have not yet taken, as its
+    /// `BODY_BUDGET` and `ANSWER_BUDGET` allow (`overloaded`). Nothing was
+    /// recorded; retry after the given seconds.
     #[oai(status = 503)]
     ServiceUnavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
 }
@@ -84,15 +89,18 @@ pub enum PullError {
     /// The bearer token is missing, malformed, expired, or not signed by a key of the JWKS.
     #[oai(status = 401)]
     Unauthorized(Json<ErrorBody>),
-    /// Too many pulls from this user (`PULL_RATE`), or the server is
-    /// overloaded (every database connection stayed in use); retry after
-    /// the given seconds.
+    /// Too many pulls from this user (`PULL_RATE`: `rate_limited`), too
+    /// many of the user's requests in flight (`MAX_REQUESTS_PER_USER`:
+    /// `too_many_requests`), or the server is overloaded (every database
+    /// connection stayed in use: `busy`); retry after the given seconds.
     #[oai(status = 429)]
     TooManyRequests(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
     /// A server fault; details are in the server's log, never in the response.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
-    /// The database cannot be reached; retry after the given seconds.
+    /// The database cannot be reached, or the replica holds as many
+    /// answers its clients have not yet taken as `ANSWER_BUDGET` allows;
+    /// retry after the given seconds.
     #[oai(status = 503)]
     ServiceUnavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
 }

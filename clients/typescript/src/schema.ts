@@ -58,8 +58,10 @@ export interface paths {
         };
         /**
          * Readiness
-         * @description 200 when the database answers and the change listener listens (so
-         *     this replica both serves requests and hears other replicas' pushes);
+         * @description 200 when the database answers (and has not refused a write for want
+         *     of disk space or memory in the last 30 s) and the change listener
+         *     listens (so this replica both serves requests and hears other
+         *     replicas' pushes);
          *     503 with the reason otherwise, and from the moment the replica is
          *     told to stop (while it still serves for `SHUTDOWN_DRAIN`). For load
          *     balancers and Kubernetes.
@@ -299,7 +301,8 @@ export interface components {
         Readiness: {
             /**
              * @description Why not, when not: `shutting down`, `database unreachable`,
-             *     `change listener reconnecting`.
+             *     `database out of disk space or memory` (a write was refused for it
+             *     in the last 30 s), `change listener reconnecting`.
              */
             reason?: string;
             /** @description `ready` or `not_ready`. */
@@ -549,10 +552,14 @@ export interface operations {
                 };
             };
             /**
-             * @description Too many pushes from this user (`PUSH_RATE`), or the server is
+             * @description Too many pushes or bytes from this user (`PUSH_RATE`, or
+             *     `PUSH_BYTES_RATE` when the wait for it would pass 10 s:
+             *     `rate_limited`), too many of the user's requests in flight or bytes
+             *     of bodies arriving at once (`MAX_REQUESTS_PER_USER`,
+             *     `BODY_BUDGET_PER_USER`: `too_many_requests`), or the server is
              *     overloaded: this push waited longer than `LOCK_TIMEOUT` for its
-             *     turn, or every database connection stayed in use. Nothing was
-             *     recorded; retry after the given seconds.
+             *     turn, or every database connection stayed in use (`busy`). Nothing
+             *     was recorded; retry after the given seconds.
              */
             429: {
                 headers: {
@@ -573,9 +580,11 @@ export interface operations {
                 };
             };
             /**
-             * @description The database cannot be reached, or the replica holds as many
-             *     request bodies as its `BODY_BUDGET` allows. Nothing was recorded;
-             *     retry after the given seconds.
+             * @description The database cannot be reached (`unavailable`) or is out of disk
+             *     space or memory (`storage_exhausted`), or the replica holds as many
+             *     request bodies, or answers its clients have not yet taken, as its
+             *     `BODY_BUDGET` and `ANSWER_BUDGET` allow (`overloaded`). Nothing was
+             *     recorded; retry after the given seconds.
              */
             503: {
                 headers: {
@@ -634,9 +643,10 @@ export interface operations {
                 };
             };
             /**
-             * @description Too many pulls from this user (`PULL_RATE`), or the server is
-             *     overloaded (every database connection stayed in use); retry after
-             *     the given seconds.
+             * @description Too many pulls from this user (`PULL_RATE`: `rate_limited`), too
+             *     many of the user's requests in flight (`MAX_REQUESTS_PER_USER`:
+             *     `too_many_requests`), or the server is overloaded (every database
+             *     connection stayed in use: `busy`); retry after the given seconds.
              */
             429: {
                 headers: {
@@ -656,7 +666,11 @@ export interface operations {
                     "application/json; charset=utf-8": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The database cannot be reached; retry after the given seconds. */
+            /**
+             * @description The database cannot be reached, or the replica holds as many
+             *     answers its clients have not yet taken as `ANSWER_BUDGET` allows;
+             *     retry after the given seconds.
+             */
             503: {
                 headers: {
                     "RETRY-AFTER": number;
