@@ -75,6 +75,9 @@ pub struct Config {
     /// Most bytes of answers held at once by the replica (built and not yet
     /// taken by their clients); over it, new requests get 503.
     pub answer_budget: usize,
+    /// Most bytes of one user's answers held at once by the replica; over
+    /// it, that user's new requests get 429 (0: no limit).
+    pub answer_budget_per_user: usize,
     /// Longest the server waits for a client to take the next bytes it
     /// sends (an answer, a stream's event, a socket's message), and the
     /// grace period before [`Config::send_min_rate`] applies.
@@ -154,8 +157,9 @@ impl Config {
             body_budget: env.parse("BODY_BUDGET", "268435456")?,
             body_budget_per_user: env.parse("BODY_BUDGET_PER_USER", "33554432")?,
             body_deadline: env.duration("BODY_DEADLINE", "3m")?,
-            max_requests_per_user: env.parse("MAX_REQUESTS_PER_USER", "32")?,
+            max_requests_per_user: env.parse("MAX_REQUESTS_PER_USER", "16")?,
             answer_budget: env.parse("ANSWER_BUDGET", "268435456")?,
+            answer_budget_per_user: env.parse("ANSWER_BUDGET_PER_USER", "33554432")?,
             send_timeout: env.duration("SEND_TIMEOUT", "10s")?,
             send_min_rate: env.parse("SEND_MIN_RATE", "8192")?,
             push_bytes_rate: env.parse("PUSH_BYTES_RATE", "2097152")?,

@@ -62,7 +62,7 @@ async fn answers_never_taken_are_dropped_and_bound_what_the_replica_holds(store:
         unread.push(unread_pull(&app).await);
     }
     // Built, and stuck behind clients that do not read.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while answer_bytes_held(&app).await < 20e6 {
         assert!(Instant::now() < deadline, "the answers were built");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -95,6 +95,43 @@ async fn answers_never_taken_are_dropped_and_bound_what_the_replica_holds(store:
         value(&scrape, "mana_sync_requests_shed_total", &[("reason", "answer_budget")]),
         1.0
     );
+}
+
+/// One user's answers that are not taken hold only that user's share:
+/// the user's new requests get 429, other users are served.
+#[apply(both_stores)]
+async fn one_users_answers_not_taken_hold_only_a_share(store: Backend) {
+    let app = store
+        .spawn_with(&[("SEND_TIMEOUT", "3s"), ("ANSWER_BUDGET_PER_USER", "20000000")])
+        .await;
+    eight_megabytes(&app).await;
+    let mut unread = Vec::new();
+    for _ in 0..3 {
+        unread.push(unread_pull(&app).await);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while answer_bytes_held(&app).await < 20e6 {
+        assert!(Instant::now() < deadline, "the answers were built");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused = app.pull("alice", "todos", START, None).await;
+    expect_error(refused, StatusCode::TOO_MANY_REQUESTS, "too_many_requests").await;
+    app.pull_ok("bob", "todos", START, None).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while answer_bytes_held(&app).await > 0.0 {
+        assert!(Instant::now() < deadline, "answers never taken are still held");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.pull_ok("alice", "todos", START, Some(1)).await;
+    assert_eq!(
+        value(
+            &scrape(&app).await,
+            "mana_sync_requests_shed_total",
+            &[("reason", "user_answer_budget")]
+        ),
+        1.0
+    );
+    drop(unread);
 }
 
 /// A client that takes its answer slowly but steadily, faster than
@@ -191,35 +228,36 @@ fn push_of(id: &str, bytes: usize) -> serde_json::Value {
 /// the wait would pass 10 s; nothing refused is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_users_push_bytes_are_slowed_then_refused() {
-    let app = Sqlite.spawn_with(&[("PUSH_BYTES_RATE", "500000")]).await;
-    // The bucket holds one body of the largest size (10 MB).
+    let app = Sqlite.spawn_with(&[("PUSH_BYTES_RATE", "50000")]).await;
+    // The bucket holds one body of the largest size (10 MiB).
     assert_eq!(
-        app.push("alice", "a", &push_of("one", 6_000_000)).await.status(),
+        app.push("alice", "a", &push_of("one", 10_400_000)).await.status(),
         StatusCode::OK
     );
-    // 2 MB over: it waits about four seconds, then goes through.
+    // A few hundred kB over: it waits a few seconds, then goes through.
     let started = Instant::now();
     assert_eq!(
-        app.push("alice", "a", &push_of("two", 6_000_000)).await.status(),
+        app.push("alice", "a", &push_of("two", 500_000)).await.status(),
         StatusCode::OK
     );
     assert!(
-        started.elapsed() >= Duration::from_secs(3),
+        started.elapsed() >= Duration::from_millis(1500),
         "slowed: {:?}",
         started.elapsed()
     );
-    // 6 MB over: twelve seconds' wait is too long; refused before its body is read.
-    let refused = app.push("alice", "a", &push_of("three", 6_000_000)).await;
+    // A megabyte over: twenty seconds' wait is too long; refused before its body is read.
+    let refused = app.push("alice", "a", &push_of("three", 1_000_000)).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
     let wait: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
     assert!(wait > 10, "{wait}");
     expect_error(refused, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
     // Other users are not slowed.
     let started = Instant::now();
     assert_eq!(
-        app.push("bob", "a", &push_of("b", 6_000_000)).await.status(),
+        app.push("bob", "a", &push_of("b", 1_000_000)).await.status(),
         StatusCode::OK
     );
-    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(started.elapsed() < Duration::from_millis(1500));
     assert_eq!(app.log_rows().await, 3);
     assert_eq!(
         value(

@@ -9,8 +9,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body::Body as _;
 use http_body_util::BodyExt;
-use hyper::body::Body as _;
+use http_body_util::combinators::BoxBody;
 use poem::{Body, Response};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -131,6 +133,9 @@ impl Drop for UserShare {
 pub struct AnswerBudget {
     held: Arc<AtomicUsize>,
     limit: usize,
+    /// Bytes held by each user's answers (users holding none are absent).
+    by_user: Arc<Mutex<HashMap<String, usize>>>,
+    user_limit: usize,
     metrics: Metrics,
 }
 
@@ -138,6 +143,8 @@ pub struct AnswerBudget {
 /// dropped (sent in full, or its connection gone).
 struct Held {
     held: Arc<AtomicUsize>,
+    by_user: Arc<Mutex<HashMap<String, usize>>>,
+    user: String,
     bytes: usize,
     metrics: Metrics,
 }
@@ -145,15 +152,25 @@ struct Held {
 impl Drop for Held {
     fn drop(&mut self) {
         self.held.fetch_sub(self.bytes, Ordering::Relaxed);
+        let mut by_user = self.by_user.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = by_user.get_mut(&self.user) {
+            *held -= self.bytes;
+            if *held == 0 {
+                by_user.remove(&self.user);
+            }
+        }
         self.metrics.answer_bytes_held(-(self.bytes as i64));
     }
 }
 
 impl AnswerBudget {
-    pub fn new(limit: usize, metrics: Metrics) -> AnswerBudget {
+    /// `limit` bytes for the replica, `user_limit` for each user.
+    pub fn new(limit: usize, user_limit: usize, metrics: Metrics) -> AnswerBudget {
         AnswerBudget {
             held: Arc::default(),
             limit,
+            by_user: Arc::default(),
+            user_limit,
             metrics,
         }
     }
@@ -163,31 +180,102 @@ impl AnswerBudget {
         self.held() >= self.limit
     }
 
+    /// Whether `user`'s answers already hold as many bytes as one user's
+    /// may (never, with a limit of 0).
+    pub fn is_spent_by(&self, user: &str) -> bool {
+        let by_user = self.by_user.lock().unwrap_or_else(|e| e.into_inner());
+        self.user_limit > 0 && by_user.get(user).is_some_and(|held| *held >= self.user_limit)
+    }
+
     /// Bytes of answers held now.
     pub fn held(&self) -> usize {
         self.held.load(Ordering::Relaxed)
     }
 
-    /// Counts the answer's body against the budget until it is dropped,
-    /// and keeps `share` (if any) held as long. A body of unknown length
-    /// (a stream) is not counted; only `share` rides on it.
-    pub fn hold(&self, response: &mut Response, share: Option<UserShare>) {
-        let body: http_body_util::combinators::BoxBody<_, _> = response.take_body().into();
-        let bytes = body.size_hint().exact().map_or(0, |n| n as usize);
-        self.held.fetch_add(bytes, Ordering::Relaxed);
-        self.metrics.answer_bytes_held(bytes as i64);
+    /// Counts the answer's body against the budget, the replica's and
+    /// `user`'s, until the connection has taken all but its last pieces
+    /// (see [`Pieces`]), and keeps `share` (if any) held as long. A body of
+    /// unknown length (a stream) is not counted; only `share` rides on it.
+    pub async fn hold(&self, response: &mut Response, user: &str, share: Option<UserShare>) {
+        let body: BoxBody<Bytes, std::io::Error> = response.take_body().into();
+        let Some(length) = body.size_hint().exact() else {
+            let body = body.map_err(move |e| {
+                let _ = &share;
+                e
+            });
+            response.set_body(Body::from(body.boxed()));
+            return;
+        };
+        // An answer of known length is already in memory: this takes it at once.
+        let bytes = match body.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) => {
+                tracing::error!(error = %e, "an answer's body could not be read");
+                Bytes::new()
+            }
+        };
+        debug_assert_eq!(bytes.len() as u64, length);
+        let n = bytes.len();
+        self.held.fetch_add(n, Ordering::Relaxed);
+        if n > 0 {
+            let mut by_user = self.by_user.lock().unwrap_or_else(|e| e.into_inner());
+            *by_user.entry(user.to_owned()).or_default() += n;
+        }
+        self.metrics.answer_bytes_held(n as i64);
         let held = Held {
             held: self.held.clone(),
-            bytes,
+            by_user: self.by_user.clone(),
+            user: user.to_owned(),
+            bytes: n,
             metrics: self.metrics.clone(),
         };
-        // The closure owns both and is dropped with the body; the length
-        // the body declares is kept, and with it `Content-Length`.
-        let body = body.map_err(move |e| {
-            let _ = (&held, &share);
-            e
-        });
-        response.set_body(Body::from(body.boxed()));
+        response.set_body(Body::from(
+            Pieces {
+                rest: bytes,
+                _held: (held, share),
+            }
+            .boxed(),
+        ));
+    }
+}
+
+/// How much of an answer the connection is handed at a time.
+const PIECE: usize = 64 * 1024;
+
+/// An answer handed to the connection [`PIECE`] by [`PIECE`], holding
+/// what it holds of the budgets until the last piece is taken. hyper takes
+/// a piece only while it has less than about 400 kB waiting to be written,
+/// so an answer stays counted until all but that much (and what the
+/// kernel's socket buffer took) has gone to the client: one handed over
+/// whole would be let go at once, however long it then waits in hyper's
+/// buffer for a client that does not read. Its length stays declared,
+/// and with it `Content-Length`.
+struct Pieces<G> {
+    rest: Bytes,
+    _held: G,
+}
+
+impl<G: Unpin> http_body::Body for Pieces<G> {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        if self.rest.is_empty() {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.rest.len().min(PIECE);
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(self.rest.split_to(n)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.rest.len() as u64)
     }
 }
 
@@ -215,15 +303,26 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_is_counted_until_its_body_is_dropped() {
-        let budget = AnswerBudget::new(10, Metrics::new());
+        let budget = AnswerBudget::new(20, 10, Metrics::new());
         let mut response = Response::builder().body(vec![0u8; 12]);
-        budget.hold(&mut response, None);
+        budget.hold(&mut response, "alice", None).await;
         assert_eq!(budget.held(), 12);
+        assert!(!budget.is_spent());
+        assert!(budget.is_spent_by("alice"));
+        assert!(!budget.is_spent_by("bob"));
+        let mut other = Response::builder().body(vec![0u8; 8]);
+        budget.hold(&mut other, "bob", None).await;
         assert!(budget.is_spent());
-        let body: http_body_util::combinators::BoxBody<_, _> = response.take_body().into();
+        drop(other);
+        let body: BoxBody<Bytes, std::io::Error> = response.take_body().into();
         assert_eq!(body.size_hint().exact(), Some(12), "its length is still declared");
         assert_eq!(body.collect().await.unwrap().to_bytes().len(), 12);
         assert_eq!(budget.held(), 0);
         assert!(!budget.is_spent());
+        assert!(!budget.is_spent_by("alice"));
+        assert!(
+            budget.by_user.lock().unwrap().is_empty(),
+            "nobody holds anything: forgotten"
+        );
     }
 }

@@ -3,8 +3,9 @@
 //!
 //! 1. its bearer token (a request with a body, or to `/sync/…`), so that
 //!    nobody without one costs more than a token check;
-//! 2. the replica's answer budget: while it holds `ANSWER_BUDGET` bytes of
-//!    answers its clients have not yet taken, new requests get 503;
+//! 2. the answer budget: while the replica holds `ANSWER_BUDGET` bytes of
+//!    answers its clients have not yet taken, new requests get 503; while
+//!    the user's answers hold `ANSWER_BUDGET_PER_USER`, the user's get 429;
 //! 3. the user's requests in flight (`MAX_REQUESTS_PER_USER`, waited for
 //!    briefly; streams are bounded by `MAX_SOCKETS_PER_USER` instead);
 //! 4. for a push, the user's push rate (`PUSH_RATE`) and byte rate
@@ -50,7 +51,7 @@ impl Gate {
         Gate {
             bodies: BodyReader::new(config, metrics.clone()),
             requests: (config.max_requests_per_user > 0).then(|| PerUser::new(config.max_requests_per_user)),
-            answers: AnswerBudget::new(config.answer_budget, metrics.clone()),
+            answers: AnswerBudget::new(config.answer_budget, config.answer_budget_per_user, metrics.clone()),
             metrics,
         }
     }
@@ -103,7 +104,7 @@ impl Gate {
         }
         let mut response = ep.call(req).await?.into_response();
         drop(held_body);
-        self.answers.hold(&mut response, share);
+        self.answers.hold(&mut response, &user.id, share).await;
         Ok(response)
     }
 
@@ -119,6 +120,10 @@ impl Gate {
         if self.answers.is_spent() {
             self.metrics.request_shed("answer_budget");
             return Err(Answer::overloaded());
+        }
+        if self.answers.is_spent_by(&user.id) {
+            self.metrics.request_shed("user_answer_budget");
+            return Err(Answer::user_over_share("bytes of answers not yet taken"));
         }
         let share = match (&self.requests, streaming) {
             (Some(requests), false) => match requests.take(&user.id, 1, REQUEST_SLOT_WAIT).await {

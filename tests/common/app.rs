@@ -166,6 +166,7 @@ pub fn test_config(storage: &Storage, jwks: &JwksServer, overrides: &[(&str, &st
         ("PUSH_RATE".to_owned(), "0".to_owned()),
         ("PUSH_BYTES_RATE".to_owned(), "0".to_owned()),
         ("MAX_REQUESTS_PER_USER".to_owned(), "0".to_owned()),
+        ("ANSWER_BUDGET_PER_USER".to_owned(), "0".to_owned()),
         ("PULL_RATE".to_owned(), "0".to_owned()),
         ("OPEN_RATE".to_owned(), "0".to_owned()),
     ]);
