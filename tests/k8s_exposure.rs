@@ -1,7 +1,8 @@
 //! `deploy/k8s/`, what reaches the pods and what they may do: selectors
-//! that pick the server's pods and not the migration Job's, an Ingress
-//! that routes the public API but not `/metrics`, pods locked down within
-//! their memory, and replicas that fit in PostgreSQL's connections.
+//! that pick the server's pods and not the migration Job's, Ingresses
+//! that route the public API but not `/metrics` and buffer all but the
+//! sockets and change streams, pods locked down within their memory, and
+//! replicas that fit in PostgreSQL's connections.
 
 mod common;
 #[path = "k8s/support.rs"]
@@ -70,97 +71,180 @@ fn selectors_pick_the_server_pods_and_not_the_migration_job() {
     }
 }
 
-/// Whether an Ingress `path` sends requests for `target` to its backend.
-fn reaches(path: &Value, target: &str) -> bool {
-    let prefix = path["path"].as_str().expect("an Ingress path");
-    if path["pathType"] == "Exact" {
-        target == prefix
-    } else {
-        // Prefix (and ImplementationSpecific, taken as the widest reading).
-        let prefix = prefix.trim_end_matches('/');
-        target == prefix || target.starts_with(&format!("{prefix}/"))
+/// Paths the public must not reach: Prometheus' (in-cluster), the
+/// kubelet's (one random pod's readiness through the balancer), local
+/// mode's key set.
+const UNROUTED: [&str; 3] = ["/metrics", "/ready", "/.well-known/jwks.json"];
+
+#[test]
+fn the_ingresses_route_the_public_api_but_not_metrics() {
+    let (ingresses, service) = (all("Ingress"), one("Service"));
+    let service_ports = at(service, "/spec/ports").as_array().expect("ports");
+    let mut hosts = Vec::new();
+    for &ingress in &ingresses {
+        let what = describe(ingress);
+        assert!(
+            ingress["spec"].get("defaultBackend").is_none(),
+            "{what}: a default backend sends every path to the server, /metrics included"
+        );
+        let rules = at(ingress, "/spec/rules").as_array().expect("rules");
+        let tls_hosts: Vec<&Value> = ingress["spec"]["tls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|tls| tls["hosts"].as_array().into_iter().flatten())
+            .collect();
+        for rule in rules {
+            assert!(
+                tls_hosts.contains(&&rule["host"]),
+                "{what} serves {} without TLS",
+                rule["host"]
+            );
+            hosts.extend(rule["host"].as_str());
+            for path in rule.pointer("/http/paths").and_then(Value::as_array).expect("paths") {
+                let backend = &path["backend"]["service"];
+                assert_eq!(
+                    backend["name"], service["metadata"]["name"],
+                    "{what}: {} goes to another Service",
+                    path["path"]
+                );
+                assert!(
+                    service_ports
+                        .iter()
+                        .any(|p| p["name"] == backend["port"]["name"] || p["port"] == backend["port"]["number"]),
+                    "{what}: {} goes to a port the Service does not have: {backend}",
+                    path["path"]
+                );
+                // Either reading: use-regex on any Ingress of the host
+                // widens every path of it.
+                for target in UNROUTED {
+                    assert!(
+                        !reaches(path, target, true) && !reaches(path, target, false),
+                        "{what}: the path {} ({}) exposes {target} to the public",
+                        path["path"],
+                        path["pathType"]
+                    );
+                }
+            }
+        }
+    }
+    assert!(!hosts.is_empty(), "no Ingress serves a host");
+    for host in hosts {
+        let routes = HostRoutes::new(&ingresses, host);
+        let by = |target: &str| {
+            routes
+                .route(target)
+                .unwrap_or_else(|| panic!("no Ingress routes {host}{target}"))
+                .ingress
+        };
+        let annotation = |ingress: &'static Value, key: &str| -> &'static str {
+            nginx_annotation(ingress, key)
+                .unwrap_or_else(|| panic!("{} has no nginx.ingress.kubernetes.io/{key}", describe(ingress)))
+        };
+        for target in ["/sync/todo/stream", "/ws", "/ws/todo"] {
+            let ingress = by(target);
+            for timeout in ["proxy-read-timeout", "proxy-send-timeout"] {
+                let value: u64 = annotation(ingress, timeout).parse().expect("a number of seconds");
+                assert!(
+                    value > 60,
+                    "{} takes {target} with {timeout} {value} s: it would cut idle WebSockets and change \
+                     streams (the server pings every 30 s)",
+                    describe(ingress)
+                );
+            }
+            assert_eq!(
+                annotation(ingress, "proxy-buffering"),
+                "off",
+                "{} takes {target}: buffered, change stream events wait in nginx",
+                describe(ingress)
+            );
+        }
+        for target in ["/sync/todo", "/sync/todo/pull"] {
+            let ingress = by(target);
+            // ingress-nginx's default is off: "on" must be said.
+            assert_eq!(
+                nginx_annotation(ingress, "proxy-buffering"),
+                Some("on"),
+                "{} takes {target} unbuffered: the pod holds an answer for as long as its client takes to read it",
+                describe(ingress)
+            );
+            let body = annotation(ingress, "proxy-body-size");
+            let megabytes: u64 = body
+                .strip_suffix('m')
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("proxy-body-size {body} is not in megabytes (e.g. 11m)"));
+            assert!(
+                megabytes > 10,
+                "{} takes {target} with proxy-body-size {body}: a body the server accepts (up to 10 MB) would \
+                 get nginx's 413",
+                describe(ingress)
+            );
+        }
     }
 }
 
+/// The reading of paths above, on Ingresses of its own: it must tell the
+/// stream from a pull, and fail when use-regex is missing.
 #[test]
-fn the_ingress_routes_the_public_api_but_not_metrics() {
-    let (ingress, service) = (one("Ingress"), one("Service"));
-    let service_ports = at(service, "/spec/ports").as_array().expect("ports");
-    assert!(
-        ingress["spec"].get("defaultBackend").is_none(),
-        "a default backend sends every path to the server, /metrics included"
-    );
-    let rules = at(ingress, "/spec/rules").as_array().expect("rules");
-    let paths: Vec<&Value> = rules
-        .iter()
-        .flat_map(|rule| rule.pointer("/http/paths").and_then(Value::as_array).expect("paths"))
-        .collect();
-    for path in &paths {
-        let backend = &path["backend"]["service"];
-        assert_eq!(
-            backend["name"], service["metadata"]["name"],
-            "{} goes to another Service",
-            path["path"]
-        );
-        assert!(
-            service_ports
-                .iter()
-                .any(|p| p["name"] == backend["port"]["name"] || p["port"] == backend["port"]["number"]),
-            "{} goes to a port the Service does not have: {backend}",
-            path["path"]
-        );
-        assert!(
-            !reaches(path, "/metrics"),
-            "the Ingress path {} ({}) exposes /metrics to the public",
-            path["path"],
-            path["pathType"]
-        );
-    }
-    for target in ["/sync/todo", "/sync/todo/pull", "/sync/todo/stream", "/ws", "/ws/todo"] {
-        assert!(
-            paths.iter().any(|path| reaches(path, target)),
-            "the Ingress does not route {target}"
-        );
-    }
-    let tls_hosts: Vec<&Value> = ingress["spec"]["tls"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|tls| tls["hosts"].as_array().into_iter().flatten())
-        .collect();
-    for rule in rules {
-        assert!(
-            tls_hosts.contains(&&rule["host"]),
-            "the Ingress serves {} without TLS",
-            rule["host"]
-        );
-    }
-    let annotation = |key: &str| {
-        ingress["metadata"]["annotations"][format!("nginx.ingress.kubernetes.io/{key}")]
-            .as_str()
-            .unwrap_or_else(|| panic!("the Ingress has no nginx.ingress.kubernetes.io/{key} annotation"))
+fn the_routing_model_reads_paths_as_ingress_nginx_does() {
+    let ingress = |name: &str, regex: bool, paths: Value| {
+        let annotations = if regex {
+            json!({"nginx.ingress.kubernetes.io/use-regex": "true"})
+        } else {
+            json!({})
+        };
+        json!({
+            "kind": "Ingress",
+            "metadata": {"name": name, "annotations": annotations},
+            "spec": {"rules": [{"host": "h", "http": {"paths": paths}}]},
+        })
     };
-    for timeout in ["proxy-read-timeout", "proxy-send-timeout"] {
-        let value: u64 = annotation(timeout).parse().expect("a number of seconds");
-        assert!(
-            value > 60,
-            "{timeout} {value} s would cut idle WebSockets and change streams (the server pings every 30 s)"
+    let api = ingress(
+        "api",
+        false,
+        json!([
+            {"path": "/sync", "pathType": "Prefix"},
+            {"path": "/health", "pathType": "Exact"},
+            {"path": "/openapi.json", "pathType": "Exact"},
+        ]),
+    );
+    let stream = json!([{"path": "/sync/[^/]+/stream$", "pathType": "ImplementationSpecific"}]);
+    let taker = |routes: &HostRoutes, target: &str| routes.route(target).map(|p| name(p.ingress).to_owned());
+    let (with, without) = (ingress("live", true, stream.clone()), ingress("live", false, stream));
+
+    let routes = HostRoutes::new(&[&api, &with], "h");
+    assert!(routes.regex);
+    for (target, expected) in [
+        ("/sync/todo/stream", Some("live")),
+        ("/SYNC/todo/Stream", Some("live")),
+        ("/sync/todo/stream/more", Some("api")),
+        ("/sync/todo/pull", Some("api")),
+        ("/sync/todo", Some("api")),
+        // Exact widened to a prefix, `.` to any character.
+        ("/healthz", Some("api")),
+        ("/openapi-json", Some("api")),
+        ("/metrics", None),
+    ] {
+        assert_eq!(taker(&routes, target).as_deref(), expected, "with use-regex: {target}");
+    }
+
+    let routes = HostRoutes::new(&[&api, &without], "h");
+    assert!(!routes.regex);
+    for (target, expected) in [
+        // Without use-regex the stream path is a literal: the API takes
+        // the stream.
+        ("/sync/todo/stream", Some("api")),
+        ("/sync/todo/pull", Some("api")),
+        ("/syncing", None),
+        ("/healthz", None),
+        ("/openapi-json", None),
+    ] {
+        assert_eq!(
+            taker(&routes, target).as_deref(),
+            expected,
+            "without use-regex: {target}"
         );
     }
-    assert_eq!(
-        annotation("proxy-buffering"),
-        "off",
-        "buffered, change stream events wait in nginx"
-    );
-    let body = annotation("proxy-body-size");
-    let megabytes: u64 = body
-        .strip_suffix('m')
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("proxy-body-size {body} is not in megabytes (e.g. 11m)"));
-    assert!(
-        megabytes > 10,
-        "proxy-body-size {body}: a body the server accepts (up to 10 MB) would get nginx's 413"
-    );
 }
 
 #[test]

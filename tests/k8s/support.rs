@@ -292,3 +292,153 @@ pub fn seconds(value: &Value, what: &str) -> u64 {
         .as_u64()
         .unwrap_or_else(|| panic!("{what} should be a whole number of seconds, is {value}"))
 }
+
+/// Every rendered object of `kind`.
+pub fn all(kind: &str) -> Vec<&'static Value> {
+    rendered().objects.iter().filter(|o| o["kind"] == kind).collect()
+}
+
+/// An Ingress's ingress-nginx annotation `key`, if it has one.
+pub fn nginx_annotation<'a>(ingress: &'a Value, key: &str) -> Option<&'a str> {
+    ingress["metadata"]["annotations"][format!("nginx.ingress.kubernetes.io/{key}")].as_str()
+}
+
+/// One path of an Ingress's rules, and the Ingress whose annotations it
+/// takes.
+pub struct IngressPath<'a> {
+    pub ingress: &'a Value,
+    pub path: &'a Value,
+}
+
+/// The paths that Ingresses give one host, as ingress-nginx writes them
+/// into that host's one server block.
+pub struct HostRoutes<'a> {
+    /// Longest first, as ingress-nginx writes them.
+    pub paths: Vec<IngressPath<'a>>,
+    /// use-regex (or rewrite-target) on any Ingress of the host makes every
+    /// path of the host a regex, whichever Ingress it comes from.
+    pub regex: bool,
+}
+
+impl<'a> HostRoutes<'a> {
+    pub fn new(ingresses: &[&'a Value], host: &str) -> Self {
+        let mut paths = Vec::new();
+        let mut regex = false;
+        for &ingress in ingresses {
+            let rules = ingress["spec"]["rules"].as_array().into_iter().flatten();
+            for rule in rules.filter(|rule| rule["host"] == host) {
+                regex |= nginx_annotation(ingress, "use-regex") == Some("true")
+                    || nginx_annotation(ingress, "rewrite-target").is_some();
+                for path in rule
+                    .pointer("/http/paths")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    paths.push(IngressPath { ingress, path });
+                }
+            }
+        }
+        // ingress-nginx's two stable sorts: by path descending, then by
+        // length descending.
+        let text = |p: &IngressPath| p.path["path"].as_str().expect("an Ingress path").to_owned();
+        paths.sort_by_key(|p| std::cmp::Reverse(text(p)));
+        paths.sort_by_key(|p| std::cmp::Reverse(text(p).len()));
+        HostRoutes { paths, regex }
+    }
+
+    /// The path nginx takes `target` by, if any. With regexes, the first
+    /// that matches (nginx's rule for regex locations); without, an exact
+    /// match, else the longest prefix.
+    pub fn route(&self, target: &str) -> Option<&IngressPath<'a>> {
+        let takes = |p: &&IngressPath| reaches(p.path, target, self.regex);
+        if self.regex {
+            return self.paths.iter().find(takes);
+        }
+        let exact = |p: &&IngressPath| p.path["pathType"] == "Exact";
+        self.paths
+            .iter()
+            .filter(exact)
+            .find(takes)
+            .or_else(|| self.paths.iter().filter(|p| !exact(p)).find(takes))
+    }
+}
+
+/// Whether an Ingress `path` takes requests for `target`, as ingress-nginx
+/// writes it. With `regex` (use-regex anywhere on the host), every path,
+/// Exact ones included, is `location ~* "^{path}"`: a case-insensitive
+/// regex anchored at the start only. Without, Exact is `location =`,
+/// Prefix is element-wise (`location /p/` and `location = /p`), and
+/// ImplementationSpecific a plain nginx prefix.
+pub fn reaches(path: &Value, target: &str, regex: bool) -> bool {
+    let pattern = path["path"].as_str().expect("an Ingress path");
+    if regex {
+        let tokens = regex_tokens(pattern);
+        return regex_prefix_matches(&tokens, &target.to_ascii_lowercase());
+    }
+    match path["pathType"].as_str() {
+        Some("Exact") => target == pattern,
+        Some("Prefix") => {
+            let prefix = pattern.trim_end_matches('/');
+            target == prefix || target.starts_with(&format!("{prefix}/"))
+        }
+        _ => target.starts_with(pattern),
+    }
+}
+
+/// One piece of a path regex.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum RegexToken {
+    Char(char),
+    /// `.`
+    Any,
+    /// `[^/]+`
+    Segment,
+    /// `$`
+    End,
+}
+
+/// The path regexes deploy/k8s uses: literal characters (or `\`-escaped
+/// ones), `.`, `[^/]+` and a final `$`. By hand, as the `regex` crate is no
+/// dependency of this one; anything else fails here, to be taught first.
+fn regex_tokens(pattern: &str) -> Vec<RegexToken> {
+    let mut tokens = Vec::new();
+    let mut rest = pattern;
+    while let Some(c) = rest.chars().next() {
+        let (token, len) = match c {
+            '.' => (RegexToken::Any, 1),
+            '$' if rest.len() == 1 => (RegexToken::End, 1),
+            '[' if rest.starts_with("[^/]+") => (RegexToken::Segment, "[^/]+".len()),
+            '\\' => {
+                let escaped = rest[1..].chars().next().expect("a character after \\");
+                (RegexToken::Char(escaped.to_ascii_lowercase()), 1 + escaped.len_utf8())
+            }
+            '^' | '$' | '[' | ']' | '(' | ')' | '{' | '}' | '*' | '+' | '?' | '|' => {
+                panic!("the Ingress path {pattern:?} uses a regex form the test does not read (at {rest:?})")
+            }
+            c => (RegexToken::Char(c.to_ascii_lowercase()), c.len_utf8()),
+        };
+        tokens.push(token);
+        rest = &rest[len..];
+    }
+    tokens
+}
+
+/// Whether `tokens` match the start of `text` (already lower case).
+fn regex_prefix_matches(tokens: &[RegexToken], text: &str) -> bool {
+    let Some((&first, rest)) = tokens.split_first() else {
+        return true;
+    };
+    let mut chars = text.chars();
+    match first {
+        RegexToken::End => text.is_empty(),
+        RegexToken::Char(c) => chars.next() == Some(c) && regex_prefix_matches(rest, chars.as_str()),
+        RegexToken::Any => chars.next().is_some() && regex_prefix_matches(rest, chars.as_str()),
+        RegexToken::Segment => {
+            let run = text.find('/').unwrap_or(text.len());
+            (1..=run)
+                .filter(|&n| text.is_char_boundary(n))
+                .any(|n| regex_prefix_matches(rest, &text[n..]))
+        }
+    }
+}
