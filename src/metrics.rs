@@ -66,6 +66,8 @@ struct Inner {
     notifications_coalesced: Counter,
     notifications_dropped: Counter,
     listener_reconnects: Counter,
+    table_lookups: Counter,
+    stream_reads: Counter,
     fanout_delay: Histogram,
     pool_connections: Family<PoolLabels, Gauge>,
 }
@@ -95,6 +97,8 @@ impl Metrics {
             notifications_coalesced: Counter::default(),
             notifications_dropped: Counter::default(),
             listener_reconnects: Counter::default(),
+            table_lookups: Counter::default(),
+            stream_reads: Counter::default(),
             fanout_delay: latency_histogram(),
             pool_connections: Family::default(),
         };
@@ -172,6 +176,16 @@ impl Metrics {
             inner.listener_reconnects.clone(),
         );
         registry.register(
+            "table_lookups",
+            "Reads of a user's tables for a notice of every table (one at a time per user and replica, shared by the user's sockets)",
+            inner.table_lookups.clone(),
+        );
+        registry.register(
+            "stream_reads",
+            "Reads of a change stream's due collections (one statement in one transaction each)",
+            inner.stream_reads.clone(),
+        );
+        registry.register(
             "fanout_delay_seconds",
             "Time from a push's commit to the message sent for it to a socket or stream (any replica)",
             inner.fanout_delay.clone(),
@@ -246,6 +260,14 @@ impl Metrics {
 
     pub fn notification_dropped(&self) {
         self.inner.notifications_dropped.inc();
+    }
+
+    pub fn table_lookup(&self) {
+        self.inner.table_lookups.inc();
+    }
+
+    pub fn stream_read(&self) {
+        self.inner.stream_reads.inc();
     }
 
     pub fn listener_reconnected(&self) {
