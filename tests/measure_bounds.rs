@@ -72,10 +72,11 @@ fn ping_frame() -> Vec<u8> {
 #[ignore]
 async fn measure_unauthenticated_ping_flood() {
     let jwks = JwksServer::start_default().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (server, address) = server(&jwks, &[("DATA_DIR", dir.path().display().to_string())]).await;
-    let pid = server.0.id();
     for sockets in [1usize, 4] {
+        // A fresh server each time: an allocator keeps what it was given.
+        let dir = tempfile::tempdir().unwrap();
+        let (server, address) = server(&jwks, &[("DATA_DIR", dir.path().display().to_string())]).await;
+        let pid = server.0.id();
         let before = rss_of(pid);
         let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(before));
         let sampler = {
@@ -129,7 +130,7 @@ async fn measure_unauthenticated_ping_flood() {
             started.elapsed()
         );
         drop(results);
-        tokio::time::sleep(Duration::from_secs(12)).await;
+        drop(server);
     }
 }
 

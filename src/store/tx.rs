@@ -315,3 +315,84 @@ impl Tx {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(table: &str, id: &str, touched: i64) -> Option<(Record, i64)> {
+        let state = RecordState {
+            touched,
+            ..RecordState::default()
+        };
+        let record = Record {
+            table: table.to_owned(),
+            id: id.to_owned(),
+            state,
+        };
+        Some((record, 4))
+    }
+
+    /// (table, ids, has_more) of each page.
+    fn read(budget: i64, rows: Vec<Option<(Record, i64)>>) -> Vec<(String, Vec<String>, bool)> {
+        let tables: Vec<(String, Cursor)> = ["a", "b", "c"].iter().map(|t| (t.to_string(), Cursor::START)).collect();
+        let mut pages = Pages::new(&tables, 2, budget);
+        for next in rows {
+            if !pages.offer(9, next) {
+                break;
+            }
+        }
+        pages
+            .finish()
+            .into_iter()
+            .map(|(t, p)| {
+                assert_eq!(p.clock, Some(9));
+                (t, p.records.into_iter().map(|r| r.id).collect(), p.has_more)
+            })
+            .collect()
+    }
+
+    fn rows() -> Vec<Option<(Record, i64)>> {
+        vec![
+            None,
+            row("a", "a1", 1),
+            row("a", "a2", 2),
+            row("a", "a3", 3),
+            row("c", "c1", 4),
+        ]
+    }
+
+    fn page(table: &str, ids: &[&str], more: bool) -> (String, Vec<String>, bool) {
+        (table.to_owned(), ids.iter().map(|s| s.to_string()).collect(), more)
+    }
+
+    #[test]
+    fn pages_of_several_tables_keep_each_tables_limit_and_share_one_byte_budget() {
+        // Room for all: each table's limit, an empty page for a table without changes.
+        assert_eq!(
+            read(100, rows()),
+            vec![
+                page("a", &["a1", "a2"], true),
+                page("b", &[], false),
+                page("c", &["c1"], false)
+            ]
+        );
+        // The budget cuts the first page short; what is left starts the next
+        // (a page always takes its first record).
+        assert_eq!(
+            read(6, rows()),
+            vec![
+                page("a", &["a1"], true),
+                page("b", &[], false),
+                page("c", &["c1"], false)
+            ]
+        );
+        // Spent: the tables after the page that spent it are left for later.
+        assert_eq!(read(4, rows()), vec![page("a", &["a1"], true)]);
+        // A user without a clock: empty pages for all.
+        let none: Vec<_> = ["a", "b", "c"].iter().map(|t| (t.to_string(), Cursor::START)).collect();
+        let pages = Pages::new(&none, 2, 100).finish();
+        assert_eq!(pages.len(), 3);
+        assert!(pages.iter().all(|(_, p)| p.clock.is_none() && p.records.is_empty()));
+    }
+}
