@@ -15,7 +15,7 @@ use common::app::{START, TestApp, insert, spawn_app};
 use common::metrics::{scrape, value};
 use common::tokens;
 use common::ws::{self, Event};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
