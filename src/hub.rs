@@ -286,18 +286,19 @@ impl Hub {
     /// Hands a notice to the user's subscribers on this replica; returns how many.
     pub fn publish(&self, notice: &Notice) -> usize {
         let registry = self.inner.registry.lock().expect("hub lock");
-        let Some(list) = registry
-            .users
-            .get(&notice.user_id)
-            .filter(|list| list.iter().any(|s| s.wants(notice)))
-        else {
+        let Some(list) = registry.users.get(&notice.user_id) else {
             return 0; // nobody here to tell: no span either
         };
+        // Even when none of them is told (the pushing device's own socket):
+        // a later catch-up must name the tables.
         self.inner.lookups.lock().expect("lookups lock").learn(
             &notice.user_id,
             &notice.app_id,
             notice.tables.as_deref(),
         );
+        if !list.iter().any(|s| s.wants(notice)) {
+            return 0;
+        }
         let span = tracing::info_span!("fanout.deliver", app_id = %notice.app_id, told = tracing::field::Empty);
         if let Some(traceparent) = &notice.traceparent {
             telemetry::continue_trace(&span, traceparent);
@@ -454,6 +455,33 @@ mod tests {
             None,
             "too many tables becomes 'all'"
         );
+    }
+
+    /// A lookup of the user's tables, answering `tables` of app `todo`.
+    async fn looked_up(hub: &Hub, tables: &[&str]) -> Vec<String> {
+        let answer = ByApp::from([("todo".to_owned(), tables.iter().map(|t| t.to_string()).collect())]);
+        let by_app = hub.tables("alice", || async { Ok::<_, ()>(answer) }).await.unwrap();
+        by_app.get("todo").cloned().unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn a_users_table_lookup_is_reused_and_learns_even_from_untold_notices() {
+        let hub = Hub::new(10, 100, Metrics::new());
+        hub.set_listening(true);
+        let _laptop = hub.subscribe("alice", Some("todo"), Some("laptop")).unwrap();
+        assert_eq!(looked_up(&hub, &["todos"]).await, ["todos"]);
+        assert_eq!(looked_up(&hub, &["other"]).await, ["todos"], "the answer is reused");
+        // The laptop's own push tells nobody here, but a later catch-up must name `lists`.
+        assert_eq!(hub.publish(&notice("alice", "todo", "laptop", &["lists"])), 0);
+        assert_eq!(looked_up(&hub, &["other"]).await, ["lists", "todos"]);
+        hub.publish_everything();
+        assert_eq!(
+            looked_up(&hub, &["fresh"]).await,
+            ["fresh"],
+            "notices may be lost: look again"
+        );
+        hub.set_listening(false);
+        assert_eq!(looked_up(&hub, &["again"]).await, ["again"], "not listening: no reuse");
     }
 
     #[test]
