@@ -285,3 +285,83 @@ async fn measure_push_latency_under_all_table_notices() {
         socket.abort();
     }
 }
+
+/// Finding 5, streams: database transactions for one push touching 100
+/// collections while 20 streams follow them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_stream_transactions_per_push() {
+    use eventsource_stream::Eventsource;
+    let jwks = JwksServer::start_default().await;
+    let db = common::pg::test_database().await;
+    let (_server, address) = server(&jwks, &[("DATABASE_URL", db.app_url.clone())]).await;
+    let http = reqwest::Client::new();
+    let tables: Vec<String> = (0..100).map(|i| format!("c{i:03}")).collect();
+    let push = |changes: Value| {
+        let http = http.clone();
+        let url = format!("http://{address}/sync/todo");
+        async move {
+            let response = http
+                .post(url)
+                .bearer_auth(tokens::token_for("alice"))
+                .json(&common::app::push_body("laptop", START, changes))
+                .send()
+                .await
+                .unwrap();
+            assert!(response.status().is_success());
+        }
+    };
+    push(Value::Array(tables.iter().map(|t| insert(t, "a", json!({}))).collect())).await;
+    let events = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        let response = http
+            .get(format!("http://{address}/sync/todo/stream"))
+            .bearer_auth(tokens::token_for("alice"))
+            .query(&[("collections", tables.join(","))])
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success());
+        let events = events.clone();
+        streams.push(tokio::spawn(async move {
+            let mut stream = response.bytes_stream().eventsource();
+            while let Some(Ok(event)) = stream.next().await {
+                if event.event == "changes" {
+                    events.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let admin = db.admin_pool().await;
+    let transactions = || {
+        let admin = admin.clone();
+        let name = db.name.clone();
+        async move {
+            // Backends report their counts at most every second, idle ones within 10 s.
+            tokio::time::sleep(Duration::from_secs(12)).await;
+            let (n,): (i64,) =
+                sqlx::query_as("SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1")
+                    .bind(name)
+                    .fetch_one(&admin)
+                    .await
+                    .unwrap();
+            n
+        }
+    };
+    let start = transactions().await;
+    let caught_up = events.load(std::sync::atomic::Ordering::Relaxed);
+    let quiet = transactions().await;
+    push(Value::Array(tables.iter().map(|t| insert(t, "b", json!({}))).collect())).await;
+    let pushed = transactions().await;
+    let told = events.load(std::sync::atomic::Ordering::Relaxed) - caught_up;
+    println!(
+        "20 streams x 100 collections: {caught_up} catch-up events; idle 12 s: {} transactions; \
+         one push of 100 tables: {} transactions (less the idle count), {told} events",
+        quiet - start,
+        (pushed - quiet) - (quiet - start),
+    );
+    for stream in streams {
+        stream.abort();
+    }
+}
