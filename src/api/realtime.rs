@@ -37,11 +37,11 @@ use tokio::time::{Instant, sleep_until, timeout};
 
 use crate::api::error::{Answer, retry_after};
 use crate::error::Error;
-use crate::hub::{ByApp, Refusal, Subscription};
+use crate::hub::Refusal;
 use crate::protocol::MAX_SOCKET_MESSAGE_BYTES;
 use crate::state::AppState;
 use crate::throttle::Action;
-use crate::{sync, validate};
+use crate::validate;
 
 /// A socket that has not authenticated by then is closed.
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -141,8 +141,8 @@ fn limited(ws: WebSocket) -> WebSocket {
 
 /// The most a socket queues to send: past it, tungstenite keeps only the
 /// latest pong, and a message is refused (the socket ends). Every message
-/// the server sends is far smaller ([`NOTICE_NAMES_BYTES`] bounds the
-/// largest), and each send waits until the message is written.
+/// the server sends is far smaller ([`notices::NOTICE_NAMES_BYTES`]
+/// bounds the largest), and each send waits until the message is written.
 pub const SOCKET_WRITE_BUFFER_BYTES: usize = 128 * 1024;
 
 /// Frames a client may send before it authenticates (an honest one sends
@@ -150,15 +150,15 @@ pub const SOCKET_WRITE_BUFFER_BYTES: usize = 128 * 1024;
 /// with 1008, so an unauthenticated socket costs a bounded amount of work.
 pub const MAX_UNAUTHENTICATED_FRAMES: u32 = 16;
 
-/// The most table names one `sync-available` carries, in bytes of JSON:
-/// an app with more tables is announced in several messages.
-const NOTICE_NAMES_BYTES: usize = 32 * 1024;
-
 /// What a socket reads at a time, and keeps allocated (zeroed, so
 /// resident) while it waits. A client's frames are small: `ping`, and an
 /// `auth` of a kilobyte or two, which takes a few reads (tungstenite
 /// makes room for a whole frame once it has read its header).
 const SOCKET_READ_BUFFER_BYTES: usize = 512;
+
+mod notices;
+
+use self::notices::notify;
 
 type Sink = futures_util::stream::SplitSink<WebSocketStream, Message>;
 
@@ -356,81 +356,6 @@ async fn session(socket: WebSocketStream, state: AppState, app_id: Option<String
     }
 }
 
-/// Sends what is pending as `sync-available` messages, one per app (or
-/// several, for an app with very many tables). Returns false when the
-/// socket is gone.
-async fn notify(sink: &mut Sink, state: &AppState, subscription: &Subscription) -> bool {
-    let subscriber = &subscription.subscriber;
-    let mut taken = subscriber.take();
-    for (app, tables) in std::mem::take(&mut taken.tables) {
-        let messages: Vec<(String, Vec<String>)> = match tables {
-            Some(tables) => vec![(app, tables.into_iter().collect())],
-            None => {
-                // "Everything": name every table the user has in the app(s).
-                let only = subscriber.app_id.as_deref();
-                // Old clients pull every collection whatever `tables` says, so
-                // a failed lookup still sends the signal, naming none.
-                match Box::pin(every_table(state, &subscriber.user_id, only)).await {
-                    Ok(by_app) => by_app,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "listing tables failed; signalling without names");
-                        only.map(|app| (app.to_owned(), Vec::new())).into_iter().collect()
-                    }
-                }
-            }
-        };
-        for (app_id, tables) in messages {
-            for tables in in_parts(tables) {
-                let message = ServerMessage::SyncAvailable {
-                    app_id: &app_id,
-                    tables,
-                };
-                if !send(sink, message.frame()).await {
-                    subscriber.lost();
-                    return false;
-                }
-            }
-            subscriber.sent(&taken);
-        }
-    }
-    true
-}
-
-/// The tables of the user, by app (of `only`, listed even with none), as
-/// the hub's shared lookup has them.
-async fn every_table(
-    state: &AppState,
-    user_id: &str,
-    only: Option<&str>,
-) -> crate::error::Result<Vec<(String, Vec<String>)>> {
-    let all = state
-        .hub
-        .tables(user_id, || sync::tables_by_app(&state.store, user_id, None))
-        .await?;
-    Ok(match only {
-        Some(app) => vec![(app.to_owned(), all.get(app).cloned().unwrap_or_default())],
-        None => ByApp::clone(&all).into_iter().collect(),
-    })
-}
-
-/// Splits a list of table names into lists of at most
-/// [`NOTICE_NAMES_BYTES`] of JSON each (one list, maybe empty, for a short one).
-fn in_parts(tables: Vec<String>) -> Vec<Vec<String>> {
-    let mut parts = vec![Vec::new()];
-    let mut bytes = 0;
-    for table in tables {
-        // Quoted, escaped, and a comma.
-        let size = serde_json::to_string(&table).map_or(table.len() * 6, |t| t.len()) + 1;
-        if bytes + size > NOTICE_NAMES_BYTES && !parts.last().is_none_or(Vec::is_empty) {
-            parts.push(Vec::new());
-            bytes = 0;
-        }
-        bytes += size;
-        parts.last_mut().expect("one part at least").push(table);
-    }
-    parts
-}
-
 #[cfg(test)]
 mod tests {
     /// The size of what `f` returns: here, a future's state, which its
@@ -442,18 +367,6 @@ mod tests {
     /// An idle socket costs little more than its session's state, so the
     /// rare, large awaits (token checks, table lookups) are boxed: inline,
     /// they made every session 17 KB.
-    #[test]
-    fn many_table_names_are_sent_in_parts_of_bounded_size() {
-        assert_eq!(super::in_parts(Vec::new()), vec![Vec::<String>::new()]);
-        let names: Vec<String> = (0..5000).map(|i| format!("table_{i:05}_{}", "x".repeat(40))).collect();
-        let parts = super::in_parts(names.clone());
-        assert!(parts.len() > 1);
-        for part in &parts {
-            assert!(serde_json::to_string(part).unwrap().len() <= super::NOTICE_NAMES_BYTES + 2);
-        }
-        assert_eq!(parts.concat(), names);
-    }
-
     #[test]
     fn an_idle_session_is_small() {
         let size = returned_size(super::session);
