@@ -8,12 +8,16 @@
 //! itself; its task drops it when a send times out, and the client pulls
 //! everything when it reconnects.
 
+mod tables;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
+
+pub use self::tables::ByApp;
 
 use crate::metrics::Metrics;
 use crate::telemetry;
@@ -180,6 +184,8 @@ pub struct Hub {
 
 struct Inner {
     registry: Mutex<Registry>,
+    /// Taken after `registry` when both are.
+    lookups: Mutex<tables::Lookups>,
     next_id: AtomicU64,
     max_per_user: usize,
     max_total: usize,
@@ -217,6 +223,8 @@ impl Drop for Subscription {
             let removed = before - list.len();
             if list.is_empty() {
                 registry.users.remove(&self.subscriber.user_id);
+                let mut lookups = self.hub.inner.lookups.lock().expect("lookups lock");
+                lookups.forget(&self.subscriber.user_id);
             }
             registry.total -= removed;
         }
@@ -228,6 +236,7 @@ impl Hub {
         Hub {
             inner: Arc::new(Inner {
                 registry: Mutex::new(Registry::default()),
+                lookups: Mutex::default(),
                 next_id: AtomicU64::new(1),
                 max_per_user,
                 max_total,
@@ -277,13 +286,19 @@ impl Hub {
     /// Hands a notice to the user's subscribers on this replica; returns how many.
     pub fn publish(&self, notice: &Notice) -> usize {
         let registry = self.inner.registry.lock().expect("hub lock");
-        let Some(list) = registry
-            .users
-            .get(&notice.user_id)
-            .filter(|list| list.iter().any(|s| s.wants(notice)))
-        else {
+        let Some(list) = registry.users.get(&notice.user_id) else {
             return 0; // nobody here to tell: no span either
         };
+        // Even when none of them is told (the pushing device's own socket):
+        // a later catch-up must name the tables.
+        self.inner.lookups.lock().expect("lookups lock").learn(
+            &notice.user_id,
+            &notice.app_id,
+            notice.tables.as_deref(),
+        );
+        if !list.iter().any(|s| s.wants(notice)) {
+            return 0;
+        }
         let span = tracing::info_span!("fanout.deliver", app_id = %notice.app_id, told = tracing::field::Empty);
         if let Some(traceparent) = &notice.traceparent {
             telemetry::continue_trace(&span, traceparent);
@@ -302,9 +317,40 @@ impl Hub {
     /// been lost (the listener was disconnected).
     pub fn publish_everything(&self) {
         let registry = self.inner.registry.lock().expect("hub lock");
+        self.inner.lookups.lock().expect("lookups lock").forget_all();
         for subscriber in registry.users.values().flatten() {
             subscriber.mark_all();
         }
+    }
+
+    /// The tables `user_id` has, by app: what a notice of every table
+    /// names. The user's subscribers share one `lookup` (counted in
+    /// `table_lookups`): those that ask while it runs await it, those that
+    /// ask later reuse its answer until a notice may have added a table
+    /// (see [`tables`]). While the listener is down notices may be lost, so
+    /// a finished answer is not reused then.
+    pub async fn tables<F, Fut, E>(&self, user_id: &str, lookup: F) -> Result<Arc<ByApp>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<ByApp, E>>,
+    {
+        let shared = {
+            let registry = self.inner.registry.lock().expect("hub lock");
+            if registry.users.contains_key(user_id) {
+                let mut lookups = self.inner.lookups.lock().expect("lookups lock");
+                lookups.get(user_id, !self.is_listening())
+            } else {
+                // Nobody to share it with, and nobody to forget it when done.
+                tables::Lookup::default()
+            }
+        };
+        let answer = shared
+            .get_or_try_init(|| async {
+                self.inner.metrics.table_lookup();
+                lookup().await.map(Arc::new)
+            })
+            .await?;
+        Ok(answer.clone())
     }
 
     /// (subscriptions, distinct users) on this replica.
@@ -409,6 +455,33 @@ mod tests {
             None,
             "too many tables becomes 'all'"
         );
+    }
+
+    /// A lookup of the user's tables, answering `tables` of app `todo`.
+    async fn looked_up(hub: &Hub, tables: &[&str]) -> Vec<String> {
+        let answer = ByApp::from([("todo".to_owned(), tables.iter().map(|t| t.to_string()).collect())]);
+        let by_app = hub.tables("alice", || async { Ok::<_, ()>(answer) }).await.unwrap();
+        by_app.get("todo").cloned().unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn a_users_table_lookup_is_reused_and_learns_even_from_untold_notices() {
+        let hub = Hub::new(10, 100, Metrics::new());
+        hub.set_listening(true);
+        let _laptop = hub.subscribe("alice", Some("todo"), Some("laptop")).unwrap();
+        assert_eq!(looked_up(&hub, &["todos"]).await, ["todos"]);
+        assert_eq!(looked_up(&hub, &["other"]).await, ["todos"], "the answer is reused");
+        // The laptop's own push tells nobody here, but a later catch-up must name `lists`.
+        assert_eq!(hub.publish(&notice("alice", "todo", "laptop", &["lists"])), 0);
+        assert_eq!(looked_up(&hub, &["other"]).await, ["lists", "todos"]);
+        hub.publish_everything();
+        assert_eq!(
+            looked_up(&hub, &["fresh"]).await,
+            ["fresh"],
+            "notices may be lost: look again"
+        );
+        hub.set_listening(false);
+        assert_eq!(looked_up(&hub, &["again"]).await, ["again"], "not listening: no reuse");
     }
 
     #[test]

@@ -66,6 +66,8 @@ struct Inner {
     notifications_coalesced: Counter,
     notifications_dropped: Counter,
     listener_reconnects: Counter,
+    table_lookups: Counter,
+    stream_reads: Counter,
     fanout_delay: Histogram,
     pool_connections: Family<PoolLabels, Gauge>,
     answer_bytes: Gauge,
@@ -97,6 +99,8 @@ impl Metrics {
             notifications_coalesced: Counter::default(),
             notifications_dropped: Counter::default(),
             listener_reconnects: Counter::default(),
+            table_lookups: Counter::default(),
+            stream_reads: Counter::default(),
             fanout_delay: latency_histogram(),
             pool_connections: Family::default(),
             answer_bytes: Gauge::default(),
@@ -174,6 +178,16 @@ impl Metrics {
             "listener_reconnects",
             "Times the cross-replica change listener reconnected",
             inner.listener_reconnects.clone(),
+        );
+        registry.register(
+            "table_lookups",
+            "Reads of a user's tables for a notice of every table (one at a time per user and replica, shared by the user's sockets)",
+            inner.table_lookups.clone(),
+        );
+        registry.register(
+            "stream_reads",
+            "Reads of a change stream's due collections (one statement in one transaction each)",
+            inner.stream_reads.clone(),
         );
         registry.register(
             "fanout_delay_seconds",
@@ -265,6 +279,14 @@ impl Metrics {
 
     pub fn notification_dropped(&self) {
         self.inner.notifications_dropped.inc();
+    }
+
+    pub fn table_lookup(&self) {
+        self.inner.table_lookups.inc();
+    }
+
+    pub fn stream_read(&self) {
+        self.inner.stream_reads.inc();
     }
 
     pub fn listener_reconnected(&self) {

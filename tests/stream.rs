@@ -209,3 +209,85 @@ async fn a_stream_ends_when_its_token_expires(store: Backend) {
     .await;
     assert!(ended.is_ok(), "the stream outlived its token");
 }
+
+fn stream_reads(scrape: &common::metrics::Scrape) -> f64 {
+    common::metrics::value(scrape, "mana_sync_stream_reads_total", &[])
+}
+
+/// A stream of 100 collections reads them all in one statement (one
+/// transaction) for its catch-up and once more for a push that touches
+/// them all, not once per collection; each collection's events are exact.
+#[apply(both_stores)]
+async fn a_stream_reads_its_due_collections_at_once(store: Backend) {
+    let app = store.spawn().await;
+    let tables: Vec<String> = (0..100).map(|i| format!("c{i:03}")).collect();
+    app.push_ok(
+        "alice",
+        "d",
+        START,
+        Value::Array(tables.iter().take(50).map(|t| insert(t, "old", json!({}))).collect()),
+    )
+    .await;
+    let before = common::metrics::scrape(&app).await;
+    let mut events = open(&app, "alice", &tables.join(","), START).await;
+    let mut caught_up = Vec::new();
+    for _ in 0..100 {
+        let event = changes(&mut events, Duration::from_secs(5)).await;
+        let expected: Vec<&str> = if caught_up.len() < 50 { vec!["old"] } else { vec![] };
+        assert_eq!(ids(&event), expected);
+        caught_up.push(event["table"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(caught_up, tables, "every collection, in order");
+    let after_catch_up = common::metrics::scrape(&app).await;
+    assert_eq!(stream_reads(&after_catch_up) - stream_reads(&before), 1.0);
+
+    app.push_ok(
+        "alice",
+        "d",
+        START,
+        Value::Array(tables.iter().map(|t| insert(t, "new", json!({}))).collect()),
+    )
+    .await;
+    let mut told = Vec::new();
+    for _ in 0..100 {
+        let event = changes(&mut events, Duration::from_secs(5)).await;
+        assert_eq!(ids(&event), vec!["new"]);
+        told.push(event["table"].as_str().unwrap().to_owned());
+    }
+    told.sort();
+    assert_eq!(told, tables);
+    let after_push = common::metrics::scrape(&app).await;
+    assert_eq!(stream_reads(&after_push) - stream_reads(&after_catch_up), 1.0);
+}
+
+/// A stream over its user's pull rate waits for the bucket: it neither
+/// fails nor ends, and gets every change.
+#[apply(both_stores)]
+async fn a_stream_over_the_pull_rate_waits_rather_than_failing(store: Backend) {
+    let app = store.spawn_with(&[("PULL_RATE", "1")]).await;
+    let mut events = open(&app, "alice", "todos", START).await;
+    changes(&mut events, Duration::from_secs(5)).await;
+    // A burst of five reads is allowed; the reads after it wait a second each.
+    for i in 0..8 {
+        app.push_ok(
+            "alice",
+            "d",
+            START,
+            json!([insert("todos", &format!("t{i}"), json!({}))]),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut seen = Vec::new();
+    while seen.len() < 8 {
+        let event = changes(&mut events, Duration::from_secs(10)).await;
+        seen.extend(ids(&event).into_iter().map(str::to_owned));
+    }
+    assert_eq!(seen, (0..8).map(|i| format!("t{i}")).collect::<Vec<_>>());
+    let throttled = common::metrics::value(
+        &common::metrics::scrape(&app).await,
+        "mana_sync_throttled_total",
+        &[("action", "pull")],
+    );
+    assert!(throttled >= 1.0, "the stream met the pull rate");
+}

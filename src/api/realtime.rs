@@ -14,10 +14,17 @@
 //! A socket declares its device with `clientId` in `auth` (or `?clientId=`
 //! on the URL); that device's own pushes are then not echoed to it.
 //!
-//! Close codes: 1008 no or bad authentication within 10 s, a different
-//! user's token, or too many sockets for the user; 1013 the replica is
-//! full; 1012 the replica is shutting down (reconnect elsewhere); 4001 the
-//! token expired without renewal (authenticate again); 1011 server fault.
+//! Close codes: 1008 no or bad authentication within 10 s (or more than
+//! [`MAX_UNAUTHENTICATED_FRAMES`] frames before it), a different user's
+//! token, or too many sockets for the user; 1013 the replica is full; 1012
+//! the replica is shutting down (reconnect elsewhere); 4001 the token
+//! expired without renewal (authenticate again); 1002 a frame breaking the
+//! WebSocket protocol; 1007 a text frame that is not UTF-8; 1009 a message
+//! over 64 KiB; 1011 server fault.
+//!
+//! What the server queues to send is bounded ([`SOCKET_WRITE_BUFFER_BYTES`])
+//! and every send has a deadline ([`SEND_TIMEOUT`]): a client that does not
+//! read what it is sent, its pongs included, is dropped.
 
 use std::time::Duration;
 
@@ -30,16 +37,17 @@ use tokio::time::{Instant, sleep_until, timeout};
 
 use crate::api::error::{Answer, retry_after};
 use crate::error::Error;
-use crate::hub::{Refusal, Subscription};
+use crate::hub::Refusal;
 use crate::protocol::MAX_SOCKET_MESSAGE_BYTES;
 use crate::state::AppState;
 use crate::throttle::Action;
-use crate::{sync, validate};
+use crate::validate;
 
 /// A socket that has not authenticated by then is closed.
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
-/// A send that takes longer means a dead or hopelessly slow client: drop it.
-const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// A send that takes longer means a dead or hopelessly slow client (or
+/// one that does not read): drop it.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the server pings a quiet socket (a protocol Ping frame).
 const KEEPALIVE: Duration = Duration::from_secs(30);
 /// A socket silent for this long (no frame, not even a Pong) is dead: dropped.
@@ -114,14 +122,33 @@ pub async fn user_socket(
 /// or after authentication, ends the socket before it is buffered. The
 /// read buffer is small too: tungstenite's default (128 KiB, zeroed, so
 /// resident) would cost each of thousands of idle sockets that much.
+///
+/// What waits to be sent is bounded: tungstenite queues a pong for every
+/// ping it reads, and with its default (no bound) a client that sends
+/// pings and never reads made the server hold each pong (200 MB for a
+/// million pings). Writes go out at once (no batching buffer), so the
+/// queue holds only what the client has not taken.
 fn limited(ws: WebSocket) -> WebSocket {
     ws.config(
         WebSocketConfig::default()
             .read_buffer_size(SOCKET_READ_BUFFER_BYTES)
+            .write_buffer_size(0)
+            .max_write_buffer_size(SOCKET_WRITE_BUFFER_BYTES)
             .max_message_size(Some(MAX_SOCKET_MESSAGE_BYTES))
             .max_frame_size(Some(MAX_SOCKET_MESSAGE_BYTES)),
     )
 }
+
+/// The most a socket queues to send: past it, tungstenite keeps only the
+/// latest pong, and a message is refused (the socket ends). Every message
+/// the server sends is far smaller ([`notices::NOTICE_NAMES_BYTES`]
+/// bounds the largest), and each send waits until the message is written.
+pub const SOCKET_WRITE_BUFFER_BYTES: usize = 128 * 1024;
+
+/// Frames a client may send before it authenticates (an honest one sends
+/// `auth`, perhaps after a `ping` or two): past it the socket is closed
+/// with 1008, so an unauthenticated socket costs a bounded amount of work.
+pub const MAX_UNAUTHENTICATED_FRAMES: u32 = 16;
 
 /// What a socket reads at a time, and keeps allocated (zeroed, so
 /// resident) while it waits. A client's frames are small: `ping`, and an
@@ -129,10 +156,55 @@ fn limited(ws: WebSocket) -> WebSocket {
 /// makes room for a whole frame once it has read its header).
 const SOCKET_READ_BUFFER_BYTES: usize = 512;
 
+mod notices;
+
+use self::notices::notify;
+
 type Sink = futures_util::stream::SplitSink<WebSocketStream, Message>;
 
 async fn send(sink: &mut Sink, message: Message) -> bool {
     matches!(timeout(SEND_TIMEOUT, sink.send(message)).await, Ok(Ok(())))
+}
+
+/// Writes out what is queued: after a client's Ping, the pong tungstenite
+/// queued for it. A client that does not take it within [`SEND_TIMEOUT`]
+/// does not read: false, and the socket is dropped (no close frame could
+/// reach it).
+async fn flushed(sink: &mut Sink) -> bool {
+    matches!(timeout(SEND_TIMEOUT, sink.flush()).await, Ok(Ok(())))
+}
+
+/// The close code for a frame that could not be read because the client
+/// broke the protocol; `None` when the connection itself failed (nothing
+/// can be sent then). poem hands tungstenite's errors over as I/O errors
+/// of kind `Other` carrying only their text, so the text decides.
+fn violation(error: &std::io::Error) -> Option<CloseCode> {
+    if error.kind() != std::io::ErrorKind::Other {
+        return None;
+    }
+    let text = error.to_string();
+    if text.starts_with("Space limit exceeded") {
+        Some(CloseCode::Size)
+    } else if text.starts_with("WebSocket protocol error") {
+        Some(CloseCode::Protocol)
+    } else if text.starts_with("UTF-8 encoding error") {
+        Some(CloseCode::Invalid)
+    } else {
+        None
+    }
+}
+
+/// Ends a socket whose frame could not be read: with the code saying why,
+/// when the client broke the protocol.
+async fn broken(sink: &mut Sink, error: &std::io::Error) {
+    if let Some(code) = violation(error) {
+        let reason = match code {
+            CloseCode::Size => "message too big",
+            CloseCode::Invalid => "text is not UTF-8",
+            _ => "protocol error",
+        };
+        close(sink, code, reason).await;
+    }
 }
 
 async fn close(sink: &mut Sink, code: CloseCode, reason: &str) {
@@ -155,30 +227,52 @@ async fn session(socket: WebSocketStream, state: AppState, app_id: Option<String
     let hub = state.hub.clone();
 
     // Authentication, within AUTH_TIMEOUT.
+    // Every failed send ends the socket: a client that does not read is
+    // not answered further.
     let deadline = Instant::now() + AUTH_TIMEOUT;
+    let mut frames = 0;
     let (mut user, client_id) = loop {
         tokio::select! {
             _ = sleep_until(deadline) => return close(&mut sink, CloseCode::Policy, "authentication timeout").await,
             _ = hub.closing() => return refuse(&mut sink, Refusal::ShuttingDown).await,
-            message = stream.next() => match message {
-                Some(Ok(Message::Text(text))) => match serde_json::from_str::<ClientMessage>(&text) {
-                    Ok(ClientMessage::Auth { token, client_id }) => match Box::pin(state.verify(&token)).await {
-                        Ok(user) => break (user, client_id.or_else(|| declared.clone())),
-                        Err(e) => {
-                            send(&mut sink, ServerMessage::Error { message: &e.to_string() }.frame()).await;
-                            return close(&mut sink, CloseCode::Policy, "invalid token").await;
+            message = stream.next() => {
+                frames += 1;
+                if frames > MAX_UNAUTHENTICATED_FRAMES && matches!(message, Some(Ok(_))) {
+                    return close(&mut sink, CloseCode::Policy, "too many messages before authentication").await;
+                }
+                match message {
+                    Some(Ok(Message::Text(text))) => match serde_json::from_str::<ClientMessage>(&text) {
+                        Ok(ClientMessage::Auth { token, client_id }) => match Box::pin(state.verify(&token)).await {
+                            Ok(user) => break (user, client_id.or_else(|| declared.clone())),
+                            Err(e) => {
+                                if send(&mut sink, ServerMessage::Error { message: &e.to_string() }.frame()).await {
+                                    close(&mut sink, CloseCode::Policy, "invalid token").await;
+                                }
+                                return;
+                            }
+                        },
+                        Ok(ClientMessage::Ping) => {
+                            if !send(&mut sink, ServerMessage::Pong.frame()).await {
+                                return;
+                            }
+                        }
+                        Err(_) => {
+                            let hint = ServerMessage::Error { message: "authenticate first: {\"type\":\"auth\",\"token\":\"<jwt>\"}" };
+                            if !send(&mut sink, hint.frame()).await {
+                                return;
+                            }
                         }
                     },
-                    Ok(ClientMessage::Ping) => {
-                        send(&mut sink, ServerMessage::Pong.frame()).await;
+                    Some(Ok(Message::Ping(_))) => {
+                        if !flushed(&mut sink).await {
+                            return;
+                        }
                     }
-                    Err(_) => {
-                        send(&mut sink, ServerMessage::Error { message: "authenticate first: {\"type\":\"auth\",\"token\":\"<jwt>\"}" }.frame()).await;
-                    }
-                },
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
-                Some(Ok(_)) => {}
-            },
+                    Some(Ok(Message::Close(_))) | None => return,
+                    Some(Err(e)) => return broken(&mut sink, &e).await,
+                    Some(Ok(_)) => {}
+                }
+            }
         }
     };
 
@@ -233,7 +327,9 @@ async fn session(socket: WebSocketStream, state: AppState, app_id: Option<String
                         Ok(_) => return close(&mut sink, CloseCode::Policy, "a socket cannot change user").await,
                         Err(e) => {
                             // The current token stays valid until it expires.
-                            send(&mut sink, ServerMessage::Error { message: &e.to_string() }.frame()).await;
+                            if !send(&mut sink, ServerMessage::Error { message: &e.to_string() }.frame()).await {
+                                return;
+                            }
                         }
                     },
                     Ok(ClientMessage::Ping) => {
@@ -242,56 +338,22 @@ async fn session(socket: WebSocketStream, state: AppState, app_id: Option<String
                         }
                     }
                     Err(_) => {
-                        send(&mut sink, ServerMessage::Error { message: "unknown message; expected auth or ping" }.frame()).await;
+                        if !send(&mut sink, ServerMessage::Error { message: "unknown message; expected auth or ping" }.frame()).await {
+                            return;
+                        }
                     }
                 },
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(Message::Ping(_))) => {
+                    if !flushed(&mut sink).await {
+                        return;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None => return,
+                Some(Err(e)) => return broken(&mut sink, &e).await,
                 Some(Ok(_)) => {}
             },
         }
     }
-}
-
-/// Sends what is pending as `sync-available` messages, one per app.
-/// Returns false when the socket is gone.
-async fn notify(sink: &mut Sink, state: &AppState, subscription: &Subscription) -> bool {
-    let subscriber = &subscription.subscriber;
-    let mut taken = subscriber.take();
-    for (app, tables) in std::mem::take(&mut taken.tables) {
-        let messages: Vec<(String, Vec<String>)> = match tables {
-            Some(tables) => vec![(app, tables.into_iter().collect())],
-            None => {
-                // "Everything": name every table the user has in the app(s).
-                let only = subscriber.app_id.as_deref();
-                // Old clients pull every collection whatever `tables` says, so
-                // a failed lookup still sends the signal, naming none.
-                match sync::tables_by_app(&state.store, &subscriber.user_id, only).await {
-                    Ok(by_app) => by_app.into_iter().collect(),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "listing tables failed; signalling without names");
-                        only.map(|app| (app.to_owned(), Vec::new())).into_iter().collect()
-                    }
-                }
-            }
-        };
-        for (app_id, tables) in messages {
-            if !send(
-                sink,
-                ServerMessage::SyncAvailable {
-                    app_id: &app_id,
-                    tables,
-                }
-                .frame(),
-            )
-            .await
-            {
-                subscriber.lost();
-                return false;
-            }
-            subscriber.sent(&taken);
-        }
-    }
-    true
 }
 
 #[cfg(test)]

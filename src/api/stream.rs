@@ -20,6 +20,7 @@ use crate::api::auth::BearerAuth;
 use crate::api::error::{Answer, ErrorBody, operation_errors};
 use crate::api::sse::{ChangeStream, StreamEvent};
 use crate::cursor::Cursor;
+use crate::error::Error;
 use crate::hub::Subscription;
 use crate::protocol::{ChangeEvent, DEFAULT_PULL_LIMIT, Name, NameList, Since};
 use crate::state::AppState;
@@ -113,10 +114,55 @@ struct State {
     cursors: BTreeMap<String, Cursor>,
     /// Collections with changes to send.
     due: VecDeque<String>,
+    /// Events read and not yet sent.
+    ready: VecDeque<ChangeEvent>,
     subscription: Subscription,
     heartbeat: tokio::time::Interval,
     /// When the bearer token expires: the stream ends then.
     expires: tokio::time::Instant,
+}
+
+/// Reads the due collections, as many as fit a page, in one statement
+/// and one transaction, and queues their events; the others stay due. A
+/// collection with more to read is due again after them.
+async fn read_due(st: &mut State) -> crate::error::Result<()> {
+    let due: Vec<(String, Cursor)> = st
+        .due
+        .drain(..)
+        .map(|t| {
+            let cursor = st.cursors[&t];
+            (t, cursor)
+        })
+        .collect();
+    st.app.metrics.stream_read();
+    let pages = sync::pull_each(
+        &st.app.store,
+        &st.app.metrics,
+        &st.user_id,
+        &st.app_id,
+        &due,
+        DEFAULT_PULL_LIMIT,
+    )
+    .await?;
+    let read = pages.len();
+    let mut more = Vec::new();
+    for (table, page) in pages {
+        let cursor = st.cursors[&table];
+        st.cursors
+            .insert(table.clone(), Cursor::parse(&page.synced_until).unwrap_or(cursor));
+        if page.has_more {
+            more.push(table.clone());
+        }
+        st.ready.push_back(ChangeEvent {
+            table,
+            changes: page.server_changes,
+            synced_until: page.synced_until,
+            has_more: page.has_more,
+        });
+    }
+    st.due.extend(due.into_iter().skip(read).map(|(t, _)| t));
+    st.due.extend(more);
+    Ok(())
 }
 
 /// The stream of events. It ends when the replica shuts down or the database fails.
@@ -137,6 +183,7 @@ fn changes(
         app_id,
         cursors: collections.iter().map(|c| (c.clone(), since)).collect(),
         due: collections.into_iter().collect(),
+        ready: VecDeque::new(),
         subscription,
         heartbeat,
         expires,
@@ -146,37 +193,24 @@ fn changes(
             if st.app.hub.is_closing() || tokio::time::Instant::now() >= st.expires {
                 return None;
             }
-            if let Some(table) = st.due.pop_front() {
-                let cursor = st.cursors[&table];
-                let page = match sync::pull(
-                    &st.app.store,
-                    &st.app.metrics,
-                    &st.user_id,
-                    &st.app_id,
-                    &table,
-                    cursor,
-                    DEFAULT_PULL_LIMIT,
-                )
-                .await
-                {
-                    Ok(page) => page,
-                    Err(e) => {
-                        tracing::error!(error = ?e, "change stream failed; closing it");
-                        return None;
-                    }
-                };
-                st.cursors
-                    .insert(table.clone(), Cursor::parse(&page.synced_until).unwrap_or(cursor));
-                if page.has_more {
-                    st.due.push_front(table.clone());
-                }
-                let event = ChangeEvent {
-                    table,
-                    changes: page.server_changes,
-                    synced_until: page.synced_until,
-                    has_more: page.has_more,
-                };
+            if let Some(event) = st.ready.pop_front() {
                 return Some((StreamEvent::Changes(event), st));
+            }
+            if !st.due.is_empty() {
+                // Every read counts against the user's pull rate; over it,
+                // the stream waits for the bucket rather than failing.
+                if let Err(Error::RateLimited(wait)) = st.app.throttle.check(Action::Pull, &st.user_id) {
+                    tokio::select! {
+                        _ = st.app.hub.closing() => return None,
+                        _ = tokio::time::sleep_until(st.expires) => return None,
+                        _ = tokio::time::sleep(wait) => continue,
+                    }
+                }
+                if let Err(e) = read_due(&mut st).await {
+                    tracing::error!(error = ?e, "change stream failed; closing it");
+                    return None;
+                }
+                continue;
             }
             tokio::select! {
                 _ = st.app.hub.closing() => return None,

@@ -81,6 +81,19 @@ pub trait Dialect {
         limit: i64,
     ) -> BoxStream<'c, sqlx::Result<PageRow>>;
 
+    /// The user's clock with, for each of several tables of one app, its
+    /// first `limit` records changed after that table's own cursor: rows
+    /// in the order of `tables`, each table's oldest change first, and
+    /// rows without a record that carry only the clock (none when the user
+    /// has no clock). One statement, so one snapshot, for them all.
+    fn pages<'c>(
+        &'c mut self,
+        user_id: &'c str,
+        app_id: &'c str,
+        tables: &'c [(String, Cursor)],
+        limit: i64,
+    ) -> BoxStream<'c, sqlx::Result<PageRow>>;
+
     /// The (app, table) pairs the user has records in, of one app if given.
     fn tables(
         &mut self,

@@ -31,6 +31,102 @@ pub struct Appended {
     pub earlier: Vec<(Record, i64)>,
 }
 
+/// The pages of several tables being filled from one statement's rows.
+struct Pages<'a> {
+    tables: &'a [(String, Cursor)],
+    limit: usize,
+    /// What the pages may hold in all.
+    budget: i64,
+    clock: Option<i64>,
+    done: Vec<(String, Page)>,
+    /// The table being filled (its index), its page and its bytes.
+    filling: Option<(usize, PageBuilder, i64)>,
+    /// The page being filled is full: the rest of its table's rows are skipped.
+    full: bool,
+}
+
+impl<'a> Pages<'a> {
+    fn new(tables: &'a [(String, Cursor)], limit: usize, budget: i64) -> Pages<'a> {
+        Pages {
+            tables,
+            limit,
+            budget,
+            clock: None,
+            done: Vec::new(),
+            filling: None,
+            full: false,
+        }
+    }
+
+    /// Takes a row; false once no more will be taken (the budget is spent).
+    fn offer(&mut self, clock: i64, next: Option<(Record, i64)>) -> bool {
+        self.clock = Some(clock);
+        let Some((record, size)) = next else { return true };
+        let same = |(i, _, _): &(usize, PageBuilder, i64)| self.tables[*i].0 == record.table;
+        if !self.filling.as_ref().is_some_and(same) {
+            // A new table: the pages before it are done, those in between empty.
+            let from = self.close_filling();
+            if self.budget <= 0 {
+                return false;
+            }
+            let Some(at) = self.tables[from..].iter().position(|(t, _)| *t == record.table) else {
+                return true; // not asked for: cannot happen
+            };
+            for (table, _) in &self.tables[from..from + at] {
+                self.done.push((table.clone(), self.empty()));
+            }
+            let builder = PageBuilder::new(self.limit, self.budget);
+            self.filling = Some((from + at, builder, 0));
+            self.full = false;
+        }
+        if self.full {
+            return true;
+        }
+        let (_, builder, bytes) = self.filling.as_mut().expect("a page being filled");
+        if builder.offer(clock, Some((record, size))) {
+            *bytes += size;
+        } else {
+            self.full = true;
+        }
+        true
+    }
+
+    fn empty(&self) -> Page {
+        Page {
+            clock: self.clock,
+            records: Vec::new(),
+            has_more: false,
+        }
+    }
+
+    /// Finishes the page being filled, if any; returns the index of the
+    /// first table not done.
+    fn close_filling(&mut self) -> usize {
+        match self.filling.take() {
+            Some((i, builder, bytes)) => {
+                self.budget -= bytes;
+                let mut page = builder.finish();
+                page.clock = self.clock;
+                self.done.push((self.tables[i].0.clone(), page));
+                i + 1
+            }
+            None => self.done.len(),
+        }
+    }
+
+    /// The pages: the last one's table done, the rest empty unless the budget is spent.
+    fn finish(mut self) -> Vec<(String, Page)> {
+        let from = self.close_filling();
+        if self.budget > 0 {
+            for (table, _) in &self.tables[from..] {
+                let page = self.empty();
+                self.done.push((table.clone(), page));
+            }
+        }
+        self.done
+    }
+}
+
 /// A transaction scoped to one user: it reads and writes only that user's rows.
 pub enum Tx {
     Postgres(postgres::PgTx),
@@ -149,6 +245,40 @@ impl Tx {
         Ok(page.finish())
     }
 
+    /// Pages of several tables of one app, each changed after its own
+    /// cursor, from one statement (one snapshot): in the order of
+    /// `tables`, as many of them as fit `max_bytes` in all (always the
+    /// first; the page that meets the bound is cut short, `has_more`, and
+    /// the tables after it are left out, for another read).
+    pub async fn changed_since_each(
+        &mut self,
+        user_id: &str,
+        app_id: &str,
+        tables: &[(String, Cursor)],
+        limit: usize,
+        max_bytes: i64,
+    ) -> Result<Vec<(String, Page)>> {
+        let mut pages = Pages::new(tables, limit, max_bytes);
+        dialect!(self, |conn| {
+            let mut rows = conn.pages(user_id, app_id, tables, limit as i64 + 1);
+            loop {
+                match rows.try_next().await {
+                    Ok(Some(row)) => match row.into_parts() {
+                        Ok((clock, record)) => {
+                            if !pages.offer(clock, record) {
+                                break Ok(());
+                            }
+                        }
+                        Err(e) => break Err(sqlx::Error::Decode(Box::new(e))),
+                    },
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
+            }
+        })?;
+        Ok(pages.finish())
+    }
+
     /// The unexpired outcome stored for an idempotency key.
     pub async fn find_outcome(&mut self, user_id: &str, key: &str, ttl: Duration) -> Result<Option<Outcome>> {
         let found = dialect!(self, |conn| conn.find_outcome(user_id, key, ttl).await)?;
@@ -183,5 +313,86 @@ impl Tx {
             Tx::Postgres(tx) => tx.tx.rollback().await.map_err(fault::<PgConnection>),
             Tx::Sqlite(tx) => tx.rollback().await.map_err(fault::<SqliteConnection>),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(table: &str, id: &str, touched: i64) -> Option<(Record, i64)> {
+        let state = RecordState {
+            touched,
+            ..RecordState::default()
+        };
+        let record = Record {
+            table: table.to_owned(),
+            id: id.to_owned(),
+            state,
+        };
+        Some((record, 4))
+    }
+
+    /// (table, ids, has_more) of each page.
+    fn read(budget: i64, rows: Vec<Option<(Record, i64)>>) -> Vec<(String, Vec<String>, bool)> {
+        let tables: Vec<(String, Cursor)> = ["a", "b", "c"].iter().map(|t| (t.to_string(), Cursor::START)).collect();
+        let mut pages = Pages::new(&tables, 2, budget);
+        for next in rows {
+            if !pages.offer(9, next) {
+                break;
+            }
+        }
+        pages
+            .finish()
+            .into_iter()
+            .map(|(t, p)| {
+                assert_eq!(p.clock, Some(9));
+                (t, p.records.into_iter().map(|r| r.id).collect(), p.has_more)
+            })
+            .collect()
+    }
+
+    fn rows() -> Vec<Option<(Record, i64)>> {
+        vec![
+            None,
+            row("a", "a1", 1),
+            row("a", "a2", 2),
+            row("a", "a3", 3),
+            row("c", "c1", 4),
+        ]
+    }
+
+    fn page(table: &str, ids: &[&str], more: bool) -> (String, Vec<String>, bool) {
+        (table.to_owned(), ids.iter().map(|s| s.to_string()).collect(), more)
+    }
+
+    #[test]
+    fn pages_of_several_tables_keep_each_tables_limit_and_share_one_byte_budget() {
+        // Room for all: each table's limit, an empty page for a table without changes.
+        assert_eq!(
+            read(100, rows()),
+            vec![
+                page("a", &["a1", "a2"], true),
+                page("b", &[], false),
+                page("c", &["c1"], false)
+            ]
+        );
+        // The budget cuts the first page short; what is left starts the next
+        // (a page always takes its first record).
+        assert_eq!(
+            read(6, rows()),
+            vec![
+                page("a", &["a1"], true),
+                page("b", &[], false),
+                page("c", &["c1"], false)
+            ]
+        );
+        // Spent: the tables after the page that spent it are left for later.
+        assert_eq!(read(4, rows()), vec![page("a", &["a1"], true)]);
+        // A user without a clock: empty pages for all.
+        let none: Vec<_> = ["a", "b", "c"].iter().map(|t| (t.to_string(), Cursor::START)).collect();
+        let pages = Pages::new(&none, 2, 100).finish();
+        assert_eq!(pages.len(), 3);
+        assert!(pages.iter().all(|(_, p)| p.clock.is_none() && p.records.is_empty()));
     }
 }

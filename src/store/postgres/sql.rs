@@ -218,10 +218,64 @@ impl Dialect for PgConnection {
         }
     }
 
-    async fn tables(&mut self, user_id: &str, app_id: Option<&str>) -> sqlx::Result<Vec<TableRow>> {
+    fn pages<'c>(
+        &'c mut self,
+        user_id: &'c str,
+        app_id: &'c str,
+        tables: &'c [(String, Cursor)],
+        limit: i64,
+    ) -> BoxStream<'c, sqlx::Result<PageRow>> {
+        // Each table walks its own delta index, as a page of one table does.
+        let names: Vec<&str> = tables.iter().map(|(t, _)| t.as_str()).collect();
+        let cursors: Vec<i64> = tables.iter().map(|(_, c)| c.0).collect();
         sqlx::query_as(
-            "SELECT DISTINCT app_id, table_name FROM sync_records
-             WHERE user_id = $1 AND ($2::text IS NULL OR app_id = $2) ORDER BY 1, 2",
+            "SELECT c.last_seq, r.table_name, r.record_id, r.fields::text AS fields, r.created_seq, r.touched_seq
+             FROM sync_clocks c LEFT JOIN LATERAL (
+               SELECT d.ord, p.*
+               FROM unnest($3::text[], $4::bigint[]) WITH ORDINALITY AS d(table_name, since, ord)
+               CROSS JOIN LATERAL (
+                 SELECT * FROM sync_records r
+                 WHERE r.user_id = c.user_id AND r.app_id = $2 AND r.table_name = d.table_name
+                   AND r.touched_seq > 0 AND r.touched_seq > d.since AND r.touched_seq <= c.last_seq
+                 ORDER BY r.touched_seq LIMIT $5) p) r ON true
+             WHERE c.user_id = $1
+             ORDER BY r.ord, r.touched_seq",
+        )
+        .bind(user_id)
+        .bind(app_id)
+        .bind(names)
+        .bind(cursors)
+        .bind(limit)
+        .fetch(self)
+    }
+
+    async fn tables(&mut self, user_id: &str, app_id: Option<&str>) -> sqlx::Result<Vec<TableRow>> {
+        // A skip-scan of the primary key (user, app, table, record): one
+        // index probe per app and per table, however many records each
+        // holds, where `SELECT DISTINCT` read every record of the user
+        // (160-200 ms for 200,000 of them).
+        sqlx::query_as(
+            "WITH RECURSIVE
+               apps(app_id) AS (
+                 SELECT CASE WHEN $2::text IS NULL
+                   THEN (SELECT r.app_id FROM sync_records r WHERE r.user_id = $1 ORDER BY r.app_id LIMIT 1)
+                   ELSE $2::text END
+                 UNION ALL
+                 SELECT (SELECT r.app_id FROM sync_records r
+                         WHERE r.user_id = $1 AND r.app_id > apps.app_id ORDER BY r.app_id LIMIT 1)
+                 FROM apps WHERE apps.app_id IS NOT NULL AND $2::text IS NULL
+               ),
+               known(app_id, table_name) AS (
+                 SELECT apps.app_id, (SELECT r.table_name FROM sync_records r
+                         WHERE r.user_id = $1 AND r.app_id = apps.app_id ORDER BY r.table_name LIMIT 1)
+                 FROM apps WHERE apps.app_id IS NOT NULL
+                 UNION ALL
+                 SELECT known.app_id, (SELECT r.table_name FROM sync_records r
+                         WHERE r.user_id = $1 AND r.app_id = known.app_id AND r.table_name > known.table_name
+                         ORDER BY r.table_name LIMIT 1)
+                 FROM known WHERE known.table_name IS NOT NULL
+               )
+             SELECT app_id, table_name FROM known WHERE table_name IS NOT NULL ORDER BY 1, 2",
         )
         .bind(user_id)
         .bind(app_id)
