@@ -63,12 +63,14 @@ pub trait Dialect {
     /// Sets the user's usage counters, as holding for the clock now.
     fn set_usage(&mut self, user_id: &str, usage: Usage) -> impl Future<Output = sqlx::Result<()>> + Send;
 
-    /// Inserts or replaces the projection rows of records of one app.
+    /// Inserts or replaces the projection rows of records of one app, and
+    /// sets the user's usage counters when given (as [`Dialect::set_usage`]).
     fn save(
         &mut self,
         user_id: &str,
         app_id: &str,
         rows: &[SavedRow<'_>],
+        usage: Option<Usage>,
     ) -> impl Future<Output = sqlx::Result<()>> + Send;
 
     /// Deletes the user's whole projection.

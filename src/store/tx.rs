@@ -116,19 +116,20 @@ impl Tx {
 
     /// Writes the given records' state (insert or replace), once `admit`
     /// has accepted the size of each as it will be stored (what a page
-    /// counts), and returns those sizes.
+    /// counts), and returns those sizes. `admit` may give the user's usage
+    /// counters, set in the same round trip.
     pub async fn save(
         &mut self,
         user_id: &str,
         app_id: &str,
         records: &[Record],
-        admit: impl FnOnce(&[i64]) -> Result<()>,
+        admit: impl FnOnce(&[i64]) -> Result<Option<Usage>>,
     ) -> Result<Vec<i64>> {
         let rows =
             SavedRow::of(records).map_err(|e| Error::Internal(anyhow::Error::new(e).context("a record state")))?;
         let sizes: Vec<i64> = rows.iter().map(|r| r.fields.len() as i64).collect();
-        admit(&sizes)?;
-        dialect!(self, |conn| conn.save(user_id, app_id, &rows).await)?;
+        let usage = admit(&sizes)?;
+        dialect!(self, |conn| conn.save(user_id, app_id, &rows, usage).await)?;
         Ok(sizes)
     }
 

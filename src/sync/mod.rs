@@ -283,10 +283,10 @@ pub async fn record(
             for (record, size) in records.iter().zip(sizes) {
                 after.bytes += quota::stored_bytes(&record.table, &record.id, *size as usize);
             }
-            quotas.admit(appended.usage, after, deletes_only)
+            quotas.admit(appended.usage, after, deletes_only)?;
+            Ok(Some(after))
         })
         .await?;
-    tx.set_usage(user_id, after).await?;
     let batch_records = records
         .into_iter()
         .zip(sizes)

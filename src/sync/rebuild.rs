@@ -47,7 +47,7 @@ async fn rebuild_user(store: &Store, user_id: &str) -> anyhow::Result<(u64, u64)
     let mut usage = Usage::default();
     for (app_id, records) in by_app {
         for chunk in records.chunks(1000) {
-            let sizes = tx.save(user_id, &app_id, chunk, |_| Ok(())).await?;
+            let sizes = tx.save(user_id, &app_id, chunk, |_| Ok(None)).await?;
             for (record, size) in chunk.iter().zip(sizes) {
                 usage.records += 1;
                 usage.bytes += quota::stored_bytes(&record.table, &record.id, size as usize);

@@ -178,15 +178,27 @@ impl Dialect for PgConnection {
         Ok(())
     }
 
-    async fn save(&mut self, user_id: &str, app_id: &str, rows: &[SavedRow<'_>]) -> sqlx::Result<()> {
+    async fn save(
+        &mut self,
+        user_id: &str,
+        app_id: &str,
+        rows: &[SavedRow<'_>],
+        usage: Option<Usage>,
+    ) -> sqlx::Result<()> {
         // The states go as text, which the `json` column keeps as it is.
+        // The counters are set in the same round trip (the clock row is
+        // already locked by the push); without them the UPDATE matches
+        // nothing.
         sqlx::query(
-            "INSERT INTO sync_records (user_id, app_id, table_name, record_id, fields, created_seq, touched_seq)
-             SELECT $1, $2, u.table_name, u.record_id, u.fields::json, u.created_seq, u.touched_seq
-             FROM UNNEST($3::text[], $4::text[], $5::text[], $6::bigint[], $7::bigint[])
-               AS u(table_name, record_id, fields, created_seq, touched_seq)
-             ON CONFLICT (user_id, app_id, table_name, record_id) DO UPDATE
-             SET fields = EXCLUDED.fields, created_seq = EXCLUDED.created_seq, touched_seq = EXCLUDED.touched_seq",
+            "WITH saved AS (
+               INSERT INTO sync_records (user_id, app_id, table_name, record_id, fields, created_seq, touched_seq)
+               SELECT $1, $2, u.table_name, u.record_id, u.fields::json, u.created_seq, u.touched_seq
+               FROM UNNEST($3::text[], $4::text[], $5::text[], $6::bigint[], $7::bigint[])
+                 AS u(table_name, record_id, fields, created_seq, touched_seq)
+               ON CONFLICT (user_id, app_id, table_name, record_id) DO UPDATE
+               SET fields = EXCLUDED.fields, created_seq = EXCLUDED.created_seq, touched_seq = EXCLUDED.touched_seq)
+             UPDATE sync_clocks SET records = $8, bytes = $9, counted_seq = last_seq
+             WHERE user_id = $1 AND $8::bigint IS NOT NULL",
         )
         .bind(user_id)
         .bind(app_id)
@@ -195,6 +207,8 @@ impl Dialect for PgConnection {
         .bind(rows.iter().map(|r| r.fields.as_str()).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.created_seq).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.touched_seq).collect::<Vec<_>>())
+        .bind(usage.map(|u| u.records))
+        .bind(usage.map(|u| u.bytes))
         .execute(self)
         .await?;
         Ok(())

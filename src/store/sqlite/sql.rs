@@ -96,7 +96,13 @@ impl Dialect for SqliteConnection {
         Ok(())
     }
 
-    async fn save(&mut self, user_id: &str, app_id: &str, rows: &[SavedRow<'_>]) -> sqlx::Result<()> {
+    async fn save(
+        &mut self,
+        user_id: &str,
+        app_id: &str,
+        rows: &[SavedRow<'_>],
+        usage: Option<Usage>,
+    ) -> sqlx::Result<()> {
         // Each state goes as its JSON text, which `->>` hands on as it is.
         let rows: Vec<Value> = rows
             .iter()
@@ -113,8 +119,11 @@ impl Dialect for SqliteConnection {
         .bind(user_id)
         .bind(app_id)
         .bind(Json(rows))
-        .execute(self)
+        .execute(&mut *self)
         .await?;
+        if let Some(usage) = usage {
+            self.set_usage(user_id, usage).await?;
+        }
         Ok(())
     }
 
