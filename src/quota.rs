@@ -2,12 +2,13 @@
 //! per record.
 //!
 //! A push is refused whole when it would take its user over a limit, with
-//! two exceptions that keep honest devices going: a batch of deletes only
-//! is always accepted (a device over quota can still delete; a delete is a
-//! soft one and frees nothing, but refusing it would strand the device's
-//! queue), and a push that does not grow what a limit counts is accepted
-//! even when the user is already over it (data stored before the limit
-//! was lowered stays editable).
+//! two exceptions that keep honest devices going: a batch that only
+//! deletes records that exist is always accepted (a device over quota can
+//! still delete; deletes are soft and free nothing, but refusing them would
+//! strand the device's queue; a delete of a record never seen makes a
+//! tombstone, and counts like any other change), and a push that does not
+//! grow what a limit counts is accepted even when the user is already over
+//! it (data stored before the limit was lowered stays editable).
 //!
 //! Nothing here touches HTTP or SQL: the store counts, this decides.
 
@@ -90,7 +91,8 @@ impl Quotas {
     }
 
     /// Whether a push that takes the user's usage from `before` to `after`
-    /// may be recorded (`deletes_only`: the batch only deletes).
+    /// may be recorded (`deletes_only`: the batch only deletes records
+    /// that exist).
     pub fn admit(&self, before: Usage, after: Usage, deletes_only: bool) -> Result<(), Error> {
         if deletes_only {
             return Ok(());

@@ -61,8 +61,9 @@ pub enum PushError {
     /// (`MAX_RECORDS_PER_USER` records stored), `quota_bytes`
     /// (`MAX_BYTES_PER_USER` bytes of records stored) or `quota_fields`
     /// (`MAX_FIELDS_PER_RECORD` fields in one record). Nothing was
-    /// recorded. A batch of deletes only is never refused by a quota, nor
-    /// is a push that does not grow what the limit counts.
+    /// recorded. A batch that only deletes records that exist is never
+    /// refused by a quota, nor is a push that does not grow what the limit
+    /// counts.
     #[oai(status = 422)]
     Unprocessable(Json<ErrorBody>),
     /// Too many pushes from this user (`PUSH_RATE`), or the server is

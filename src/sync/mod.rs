@@ -222,7 +222,7 @@ pub struct Recorded {
 /// user's clock stays locked until that transaction ends. A batch that
 /// would take the user over a quota is refused before anything of the
 /// projection is written ([`Error::OverQuota`]); the caller must then not
-/// commit.
+/// commit. A batch that only deletes records that exist passes every quota.
 pub async fn record(
     tx: &mut Tx,
     user_id: &str,
@@ -263,10 +263,12 @@ pub async fn record(
     }
     // Every loaded state is one the batch touched; records never seen are
     // created. In log order, they follow every other record of the page.
+    // Deletes of records that exist pass every quota; a delete of a record
+    // never seen makes one (a tombstone), so it counts like any change.
+    let created = states.values().filter(|(_, before)| before.is_none()).count() as i64;
+    let deletes_only = deletes_only && created == 0;
     let mut records = Vec::with_capacity(states.len());
-    let mut created = 0;
     for ((table, id), (state, fields_before)) in states {
-        created += i64::from(fields_before.is_none());
         quotas.admit_fields(
             &table,
             &id,
