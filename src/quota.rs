@@ -97,8 +97,20 @@ impl Quotas {
         if deletes_only {
             return Ok(());
         }
-        over(Limit::Records, self.max_records, before.records, after.records, "records")?;
-        over(Limit::Bytes, self.max_bytes, before.bytes, after.bytes, "bytes of records")
+        over(
+            Limit::Records,
+            self.max_records,
+            before.records,
+            after.records,
+            "records",
+        )?;
+        over(
+            Limit::Bytes,
+            self.max_bytes,
+            before.bytes,
+            after.bytes,
+            "bytes of records",
+        )
     }
 
     /// Whether a record that had `before` fields may have `after` once the
@@ -181,10 +193,7 @@ mod tests {
             Some(Limit::Bytes)
         );
         assert_eq!(refused(LIMITS.admit_fields("t", "a", 5, 5, false)), None);
-        assert_eq!(
-            refused(LIMITS.admit_fields("t", "a", 5, 6, false)),
-            Some(Limit::Fields)
-        );
+        assert_eq!(refused(LIMITS.admit_fields("t", "a", 5, 6, false)), Some(Limit::Fields));
     }
 
     #[test]

@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::app::{
-    APP, Backend, Postgres, START, Sqlite, TestApp, both_stores, change_for, delete, expect_error, expect_json,
-    insert, push_body, update,
+    APP, Backend, Postgres, START, Sqlite, TestApp, both_stores, change_for, delete, expect_error, expect_json, insert,
+    push_body, update,
 };
 use common::metrics::{scrape, value};
 use mana_sync::store::Store;
@@ -69,7 +69,11 @@ fn one_change(id: &str) -> Value {
     push_body(
         "a",
         START,
-        json!([insert("todos", id, json!({ "title": id, "updatedAt": "2024-01-02T00:00:00Z" }))]),
+        json!([insert(
+            "todos",
+            id,
+            json!({ "title": id, "updatedAt": "2024-01-02T00:00:00Z" })
+        )]),
     )
 }
 
@@ -82,18 +86,29 @@ async fn an_empty_keyed_push_keeps_no_outcome_and_a_keyed_one_keeps_a_small_one(
     assert_eq!(first, again, "nothing changed in between: the same answer");
     assert_eq!(outcomes(&app).await, 0, "an empty batch keeps no outcome");
 
-    expect_json(app.keyed_push("alice", "a", "one-1", &one_change("r1")).await, StatusCode::OK).await;
+    expect_json(
+        app.keyed_push("alice", "a", "one-1", &one_change("r1")).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(outcomes(&app).await, 1);
     let small = largest_outcome(&app).await;
     // The answer of the next push holds 200 records of 8 kB (1.6 MB): the
     // outcome kept is as small as before.
     hold_records(&app, "alice", 200, 8000).await;
-    let answer = expect_json(app.keyed_push("alice", "a", "one-2", &one_change("r2")).await, StatusCode::OK).await;
+    let answer = expect_json(
+        app.keyed_push("alice", "a", "one-2", &one_change("r2")).await,
+        StatusCode::OK,
+    )
+    .await;
     assert!(answer["serverChanges"].as_array().unwrap().len() > 200);
     assert_eq!(outcomes(&app).await, 2);
     let large = largest_outcome(&app).await;
     // (PostgreSQL's row sizes differ by a few bytes of alignment.)
-    assert!(large <= small + 8, "the outcome does not grow with the answer: {small} then {large} bytes");
+    assert!(
+        large <= small + 8,
+        "the outcome does not grow with the answer: {small} then {large} bytes"
+    );
     assert!(small < 200, "an outcome is a fingerprint and a position: {small} bytes");
 
     // An empty push under a key used for other changes is still refused.
@@ -138,10 +153,18 @@ async fn a_replay_records_once_and_answers_afresh_with_the_batchs_changes(store:
 #[apply(both_stores)]
 async fn past_the_key_cap_the_oldest_outcomes_are_dropped(store: Backend) {
     let app = store.spawn_with(&[("IDEMPOTENCY_MAX_KEYS", "10")]).await;
-    expect_json(app.keyed_push("bob", "a", "bobs", &one_change("b")).await, StatusCode::OK).await;
+    expect_json(
+        app.keyed_push("bob", "a", "bobs", &one_change("b")).await,
+        StatusCode::OK,
+    )
+    .await;
     for i in 0..=10 {
         let key = format!("k{i:02}");
-        expect_json(app.keyed_push("alice", "a", &key, &one_change(&key)).await, StatusCode::OK).await;
+        expect_json(
+            app.keyed_push("alice", "a", &key, &one_change(&key)).await,
+            StatusCode::OK,
+        )
+        .await;
     }
     let alices = app
         .count("SELECT count(*) FROM sync_idempotency WHERE user_id = 'alice'")
@@ -166,9 +189,17 @@ async fn past_the_key_cap_the_oldest_outcomes_are_dropped(store: Backend) {
     );
 
     let logged = app.log_rows().await;
-    expect_json(app.keyed_push("alice", "a", "k10", &one_change("k10")).await, StatusCode::OK).await;
+    expect_json(
+        app.keyed_push("alice", "a", "k10", &one_change("k10")).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(app.log_rows().await, logged, "a kept key is replayed");
-    expect_json(app.keyed_push("alice", "a", "k00", &one_change("k00")).await, StatusCode::OK).await;
+    expect_json(
+        app.keyed_push("alice", "a", "k00", &one_change("k00")).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(
         app.log_rows().await,
         logged + 1,
@@ -179,13 +210,14 @@ async fn past_the_key_cap_the_oldest_outcomes_are_dropped(store: Backend) {
 #[apply(both_stores)]
 async fn expired_outcomes_of_a_user_who_never_pushes_again_are_swept(store: Backend) {
     let app = store
-        .spawn_with(&[
-            ("IDEMPOTENCY_TTL", "1s"),
-            ("IDEMPOTENCY_SWEEP_INTERVAL", "200ms"),
-        ])
+        .spawn_with(&[("IDEMPOTENCY_TTL", "1s"), ("IDEMPOTENCY_SWEEP_INTERVAL", "200ms")])
         .await;
     for key in ["k1", "k2", "k3"] {
-        expect_json(app.keyed_push("alice", "a", key, &one_change(key)).await, StatusCode::OK).await;
+        expect_json(
+            app.keyed_push("alice", "a", key, &one_change(key)).await,
+            StatusCode::OK,
+        )
+        .await;
     }
     assert_eq!(outcomes(&app).await, 3);
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
@@ -274,7 +306,8 @@ async fn the_record_quota_refuses_growth_and_lets_updates_and_deletes_through(st
         .await;
     // Deletes of records that exist pass; one of a record never seen would
     // make a fourth (a tombstone), and counts like an insert.
-    app.push_ok("alice", "a", START, json!([delete("todos", "2", at)])).await;
+    app.push_ok("alice", "a", START, json!([delete("todos", "2", at)]))
+        .await;
     refused(&app, "alice", json!([delete("todos", "unknown", at)]), "quota_records").await;
     let (kept, holds, recount) = usage(&app, "alice").await;
     assert_eq!(kept.0, 3);
@@ -292,8 +325,13 @@ async fn the_record_quota_refuses_growth_and_lets_updates_and_deletes_through(st
 async fn the_byte_quota_refuses_growth_but_not_a_shrinking_update(store: Backend) {
     let app = store.spawn_with(&[("MAX_BYTES_PER_USER", "3000")]).await;
     let at = "2024-01-01T00:00:00Z";
-    app.push_ok("alice", "a", START, json!([insert("todos", "big", json!({ "text": "x".repeat(2000) }))]))
-        .await;
+    app.push_ok(
+        "alice",
+        "a",
+        START,
+        json!([insert("todos", "big", json!({ "text": "x".repeat(2000) }))]),
+    )
+    .await;
     refused(
         &app,
         "alice",
@@ -308,15 +346,29 @@ async fn the_byte_quota_refuses_growth_but_not_a_shrinking_update(store: Backend
         "quota_bytes",
     )
     .await;
-    app.push_ok("alice", "a", START, json!([update("todos", "big", "text", json!("short"), at)]))
-        .await;
-    app.push_ok("alice", "a", START, json!([insert("todos", "more", json!({ "text": "y".repeat(1500) }))]))
-        .await;
+    app.push_ok(
+        "alice",
+        "a",
+        START,
+        json!([update("todos", "big", "text", json!("short"), at)]),
+    )
+    .await;
+    app.push_ok(
+        "alice",
+        "a",
+        START,
+        json!([insert("todos", "more", json!({ "text": "y".repeat(1500) }))]),
+    )
+    .await;
     let (kept, _, recount) = usage(&app, "alice").await;
     assert_eq!(kept, recount);
     assert!(kept.1 <= 3000, "{kept:?}");
     assert_eq!(
-        value(&scrape(&app).await, "mana_sync_quota_refusals_total", &[("limit", "bytes")]),
+        value(
+            &scrape(&app).await,
+            "mana_sync_quota_refusals_total",
+            &[("limit", "bytes")]
+        ),
         2.0
     );
 }
@@ -328,7 +380,11 @@ async fn the_field_quota_refuses_a_wider_record_and_lets_a_delete_through(store:
     refused(
         &app,
         "alice",
-        json!([insert("todos", "wide", json!({ "a": 1, "b": 2, "c": 3, "d": 4, "e": 5 }))]),
+        json!([insert(
+            "todos",
+            "wide",
+            json!({ "a": 1, "b": 2, "c": 3, "d": 4, "e": 5 })
+        )]),
         "quota_fields",
     )
     .await;
@@ -350,7 +406,8 @@ async fn the_field_quota_refuses_a_wider_record_and_lets_a_delete_through(store:
     .await;
     app.push_ok("alice", "a", START, json!([update("todos", "r", "a", json!(10), at)]))
         .await;
-    app.push_ok("alice", "a", START, json!([delete("todos", "r", at)])).await;
+    app.push_ok("alice", "a", START, json!([delete("todos", "r", at)]))
+        .await;
     let pulled = app.pull_ok("alice", "todos", START, None).await;
     assert_eq!(change_for(&pulled, "r").unwrap()["op"], "delete");
 }
@@ -378,7 +435,11 @@ async fn usage_counters_agree_with_a_recount_through_rebuild_and_from_an_unknown
 
     // Counters of a clock moved without them (a push of the previous
     // release, or a user from before them) are counted again.
-    sqlx_exec(&app, "UPDATE sync_clocks SET records = 0, bytes = 0, counted_seq = NULL").await;
+    sqlx_exec(
+        &app,
+        "UPDATE sync_clocks SET records = 0, bytes = 0, counted_seq = NULL",
+    )
+    .await;
     app.push_ok("alice", "b", START, json!([insert("notes", "m", json!({}))]))
         .await;
     let (kept, holds, recount) = usage(&app, "alice").await;
@@ -420,13 +481,21 @@ async fn measure_outcome_bytes(store: Backend) {
     let start = bytes().await;
     for i in 0..n {
         let body = push_body("a", START, json!([]));
-        expect_json(app.keyed_push("alice", "a", &format!("e{i}"), &body).await, StatusCode::OK).await;
+        expect_json(
+            app.keyed_push("alice", "a", &format!("e{i}"), &body).await,
+            StatusCode::OK,
+        )
+        .await;
     }
     let empty = bytes().await;
     let mut cursor = Value::Null;
     for i in 0..n {
         let key = format!("o{i}");
-        let answer = expect_json(app.keyed_push("alice", "a", &key, &one_change(&key)).await, StatusCode::OK).await;
+        let answer = expect_json(
+            app.keyed_push("alice", "a", &key, &one_change(&key)).await,
+            StatusCode::OK,
+        )
+        .await;
         cursor = answer["syncedUntil"].clone();
     }
     let one = bytes().await;
@@ -445,5 +514,46 @@ async fn measure_outcome_bytes(store: Backend) {
         (empty - start) / n,
         (one - empty) / n,
         (small - one) / m
+    );
+}
+
+/// The cost of the quota bookkeeping on a push: the mean and median time
+/// of 300 sequential pushes of 10 new records, then of 300 pushes
+/// updating them, by one user. Prints them; run with `--ignored
+/// --nocapture`, on this code and on the code before the counters.
+#[apply(both_stores)]
+#[ignore = "a measurement"]
+async fn measure_push_time(store: Backend) {
+    let app = store.spawn().await;
+    hold_records(&app, "alice", 1000, 500).await;
+    let mut figures = Vec::new();
+    for phase in ["insert", "update"] {
+        let mut times = Vec::new();
+        for i in 0..300 {
+            let changes: Vec<Value> = (0..10)
+                .map(|c| {
+                    let id = format!("p{i}-{c}");
+                    match phase {
+                        "insert" => insert("todos", &id, json!({ "title": id, "n": i })),
+                        _ => update("todos", &id, "n", json!(i + 1), "2024-01-03T00:00:00Z"),
+                    }
+                })
+                .collect();
+            let body = push_body("a", "2030-01-01T00:00:00Z", Value::Array(changes));
+            let started = std::time::Instant::now();
+            let response = app.push("alice", "a", &body).await;
+            assert_eq!(response.status(), StatusCode::OK);
+            times.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        let mean = times.iter().sum::<f64>() / times.len() as f64;
+        times.sort_by(f64::total_cmp);
+        figures.push(format!(
+            "{phase}: mean {mean:.2} ms, p50 {:.2} ms",
+            times[times.len() / 2]
+        ));
+    }
+    println!(
+        "{store:?}, pushes of 10 changes, 1,000 records held: {}",
+        figures.join("; ")
     );
 }

@@ -399,7 +399,11 @@ async fn a_retried_push_with_the_same_idempotency_key_records_nothing_twice(stor
     // A retry is answered afresh (the outcome kept is only the batch's
     // position): the batch's change, and what came since.
     let retry = common::app::expect_json(send("k-1", body.clone()).await, StatusCode::OK).await;
-    assert_eq!(change_for(&retry, "once"), change_for(&first, "once"), "the batch's change");
+    assert_eq!(
+        change_for(&retry, "once"),
+        change_for(&first, "once"),
+        "the batch's change"
+    );
     assert!(change_for(&retry, "between").is_some(), "and what came since: {retry}");
     let mut newer = body.clone();
     newer["since"] = retry["syncedUntil"].clone();

@@ -18,8 +18,8 @@ use crate::hub::Notice;
 use crate::idempotency::{self, Outcome};
 use crate::metrics::Metrics;
 use crate::projection::{Page, PageBuilder, Record};
-use crate::quota::{self, Quotas};
 use crate::protocol::{FieldValue, MAX_PAGE_BYTES, Op, ServerChange, SyncResponse};
+use crate::quota::{self, Quotas};
 use crate::store::{Store, Tx};
 
 /// An `Idempotency-Key` and the fingerprint of the request it came with.
@@ -83,7 +83,7 @@ pub async fn push(
     }
     let recorded = recorded.inspect_err(|e| {
         if let Error::OverQuota { limit, .. } = e {
-            metrics.quota_refused(*limit);
+            metrics.quota_refused(limit);
         }
     })?;
     let response = respond(recorded.page, batch.since);

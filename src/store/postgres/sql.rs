@@ -7,8 +7,8 @@ use futures_util::stream::BoxStream;
 use sqlx::{PgConnection, PgPool};
 
 use crate::cursor::Cursor;
-use crate::store::dialect::{Dialect, PoolDialect, read_batch};
 use crate::quota::Usage;
+use crate::store::dialect::{Dialect, PoolDialect, read_batch};
 use crate::store::rows::{
     Appended, BatchRow, LogRow, NewRow, OutcomeRow, PageRow, RecordRow, SavedRow, TableRow, UsageRow,
 };
@@ -291,7 +291,13 @@ impl Dialect for PgConnection {
         .await
     }
 
-    async fn save_outcome(&mut self, user_id: &str, key: &str, fingerprint: &[u8], first_seq: i64) -> sqlx::Result<i64> {
+    async fn save_outcome(
+        &mut self,
+        user_id: &str,
+        key: &str,
+        fingerprint: &[u8],
+        first_seq: i64,
+    ) -> sqlx::Result<i64> {
         // A row already under the key is an expired one (a live one would
         // have been replayed): it is replaced.
         sqlx::query_scalar(

@@ -13,8 +13,8 @@ use sqlx::types::Json;
 use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
 
 use crate::cursor::Cursor;
-use crate::store::dialect::{Dialect, PoolDialect, read_batch};
 use crate::quota::Usage;
+use crate::store::dialect::{Dialect, PoolDialect, read_batch};
 use crate::store::rows::{
     Appended, ClockUsage, LogRow, NewRow, OutcomeRow, PageRow, RecordRow, SavedRow, TableRow, UsageRow,
 };
@@ -201,7 +201,13 @@ impl Dialect for SqliteConnection {
         .await
     }
 
-    async fn save_outcome(&mut self, user_id: &str, key: &str, fingerprint: &[u8], first_seq: i64) -> sqlx::Result<i64> {
+    async fn save_outcome(
+        &mut self,
+        user_id: &str,
+        key: &str,
+        fingerprint: &[u8],
+        first_seq: i64,
+    ) -> sqlx::Result<i64> {
         // A row already under the key is an expired one (a live one would
         // have been replayed): it is replaced.
         sqlx::query(
