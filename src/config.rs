@@ -34,6 +34,16 @@ pub struct Config {
     pub max_batch_changes: usize,
     /// How long a push's outcome is kept for replay under its `Idempotency-Key`.
     pub idempotency_ttl: Duration,
+    /// Most outcomes kept per user; past it the oldest are dropped (0: no limit).
+    pub idempotency_max_keys: u64,
+    /// How often each replica sweeps expired outcomes, of every user.
+    pub idempotency_sweep_interval: Duration,
+    /// Most records one user may store (0: no limit).
+    pub max_records_per_user: u64,
+    /// Most bytes of records (table name, id and state) one user may store (0: no limit).
+    pub max_bytes_per_user: u64,
+    /// Most fields one record may hold (0: no limit).
+    pub max_fields_per_record: u64,
     /// Longest a push waits for its turn (behind the user's other pushes on
     /// PostgreSQL, every other push on SQLite) or for a database
     /// connection, before a 429. The original client retries a refused push
@@ -146,6 +156,11 @@ impl Config {
             max_clock_skew: env.duration("MAX_CLOCK_SKEW", "5m")?,
             max_batch_changes: env.parse("MAX_BATCH_CHANGES", "5000")?,
             idempotency_ttl: env.duration("IDEMPOTENCY_TTL", "24h")?,
+            idempotency_max_keys: env.parse("IDEMPOTENCY_MAX_KEYS", "10000")?,
+            idempotency_sweep_interval: env.duration("IDEMPOTENCY_SWEEP_INTERVAL", "1m")?,
+            max_records_per_user: env.parse("MAX_RECORDS_PER_USER", "1000000")?,
+            max_bytes_per_user: env.parse("MAX_BYTES_PER_USER", "1073741824")?,
+            max_fields_per_record: env.parse("MAX_FIELDS_PER_RECORD", "1000")?,
             lock_timeout: env.duration("LOCK_TIMEOUT", "30s")?,
             max_sockets_per_user: env.parse("MAX_SOCKETS_PER_USER", "20")?,
             max_sockets: env.parse("MAX_SOCKETS", "10000")?,

@@ -15,6 +15,14 @@ pub enum Error {
     /// The request is well-formed but too large to accept.
     #[error("{message}")]
     TooLarge { code: &'static str, message: String },
+    /// The push would take its user over a storage quota (`limit`: records,
+    /// bytes or fields); nothing was recorded.
+    #[error("{message}")]
+    OverQuota {
+        code: &'static str,
+        limit: &'static str,
+        message: String,
+    },
     /// The idempotency key was already used for a different request.
     #[error("Idempotency-Key '{0}' was already used for a different request")]
     IdempotencyKeyReused(String),

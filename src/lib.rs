@@ -10,7 +10,7 @@
 //! - the pure core: `timestamp`, `clock` (the time replicas share), `cursor`, `fold`, `protocol` (limits and
 //!   wire types; these derive poem-openapi's schema traits, so their docs
 //!   are the OpenAPI schema), `change_log`, `projection`, `validate`,
-//!   `idempotency`;
+//!   `idempotency`, `quota`;
 //! - `store`: the PostgreSQL and SQLite dialects behind one contract;
 //! - services: `auth` (tokens), `throttle` (per-user rate limits),
 //!   `hub` (this replica's subscribers),
@@ -34,6 +34,7 @@ pub mod idempotency;
 pub mod metrics;
 pub mod projection;
 pub mod protocol;
+pub mod quota;
 pub mod startup;
 pub mod state;
 pub mod store;

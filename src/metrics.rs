@@ -32,6 +32,11 @@ struct ActionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PoolLabels {
     state: &'static str,
 }
@@ -56,6 +61,8 @@ struct Inner {
     changes_appended: Counter,
     records_pulled: Counter,
     idempotent_replays: Counter,
+    outcomes_swept: Counter,
+    quota_refusals: Family<LimitLabels, Counter>,
     jwt_failures: Family<ReasonLabels, Counter>,
     connections_refused: Family<ReasonLabels, Counter>,
     requests_shed: Family<ReasonLabels, Counter>,
@@ -89,6 +96,8 @@ impl Metrics {
             changes_appended: Counter::default(),
             records_pulled: Counter::default(),
             idempotent_replays: Counter::default(),
+            outcomes_swept: Counter::default(),
+            quota_refusals: Family::default(),
             jwt_failures: Family::default(),
             connections_refused: Family::default(),
             requests_shed: Family::default(),
@@ -131,6 +140,16 @@ impl Metrics {
             "idempotent_replays",
             "Pushes answered from a stored outcome (retries under an Idempotency-Key)",
             inner.idempotent_replays.clone(),
+        );
+        registry.register(
+            "idempotency_outcomes_swept",
+            "Expired idempotency outcomes deleted by this replica's sweep",
+            inner.outcomes_swept.clone(),
+        );
+        registry.register(
+            "quota_refusals",
+            "Pushes refused by a storage quota, by limit (records, bytes, fields)",
+            inner.quota_refusals.clone(),
         );
         registry.register("jwt_failures", "Refused tokens by reason", inner.jwt_failures.clone());
         registry.register(
@@ -241,6 +260,15 @@ impl Metrics {
 
     pub fn idempotent_replay(&self) {
         self.inner.idempotent_replays.inc();
+    }
+
+    pub fn outcomes_swept(&self, n: u64) {
+        self.inner.outcomes_swept.inc_by(n);
+    }
+
+    /// A push refused by a quota: `limit` is `records`, `bytes` or `fields`.
+    pub fn quota_refused(&self, limit: &'static str) {
+        self.inner.quota_refusals.get_or_create(&LimitLabels { limit }).inc();
     }
 
     pub fn jwt_failure(&self, reason: &'static str) {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::state::AppState;
-use crate::{api, fanout};
+use crate::{api, fanout, sync};
 
 /// Serves on `listener` until `shutdown` resolves, then drains for
 /// `SHUTDOWN_DRAIN` (cut short when `hurry` resolves) and lets in-flight
@@ -24,6 +24,12 @@ pub async fn serve(
     let mut background = vec![
         state.auth.spawn_refresh(state.config.jwks_refresh),
         state.throttle.spawn_pruning(),
+        sync::sweep::spawn(
+            state.store.clone(),
+            state.metrics.clone(),
+            state.config.idempotency_ttl,
+            state.config.idempotency_sweep_interval,
+        ),
     ];
     match state.store.notify_options() {
         Some(options) => background.push(tokio::spawn(fanout::listen_forever(

@@ -16,6 +16,7 @@ use common::app::{APP, START, TestApp, insert};
 use mana_sync::change_log::{Batch, Change};
 use mana_sync::fold::FieldWrite;
 use mana_sync::protocol::Op;
+use mana_sync::quota::Quotas;
 use mana_sync::timestamp::Timestamp;
 use rand::Rng;
 use serde_json::{Value, json};
@@ -55,7 +56,7 @@ async fn writer(app: Arc<TestApp>, user: &'static str, w: usize, committed: Comm
         let ids: Vec<String> = (0..size).map(|c| format!("{user}-w{w}-b{b}-c{c}")).collect();
         if w.is_multiple_of(2) {
             let mut tx = app.store.begin_write(user).await.unwrap();
-            mana_sync::sync::record(&mut tx, user, APP, &batch(&ids), 1000)
+            mana_sync::sync::record(&mut tx, user, APP, &batch(&ids), 1000, &Quotas::NONE)
                 .await
                 .unwrap();
             tokio::time::sleep(delay).await;
@@ -178,7 +179,7 @@ async fn a_push_that_waited_for_another_writer_folds_onto_its_writes(#[values(Po
         json!("from the other writer"),
         Timestamp::parse("2024-01-01T10:00:01Z").unwrap(),
     )];
-    mana_sync::sync::record(&mut other, "alice", APP, &retitle, 1000)
+    mana_sync::sync::record(&mut other, "alice", APP, &retitle, 1000, &Quotas::NONE)
         .await
         .unwrap();
     let done = common::app::update("todos", "x", "done", json!(true), "2024-01-01T10:00:02Z");

@@ -200,3 +200,55 @@ async fn the_maintenance_setting_only_lists_users_and_opens_no_data() {
         .rows_affected();
     assert_eq!(touched, 0, "alice's clock cannot be written");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outcome_sweep_sees_and_deletes_expired_outcomes_only() {
+    let app = spawn_app().await;
+    for key in ["old", "new"] {
+        let body = common::app::push_body("a", START, json!([insert("todos", key, json!({}))]));
+        assert!(app.keyed_push("alice", "a", key, &body).await.status().is_success());
+    }
+    let admin = app.admin().await;
+    sqlx::query("UPDATE sync_idempotency SET created_at = now() - interval '2 hours' WHERE idempotency_key = 'old'")
+        .execute(&admin)
+        .await
+        .unwrap();
+    let pool = app.db().app_pool().await;
+    let mut tx = mana_sync::store::postgres::begin_for(&pool, "bob").await.unwrap();
+    sqlx::query(
+        "SELECT set_config('mana_sync.maintenance', 'on', true), set_config('mana_sync.outcome_ttl', '3600', true)",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let seen: Vec<String> = sqlx::query_scalar("SELECT idempotency_key FROM sync_idempotency")
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(seen, vec!["old".to_owned()], "only the expired outcome is visible");
+    let deleted = sqlx::query("DELETE FROM sync_idempotency")
+        .execute(&mut *tx)
+        .await
+        .unwrap()
+        .rows_affected();
+    assert_eq!(deleted, 1, "only the expired outcome can be deleted");
+    for table in ["sync_changes", "sync_records"] {
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(n, 0, "{table} stays closed");
+    }
+    let updated = sqlx::query("UPDATE sync_idempotency SET first_seq = 0")
+        .execute(&mut *tx)
+        .await
+        .unwrap()
+        .rows_affected();
+    assert_eq!(updated, 0, "no outcome can be rewritten");
+    tx.commit().await.unwrap();
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM sync_idempotency")
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    assert_eq!(left, 1);
+}

@@ -76,9 +76,9 @@ async fn counters_move_by_exactly_what_the_traffic_did(store: Backend) {
         "3 + 1; the replay appends nothing"
     );
     assert_eq!(moved("mana_sync_idempotent_replays_total", &[]), 1.0);
-    // The answers: the first push's 3 records, the keyed push's 4 (its
-    // replay is the stored answer, not counted again), the pull's 3.
-    assert_eq!(moved("mana_sync_records_pulled_total", &[]), 3.0 + 4.0 + 3.0);
+    // The answers: the first push's 3 records, the keyed push's 4 and its
+    // replay's 4 (read afresh), the pull's 3.
+    assert_eq!(moved("mana_sync_records_pulled_total", &[]), 3.0 + 4.0 + 4.0 + 3.0);
     assert_eq!(moved("mana_sync_jwt_failures_total", &[("reason", "malformed")]), 1.0);
     assert_eq!(
         value(&after, "mana_sync_connections_total", &[]),

@@ -396,14 +396,22 @@ async fn a_retried_push_with_the_same_idempotency_key_records_nothing_twice(stor
     let first = common::app::expect_json(send("k-1", body.clone()).await, StatusCode::OK).await;
     app.push_ok("alice", "b", START, json!([insert("todos", "between", json!({}))]))
         .await;
+    // A retry is answered afresh (the outcome kept is only the batch's
+    // position): the batch's change, and what came since.
     let retry = common::app::expect_json(send("k-1", body.clone()).await, StatusCode::OK).await;
-    assert_eq!(first, retry, "the retry gets the first outcome");
+    assert_eq!(
+        change_for(&retry, "once"),
+        change_for(&first, "once"),
+        "the batch's change"
+    );
+    assert!(change_for(&retry, "between").is_some(), "and what came since: {retry}");
     let mut newer = body.clone();
-    newer["since"] = first["syncedUntil"].clone();
+    newer["since"] = retry["syncedUntil"].clone();
     let after_a_pull = common::app::expect_json(send("k-1", newer).await, StatusCode::OK).await;
     assert_eq!(
-        first, after_a_pull,
-        "a retry with a newer cursor is still the same batch"
+        change_for(&after_a_pull, "once"),
+        change_for(&first, "once"),
+        "a retry with a newer cursor is still the same batch, and answered with it"
     );
     assert_eq!(app.log_rows().await, 2, "the retried change is recorded once");
 

@@ -57,6 +57,7 @@ impl From<Error> for Answer {
         match e {
             Error::Invalid { code, message } => Answer::BadRequest(body(code, message)),
             Error::TooLarge { code, message } => Answer::PayloadTooLarge(body(code, message)),
+            Error::OverQuota { code, message, .. } => Answer::Unprocessable(body(code, message)),
             e @ Error::IdempotencyKeyReused(_) => Answer::Unprocessable(body("idempotency_key_reused", e.to_string())),
             e @ Error::Busy => Answer::TooManyRequests(body("busy", e.to_string()), 1),
             e @ Error::Unavailable => Answer::ServiceUnavailable(body("unavailable", e.to_string()), 2),

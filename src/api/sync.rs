@@ -14,6 +14,7 @@ use crate::api::serialized::Serialized;
 use crate::error::Error;
 use crate::idempotency;
 use crate::protocol::{DEFAULT_PULL_LIMIT, HeaderId, Key, MAX_PULL_LIMIT, Name, PushRequest, Since, SyncResponse};
+use crate::quota::Quotas;
 use crate::state::AppState;
 use crate::sync::{self, Idempotency};
 use crate::throttle::Action;
@@ -53,7 +54,15 @@ pub enum PushError {
     /// The body is not `application/json`.
     #[oai(status = 415)]
     UnsupportedMediaType(Json<ErrorBody>),
-    /// The `Idempotency-Key` was already used for a different request.
+    /// The `Idempotency-Key` was already used for a different request
+    /// (`idempotency_key_reused`), or the push would take the user over a
+    /// storage quota, named by its code: `quota_records`
+    /// (`MAX_RECORDS_PER_USER` records stored), `quota_bytes`
+    /// (`MAX_BYTES_PER_USER` bytes of records stored) or `quota_fields`
+    /// (`MAX_FIELDS_PER_RECORD` fields in one record). Nothing was
+    /// recorded. A batch that only deletes records that exist is never
+    /// refused by a quota, nor is a push that does not grow what the limit
+    /// counts.
     #[oai(status = 422)]
     Unprocessable(Json<ErrorBody>),
     /// Too many pushes or bytes from this user (`PUSH_RATE`, or
@@ -130,9 +139,11 @@ impl SyncApi {
         #[oai(name = "X-Client-Id")]
         client_id: Header<Option<HeaderId>>,
         /// Optional, chosen by the client, unique per batch. A
-        /// retry with the same key gets the first answer and records nothing
-        /// twice (for `IDEMPOTENCY_TTL`, default 24 h); the same key with
-        /// different changes is a 422.
+        /// retry with the same key records nothing twice (for
+        /// `IDEMPOTENCY_TTL`, default 24 h, among the user's last
+        /// `IDEMPOTENCY_MAX_KEYS` keys) and is answered with everything
+        /// since its `since`, the batch's changes included; the same key
+        /// with different changes is a 422.
         #[oai(name = "Idempotency-Key")]
         idempotency_key: Header<Option<Key>>,
         body: Json<PushRequest>,
@@ -165,11 +176,13 @@ impl SyncApi {
             fingerprint: idempotency::fingerprint(&app_id, &batch.client_id, &changes),
             key,
             ttl: state.config.idempotency_ttl,
+            max_keys: state.config.idempotency_max_keys,
         });
         let pushed = sync::push(
             &state.store,
             &state.notifier,
             &state.metrics,
+            &Quotas::of(&state.config),
             &user.id,
             &app_id,
             &batch,

@@ -7,7 +7,6 @@ mod text;
 
 use std::collections::BTreeMap;
 
-use poem_openapi::types::{ParseFromJSON, ToJSON};
 use poem_openapi::{Enum, Object};
 use serde_json::Value;
 
@@ -134,18 +133,6 @@ pub struct SyncResponse {
     pub synced_until: String,
     /// More changes remain after `syncedUntil`: call again with it.
     pub has_more: bool,
-}
-
-impl SyncResponse {
-    /// The response as its JSON (to keep it for an idempotent replay).
-    pub fn to_value(&self) -> Value {
-        self.to_json().unwrap_or_default()
-    }
-
-    /// A response kept by [`SyncResponse::to_value`].
-    pub fn from_value(value: Value) -> Result<SyncResponse, String> {
-        SyncResponse::parse_from_json(Some(value)).map_err(|e| e.into_message())
-    }
 }
 
 /// A record that changed since the cursor. Its `op` is `insert` if the

@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use futures_util::TryStreamExt;
 use futures_util::stream::BoxStream;
-use serde_json::Value;
 
 use crate::cursor::Cursor;
 use crate::error::Error;
 use crate::projection::Record;
+use crate::quota::Usage;
 use crate::store::rows::{self, Appended, LogRow, NewRow, OutcomeRow, PageRow, RecordRow, SavedRow, TableRow};
 
 /// The statements of one SQL dialect, on a connection inside a transaction
@@ -56,12 +56,21 @@ pub trait Dialect {
         keys: &[(&str, &str)],
     ) -> impl Future<Output = sqlx::Result<Vec<RecordRow>>> + Send;
 
-    /// Inserts or replaces the projection rows of records of one app.
+    /// What the user stores, counted over the projection (a scan of the
+    /// user's records: done once per user, see [`rows::ClockUsage`]).
+    fn count_usage(&mut self, user_id: &str) -> impl Future<Output = sqlx::Result<Usage>> + Send;
+
+    /// Sets the user's usage counters, as holding for the clock now.
+    fn set_usage(&mut self, user_id: &str, usage: Usage) -> impl Future<Output = sqlx::Result<()>> + Send;
+
+    /// Inserts or replaces the projection rows of records of one app, and
+    /// sets the user's usage counters when given (as [`Dialect::set_usage`]).
     fn save(
         &mut self,
         user_id: &str,
         app_id: &str,
         rows: &[SavedRow<'_>],
+        usage: Option<Usage>,
     ) -> impl Future<Output = sqlx::Result<()>> + Send;
 
     /// Deletes the user's whole projection.
@@ -109,16 +118,24 @@ pub trait Dialect {
         ttl: Duration,
     ) -> impl Future<Output = sqlx::Result<Option<OutcomeRow>>> + Send;
 
-    /// Drops the user's outcomes older than `ttl`.
-    fn expire_outcomes(&mut self, user_id: &str, ttl: Duration) -> impl Future<Output = sqlx::Result<()>> + Send;
-
-    /// Keeps an outcome for an idempotency key (the first one kept stays).
+    /// Keeps an outcome for an idempotency key (replacing an expired one
+    /// under the same key), and returns how many the user keeps at most
+    /// (the clock row's `outcomes`, which counts rows swept since).
     fn save_outcome(
         &mut self,
         user_id: &str,
         key: &str,
         fingerprint: &[u8],
-        response: &Value,
+        first_seq: i64,
+    ) -> impl Future<Output = sqlx::Result<i64>> + Send;
+
+    /// Drops the user's outcomes older than `ttl`, then the oldest but
+    /// `keep`, and counts what is left into the clock row's `outcomes`.
+    fn trim_outcomes(
+        &mut self,
+        user_id: &str,
+        ttl: Duration,
+        keep: u64,
     ) -> impl Future<Output = sqlx::Result<()>> + Send;
 
     /// Whether the error means the database is busy: a wait for a lock
@@ -144,6 +161,10 @@ pub trait PoolDialect {
     /// Every user with a clock (maintenance: the one cross-user read).
     fn users(&self) -> impl Future<Output = sqlx::Result<Vec<String>>> + Send;
 
+    /// Deletes up to `batch` outcomes older than `ttl`, of any user,
+    /// oldest first (maintenance); returns how many.
+    fn sweep_outcomes(&self, ttl: Duration, batch: i64) -> impl Future<Output = sqlx::Result<u64>> + Send;
+
     /// Whether the database answers.
     fn ping(&self) -> impl Future<Output = sqlx::Result<()>> + Send;
 }
@@ -165,9 +186,9 @@ pub fn fault<D: Dialect>(e: sqlx::Error) -> Error {
     Error::Internal(anyhow::Error::new(e).context("database error"))
 }
 
-/// The states of the records at `keys` and the app's first `limit` records
-/// changed after `since`, in two statements: what [`Dialect::append_batch`]
-/// reads once the clock is locked.
+/// The states of the records at `keys` (with their sizes) and the app's
+/// first `limit` records changed after `since`, in two statements: what
+/// [`Dialect::append_batch`] reads once the clock is locked.
 pub async fn read_batch<D: Dialect>(
     conn: &mut D,
     user_id: &str,
@@ -175,9 +196,15 @@ pub async fn read_batch<D: Dialect>(
     keys: &[(&str, &str)],
     since: Cursor,
     limit: i64,
-) -> sqlx::Result<(Vec<Record>, Vec<(Record, i64)>)> {
+) -> sqlx::Result<(Vec<(Record, i64)>, Vec<(Record, i64)>)> {
+    let decode = |e| sqlx::Error::Decode(Box::new(e));
     let states = conn.load(user_id, app_id, keys).await?;
+    let states = states
+        .into_iter()
+        .map(RecordRow::into_sized)
+        .collect::<Result<_, _>>()
+        .map_err(decode)?;
     let page: Vec<PageRow> = conn.page(user_id, app_id, None, since, limit).try_collect().await?;
-    let page = rows::page_records(page).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
-    Ok((states.into_iter().map(Record::from).collect(), page))
+    let page = rows::page_records(page).map_err(decode)?;
+    Ok((states, page))
 }

@@ -189,6 +189,25 @@ impl Store {
         pooled!(self, |pool| pool.users().await)
     }
 
+    /// Deletes up to `batch` outcomes older than `ttl`, of any user, oldest
+    /// first; returns how many (maintenance, like [`Store::users`]). On
+    /// SQLite through the writer, where writes queue.
+    pub async fn sweep_outcomes(&self, ttl: Duration, batch: i64) -> Result<u64> {
+        match self {
+            Store::Postgres(store) => store
+                .pool
+                .sweep_outcomes(ttl, batch)
+                .await
+                .map_err(fault::<sqlx::PgConnection>),
+            Store::Sqlite(store) => store
+                .pools()
+                .0
+                .sweep_outcomes(ttl, batch)
+                .await
+                .map_err(fault::<sqlx::SqliteConnection>),
+        }
+    }
+
     /// The (app, table) pairs a user has records in, of one app if given:
     /// what "pull everything" names.
     pub async fn tables(&self, user_id: &str, app_id: Option<&str>) -> Result<Vec<TableRow>> {

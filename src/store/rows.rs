@@ -11,6 +11,7 @@ use crate::change_log::{self, Change, RecordKey};
 use crate::fold::{FieldState, LogEntry, RecordState};
 use crate::idempotency::Outcome;
 use crate::projection::Record;
+use crate::quota::Usage;
 
 /// One log row about to be appended. The rows of a batch take consecutive
 /// positions in their order, from the first the clock hands out.
@@ -82,8 +83,12 @@ impl SavedRow<'_> {
 pub struct Appended {
     /// The clock after the batch: the batch's last position.
     pub last_seq: i64,
-    /// The current states of the batch's records (of those that exist).
-    pub states: Vec<Record>,
+    /// What the user stored before the batch, when the clock row's
+    /// counters hold (see [`ClockUsage`]).
+    pub usage: Option<Usage>,
+    /// The current states of the batch's records (of those that exist),
+    /// with their sizes.
+    pub states: Vec<(Record, i64)>,
     /// The app's records changed after the cursor, oldest change first,
     /// with their sizes; the batch's records among them in their state
     /// before it.
@@ -115,35 +120,40 @@ impl LogRow {
     }
 }
 
-/// A projection row (`sync_records`) of one app.
+/// A projection row (`sync_records`) of one app. Its fields come as the
+/// JSON text stored, whose length is the record's size (asking the
+/// database for it would cost it a second pass over every record), as
+/// text rather than JSON so that it is parsed once, into the state, not
+/// first checked.
 #[derive(sqlx::FromRow)]
 pub struct RecordRow {
     pub table_name: String,
     pub record_id: String,
-    pub fields: Json<BTreeMap<String, FieldState>>,
+    pub fields: String,
     pub created_seq: i64,
     pub touched_seq: i64,
 }
 
-impl From<RecordRow> for Record {
-    fn from(row: RecordRow) -> Record {
-        Record {
-            table: row.table_name,
-            id: row.record_id,
+impl RecordRow {
+    /// The record, and the length of its state as stored.
+    pub fn into_sized(self) -> Result<(Record, i64), serde_json::Error> {
+        let size = self.fields.len() as i64;
+        let fields: BTreeMap<String, FieldState> = serde_json::from_str(&self.fields)?;
+        let record = Record {
+            table: self.table_name,
+            id: self.record_id,
             state: RecordState {
-                fields: row.fields.0,
-                created: row.created_seq,
-                touched: row.touched_seq,
+                fields,
+                created: self.created_seq,
+                touched: self.touched_seq,
             },
-        }
+        };
+        Ok((record, size))
     }
 }
 
 /// A row of a page: the user's clock, then one changed record (all `None`
-/// when nothing changed after the cursor). Its fields come as the JSON
-/// text stored, whose length is the record's size (asking the database for
-/// it would cost it a second pass over every record), as text rather than
-/// JSON so that it is parsed once, into the state, not first checked.
+/// when nothing changed after the cursor), its fields as in [`RecordRow`].
 #[derive(sqlx::FromRow)]
 pub struct PageRow {
     pub last_seq: i64,
@@ -164,17 +174,16 @@ impl PageRow {
             self.created_seq,
             self.touched_seq,
         ) {
-            (Some(table_name), Some(record_id), Some(fields), Some(created_seq), Some(touched_seq)) => {
-                let size = fields.len() as i64;
-                let row = RecordRow {
+            (Some(table_name), Some(record_id), Some(fields), Some(created_seq), Some(touched_seq)) => Some(
+                RecordRow {
                     table_name,
                     record_id,
-                    fields: Json(serde_json::from_str(&fields)?),
+                    fields,
                     created_seq,
                     touched_seq,
-                };
-                Some((Record::from(row), size))
-            }
+                }
+                .into_sized()?,
+            ),
             _ => None,
         };
         Ok((self.last_seq, record))
@@ -190,6 +199,27 @@ pub fn page_records(rows: Vec<PageRow>) -> Result<Vec<(Record, i64)>, serde_json
     Ok(records)
 }
 
+/// The usage counters of a user's clock row as a push locks it. They hold
+/// for the clock at `counted_seq`: when the clock was elsewhere before the
+/// push (`previous_seq`), a push of the previous release or a user from
+/// before the counters moved it, and the user's records are counted again.
+#[derive(sqlx::FromRow)]
+pub struct ClockUsage {
+    /// The counters hold.
+    pub counted: bool,
+    pub records: i64,
+    pub bytes: i64,
+}
+
+impl ClockUsage {
+    pub fn usage(&self) -> Option<Usage> {
+        self.counted.then_some(Usage {
+            records: self.records,
+            bytes: self.bytes,
+        })
+    }
+}
+
 /// A row of PostgreSQL's statement that appends a batch (see
 /// [`Appended`]): the clock, whether the statement's snapshot is current,
 /// and a record (or none).
@@ -201,6 +231,8 @@ pub struct BatchRow {
     /// `true`: a state of one of the batch's records; `false`: a record of
     /// the page; `NULL`: neither (the row carries only the clock).
     pub loaded: Option<bool>,
+    #[sqlx(flatten)]
+    pub usage: ClockUsage,
     #[sqlx(flatten)]
     pub row: PageRow,
 }
@@ -217,14 +249,31 @@ pub struct TableRow {
 pub struct OutcomeRow {
     /// The fingerprint of the request it answered.
     pub request_hash: Vec<u8>,
-    pub response: Json<Value>,
+    /// The batch's first position (`None`: kept by an earlier release).
+    pub first_seq: Option<i64>,
 }
 
 impl From<OutcomeRow> for Outcome {
     fn from(row: OutcomeRow) -> Outcome {
         Outcome {
             fingerprint: row.request_hash,
-            response: row.response.0,
+            first_seq: row.first_seq,
+        }
+    }
+}
+
+/// What a user stores, as counted (`count(*)` and the sum of the bytes).
+#[derive(sqlx::FromRow)]
+pub struct UsageRow {
+    pub records: i64,
+    pub bytes: i64,
+}
+
+impl From<UsageRow> for Usage {
+    fn from(row: UsageRow) -> Usage {
+        Usage {
+            records: row.records,
+            bytes: row.bytes,
         }
     }
 }

@@ -4,7 +4,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures_util::TryStreamExt;
-use serde_json::Value;
 use sqlx::{PgConnection, Sqlite, SqliteConnection, Transaction};
 
 use super::dialect::{Dialect, fault};
@@ -16,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::fold::{LogEntry, RecordState};
 use crate::idempotency::Outcome;
 use crate::projection::{Page, PageBuilder, Record};
+use crate::quota::{self, Usage};
 
 /// A batch appended to the log, and what its transaction read after.
 pub struct Appended {
@@ -23,8 +23,12 @@ pub struct Appended {
     pub first_seq: i64,
     /// The user's clock after the batch: its last change's position.
     pub clock: i64,
-    /// The current states of the records the batch changes (those that exist).
-    pub states: HashMap<(String, String), RecordState>,
+    /// What the user stored before the batch (counted now if the clock
+    /// row's counters did not hold).
+    pub usage: Usage,
+    /// The current states of the records the batch changes (those that
+    /// exist), with the bytes each counts for (see [`quota::stored_bytes`]).
+    pub states: HashMap<(String, String), (RecordState, i64)>,
     /// The app's other records changed after the cursor, oldest change
     /// first, with their sizes: the page before the batch's own records,
     /// which follow them in log order. Enough of them to fill the page.
@@ -160,10 +164,17 @@ impl Tx {
             .append_batch(user_id, app_id, client_id, &rows, &keys, since, read)
             .await)?;
         let n = changes.len() as i64;
+        let usage = match appended.usage {
+            Some(usage) => usage,
+            None => dialect!(self, |conn| conn.count_usage(user_id).await)?,
+        };
         let states = appended
             .states
             .into_iter()
-            .map(|r| ((r.table, r.id), r.state))
+            .map(|(r, size)| {
+                let bytes = quota::stored_bytes(&r.table, &r.id, size as usize);
+                ((r.table, r.id), (r.state, bytes))
+            })
             .collect();
         let earlier = appended
             .page
@@ -173,6 +184,7 @@ impl Tx {
         Ok(Appended {
             first_seq: appended.last_seq - n + 1,
             clock: appended.last_seq,
+            usage,
             states,
             earlier,
         })
@@ -198,13 +210,33 @@ impl Tx {
         })
     }
 
-    /// Writes the given records' state (insert or replace), and returns
-    /// the size of each as stored (what a page counts).
-    pub async fn save(&mut self, user_id: &str, app_id: &str, records: &[Record]) -> Result<Vec<i64>> {
+    /// Writes the given records' state (insert or replace), once `admit`
+    /// has accepted the size of each as it will be stored (what a page
+    /// counts), and returns those sizes. `admit` may give the user's usage
+    /// counters, set in the same round trip.
+    pub async fn save(
+        &mut self,
+        user_id: &str,
+        app_id: &str,
+        records: &[Record],
+        admit: impl FnOnce(&[i64]) -> Result<Option<Usage>>,
+    ) -> Result<Vec<i64>> {
         let rows =
             SavedRow::of(records).map_err(|e| Error::Internal(anyhow::Error::new(e).context("a record state")))?;
-        dialect!(self, |conn| conn.save(user_id, app_id, &rows).await)?;
-        Ok(rows.iter().map(|r| r.fields.len() as i64).collect())
+        let sizes: Vec<i64> = rows.iter().map(|r| r.fields.len() as i64).collect();
+        let usage = admit(&sizes)?;
+        dialect!(self, |conn| conn.save(user_id, app_id, &rows, usage).await)?;
+        Ok(sizes)
+    }
+
+    /// What the user stores, counted over the projection (a scan).
+    pub async fn count_usage(&mut self, user_id: &str) -> Result<Usage> {
+        dialect!(self, |conn| conn.count_usage(user_id).await)
+    }
+
+    /// Sets the user's usage counters, as holding for the clock now.
+    pub async fn set_usage(&mut self, user_id: &str, usage: Usage) -> Result<()> {
+        dialect!(self, |conn| conn.set_usage(user_id, usage).await)
     }
 
     /// Deletes the user's whole projection (to rebuild it).
@@ -285,20 +317,27 @@ impl Tx {
         Ok(found.map(Outcome::from))
     }
 
-    /// Stores an outcome for replay, first dropping the user's expired ones
-    /// (so no cross-user sweep is needed).
+    /// Keeps a batch's outcome for replay. Past `max_keys` outcomes (0: no
+    /// limit) the user's are counted again, without the expired ones, and
+    /// the oldest dropped down to nine tenths of `max_keys`, so that a
+    /// user at the cap pays for that count once per tenth of it.
     pub async fn save_outcome(
         &mut self,
         user_id: &str,
         key: &str,
         fingerprint: &[u8],
-        response: &Value,
+        first_seq: i64,
         ttl: Duration,
+        max_keys: u64,
     ) -> Result<()> {
-        dialect!(self, |conn| conn.expire_outcomes(user_id, ttl).await)?;
-        dialect!(self, |conn| conn
-            .save_outcome(user_id, key, fingerprint, response)
-            .await)
+        let kept = dialect!(self, |conn| conn
+            .save_outcome(user_id, key, fingerprint, first_seq)
+            .await)?;
+        if max_keys > 0 && kept > i64::try_from(max_keys).unwrap_or(i64::MAX) {
+            let keep = (max_keys - max_keys / 10).max(1);
+            dialect!(self, |conn| conn.trim_outcomes(user_id, ttl, keep).await)?;
+        }
+        Ok(())
     }
 
     pub async fn commit(self) -> Result<()> {

@@ -2,8 +2,9 @@
 //! and the cursor put together, one transaction per request.
 
 mod rebuild;
+pub mod sweep;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use tracing::Instrument;
 
@@ -12,11 +13,13 @@ use crate::change_log::Batch;
 use crate::cursor::Cursor;
 use crate::error::{Error, Result};
 use crate::fanout::Notifier;
-use crate::fold::{LogEntry, RecordDelta};
+use crate::fold::{LogEntry, RecordDelta, RecordState};
 use crate::hub::Notice;
+use crate::idempotency::{self, Outcome};
 use crate::metrics::Metrics;
 use crate::projection::{Page, PageBuilder, Record};
 use crate::protocol::{FieldValue, MAX_PAGE_BYTES, Op, ServerChange, SyncResponse};
+use crate::quota::{self, Quotas};
 use crate::store::{Store, Tx};
 
 /// An `Idempotency-Key` and the fingerprint of the request it came with.
@@ -25,13 +28,18 @@ pub struct Idempotency {
     pub fingerprint: Vec<u8>,
     /// How long the outcome is kept for replay.
     pub ttl: std::time::Duration,
+    /// Most outcomes kept per user (0: no limit).
+    pub max_keys: u64,
 }
 
 /// Records a batch and answers with everything since `batch.since`, in
 /// one transaction: all changes are recorded or none, and the answer is
 /// sent only after commit; then the user's other devices are told. A
-/// retry under the same idempotency key gets the first answer and records
-/// nothing.
+/// retry under the same idempotency key records nothing and is answered
+/// afresh, the batch's changes included (see [`idempotency`]). A push that
+/// would take the user over a quota records nothing.
+///
+/// [`idempotency`]: crate::idempotency
 #[tracing::instrument(
     name = "sync.push",
     skip_all,
@@ -48,55 +56,56 @@ pub async fn push(
     store: &Store,
     notifier: &Notifier,
     metrics: &Metrics,
+    quotas: &Quotas,
     user_id: &str,
     app_id: &str,
     batch: &Batch,
     idempotency: Option<&Idempotency>,
     limit: u32,
 ) -> Result<SyncResponse> {
-    // A push that writes nothing (no changes, no outcome to keep) is a
-    // pull: it need not wait for writers (on SQLite, for any of them).
-    let mut tx = if batch.changes.is_empty() && idempotency.is_none() {
-        store.begin_read(user_id).await?
-    } else {
-        store.begin_write(user_id).await?
-    };
+    if batch.changes.is_empty() {
+        return answer_empty(store, metrics, user_id, app_id, batch, idempotency, limit).await;
+    }
+    let mut tx = store.begin_write(user_id).await?;
     // The clock lock comes first: it serialises the user's pushes, so an
-    // idempotency key cannot be checked by two of them at once.
-    let recorded = record(&mut tx, user_id, app_id, batch, limit).await?;
+    // idempotency key cannot be checked by two of them at once. A quota
+    // refusal writes nothing and leaves the transaction usable: a retry of
+    // a batch accepted before the user went over is still replayed.
+    let recorded = match record(&mut tx, user_id, app_id, batch, limit, quotas).await {
+        Err(e @ Error::OverQuota { .. }) => Err(e),
+        other => Ok(other?),
+    };
     if let Some(idem) = idempotency
         && let Some(outcome) = tx.find_outcome(user_id, &idem.key, idem.ttl).await?
     {
         tx.rollback().await?;
-        if outcome.fingerprint != idem.fingerprint {
-            return Err(Error::IdempotencyKeyReused(idem.key.clone()));
-        }
-        metrics.idempotent_replay();
-        tracing::Span::current().record("replayed", true);
-        return SyncResponse::from_value(outcome.response)
-            .map_err(|e| Error::Internal(anyhow::anyhow!("stored idempotent response is unreadable: {e}")));
+        return replay(store, metrics, user_id, app_id, idem, &outcome, batch.since, limit).await;
     }
-    let page = match recorded {
-        Some(page) => page,
-        None => {
-            tx.changed_since(user_id, app_id, None, batch.since, limit as usize, MAX_PAGE_BYTES)
-                .await?
+    let recorded = recorded.inspect_err(|e| {
+        if let Error::OverQuota { limit, .. } = e {
+            metrics.quota_refused(limit);
         }
-    };
-    let response = respond(page, batch.since);
+    })?;
+    let response = respond(recorded.page, batch.since);
     if let Some(idem) = idempotency {
-        tx.save_outcome(user_id, &idem.key, &idem.fingerprint, &response.to_value(), idem.ttl)
-            .await?;
+        tx.save_outcome(
+            user_id,
+            &idem.key,
+            &idem.fingerprint,
+            recorded.first_seq,
+            idem.ttl,
+            idem.max_keys,
+        )
+        .await?;
     }
     // Commit and announce in a task of their own: if the client goes away
     // and this request is dropped, a committed batch is still announced.
-    let announce = (!batch.changes.is_empty()).then(|| (notifier.clone(), notice(user_id, app_id, batch)));
+    let announce = (notifier.clone(), notice(user_id, app_id, batch));
     tokio::spawn(
         async move {
             tx.commit().await?;
-            if let Some((notifier, notice)) = announce {
-                notifier.publish(notice);
-            }
+            let (notifier, notice) = announce;
+            notifier.publish(notice);
             Ok::<_, Error>(())
         }
         .in_current_span(),
@@ -104,6 +113,63 @@ pub async fn push(
     .await
     .map_err(|e| Error::Internal(anyhow::Error::new(e).context("commit task failed")))??;
     metrics.changes_appended(batch.changes.len());
+    counted(metrics, &response);
+    Ok(response)
+}
+
+/// A push of no changes: a pull of every table of the app, which waits
+/// for no writer and keeps no outcome. Its key is still looked up, so that
+/// a key used before for other changes is refused.
+async fn answer_empty(
+    store: &Store,
+    metrics: &Metrics,
+    user_id: &str,
+    app_id: &str,
+    batch: &Batch,
+    idempotency: Option<&Idempotency>,
+    limit: u32,
+) -> Result<SyncResponse> {
+    let mut tx = store.begin_read(user_id).await?;
+    if let Some(idem) = idempotency
+        && let Some(outcome) = tx.find_outcome(user_id, &idem.key, idem.ttl).await?
+    {
+        tx.rollback().await?;
+        return replay(store, metrics, user_id, app_id, idem, &outcome, batch.since, limit).await;
+    }
+    let page = tx
+        .changed_since(user_id, app_id, None, batch.since, limit as usize, MAX_PAGE_BYTES)
+        .await?;
+    tx.commit().await?;
+    let response = respond(page, batch.since);
+    counted(metrics, &response);
+    Ok(response)
+}
+
+/// Answers a retry of a recorded batch, or refuses a key reused for other
+/// changes: everything since [`idempotency::replay_since`], read afresh.
+#[allow(clippy::too_many_arguments)]
+async fn replay(
+    store: &Store,
+    metrics: &Metrics,
+    user_id: &str,
+    app_id: &str,
+    idem: &Idempotency,
+    outcome: &Outcome,
+    since: Cursor,
+    limit: u32,
+) -> Result<SyncResponse> {
+    if outcome.fingerprint != idem.fingerprint {
+        return Err(Error::IdempotencyKeyReused(idem.key.clone()));
+    }
+    metrics.idempotent_replay();
+    tracing::Span::current().record("replayed", true);
+    let since = idempotency::replay_since(outcome, since);
+    let mut tx = store.begin_read(user_id).await?;
+    let page = tx
+        .changed_since(user_id, app_id, None, since, limit as usize, MAX_PAGE_BYTES)
+        .await?;
+    tx.commit().await?;
+    let response = respond(page, since);
     counted(metrics, &response);
     Ok(response)
 }
@@ -142,15 +208,29 @@ pub fn notice(user_id: &str, app_id: &str, batch: &Batch) -> Notice {
     }
 }
 
-/// Appends a batch to the log and folds it into the projection, inside
-/// the caller's transaction (which must be scoped to `user_id`), and
-/// returns the page of the app's records changed after `batch.since` (the
-/// batch's among them); `None` when the batch is empty. The user's clock
-/// stays locked until that transaction ends.
-pub async fn record(tx: &mut Tx, user_id: &str, app_id: &str, batch: &Batch, limit: u32) -> Result<Option<Page>> {
-    if batch.changes.is_empty() {
-        return Ok(None);
-    }
+/// What [`record`] did: where the batch starts in the log, and the page
+/// it answers with.
+pub struct Recorded {
+    pub first_seq: i64,
+    pub page: Page,
+}
+
+/// Appends a non-empty batch to the log and folds it into the projection,
+/// inside the caller's transaction (which must be scoped to `user_id`),
+/// keeping the user's usage counters, and returns the page of the app's
+/// records changed after `batch.since` (the batch's among them). The
+/// user's clock stays locked until that transaction ends. A batch that
+/// would take the user over a quota is refused before anything of the
+/// projection is written ([`Error::OverQuota`]); the caller must then not
+/// commit. A batch that only deletes records that exist passes every quota.
+pub async fn record(
+    tx: &mut Tx,
+    user_id: &str,
+    app_id: &str,
+    batch: &Batch,
+    limit: u32,
+    quotas: &Quotas,
+) -> Result<Recorded> {
     let appended = tx
         .append(
             user_id,
@@ -161,34 +241,63 @@ pub async fn record(tx: &mut Tx, user_id: &str, app_id: &str, batch: &Batch, lim
             limit as usize,
         )
         .await?;
-    let mut states = appended.states;
+    let deletes_only = batch.changes.iter().all(|c| c.op == Op::Delete);
+    // The usage after the batch: without its records as loaded (their
+    // field counts kept), with them as saved, below.
+    let mut after = appended.usage;
+    let mut states: HashMap<(String, String), (RecordState, Option<usize>)> = HashMap::new();
+    for (key, (state, bytes)) in appended.states {
+        after.bytes -= bytes;
+        let fields = state.fields.len();
+        states.insert(key, (state, Some(fields)));
+    }
     for (seq, change) in (appended.first_seq..).zip(&batch.changes) {
         let entry = LogEntry {
             seq,
             writes: change.writes.clone(),
         };
-        states
+        let (state, _) = states
             .entry((change.table.clone(), change.id.clone()))
-            .or_default()
-            .apply(&entry);
+            .or_insert_with(|| (RecordState::default(), None));
+        state.apply(&entry);
     }
     // Every loaded state is one the batch touched; records never seen are
     // created. In log order, they follow every other record of the page.
-    let mut records: Vec<Record> = states
-        .into_iter()
-        .map(|((table, id), state)| Record { table, id, state })
-        .collect();
+    // Deletes of records that exist pass every quota; a delete of a record
+    // never seen makes one (a tombstone), so it counts like any change.
+    let created = states.values().filter(|(_, before)| before.is_none()).count() as i64;
+    let deletes_only = deletes_only && created == 0;
+    let mut records = Vec::with_capacity(states.len());
+    for ((table, id), (state, fields_before)) in states {
+        quotas.admit_fields(
+            &table,
+            &id,
+            fields_before.unwrap_or(0),
+            state.fields.len(),
+            deletes_only,
+        )?;
+        records.push(Record { table, id, state });
+    }
     records.sort_by_key(|r| r.state.touched);
-    let sizes = tx.save(user_id, app_id, &records).await?;
+    let sizes = tx
+        .save(user_id, app_id, &records, |sizes| {
+            after.records += created;
+            for (record, size) in records.iter().zip(sizes) {
+                after.bytes += quota::stored_bytes(&record.table, &record.id, *size as usize);
+            }
+            quotas.admit(appended.usage, after, deletes_only)?;
+            Ok(Some(after))
+        })
+        .await?;
     let batch_records = records
         .into_iter()
         .zip(sizes)
         .filter(|(r, _)| r.state.touched > batch.since.0);
     let page = PageBuilder::new(limit as usize, MAX_PAGE_BYTES);
-    Ok(Some(page.fill(
-        appended.clock,
-        appended.earlier.into_iter().chain(batch_records),
-    )))
+    Ok(Recorded {
+        first_seq: appended.first_seq,
+        page: page.fill(appended.clock, appended.earlier.into_iter().chain(batch_records)),
+    })
 }
 
 /// The folded delta of one collection since a cursor.

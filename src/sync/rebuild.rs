@@ -7,6 +7,7 @@ use anyhow::Context;
 use crate::change_log::RecordKey;
 use crate::fold::RecordState;
 use crate::projection::Record;
+use crate::quota::{self, Usage};
 use crate::store::Store;
 
 /// Re-derives the whole projection from the log, one user at a time. Each
@@ -42,11 +43,18 @@ async fn rebuild_user(store: &Store, user_id: &str) -> anyhow::Result<(u64, u64)
             state,
         });
     }
+    // The usage counters are counted afresh as the records are saved.
+    let mut usage = Usage::default();
     for (app_id, records) in by_app {
         for chunk in records.chunks(1000) {
-            tx.save(user_id, &app_id, chunk).await?;
+            let sizes = tx.save(user_id, &app_id, chunk, |_| Ok(None)).await?;
+            for (record, size) in chunk.iter().zip(sizes) {
+                usage.records += 1;
+                usage.bytes += quota::stored_bytes(&record.table, &record.id, size as usize);
+            }
         }
     }
+    tx.set_usage(user_id, usage).await?;
     tx.commit().await?;
     Ok((entries, count))
 }

@@ -306,6 +306,46 @@ impl TestApp {
         }
     }
 
+    /// `POST /sync/todo` as `user` from device `client` under an `Idempotency-Key`.
+    pub async fn keyed_push(&self, user: &str, client: &str, key: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(self.url(&format!("/sync/{APP}")))
+            .bearer_auth(tokens::token_for(user))
+            .header("X-Client-Id", client)
+            .header("Idempotency-Key", key)
+            .json(body)
+            .send()
+            .await
+            .expect("keyed push request")
+    }
+
+    /// A portable `SELECT <one bigint>` on this test's database, every user's rows.
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        let sql = sqlx::AssertSqlSafe(sql.to_owned());
+        match &self.store {
+            Store::Postgres(_) => sqlx::query_scalar(sql).fetch_one(&self.admin().await).await.unwrap(),
+            Store::Sqlite(store) => sqlx::query_scalar(sql).fetch_one(store.reader()).await.unwrap(),
+        }
+    }
+
+    /// Bytes a table takes on disk, its indexes (and on PostgreSQL its
+    /// TOAST) included: `pg_total_relation_size`, or SQLite's `dbstat`.
+    pub async fn table_bytes(&self, table: &str) -> i64 {
+        match &self.store {
+            Store::Postgres(_) => {
+                self.scalar(&format!("SELECT pg_total_relation_size('{table}')::bigint"))
+                    .await
+            }
+            Store::Sqlite(_) => {
+                self.scalar(&format!(
+                    "SELECT coalesce(sum(pgsize), 0) FROM dbstat WHERE name = '{table}' OR name IN
+                     (SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = '{table}')"
+                ))
+                .await
+            }
+        }
+    }
+
     /// Rows in the change log, all users.
     pub async fn log_rows(&self) -> i64 {
         self.count("SELECT count(*) FROM sync_changes").await

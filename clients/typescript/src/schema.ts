@@ -461,9 +461,11 @@ export interface operations {
                 "X-Client-Id"?: string;
                 /**
                  * @description Optional, chosen by the client, unique per batch. A
-                 *     retry with the same key gets the first answer and records nothing
-                 *     twice (for `IDEMPOTENCY_TTL`, default 24 h); the same key with
-                 *     different changes is a 422.
+                 *     retry with the same key records nothing twice (for
+                 *     `IDEMPOTENCY_TTL`, default 24 h, among the user's last
+                 *     `IDEMPOTENCY_MAX_KEYS` keys) and is answered with everything
+                 *     since its `since`, the batch's changes included; the same key
+                 *     with different changes is a 422.
                  */
                 "Idempotency-Key"?: string;
             };
@@ -542,7 +544,17 @@ export interface operations {
                     "application/json; charset=utf-8": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The `Idempotency-Key` was already used for a different request. */
+            /**
+             * @description The `Idempotency-Key` was already used for a different request
+             *     (`idempotency_key_reused`), or the push would take the user over a
+             *     storage quota, named by its code: `quota_records`
+             *     (`MAX_RECORDS_PER_USER` records stored), `quota_bytes`
+             *     (`MAX_BYTES_PER_USER` bytes of records stored) or `quota_fields`
+             *     (`MAX_FIELDS_PER_RECORD` fields in one record). Nothing was
+             *     recorded. A batch that only deletes records that exist is never
+             *     refused by a quota, nor is a push that does not grow what the limit
+             *     counts.
+             */
             422: {
                 headers: {
                     [name: string]: unknown;

@@ -4,13 +4,14 @@
 use std::time::Duration;
 
 use futures_util::stream::BoxStream;
-use serde_json::Value;
-use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
 
 use crate::cursor::Cursor;
+use crate::quota::Usage;
 use crate::store::dialect::{Dialect, PoolDialect, read_batch};
-use crate::store::rows::{Appended, BatchRow, LogRow, NewRow, OutcomeRow, PageRow, RecordRow, SavedRow, TableRow};
+use crate::store::rows::{
+    Appended, BatchRow, LogRow, NewRow, OutcomeRow, PageRow, RecordRow, SavedRow, TableRow, UsageRow,
+};
 use crate::timestamp::Timestamp;
 
 impl Dialect for PgConnection {
@@ -42,7 +43,7 @@ impl Dialect for PgConnection {
                VALUES ($1, (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::bigint * 1000 + $4 - 1)
                ON CONFLICT (user_id) DO UPDATE
                SET last_seq = GREATEST(sync_clocks.last_seq + $4, EXCLUDED.last_seq), previous_seq = sync_clocks.last_seq
-               RETURNING last_seq, previous_seq),
+               RETURNING last_seq, previous_seq, records, bytes, counted_seq),
              appended AS (
                INSERT INTO sync_changes (id, seq, app_id, table_name, record_id, user_id, op, data, field_timestamps, untimed, client_id)
                SELECT u.id, c.last_seq - $4 + u.n, $2, u.table_name, u.record_id, $1, u.op, u.data, u.stamps, u.untimed, $3
@@ -50,6 +51,7 @@ impl Dialect for PgConnection {
                  WITH ORDINALITY AS u(id, table_name, record_id, op, data, stamps, untimed, n))
              SELECT c.last_seq,
                     c.previous_seq IS NOT DISTINCT FROM (SELECT s.last_seq FROM sync_clocks s WHERE s.user_id = $1) AS fresh,
+                    c.counted_seq IS NOT DISTINCT FROM c.previous_seq AS counted, c.records, c.bytes,
                     r.loaded, r.table_name, r.record_id, r.fields::text AS fields, r.created_seq, r.touched_seq
              FROM clock c LEFT JOIN LATERAL (
                SELECT true AS loaded, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq
@@ -82,9 +84,16 @@ impl Dialect for PgConnection {
         .fetch_all(&mut *self)
         .await?;
         let last_seq = batch.first().map_or(0, |b| b.row.last_seq);
+        // The counters come from the clock row as locked, hence current.
+        let usage = batch.first().and_then(|b| b.usage.usage());
         if !batch.first().is_some_and(|b| b.fresh) {
             let (states, page) = read_batch(self, user_id, app_id, keys, since, limit).await?;
-            return Ok(Appended { last_seq, states, page });
+            return Ok(Appended {
+                last_seq,
+                usage,
+                states,
+                page,
+            });
         }
         let (mut states, mut page) = (Vec::new(), Vec::new());
         for b in batch {
@@ -93,11 +102,16 @@ impl Dialect for PgConnection {
                 continue;
             };
             match loaded {
-                Some(true) => states.push(record.0),
+                Some(true) => states.push(record),
                 _ => page.push(record),
             }
         }
-        Ok(Appended { last_seq, states, page })
+        Ok(Appended {
+            last_seq,
+            usage,
+            states,
+            page,
+        })
     }
 
     async fn lock_clock(&mut self, user_id: &str) -> sqlx::Result<()> {
@@ -127,7 +141,7 @@ impl Dialect for PgConnection {
             // turning this into a hash join over all of the user's records.
             // The delta indexes are partial so that it cannot probe them
             // instead (see the migration `delta_indexes_never_probe_keys`).
-            "SELECT r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq
+            "SELECT r.table_name, r.record_id, r.fields::text AS fields, r.created_seq, r.touched_seq
              FROM UNNEST($3::text[], $4::text[]) AS k(table_name, record_id)
              CROSS JOIN LATERAL (
                SELECT * FROM sync_records r
@@ -142,15 +156,50 @@ impl Dialect for PgConnection {
         .await
     }
 
-    async fn save(&mut self, user_id: &str, app_id: &str, rows: &[SavedRow<'_>]) -> sqlx::Result<()> {
+    async fn count_usage(&mut self, user_id: &str) -> sqlx::Result<Usage> {
+        // A state's text as stored is its `json` text as written (see `save`).
+        let row: UsageRow = sqlx::query_as(
+            "SELECT count(*) AS records,
+                    coalesce(sum(octet_length(table_name) + octet_length(record_id) + octet_length(fields::text)), 0)::bigint AS bytes
+             FROM sync_records WHERE user_id = $1",
+        )
+        .bind(user_id)
+        .fetch_one(self)
+        .await?;
+        Ok(row.into())
+    }
+
+    async fn set_usage(&mut self, user_id: &str, usage: Usage) -> sqlx::Result<()> {
+        sqlx::query("UPDATE sync_clocks SET records = $2, bytes = $3, counted_seq = last_seq WHERE user_id = $1")
+            .bind(user_id)
+            .bind(usage.records)
+            .bind(usage.bytes)
+            .execute(self)
+            .await?;
+        Ok(())
+    }
+
+    async fn save(
+        &mut self,
+        user_id: &str,
+        app_id: &str,
+        rows: &[SavedRow<'_>],
+        usage: Option<Usage>,
+    ) -> sqlx::Result<()> {
         // The states go as text, which the `json` column keeps as it is.
+        // The counters are set in the same round trip (the clock row is
+        // already locked by the push); without them the UPDATE matches
+        // nothing.
         sqlx::query(
-            "INSERT INTO sync_records (user_id, app_id, table_name, record_id, fields, created_seq, touched_seq)
-             SELECT $1, $2, u.table_name, u.record_id, u.fields::json, u.created_seq, u.touched_seq
-             FROM UNNEST($3::text[], $4::text[], $5::text[], $6::bigint[], $7::bigint[])
-               AS u(table_name, record_id, fields, created_seq, touched_seq)
-             ON CONFLICT (user_id, app_id, table_name, record_id) DO UPDATE
-             SET fields = EXCLUDED.fields, created_seq = EXCLUDED.created_seq, touched_seq = EXCLUDED.touched_seq",
+            "WITH saved AS (
+               INSERT INTO sync_records (user_id, app_id, table_name, record_id, fields, created_seq, touched_seq)
+               SELECT $1, $2, u.table_name, u.record_id, u.fields::json, u.created_seq, u.touched_seq
+               FROM UNNEST($3::text[], $4::text[], $5::text[], $6::bigint[], $7::bigint[])
+                 AS u(table_name, record_id, fields, created_seq, touched_seq)
+               ON CONFLICT (user_id, app_id, table_name, record_id) DO UPDATE
+               SET fields = EXCLUDED.fields, created_seq = EXCLUDED.created_seq, touched_seq = EXCLUDED.touched_seq)
+             UPDATE sync_clocks SET records = $8, bytes = $9, counted_seq = last_seq
+             WHERE user_id = $1 AND $8::bigint IS NOT NULL",
         )
         .bind(user_id)
         .bind(app_id)
@@ -159,6 +208,8 @@ impl Dialect for PgConnection {
         .bind(rows.iter().map(|r| r.fields.as_str()).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.created_seq).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.touched_seq).collect::<Vec<_>>())
+        .bind(usage.map(|u| u.records))
+        .bind(usage.map(|u| u.bytes))
         .execute(self)
         .await?;
         Ok(())
@@ -285,7 +336,7 @@ impl Dialect for PgConnection {
 
     async fn find_outcome(&mut self, user_id: &str, key: &str, ttl: Duration) -> sqlx::Result<Option<OutcomeRow>> {
         sqlx::query_as(
-            "SELECT request_hash, response FROM sync_idempotency
+            "SELECT request_hash, first_seq FROM sync_idempotency
              WHERE user_id = $1 AND idempotency_key = $2 AND created_at > now() - make_interval(secs => $3)",
         )
         .bind(user_id)
@@ -295,32 +346,55 @@ impl Dialect for PgConnection {
         .await
     }
 
-    async fn expire_outcomes(&mut self, user_id: &str, ttl: Duration) -> sqlx::Result<()> {
-        sqlx::query(
-            "DELETE FROM sync_idempotency WHERE user_id = $1 AND created_at <= now() - make_interval(secs => $2)",
-        )
-        .bind(user_id)
-        .bind(ttl.as_secs_f64())
-        .execute(self)
-        .await?;
-        Ok(())
-    }
-
     async fn save_outcome(
         &mut self,
         user_id: &str,
         key: &str,
         fingerprint: &[u8],
-        response: &Value,
-    ) -> sqlx::Result<()> {
-        sqlx::query(
-            "INSERT INTO sync_idempotency (user_id, idempotency_key, request_hash, response)
-             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        first_seq: i64,
+    ) -> sqlx::Result<i64> {
+        // A row already under the key is an expired one (a live one would
+        // have been replayed): it is replaced.
+        sqlx::query_scalar(
+            "WITH saved AS (
+               INSERT INTO sync_idempotency (user_id, idempotency_key, request_hash, first_seq)
+               VALUES ($1, $2, $3, $4)
+               ON CONFLICT (user_id, idempotency_key) DO UPDATE
+               SET request_hash = EXCLUDED.request_hash, first_seq = EXCLUDED.first_seq, response = NULL, created_at = now()
+               RETURNING 1)
+             UPDATE sync_clocks SET outcomes = outcomes + (SELECT count(*) FROM saved) WHERE user_id = $1
+             RETURNING outcomes",
         )
         .bind(user_id)
         .bind(key)
         .bind(fingerprint)
-        .bind(Json(response))
+        .bind(first_seq)
+        .fetch_one(self)
+        .await
+    }
+
+    async fn trim_outcomes(&mut self, user_id: &str, ttl: Duration, keep: u64) -> sqlx::Result<()> {
+        sqlx::query(
+            "DELETE FROM sync_idempotency WHERE user_id = $1 AND created_at <= now() - make_interval(secs => $2)",
+        )
+        .bind(user_id)
+        .bind(ttl.as_secs_f64())
+        .execute(&mut *self)
+        .await?;
+        sqlx::query(
+            "DELETE FROM sync_idempotency WHERE user_id = $1 AND idempotency_key IN (
+               SELECT idempotency_key FROM sync_idempotency WHERE user_id = $1
+               ORDER BY created_at DESC, idempotency_key DESC OFFSET $2)",
+        )
+        .bind(user_id)
+        .bind(i64::try_from(keep).unwrap_or(i64::MAX))
+        .execute(&mut *self)
+        .await?;
+        sqlx::query(
+            "UPDATE sync_clocks SET outcomes = (SELECT count(*) FROM sync_idempotency WHERE user_id = $1)
+             WHERE user_id = $1",
+        )
+        .bind(user_id)
         .execute(self)
         .await?;
         Ok(())
@@ -368,6 +442,31 @@ impl PoolDialect for PgPool {
             .await?;
         tx.commit().await?;
         Ok(users)
+    }
+
+    /// In a maintenance transaction told the TTL: row-level security lets
+    /// it see and delete expired outcomes and nothing else.
+    async fn sweep_outcomes(&self, ttl: Duration, batch: i64) -> sqlx::Result<u64> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "SELECT set_config('mana_sync.maintenance', 'on', true), set_config('mana_sync.outcome_ttl', $1::text, true)",
+        )
+        .bind(ttl.as_secs_f64())
+        .execute(&mut *tx)
+        .await?;
+        let swept = sqlx::query(
+            "DELETE FROM sync_idempotency WHERE (user_id, idempotency_key) IN (
+               SELECT user_id, idempotency_key FROM sync_idempotency
+               WHERE created_at <= now() - make_interval(secs => $1)
+               ORDER BY created_at LIMIT $2)",
+        )
+        .bind(ttl.as_secs_f64())
+        .bind(batch)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(swept)
     }
 
     async fn ping(&self) -> sqlx::Result<()> {

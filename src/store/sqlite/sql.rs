@@ -13,8 +13,11 @@ use sqlx::types::Json;
 use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
 
 use crate::cursor::Cursor;
+use crate::quota::Usage;
 use crate::store::dialect::{Dialect, PoolDialect, read_batch};
-use crate::store::rows::{Appended, LogRow, NewRow, OutcomeRow, PageRow, RecordRow, SavedRow, TableRow};
+use crate::store::rows::{
+    Appended, ClockUsage, LogRow, NewRow, OutcomeRow, PageRow, RecordRow, SavedRow, TableRow, UsageRow,
+};
 use crate::timestamp::Timestamp;
 
 impl Dialect for SqliteConnection {
@@ -30,10 +33,16 @@ impl Dialect for SqliteConnection {
     ) -> sqlx::Result<Appended> {
         // The write transaction excludes every other writer until it ends,
         // so what it reads after is current.
-        let last_seq = reserve(self, user_id, rows.len() as i64).await?;
+        let clock = reserve(self, user_id, rows.len() as i64).await?;
+        let last_seq = clock.last_seq;
         append(self, user_id, app_id, client_id, last_seq - rows.len() as i64 + 1, rows).await?;
         let (states, page) = read_batch(self, user_id, app_id, keys, since, limit).await?;
-        Ok(Appended { last_seq, states, page })
+        Ok(Appended {
+            last_seq,
+            usage: clock.usage.usage(),
+            states,
+            page,
+        })
     }
 
     async fn lock_clock(&mut self, _user_id: &str) -> sqlx::Result<()> {
@@ -64,7 +73,36 @@ impl Dialect for SqliteConnection {
         .await
     }
 
-    async fn save(&mut self, user_id: &str, app_id: &str, rows: &[SavedRow<'_>]) -> sqlx::Result<()> {
+    async fn count_usage(&mut self, user_id: &str) -> sqlx::Result<Usage> {
+        // Lengths in bytes: `length` of text counts characters.
+        let row: UsageRow = sqlx::query_as(
+            "SELECT count(*) AS records,
+                    coalesce(sum(length(CAST(table_name AS BLOB)) + length(CAST(record_id AS BLOB)) + length(CAST(fields AS BLOB))), 0) AS bytes
+             FROM sync_records WHERE user_id = ?1",
+        )
+        .bind(user_id)
+        .fetch_one(self)
+        .await?;
+        Ok(row.into())
+    }
+
+    async fn set_usage(&mut self, user_id: &str, usage: Usage) -> sqlx::Result<()> {
+        sqlx::query("UPDATE sync_clocks SET records = ?2, bytes = ?3, counted_seq = last_seq WHERE user_id = ?1")
+            .bind(user_id)
+            .bind(usage.records)
+            .bind(usage.bytes)
+            .execute(self)
+            .await?;
+        Ok(())
+    }
+
+    async fn save(
+        &mut self,
+        user_id: &str,
+        app_id: &str,
+        rows: &[SavedRow<'_>],
+        usage: Option<Usage>,
+    ) -> sqlx::Result<()> {
         // Each state goes as its JSON text, which `->>` hands on as it is.
         let rows: Vec<Value> = rows
             .iter()
@@ -81,8 +119,11 @@ impl Dialect for SqliteConnection {
         .bind(user_id)
         .bind(app_id)
         .bind(Json(rows))
-        .execute(self)
+        .execute(&mut *self)
         .await?;
+        if let Some(usage) = usage {
+            self.set_usage(user_id, usage).await?;
+        }
         Ok(())
     }
 
@@ -218,7 +259,7 @@ impl Dialect for SqliteConnection {
 
     async fn find_outcome(&mut self, user_id: &str, key: &str, ttl: Duration) -> sqlx::Result<Option<OutcomeRow>> {
         sqlx::query_as(
-            "SELECT request_hash, response FROM sync_idempotency
+            "SELECT request_hash, first_seq FROM sync_idempotency
              WHERE user_id = ?1 AND idempotency_key = ?2 AND created_at > unixepoch('subsec') * 1000 - ?3 * 1000",
         )
         .bind(user_id)
@@ -228,32 +269,55 @@ impl Dialect for SqliteConnection {
         .await
     }
 
-    async fn expire_outcomes(&mut self, user_id: &str, ttl: Duration) -> sqlx::Result<()> {
-        sqlx::query(
-            "DELETE FROM sync_idempotency WHERE user_id = ?1 AND created_at <= unixepoch('subsec') * 1000 - ?2 * 1000",
-        )
-        .bind(user_id)
-        .bind(ttl.as_secs_f64())
-        .execute(self)
-        .await?;
-        Ok(())
-    }
-
     async fn save_outcome(
         &mut self,
         user_id: &str,
         key: &str,
         fingerprint: &[u8],
-        response: &Value,
-    ) -> sqlx::Result<()> {
+        first_seq: i64,
+    ) -> sqlx::Result<i64> {
+        // A row already under the key is an expired one (a live one would
+        // have been replayed): it is replaced.
         sqlx::query(
-            "INSERT INTO sync_idempotency (user_id, idempotency_key, request_hash, response, created_at)
-             VALUES (?1, ?2, ?3, ?4, CAST(unixepoch('subsec') * 1000 AS INTEGER)) ON CONFLICT DO NOTHING",
+            "INSERT INTO sync_idempotency (user_id, idempotency_key, request_hash, first_seq, created_at)
+             VALUES (?1, ?2, ?3, ?4, CAST(unixepoch('subsec') * 1000 AS INTEGER))
+             ON CONFLICT (user_id, idempotency_key) DO UPDATE
+             SET request_hash = excluded.request_hash, first_seq = excluded.first_seq, created_at = excluded.created_at",
         )
         .bind(user_id)
         .bind(key)
         .bind(fingerprint)
-        .bind(Json(response))
+        .bind(first_seq)
+        .execute(&mut *self)
+        .await?;
+        sqlx::query_scalar("UPDATE sync_clocks SET outcomes = outcomes + 1 WHERE user_id = ?1 RETURNING outcomes")
+            .bind(user_id)
+            .fetch_one(self)
+            .await
+    }
+
+    async fn trim_outcomes(&mut self, user_id: &str, ttl: Duration, keep: u64) -> sqlx::Result<()> {
+        sqlx::query(
+            "DELETE FROM sync_idempotency WHERE user_id = ?1 AND created_at <= unixepoch('subsec') * 1000 - ?2 * 1000",
+        )
+        .bind(user_id)
+        .bind(ttl.as_secs_f64())
+        .execute(&mut *self)
+        .await?;
+        sqlx::query(
+            "DELETE FROM sync_idempotency WHERE user_id = ?1 AND idempotency_key IN (
+               SELECT idempotency_key FROM sync_idempotency WHERE user_id = ?1
+               ORDER BY created_at DESC, idempotency_key DESC LIMIT -1 OFFSET ?2)",
+        )
+        .bind(user_id)
+        .bind(i64::try_from(keep).unwrap_or(i64::MAX))
+        .execute(&mut *self)
+        .await?;
+        sqlx::query(
+            "UPDATE sync_clocks SET outcomes = (SELECT count(*) FROM sync_idempotency WHERE user_id = ?1)
+             WHERE user_id = ?1",
+        )
+        .bind(user_id)
         .execute(self)
         .await?;
         Ok(())
@@ -284,12 +348,21 @@ impl Dialect for SqliteConnection {
     }
 }
 
-/// Advances the user's clock by `n` and returns its new value.
-async fn reserve(conn: &mut SqliteConnection, user_id: &str, n: i64) -> sqlx::Result<i64> {
-    sqlx::query_scalar(
+/// The user's clock row as a push leaves it.
+#[derive(sqlx::FromRow)]
+struct Reserved {
+    last_seq: i64,
+    #[sqlx(flatten)]
+    usage: ClockUsage,
+}
+
+/// Advances the user's clock by `n`; returns its new value and the usage counters.
+async fn reserve(conn: &mut SqliteConnection, user_id: &str, n: i64) -> sqlx::Result<Reserved> {
+    sqlx::query_as(
         "INSERT INTO sync_clocks (user_id, last_seq) VALUES (?1, ?3 + ?2 - 1)
-         ON CONFLICT (user_id) DO UPDATE SET last_seq = max(sync_clocks.last_seq + ?2, excluded.last_seq)
-         RETURNING last_seq",
+         ON CONFLICT (user_id) DO UPDATE
+         SET last_seq = max(sync_clocks.last_seq + ?2, excluded.last_seq), previous_seq = sync_clocks.last_seq
+         RETURNING last_seq, counted_seq IS previous_seq AS counted, records, bytes",
     )
     .bind(user_id)
     .bind(n)
@@ -345,6 +418,20 @@ impl PoolDialect for SqlitePool {
         sqlx::query_scalar("SELECT user_id FROM sync_clocks ORDER BY user_id")
             .fetch_all(self)
             .await
+    }
+
+    async fn sweep_outcomes(&self, ttl: Duration, batch: i64) -> sqlx::Result<u64> {
+        Ok(sqlx::query(
+            "DELETE FROM sync_idempotency WHERE (user_id, idempotency_key) IN (
+               SELECT user_id, idempotency_key FROM sync_idempotency
+               WHERE created_at <= unixepoch('subsec') * 1000 - ?1 * 1000
+               ORDER BY created_at LIMIT ?2)",
+        )
+        .bind(ttl.as_secs_f64())
+        .bind(batch)
+        .execute(self)
+        .await?
+        .rows_affected())
     }
 
     async fn ping(&self) -> sqlx::Result<()> {
