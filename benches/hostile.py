@@ -11,9 +11,9 @@ and 4, before and after.
 read. Prints the server's resident memory over 60 s and how many of the
 connections it still holds open.
 
-`slow-bodies`: 27 pushes of alice's that declare 10 MB each and send
-2 kB/s each; meanwhile bob pushes once every 2 s for a minute. Prints bob's
-statuses.
+`slow-bodies`: 26 pushes of alice's that together declare exactly the
+default BODY_BUDGET (25 of 10 MiB and one of 6 MiB), each sending 2 kB/s;
+meanwhile bob pushes once every 2 s for a minute. Prints bob's statuses.
 
 Standard library only; loopback only; it stops by itself.
 """
@@ -75,41 +75,56 @@ def unread(args):
         sockets.append(s)
         time.sleep(0.05)
     peak = 0.0
+    heads = [b""] * len(sockets)
+    ended = [False] * len(sockets)
     for at in (15, 30, 45, 60):
         while time.monotonic() - started < at:
             peak = max(peak, rss_mb(args.pid))
             time.sleep(0.2)
-        open_ = 0
-        for s in sockets:
+        for i, s in enumerate(sockets):
+            if ended[i]:
+                continue
             s.setblocking(False)
             try:
-                # Drain what the kernel holds; a closed connection ends in EOF or a reset.
+                # Drain what the kernel holds; a connection cut ends in EOF or a reset.
                 while True:
                     data = s.recv(1 << 20)
                     if not data:
+                        ended[i] = True
                         break
+                    if len(heads[i]) < 16:
+                        heads[i] += data[:16]
             except BlockingIOError:
-                open_ += 1
-            except OSError:
                 pass
+            except OSError:
+                ended[i] = True
             s.setblocking(True)
-        print(f"{at:>3} s: {rss_mb(args.pid):.0f} MB resident (peak {peak:.0f}), {open_} of 300 connections open")
+        answered = [i for i, head in enumerate(heads) if head.startswith(b"HTTP/1.1 200")]
+        held = sum(1 for i in answered if not ended[i])
+        refused = sum(1 for head in heads if head.startswith(b"HTTP/1.1 4") or head.startswith(b"HTTP/1.1 5"))
+        print(
+            f"{at:>3} s: {rss_mb(args.pid):.0f} MB resident (peak {peak:.0f}); "
+            f"{len(answered)} answered 200, {held} of them still held open; {refused} refused (429/503)"
+        )
     for s in sockets:
         s.close()
 
 
 def slow_bodies(args):
-    head = (
-        "POST /sync/todo HTTP/1.1\r\nHost: localhost\r\n"
-        f"Authorization: Bearer {args.alice}\r\nContent-Type: application/json\r\n"
-        "Content-Length: 10000000\r\n\r\n"
-    ).encode()
+    budget = 256 * 1024 * 1024
+    sizes = [10 * 1024 * 1024] * 25 + [budget - 25 * 10 * 1024 * 1024]
     slow = []
-    for _ in range(27):
+    for size in sizes:
+        head = (
+            "POST /sync/todo HTTP/1.1\r\nHost: localhost\r\n"
+            f"Authorization: Bearer {args.alice}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {size}\r\n\r\n"
+        ).encode()
         s = socket.create_connection(host_port(args.url))
         s.sendall(head + b'{"clientId":"a","changes":[],"pad":"')
         slow.append(s)
-    print(f"27 slow bodies open: {rss_mb(args.pid):.0f} MB resident")
+    time.sleep(1)  # every head read before bob's first push
+    print(f"{len(slow)} slow bodies open: {rss_mb(args.pid):.0f} MB resident")
     statuses = {}
     started = time.monotonic()
     for i in range(30):
@@ -124,8 +139,18 @@ def slow_bodies(args):
         status = push(args.url, args.bob, body)
         statuses[status] = statuses.get(status, 0) + 1
     print(f"bob's 30 pushes over a minute: {statuses}; {rss_mb(args.pid):.0f} MB resident")
+    answers = {}
     for s in slow:
+        s.setblocking(False)
+        try:
+            status = s.recv(16)[9:12].decode() or "closed"
+        except BlockingIOError:
+            status = "still sending"
+        except OSError:
+            status = "reset"
+        answers[status] = answers.get(status, 0) + 1
         s.close()
+    print(f"alice's slow bodies at the end: {answers}")
 
 
 def main():

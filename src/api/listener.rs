@@ -341,6 +341,10 @@ impl Drop for Lingering {
             return;
         };
         if self.pace.broken {
+            // Reset rather than closed: a plain close would leave what the
+            // kernel still holds for the client (megabytes of an answer)
+            // trickling out to it for as long as it keeps reading slowly.
+            let _ = stream.set_zero_linger();
             return;
         }
         if let Ok(permit) = self.lingering.clone().try_acquire_owned() {

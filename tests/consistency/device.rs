@@ -76,6 +76,34 @@ struct Batch {
     changes: Vec<Value>,
 }
 
+/// What is wrong with the answer to a retry of `batch` (`again`), given
+/// the first answer: it must hold every record the batch changed (unless
+/// cut short) and its cursor must not be older than the first's.
+fn replay_problem(batch: &Batch, first: &Value, again: &Value) -> Option<String> {
+    let cursor = |answer: &Value| answer["syncedUntil"].as_str().unwrap_or_default().to_owned();
+    if cursor(again) < cursor(first) {
+        return Some(format!(
+            "its cursor {} is older than the first answer's {}",
+            cursor(again),
+            cursor(first)
+        ));
+    }
+    if again["hasMore"] == true {
+        return None;
+    }
+    let answered: Vec<(&Value, &Value)> = again["serverChanges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| (&c["table"], &c["id"]))
+        .collect();
+    batch
+        .changes
+        .iter()
+        .find(|c| !answered.contains(&(&c["table"], &c["id"])))
+        .map(|c| format!("its answer lacks the batch's record {}/{}", c["table"], c["id"]))
+}
+
 pub struct Device {
     pub user: String,
     pub name: String,
@@ -299,16 +327,17 @@ impl Device {
                 let _ = tokio::time::timeout(wait, self.send(world, port, &batch)).await;
                 None
             }
-            // A lost response: the retry must get the same answer.
+            // A lost response: the retry is answered afresh (an outcome keeps
+            // no page), with the batch's own records and a cursor no older.
             1 => {
                 bump(&world.stats.lost_responses);
                 let first = self.send(world, port, &batch).await;
                 let port = self.port(world);
                 let again = self.judge(world, self.send(world, port, &batch).await);
                 if let (Ok((StatusCode::OK, first)), Some(again)) = (&first, &again)
-                    && first != again
+                    && let Some(problem) = replay_problem(&batch, first, again)
                 {
-                    world.fail(format!("{}: a retry of {} got another answer", self.name, batch.key));
+                    world.fail(format!("{}: a retry of {}: {problem}", self.name, batch.key));
                 }
                 again
             }
