@@ -48,6 +48,15 @@ def push(url, token, body):
         return e.code
 
 
+def answer_bytes_held(url):
+    """The server's `mana_sync_answer_bytes_held`, or None on a build without it."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("mana_sync_answer_bytes_held "):
+                return float(line.split()[1]) / 1e6
+    return None
+
+
 def host_port(url):
     host, port = url.removeprefix("http://").split(":")
     return host, int(port)
@@ -103,7 +112,7 @@ def unread(args):
         held = sum(1 for i in answered if not ended[i])
         refused = sum(1 for head in heads if head.startswith(b"HTTP/1.1 4") or head.startswith(b"HTTP/1.1 5"))
         print(
-            f"{at:>3} s: {rss_mb(args.pid):.0f} MB resident (peak {peak:.0f}); "
+            f"{at:>3} s: {rss_mb(args.pid):.0f} MB resident (peak {peak:.0f}), answers held {answer_bytes_held(args.url)} MB; "
             f"{len(answered)} answered 200, {held} of them still held open; {refused} refused (429/503)"
         )
     for s in sockets:
