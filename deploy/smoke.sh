@@ -11,12 +11,12 @@
 #
 # Needs: cargo, PostgreSQL's server binaries (/usr/lib/postgresql/*/bin),
 # nginx (`apt-get install nginx`, or NGINX=/path/to/nginx).
-# tests/deploy.rs runs this script in the test suite.
+# tests/integration/deploy.rs runs this script in the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo build --release --locked --bin mana-sync
 echo "smoke: replicas run $PWD/target/release/mana-sync"
 MANA_SYNC_BIN="$PWD/target/release/mana-sync" \
-    cargo test --locked --test balanced -- --ignored --nocapture --test-threads=1
+    cargo test --locked --test integration balanced:: -- --ignored --nocapture --test-threads=1
 echo "smoke: passed"

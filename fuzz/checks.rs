@@ -1,5 +1,5 @@
 //! What each fuzz target checks, shared by the targets (`fuzz_targets/*.rs`)
-//! and by `tests/fuzz_regressions.rs`, which replays the committed corpus
+//! and by `tests/integration/fuzz_regressions.rs`, which replays the committed corpus
 //! and every input that once failed through the same checks.
 //!
 //! Each check takes raw bytes, so that a corpus file is a plain input: a
@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use mana_sync::change_log::{self, Batch};
 use mana_sync::cursor::Cursor;
-use mana_sync::error::Error;
+use mana_sync::error::{Error, ErrorCode};
 use mana_sync::fold::{DELETED_AT, FieldState, FieldWrite, LogEntry, RecordDelta, RecordState, UPDATED_AT};
 use mana_sync::idempotency;
 use mana_sync::protocol::{MAX_ID_CHARS, MAX_NAME_CHARS, Op, PushRequest, check_text};
@@ -75,15 +75,15 @@ fn check_push(header: Option<&str>, request: &PushRequest, limits: Limits) {
 }
 
 /// A validation's result, comparable.
-fn outcome(result: &Result<Batch, Error>) -> Result<&Batch, (&'static str, String)> {
-    result.as_ref().map_err(|e| client_error(e))
+fn outcome(result: &Result<Batch, Error>) -> Result<&Batch, (ErrorCode, String)> {
+    result.as_ref().map_err(client_error)
 }
 
 /// The code and message of a client error; any other error would be a 500
 /// for a request that is merely malformed.
-fn client_error(error: &Error) -> (&'static str, String) {
+fn client_error(error: &Error) -> (ErrorCode, String) {
     match error {
-        Error::Invalid { code, message } | Error::TooLarge { code, message } => (code, message.clone()),
+        Error::Invalid { code, message } | Error::TooLarge { code, message } => (*code, message.clone()),
         other => panic!("validation must refuse with a client error, not {other:?}"),
     }
 }
@@ -212,7 +212,7 @@ fn refused(header: Option<&str>, request: &PushRequest, error: &Error, limits: L
                 "changes[{i}] alone is the fault"
             );
         }
-        None if code == "too_many_changes" => {
+        None if code == ErrorCode::TooManyChanges => {
             assert!(matches!(error, Error::TooLarge { .. }), "{error:?}");
             assert!(request.changes.len() > limits.max_changes);
         }

@@ -7,12 +7,15 @@ use std::net::IpAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
+use secrecy::SecretString;
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub host: IpAddr,
     pub port: u16,
     /// `postgres://…` or `sqlite://path`; `None`: SQLite in `data_dir`.
-    pub database_url: Option<String>,
+    /// Secret (it may hold a password): `Debug` prints it redacted.
+    pub database_url: Option<SecretString>,
     pub database_max_connections: u32,
     /// The auth service's JWKS; `None` is local mode (see `auth::local`).
     pub jwks_url: Option<String>,
@@ -138,7 +141,7 @@ impl Config {
                 },
             )?,
             port: env.parse("PORT", "3050")?,
-            database_url: env.optional("DATABASE_URL"),
+            database_url: env.optional("DATABASE_URL").map(SecretString::from),
             database_max_connections: env.parse("DATABASE_MAX_CONNECTIONS", "20")?,
             jwks_url: env.optional("JWKS_URL"),
             data_dir: env.string("DATA_DIR", "./data")?.into(),
@@ -244,11 +247,19 @@ mod tests {
     }
 
     #[test]
+    fn debug_does_not_print_the_database_password() {
+        let c = config(&[("DATABASE_URL", "postgres://mana:hunter2@db/mana")]).unwrap();
+        let printed = format!("{c:?}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(printed.contains("database_url"), "{printed}");
+    }
+
+    #[test]
     fn defaults_are_the_seed_services() {
         let c = config(&[]).unwrap();
         assert_eq!(c.port, 3050);
         assert_eq!(c.jwks_url, None, "no JWKS_URL: local mode");
-        assert_eq!(c.database_url, None, "no DATABASE_URL: SQLite in DATA_DIR");
+        assert!(c.database_url.is_none(), "no DATABASE_URL: SQLite in DATA_DIR");
         assert_eq!(c.data_dir, std::path::PathBuf::from("./data"));
         assert!(c.host.is_loopback(), "local mode listens on loopback");
         let remote = config(&[("JWKS_URL", "https://auth.example/jwks")]).unwrap();

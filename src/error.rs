@@ -5,21 +5,23 @@
 //! logged, never sent. Which HTTP status each becomes is decided in one
 //! place, `api::error`.
 
+pub use crate::protocol::ErrorCode;
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The request is malformed or breaks a documented limit.
     #[error("{message}")]
-    Invalid { code: &'static str, message: String },
+    Invalid { code: ErrorCode, message: String },
     /// The request is well-formed but too large to accept.
     #[error("{message}")]
-    TooLarge { code: &'static str, message: String },
+    TooLarge { code: ErrorCode, message: String },
     /// The push would take its user over a storage quota (`limit`: records,
     /// bytes or fields); nothing was recorded.
     #[error("{message}")]
     OverQuota {
-        code: &'static str,
+        code: ErrorCode,
         limit: &'static str,
         message: String,
     },
@@ -48,14 +50,14 @@ pub enum Error {
 }
 
 impl Error {
-    pub fn invalid(code: &'static str, message: impl Into<String>) -> Error {
+    pub fn invalid(code: ErrorCode, message: impl Into<String>) -> Error {
         Error::Invalid {
             code,
             message: message.into(),
         }
     }
 
-    pub fn too_large(code: &'static str, message: impl Into<String>) -> Error {
+    pub fn too_large(code: ErrorCode, message: impl Into<String>) -> Error {
         Error::TooLarge {
             code,
             message: message.into(),

@@ -15,10 +15,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
 pub use self::tables::ByApp;
 
+use crate::lifecycle::{Lifecycle, Stage};
 use crate::metrics::Metrics;
 use crate::telemetry;
 use crate::timestamp::Timestamp;
@@ -190,8 +191,8 @@ struct Inner {
     max_per_user: usize,
     max_total: usize,
     listening: AtomicBool,
-    draining: AtomicBool,
-    closing: watch::Sender<bool>,
+    /// Subscribers are refused, and told to close, from its `Closing`.
+    lifecycle: Lifecycle,
     metrics: Metrics,
 }
 
@@ -232,7 +233,7 @@ impl Drop for Subscription {
 }
 
 impl Hub {
-    pub fn new(max_per_user: usize, max_total: usize, metrics: Metrics) -> Hub {
+    pub fn new(max_per_user: usize, max_total: usize, metrics: Metrics, lifecycle: Lifecycle) -> Hub {
         Hub {
             inner: Arc::new(Inner {
                 registry: Mutex::new(Registry::default()),
@@ -241,8 +242,7 @@ impl Hub {
                 max_per_user,
                 max_total,
                 listening: AtomicBool::new(false),
-                draining: AtomicBool::new(false),
-                closing: watch::channel(false).0,
+                lifecycle,
                 metrics,
             }),
         }
@@ -255,7 +255,7 @@ impl Hub {
         app_id: Option<&str>,
         client_id: Option<&str>,
     ) -> Result<Subscription, Refusal> {
-        if *self.inner.closing.borrow() {
+        if self.inner.lifecycle.is_closing() {
             return Err(Refusal::ShuttingDown);
         }
         let mut registry = self.inner.registry.lock().expect("hub lock");
@@ -373,129 +373,12 @@ impl Hub {
         self.inner.listening.store(listening, Ordering::SeqCst);
     }
 
-    /// Marks the replica as on its way out: it still serves, sockets
-    /// included, but [`Hub::is_draining`] says so (`/ready` answers 503).
-    pub fn drain(&self) {
-        self.inner.draining.store(true, Ordering::SeqCst);
-    }
-
-    /// Whether the replica is on its way out: draining or closing.
-    pub fn is_draining(&self) -> bool {
-        self.inner.draining.load(Ordering::SeqCst) || self.is_closing()
-    }
-
-    /// Asks every subscriber to close (the replica is shutting down).
-    pub fn close_all(&self) {
-        self.inner.closing.send_replace(true);
-    }
-
-    /// Whether [`Hub::close_all`] was called.
-    pub fn is_closing(&self) -> bool {
-        *self.inner.closing.borrow()
-    }
-
-    /// Resolves once [`Hub::close_all`] was called.
+    /// Resolves once every subscriber is to close (the replica is
+    /// shutting down: its lifecycle is `Closing`).
     pub async fn closing(&self) {
-        let mut rx = self.inner.closing.subscribe();
-        let _ = rx.wait_for(|closing| *closing).await;
+        self.inner.lifecycle.reached(Stage::Closing).await;
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn notice(user: &str, app: &str, client: &str, tables: &[&str]) -> Notice {
-        Notice {
-            user_id: user.into(),
-            app_id: app.into(),
-            client_id: client.into(),
-            tables: Some(tables.iter().map(|t| t.to_string()).collect()),
-            replica: None,
-            committed_at: None,
-            traceparent: None,
-        }
-    }
-
-    #[test]
-    fn notices_reach_the_users_other_devices_only() {
-        let hub = Hub::new(10, 100, Metrics::new());
-        let mine = hub.subscribe("alice", Some("todo"), Some("laptop")).unwrap();
-        let phone = hub.subscribe("alice", Some("todo"), Some("phone")).unwrap();
-        let undeclared = hub.subscribe("alice", None, None).unwrap();
-        let other_app = hub.subscribe("alice", Some("notes"), None).unwrap();
-        let bob = hub.subscribe("bob", None, None).unwrap();
-        assert_eq!(hub.publish(&notice("alice", "todo", "laptop", &["todos"])), 2);
-        assert!(mine.subscriber.take().tables.is_empty());
-        assert!(other_app.subscriber.take().tables.is_empty());
-        assert!(bob.subscriber.take().tables.is_empty());
-        assert_eq!(
-            phone.subscriber.take().tables["todo"],
-            Some(BTreeSet::from(["todos".to_owned()]))
-        );
-        assert!(undeclared.subscriber.take().tables.contains_key("todo"));
-    }
-
-    #[test]
-    fn a_burst_coalesces_into_one_pending_set() {
-        let hub = Hub::new(10, 100, Metrics::new());
-        let s = hub.subscribe("alice", None, None).unwrap();
-        for t in ["a", "b", "a", "c"] {
-            hub.publish(&notice("alice", "todo", "x", &[t]));
-        }
-        hub.publish(&notice("alice", "notes", "x", &["n"]));
-        let pending = s.subscriber.take().tables;
-        assert_eq!(pending.len(), 2);
-        assert_eq!(pending["todo"].as_ref().unwrap().len(), 3);
-        let many: Vec<String> = (0..=MAX_PENDING_TABLES).map(|i| format!("t{i}")).collect();
-        let many: Vec<&str> = many.iter().map(String::as_str).collect();
-        hub.publish(&notice("alice", "todo", "x", &many));
-        assert_eq!(
-            s.subscriber.take().tables["todo"],
-            None,
-            "too many tables becomes 'all'"
-        );
-    }
-
-    /// A lookup of the user's tables, answering `tables` of app `todo`.
-    async fn looked_up(hub: &Hub, tables: &[&str]) -> Vec<String> {
-        let answer = ByApp::from([("todo".to_owned(), tables.iter().map(|t| t.to_string()).collect())]);
-        let by_app = hub.tables("alice", || async { Ok::<_, ()>(answer) }).await.unwrap();
-        by_app.get("todo").cloned().unwrap_or_default()
-    }
-
-    #[tokio::test]
-    async fn a_users_table_lookup_is_reused_and_learns_even_from_untold_notices() {
-        let hub = Hub::new(10, 100, Metrics::new());
-        hub.set_listening(true);
-        let _laptop = hub.subscribe("alice", Some("todo"), Some("laptop")).unwrap();
-        assert_eq!(looked_up(&hub, &["todos"]).await, ["todos"]);
-        assert_eq!(looked_up(&hub, &["other"]).await, ["todos"], "the answer is reused");
-        // The laptop's own push tells nobody here, but a later catch-up must name `lists`.
-        assert_eq!(hub.publish(&notice("alice", "todo", "laptop", &["lists"])), 0);
-        assert_eq!(looked_up(&hub, &["other"]).await, ["lists", "todos"]);
-        hub.publish_everything();
-        assert_eq!(
-            looked_up(&hub, &["fresh"]).await,
-            ["fresh"],
-            "notices may be lost: look again"
-        );
-        hub.set_listening(false);
-        assert_eq!(looked_up(&hub, &["again"]).await, ["again"], "not listening: no reuse");
-    }
-
-    #[test]
-    fn limits_are_enforced_and_dropping_unregisters() {
-        let hub = Hub::new(2, 3, Metrics::new());
-        let a = hub.subscribe("alice", None, None).unwrap();
-        let _b = hub.subscribe("alice", None, None).unwrap();
-        assert_eq!(hub.subscribe("alice", None, None).err(), Some(Refusal::UserLimit));
-        let _c = hub.subscribe("bob", None, None).unwrap();
-        assert_eq!(hub.subscribe("carol", None, None).err(), Some(Refusal::ServerLimit));
-        assert_eq!(hub.stats(), (3, 2));
-        drop(a);
-        assert_eq!(hub.stats(), (2, 2));
-        hub.close_all();
-        assert_eq!(hub.subscribe("dave", None, None).err(), Some(Refusal::ShuttingDown));
-    }
-}
+mod tests;

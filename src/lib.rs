@@ -6,10 +6,12 @@
 //! since a gap-free `cursor`.
 //!
 //! The modules, from the ground up (each imports only from those before it):
-//! - leaves: `config`, `error`, `metrics`, `telemetry`;
-//! - the pure core: `timestamp`, `clock` (the time replicas share), `cursor`, `fold`, `protocol` (limits and
-//!   wire types; these derive poem-openapi's schema traits, so their docs
-//!   are the OpenAPI schema), `change_log`, `projection`, `validate`,
+//! - leaves: `config`, `metrics`, `telemetry`, `lifecycle` (the stages of
+//!   a shutdown, and the signals that start one);
+//! - the pure core: `timestamp`, `clock` (the time replicas share), `cursor`, `fold`, `protocol` (limits,
+//!   wire types and `ErrorCode`, every error code; these derive
+//!   poem-openapi's schema traits, so their docs are the OpenAPI schema),
+//!   `error` (the domain error), `change_log`, `projection`, `validate`,
 //!   `idempotency`, `quota`;
 //! - `store`: the PostgreSQL and SQLite dialects behind one contract;
 //! - services: `auth` (tokens), `throttle` (per-user rate limits),
@@ -31,6 +33,7 @@ pub mod fanout;
 pub mod fold;
 pub mod hub;
 pub mod idempotency;
+pub mod lifecycle;
 pub mod metrics;
 pub mod projection;
 pub mod protocol;

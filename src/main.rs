@@ -2,6 +2,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mana_sync::auth::local::LocalIssuer;
 use mana_sync::config::Config;
+use mana_sync::lifecycle::Signals;
 use mana_sync::state::AppState;
 use mana_sync::store::Store;
 use mana_sync::{api, startup, sync, telemetry, validate};
@@ -72,14 +73,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
     let config = Config::from_env()?;
     match command {
         Command::Serve => {
-            let signals = signals();
+            let signals = Signals::install();
             let addr = (config.host, config.port);
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("failed to bind {}:{} (HOST/PORT)", addr.0, addr.1))?;
             let state = AppState::connect(config).await?;
-            let (stop, hurry) = (signalled(signals.clone(), 1), signalled(signals, 2));
-            startup::serve(state, listener, stop, hurry).await
+            startup::serve(state, listener, signals.nth(1), signals.nth(2)).await
         }
         Command::Migrate => {
             let store = Store::open(&config).await?;
@@ -126,51 +126,4 @@ async fn health(config: &Config) -> anyhow::Result<()> {
         .with_context(|| format!("no answer from {url}"))?;
     anyhow::ensure!(response.status().is_success(), "{url} answered {}", response.status());
     Ok(())
-}
-
-/// SIGINT and SIGTERM, counted: the first asks for a graceful shutdown,
-/// a second cuts its drain short. The handlers are installed now, not when
-/// first awaited: a SIGTERM that comes as soon as the server answers (an
-/// orchestrator stopping a pod it just started) must still shut it down
-/// gracefully, not kill it.
-fn signals() -> tokio::sync::watch::Receiver<u32> {
-    #[cfg(unix)]
-    let mut signals = {
-        use tokio::signal::unix::{SignalKind, signal};
-        [SignalKind::interrupt(), SignalKind::terminate()].map(|kind| signal(kind).ok())
-    };
-    let (count, counted) = tokio::sync::watch::channel(0);
-    tokio::spawn(async move {
-        loop {
-            #[cfg(unix)]
-            {
-                let [interrupt, terminate] = &mut signals;
-                tokio::select! {
-                    _ = received(interrupt.as_mut()) => {},
-                    _ = received(terminate.as_mut()) => {},
-                }
-            }
-            #[cfg(not(unix))]
-            let _ = tokio::signal::ctrl_c().await;
-            count.send_modify(|n| *n += 1);
-            tracing::info!(signals = *count.borrow(), "shutdown signal received");
-        }
-    });
-    counted
-}
-
-/// Resolves once `signals` has counted `n`.
-async fn signalled(mut signals: tokio::sync::watch::Receiver<u32>, n: u32) {
-    let _ = signals.wait_for(|count| *count >= n).await;
-}
-
-/// The next delivery of `signal` (never, if its handler could not be installed).
-#[cfg(unix)]
-async fn received(signal: Option<&mut tokio::signal::unix::Signal>) {
-    match signal {
-        Some(signal) => {
-            signal.recv().await;
-        }
-        None => std::future::pending().await,
-    }
 }

@@ -13,7 +13,7 @@
 //! Nothing here touches HTTP or SQL: the store counts, this decides.
 
 use crate::config::Config;
-use crate::error::Error;
+use crate::error::{Error, ErrorCode};
 
 /// What a user stores in the projection: records, and their bytes (table
 /// name, record id and state as stored; see [`stored_bytes`]).
@@ -37,7 +37,7 @@ pub enum Limit {
 }
 
 impl Limit {
-    /// The metric label and the last part of the error code.
+    /// The metric label.
     pub fn name(self) -> &'static str {
         match self {
             Limit::Records => "records",
@@ -47,11 +47,11 @@ impl Limit {
     }
 
     /// The error code a refusal carries.
-    pub fn code(self) -> &'static str {
+    pub fn code(self) -> ErrorCode {
         match self {
-            Limit::Records => "quota_records",
-            Limit::Bytes => "quota_bytes",
-            Limit::Fields => "quota_fields",
+            Limit::Records => ErrorCode::QuotaRecords,
+            Limit::Bytes => ErrorCode::QuotaBytes,
+            Limit::Fields => ErrorCode::QuotaFields,
         }
     }
 

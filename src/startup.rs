@@ -1,17 +1,18 @@
-//! Running the server: the HTTP application, the background tasks beside
-//! it, and the order of things at shutdown.
+//! Running the server: the HTTP application and the background tasks
+//! beside it, until the shutdown its lifecycle drives (`lifecycle`).
 
 use std::future::Future;
-use std::time::Duration;
 
 use anyhow::Context;
 
 use crate::state::AppState;
 use crate::{api, fanout, sync};
 
-/// Serves on `listener` until `shutdown` resolves, then drains for
-/// `SHUTDOWN_DRAIN` (cut short when `hurry` resolves) and lets in-flight
-/// requests finish (up to `SHUTDOWN_TIMEOUT`).
+/// Serves on `listener` until `shutdown` resolves, then shuts down as
+/// [`Lifecycle::shut_down`](crate::lifecycle::Lifecycle::shut_down) orders
+/// it: drains for `SHUTDOWN_DRAIN` (cut short when `hurry` resolves),
+/// closes sockets, lets in-flight requests finish (up to
+/// `SHUTDOWN_TIMEOUT`), and stops the background tasks.
 pub async fn serve(
     state: AppState,
     listener: tokio::net::TcpListener,
@@ -40,32 +41,17 @@ pub async fn serve(
         // One process: its hub hears every push, nothing to listen to.
         None => state.hub.set_listening(true),
     }
-    let (hub, notifier) = (state.hub.clone(), state.notifier.clone());
-    let closing = hub.clone();
+    let (hub, notifier, lifecycle) = (state.hub.clone(), state.notifier.clone(), state.lifecycle.clone());
     let drain = state.config.shutdown_drain;
-    // On shutdown, `/ready` turns 503 first, and the replica goes on
-    // serving for `drain`, so that a balancer polling it sends it no new
-    // clients; then sockets and streams are closed (1012), so clients
-    // reconnect to another replica, and in-flight requests finish.
-    let shutdown = async move {
-        shutdown.await;
-        closing.drain();
-        if !drain.is_zero() {
-            tracing::info!(?drain, "draining: /ready answers 503 while this replica still serves");
-            tokio::select! {
-                () = tokio::time::sleep(drain) => {}
-                () = hurry => tracing::info!("asked again: the drain ends now"),
-            }
-        }
-        closing.close_all();
-    };
     tracing::info!(%addr, "mana-sync listening");
-    let result = api::serve(state, listener, shutdown, timeout).await;
-    // Upgraded sockets are not in-flight requests: wait for their close
-    // frames; and let the last pushes' notices reach the other replicas.
-    let last_words = timeout.min(Duration::from_secs(5));
-    settle(last_words, || hub.stats().0 == 0).await;
-    settle(last_words, || notifier.unsent() == 0).await;
+    // The server returns once it has stopped accepting; the shutdown once
+    // the connections it accepted have ended and the last words are out.
+    let (result, ()) = tokio::join!(
+        api::serve(state, listener),
+        lifecycle.shut_down(shutdown, hurry, drain, timeout, || {
+            hub.stats().0 == 0 && notifier.unsent() == 0
+        }),
+    );
     for task in background {
         task.abort();
     }
@@ -120,14 +106,6 @@ fn fit_connections_to_open_files(mut state: AppState, open_files: Option<u64>) -
 fn fitted_connections(max_connections: usize, pool: u32, open_files: u64) -> usize {
     let room = open_files.saturating_sub(RESERVED_DESCRIPTORS + u64::from(pool));
     max_connections.min(usize::try_from(room).unwrap_or(usize::MAX).max(1))
-}
-
-/// Waits until `done` holds, checking every 10 ms, for at most `limit`.
-async fn settle(limit: Duration, done: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !done() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::fanout::Notifier;
 use crate::hub::Hub;
+use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::throttle::Throttle;
@@ -23,6 +24,8 @@ pub struct AppState {
     pub throttle: Throttle,
     /// The time every replica shares (receive times, token checks).
     pub clock: Clock,
+    /// Where the replica is in its life (shutting down or not).
+    pub lifecycle: Lifecycle,
 }
 
 impl AppState {
@@ -48,7 +51,13 @@ impl AppState {
         // `startup`): a slow or unreachable auth service does not hold up
         // start-up, and the first token waits for that one fetch only.
         let metrics = Metrics::new();
-        let hub = Hub::new(config.max_sockets_per_user, config.max_sockets, metrics.clone());
+        let lifecycle = Lifecycle::new();
+        let hub = Hub::new(
+            config.max_sockets_per_user,
+            config.max_sockets,
+            metrics.clone(),
+            lifecycle.clone(),
+        );
         let notifier = Notifier::start(store.notify_options(), hub.clone());
         let throttle = Throttle::new(&config, metrics.clone());
         Ok(AppState {
@@ -60,6 +69,7 @@ impl AppState {
             hub,
             notifier,
             metrics,
+            lifecycle,
         })
     }
 

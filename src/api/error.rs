@@ -11,22 +11,22 @@ use poem::http::StatusCode;
 use poem_openapi::{ApiResponse, Object, payload::Json};
 
 use crate::auth::AuthError;
-use crate::error::Error;
+use crate::error::{Error, ErrorCode};
 use crate::hub::Refusal;
 use crate::protocol::MAX_BODY_BYTES;
 
 /// The body of every error response.
 #[derive(Debug, Clone, Object, serde::Deserialize)]
 pub struct ErrorBody {
-    /// Stable machine-readable error code, e.g. `invalid_timestamp`, `unauthorized`.
-    pub code: String,
+    /// What went wrong, for a program to act on.
+    pub code: ErrorCode,
     /// Human-readable explanation.
     pub message: String,
 }
 
-fn body(code: &str, message: impl Into<String>) -> Json<ErrorBody> {
+fn body(code: ErrorCode, message: impl Into<String>) -> Json<ErrorBody> {
     Json(ErrorBody {
-        code: code.to_owned(),
+        code,
         message: message.into(),
     })
 }
@@ -58,14 +58,16 @@ impl From<Error> for Answer {
             Error::Invalid { code, message } => Answer::BadRequest(body(code, message)),
             Error::TooLarge { code, message } => Answer::PayloadTooLarge(body(code, message)),
             Error::OverQuota { code, message, .. } => Answer::Unprocessable(body(code, message)),
-            e @ Error::IdempotencyKeyReused(_) => Answer::Unprocessable(body("idempotency_key_reused", e.to_string())),
-            e @ Error::Busy => Answer::TooManyRequests(body("busy", e.to_string()), 1),
-            e @ Error::Unavailable => Answer::ServiceUnavailable(body("unavailable", e.to_string()), 2),
+            e @ Error::IdempotencyKeyReused(_) => {
+                Answer::Unprocessable(body(ErrorCode::IdempotencyKeyReused, e.to_string()))
+            }
+            e @ Error::Busy => Answer::TooManyRequests(body(ErrorCode::Busy, e.to_string()), 1),
+            e @ Error::Unavailable => Answer::ServiceUnavailable(body(ErrorCode::Unavailable, e.to_string()), 2),
             e @ Error::Exhausted => {
-                Answer::ServiceUnavailable(body("storage_exhausted", e.to_string()), EXHAUSTED_RETRY_AFTER)
+                Answer::ServiceUnavailable(body(ErrorCode::StorageExhausted, e.to_string()), EXHAUSTED_RETRY_AFTER)
             }
             e @ Error::RateLimited(wait) => {
-                Answer::TooManyRequests(body("rate_limited", e.to_string()), retry_after(wait))
+                Answer::TooManyRequests(body(ErrorCode::RateLimited, e.to_string()), retry_after(wait))
             }
             Error::Internal(e) => {
                 tracing::error!(error = ?e, "request failed");
@@ -78,26 +80,26 @@ impl From<Error> for Answer {
 impl From<&AuthError> for Answer {
     fn from(e: &AuthError) -> Self {
         tracing::debug!(reason = e.reason(), "token rejected: {e}");
-        Answer::Unauthorized(body("unauthorized", e.to_string()))
+        Answer::Unauthorized(body(ErrorCode::Unauthorized, e.to_string()))
     }
 }
 
 impl From<Refusal> for Answer {
     fn from(refusal: Refusal) -> Self {
-        Answer::TooManyRequests(body("too_many_connections", refusal.to_string()), 5)
+        Answer::TooManyRequests(body(ErrorCode::TooManyConnections, refusal.to_string()), 5)
     }
 }
 
 impl Answer {
     /// A request with a body but no bearer token.
     pub fn missing_token() -> Answer {
-        Answer::Unauthorized(body("unauthorized", "a bearer token is required"))
+        Answer::Unauthorized(body(ErrorCode::Unauthorized, "a bearer token is required"))
     }
 
     /// A body over [`MAX_BODY_BYTES`], declared or found while reading.
     pub fn body_too_large() -> Answer {
         Answer::PayloadTooLarge(body(
-            "payload_too_large",
+            ErrorCode::PayloadTooLarge,
             format!(
                 "the request body is over the {} MB limit",
                 MAX_BODY_BYTES / (1024 * 1024)
@@ -108,14 +110,17 @@ impl Answer {
     /// A body that stopped arriving, or came slower than `min_rate` bytes a second.
     pub fn body_too_slow(min_rate: u64) -> Answer {
         Answer::RequestTimeout(body(
-            "request_timeout",
+            ErrorCode::RequestTimeout,
             format!("the request body came too slowly (less than {min_rate} bytes a second, or a long pause)"),
         ))
     }
 
     /// A body whose reading failed (the client went away, or broke the framing).
     pub fn body_unreadable(e: &std::io::Error) -> Answer {
-        Answer::BadRequest(body("bad_request", format!("the request body could not be read: {e}")))
+        Answer::BadRequest(body(
+            ErrorCode::BadRequest,
+            format!("the request body could not be read: {e}"),
+        ))
     }
 
     /// The replica holds as many request bodies, or answers not yet taken,
@@ -123,7 +128,7 @@ impl Answer {
     pub fn overloaded() -> Answer {
         Answer::ServiceUnavailable(
             body(
-                "overloaded",
+                ErrorCode::Overloaded,
                 "the server is handling too many requests at once; retry shortly",
             ),
             1,
@@ -135,7 +140,7 @@ impl Answer {
     pub fn user_over_share(what: &str) -> Answer {
         Answer::TooManyRequests(
             body(
-                "too_many_requests",
+                ErrorCode::TooManyRequests,
                 format!("this user holds as many {what} at once as one user may; retry shortly"),
             ),
             1,
@@ -169,11 +174,15 @@ pub fn retry_after(wait: std::time::Duration) -> u32 {
 /// itself is printed by the panic hook.
 pub fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> poem::Response {
     tracing::error!("a request handler panicked");
-    json_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal server error")
+    json_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorCode::Internal,
+        "internal server error",
+    )
 }
 
 fn internal() -> Json<ErrorBody> {
-    body("internal", "internal server error")
+    body(ErrorCode::Internal, "internal server error")
 }
 
 /// Declares how `$operation`'s error type (an `ApiResponse` enum with
@@ -216,16 +225,16 @@ pub async fn json_error(err: poem::Error) -> poem::Response {
     }
     let status = err.status();
     let code = match status {
-        StatusCode::BAD_REQUEST => "bad_request",
-        StatusCode::UNAUTHORIZED => "unauthorized",
-        StatusCode::FORBIDDEN => "forbidden",
-        StatusCode::NOT_FOUND => "not_found",
-        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
-        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-        StatusCode::TOO_MANY_REQUESTS => "busy",
-        s if s.is_client_error() => "bad_request",
-        _ => "internal",
+        StatusCode::BAD_REQUEST => ErrorCode::BadRequest,
+        StatusCode::UNAUTHORIZED => ErrorCode::Unauthorized,
+        StatusCode::FORBIDDEN => ErrorCode::Forbidden,
+        StatusCode::NOT_FOUND => ErrorCode::NotFound,
+        StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
+        StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
+        StatusCode::TOO_MANY_REQUESTS => ErrorCode::Busy,
+        s if s.is_client_error() => ErrorCode::BadRequest,
+        _ => ErrorCode::Internal,
     };
     let message = if status.is_server_error() {
         tracing::error!(error = %err, "request failed");
@@ -237,7 +246,7 @@ pub async fn json_error(err: poem::Error) -> poem::Response {
 }
 
 /// `{code, message}` with `status`, built outside poem-openapi.
-fn json_response(status: StatusCode, code: &str, message: &str) -> poem::Response {
+fn json_response(status: StatusCode, code: ErrorCode, message: &str) -> poem::Response {
     poem::Response::builder()
         .status(status)
         .content_type("application/json")

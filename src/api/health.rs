@@ -98,7 +98,7 @@ impl HealthApi {
     /// balancers and Kubernetes.
     #[oai(path = "/ready", method = "get", operation_id = "ready")]
     async fn ready(&self, state: Data<&AppState>) -> ReadyResponse {
-        let reason = if state.hub.is_draining() {
+        let reason = if state.lifecycle.is_draining() {
             Some("shutting down")
         } else if !state.store.ping().await {
             Some("database unreachable")

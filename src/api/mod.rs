@@ -18,9 +18,7 @@ pub mod sse;
 pub mod stream;
 pub mod sync;
 
-use std::future::Future;
 use std::sync::OnceLock;
-use std::time::Duration;
 
 use anyhow::Context;
 use poem::endpoint::{BoxEndpoint, make_sync};
@@ -165,14 +163,8 @@ fn local_jwks(Data(state): Data<&AppState>) -> poem::Result<Json<serde_json::Val
 }
 
 /// Serves [`app`] on `listener`, within the connection limits of the
-/// configuration, until `shutdown` resolves, then lets in-flight requests
-/// finish for up to `grace`.
-pub async fn serve(
-    state: AppState,
-    listener: tokio::net::TcpListener,
-    shutdown: impl Future<Output = ()>,
-    grace: Duration,
-) -> anyhow::Result<()> {
+/// configuration, until the state's lifecycle closes it.
+pub async fn serve(state: AppState, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
     let config = &state.config;
     let limits = ConnectionLimits {
         total: config.max_connections,
@@ -182,7 +174,8 @@ pub async fn serve(
     };
     let idle_timeout = config.idle_timeout;
     let listener = Listener::new(listener, limits, state.metrics.clone());
-    server::run(listener, app(state), idle_timeout, shutdown, grace)
+    let lifecycle = state.lifecycle.clone();
+    server::run(listener, app(state), idle_timeout, lifecycle)
         .await
         .context("server failed")
 }

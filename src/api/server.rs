@@ -1,5 +1,6 @@
-//! Serving HTTP on the accepted connections: hyper's HTTP/1.1 and HTTP/2
-//! (with upgrades, for WebSockets) under a header timeout, until shutdown.
+//! Serving HTTP on the accepted connections: hyper's HTTP/1.1 (with
+//! upgrades, for WebSockets) under a header timeout, until the
+//! [`Lifecycle`] says to close.
 //!
 //! poem's own `Server` sets no timer on hyper, so a connection that never
 //! completes a request head (a silent socket, headers sent a byte at a
@@ -8,7 +9,6 @@
 //! each request to the poem application.
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,22 +18,14 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use poem::http::uri::Scheme;
 use poem::web::{LocalAddr, RemoteAddr};
 use poem::{Endpoint, EndpointExt, Response};
-use tokio::sync::{mpsc, watch};
 
 use crate::api::listener::{Lingering, Listener};
+use crate::lifecycle::{Connection, Lifecycle, Stage};
 
-/// Where the server is in its life, as every connection sees it.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Phase {
-    Serving,
-    /// Finish the request in flight, then close.
-    Draining,
-    /// The grace period is over: close now.
-    Ended,
-}
-
-/// Serves `app` on `listener` until `shutdown` resolves, then lets the
-/// requests in flight finish for up to `grace`, and ends the rest.
+/// Serves `app` on `listener` until `lifecycle` reaches
+/// [`Stage::Closing`]: then accepts no more connections, and each open one
+/// finishes the request it serves and closes (or ends at
+/// [`Stage::CutOff`]). Returns once no connection is left.
 ///
 /// `idle_timeout` bounds the wait for a request's head, from a
 /// connection's opening or from the previous response until the head is
@@ -44,8 +36,7 @@ pub async fn run(
     listener: Listener,
     app: impl Endpoint + 'static,
     idle_timeout: Duration,
-    shutdown: impl Future<Output = ()>,
-    grace: Duration,
+    lifecycle: Lifecycle,
 ) -> std::io::Result<()> {
     let app = Arc::new(app.map_to_response());
     let local = LocalAddr(listener.local_addr()?.into());
@@ -56,13 +47,11 @@ pub async fn run(
     http.timer(TokioTimer::new())
         .header_read_timeout(idle_timeout)
         .half_close(true);
-    let (phase, watching) = watch::channel(Phase::Serving);
-    // Every connection holds a sender; when all are gone, all have ended.
-    let (open, mut all_closed) = mpsc::channel::<()>(1);
-    tokio::pin!(shutdown);
+    let closing = lifecycle.reached(Stage::Closing);
+    tokio::pin!(closing);
     loop {
         let (io, peer) = tokio::select! {
-            _ = &mut shutdown => break,
+            () = &mut closing => break,
             accepted = listener.accept() => accepted,
         };
         let service = {
@@ -75,30 +64,17 @@ pub async fn run(
                 }
             })
         };
-        tokio::spawn(connection(http.clone(), io, service, watching.clone(), open.clone()));
+        let counted = lifecycle.connection();
+        tokio::spawn(connection(http.clone(), io, service, lifecycle.clone(), counted));
     }
-    // No more connections are accepted; those open finish what they do.
-    drop(listener);
-    drop(open);
-    let _ = phase.send(Phase::Draining);
-    if tokio::time::timeout(grace, all_closed.recv()).await.is_err() {
-        tracing::warn!(
-            ?grace,
-            "requests still in flight at the end of the grace period were cut off"
-        );
-        let _ = phase.send(Phase::Ended);
-    }
+    // No more connections are accepted; those open finish what they do
+    // (the lifecycle waits for them).
     Ok(())
 }
 
-/// Serves one connection until it closes or the server's [`Phase`] ends it.
-async fn connection<S, B>(
-    http: http1::Builder,
-    io: Lingering,
-    service: S,
-    mut phase: watch::Receiver<Phase>,
-    _open: mpsc::Sender<()>,
-) where
+/// Serves one connection until it closes or the [`Lifecycle`] ends it.
+async fn connection<S, B>(http: http1::Builder, io: Lingering, service: S, lifecycle: Lifecycle, _counted: Connection)
+where
     S: hyper::service::HttpService<Incoming, ResBody = B>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     B: hyper::body::Body + Send + 'static,
@@ -108,7 +84,7 @@ async fn connection<S, B>(
     tokio::pin!(connection);
     let drained = tokio::select! {
         result = connection.as_mut() => Some(result),
-        _ = phase.wait_for(|p| *p >= Phase::Draining) => None,
+        () = lifecycle.reached(Stage::Closing) => None,
     };
     let result = match drained {
         Some(result) => result,
@@ -116,7 +92,7 @@ async fn connection<S, B>(
             connection.as_mut().graceful_shutdown();
             tokio::select! {
                 result = connection.as_mut() => result,
-                _ = phase.wait_for(|p| *p == Phase::Ended) => Ok(()),
+                () = lifecycle.reached(Stage::CutOff) => Ok(()),
             }
         }
     };

@@ -190,7 +190,7 @@ fn changes(
     };
     futures_util::stream::unfold(state, |mut st| async move {
         loop {
-            if st.app.hub.is_closing() || tokio::time::Instant::now() >= st.expires {
+            if st.app.lifecycle.is_closing() || tokio::time::Instant::now() >= st.expires {
                 return None;
             }
             if let Some(event) = st.ready.pop_front() {

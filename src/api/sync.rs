@@ -11,7 +11,7 @@ use crate::api::ApiTags;
 use crate::api::auth::BearerAuth;
 use crate::api::error::{ErrorBody, operation_errors};
 use crate::api::serialized::Serialized;
-use crate::error::Error;
+use crate::error::{Error, ErrorCode};
 use crate::idempotency;
 use crate::protocol::{DEFAULT_PULL_LIMIT, HeaderId, Key, MAX_PULL_LIMIT, Name, PushRequest, Since, SyncResponse};
 use crate::quota::Quotas;
@@ -25,7 +25,7 @@ pub struct SyncApi;
 /// Refuses a header that is not printable ASCII: poem-openapi would take
 /// it as absent, and a client id or idempotency key must never be lost
 /// quietly.
-fn readable_header(request: &Request, name: &str, code: &'static str) -> Result<(), Error> {
+fn readable_header(request: &Request, name: &str, code: ErrorCode) -> Result<(), Error> {
     match request.headers().get(name).map(|value| value.to_str()) {
         Some(Err(_)) => Err(Error::invalid(code, format!("{name} must be printable ASCII"))),
         _ => Ok(()),
@@ -152,8 +152,8 @@ impl SyncApi {
         // Its rate was checked before its body was read (`api::gate`).
         let user = auth.0;
         for (name, code) in [
-            ("X-Client-Id", "invalid_name"),
-            ("Idempotency-Key", "invalid_idempotency_key"),
+            ("X-Client-Id", ErrorCode::InvalidName),
+            ("Idempotency-Key", ErrorCode::InvalidIdempotencyKey),
         ] {
             readable_header(request, name, code)?;
         }

@@ -3,6 +3,7 @@
 //! poem-openapi's schema traits, so their `///` docs become the OpenAPI
 //! schema; nothing here knows of requests, responses or statuses.
 
+mod error_code;
 mod text;
 
 use std::collections::BTreeMap;
@@ -10,6 +11,7 @@ use std::collections::BTreeMap;
 use poem_openapi::{Enum, Object};
 use serde_json::Value;
 
+pub use self::error_code::ErrorCode;
 pub use self::text::{BadText, HeaderId, Id, Key, Name, NameList, Since, Text, Time, check_text};
 
 /// Largest accepted request body (over 10 MB is a 413).

@@ -63,7 +63,7 @@ pub type Key = Text<Header<1, MAX_ID_CHARS>>;
 /// A record or field time (RFC 3339).
 pub type Time = Text<DateTime>;
 /// A cursor: a `syncedUntil`, any RFC 3339 time, or empty for the beginning.
-pub type Since = Text<Cursor>;
+pub type Since = Text<CursorString>;
 
 /// Any string.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -124,7 +124,7 @@ impl Rule for DateTime {
 /// A cursor this server returned, any RFC 3339 time (every cursor is
 /// one), or empty.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Cursor;
+pub struct CursorString;
 
 /// The form of the cursors this server returns: a UTC time with nine
 /// fractional digits. Its days of February stop at the 28th, so that every
@@ -137,7 +137,7 @@ const RETURNED_CURSOR: &str = concat!(
     r")T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]\.[0-9]{9}Z$",
 );
 
-impl Rule for Cursor {
+impl Rule for CursorString {
     const NAME: &'static str = "string(cursor)";
     fn schema() -> MetaSchema {
         // A returned cursor is also a `date-time`, but generated clients
@@ -268,7 +268,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::cursor::Cursor as LogPosition;
+    use crate::cursor::Cursor;
 
     proptest! {
         /// The spec's branch for returned cursors admits nothing the server
@@ -277,7 +277,7 @@ mod tests {
         fn every_string_of_the_returned_cursor_form_is_a_cursor(
             s in proptest::string::string_regex(RETURNED_CURSOR.trim_start_matches('^').trim_end_matches('$')).unwrap()
         ) {
-            prop_assert!(LogPosition::parse(&s).is_ok(), "{s}");
+            prop_assert!(Cursor::parse(&s).is_ok(), "{s}");
         }
     }
 }

@@ -18,7 +18,7 @@ use crate::cursor::Cursor;
 use crate::error::Error;
 use crate::projection::Record;
 use crate::quota::Usage;
-use crate::store::rows::{self, Appended, LogRow, NewRow, OutcomeRow, PageRow, RecordRow, SavedRow, TableRow};
+use crate::store::rows::{self, AppendedRows, LogRow, NewRow, OutcomeRow, PageRow, RecordRow, SavedRow, TableRow};
 
 /// The statements of one SQL dialect, on a connection inside a transaction
 /// scoped to `user_id` (every statement reads and writes that user's rows
@@ -39,7 +39,7 @@ pub trait Dialect {
         keys: &[(&str, &str)],
         since: Cursor,
         limit: i64,
-    ) -> impl Future<Output = sqlx::Result<Appended>> + Send;
+    ) -> impl Future<Output = sqlx::Result<AppendedRows>> + Send;
 
     /// Holds off the user's writes until the transaction ends, without
     /// handing out a position.

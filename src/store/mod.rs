@@ -21,6 +21,7 @@ pub mod turns;
 
 use std::time::Duration;
 
+use secrecy::ExposeSecret;
 use sqlx::postgres::PgConnectOptions;
 
 use self::dialect::{Dialect, PoolDialect, fault};
@@ -81,7 +82,7 @@ impl Store {
     /// [`Store::prepare`]); SQLite opens its file now and refuses it when
     /// another process has it.
     pub async fn open(config: &Config) -> anyhow::Result<Store> {
-        match config.database_url.as_deref() {
+        match config.database_url.as_ref().map(ExposeSecret::expose_secret) {
             None => Ok(Store::Sqlite(sqlite::SqliteStore::open(None, config).await?)),
             Some(url) if url.starts_with("sqlite:") => {
                 Ok(Store::Sqlite(sqlite::SqliteStore::open(Some(url), config).await?))

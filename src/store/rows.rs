@@ -80,7 +80,7 @@ impl SavedRow<'_> {
 
 /// What appending a batch reads back in the same transaction, after the
 /// user's clock is locked (see [`crate::store::dialect::Dialect::append_batch`]).
-pub struct Appended {
+pub struct AppendedRows {
     /// The clock after the batch: the batch's last position.
     pub last_seq: i64,
     /// What the user stored before the batch, when the clock row's
@@ -221,7 +221,7 @@ impl ClockUsage {
 }
 
 /// A row of PostgreSQL's statement that appends a batch (see
-/// [`Appended`]): the clock, whether the statement's snapshot is current,
+/// [`AppendedRows`]): the clock, whether the statement's snapshot is current,
 /// and a record (or none).
 #[derive(sqlx::FromRow)]
 pub struct BatchRow {

@@ -3,13 +3,13 @@
 
 use serde_json::Value;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorCode, Result};
 use crate::protocol::MAX_NUMBER_DIGITS;
 
 /// A NUL character in `what`: no store can keep it.
 pub(super) fn nul(what: &str) -> Error {
     Error::invalid(
-        "nul_character",
+        ErrorCode::NulCharacter,
         format!("{what} contains a NUL character (\\u0000), which cannot be stored"),
     )
 }
@@ -23,7 +23,7 @@ pub(super) fn storable(what: &str, value: &Value) -> Result<()> {
     match value {
         Value::String(s) if s.contains('\0') => Err(nul(what)),
         Value::Number(n) if !number_in_range(&n.to_string()) => Err(Error::invalid(
-            "number_out_of_range",
+            ErrorCode::NumberOutOfRange,
             format!(
                 "{what}: a number written out in full may have at most {MAX_NUMBER_DIGITS} digits on either side of the point"
             ),

@@ -162,7 +162,7 @@ pub fn test_config(storage: &Storage, jwks: &JwksServer, overrides: &[(&str, &st
         ("DATABASE_MAX_CONNECTIONS".to_owned(), "10".to_owned()),
         ("SHUTDOWN_TIMEOUT".to_owned(), "2s".to_owned()),
         // Tests and benchmarks send bursts no honest app sends; the rate
-        // limits have tests of their own (tests/throttle.rs).
+        // limits have tests of their own (tests/integration/throttle.rs).
         ("PUSH_RATE".to_owned(), "0".to_owned()),
         ("PUSH_BYTES_RATE".to_owned(), "0".to_owned()),
         ("MAX_REQUESTS_PER_USER".to_owned(), "0".to_owned()),
@@ -492,6 +492,9 @@ pub async fn expect_json(response: reqwest::Response, status: StatusCode) -> Val
 pub async fn expect_error(response: reqwest::Response, status: StatusCode, code: &str) {
     let body = expect_json(response, status).await;
     assert_eq!(body["code"], json!(code), "unexpected error body: {body}");
+    // A code the server sent is one the spec declares.
+    serde_json::from_value::<mana_sync::protocol::ErrorCode>(body["code"].clone())
+        .unwrap_or_else(|e| panic!("{code} is no ErrorCode: {e}"));
     assert!(body["message"].is_string(), "an error says what is wrong: {body}");
 }
 

@@ -1,5 +1,5 @@
-//! Shared support for the integration tests (and the benchmarks): `mod
-//! common;` in each test binary, then `common::app` (a server per test, on
+//! Shared support for the test binaries (`integration`, `restart`) and the
+//! benchmarks: `mod common;` at each one's root, then `common::app` (a server per test, on
 //! either store, and the dual-store template), `common::pg` (a real
 //! PostgreSQL, one database per test), `common::tokens` (JWT keys, tokens,
 //! a JWKS server), `common::ws` (a WebSocket client), `common::metrics`

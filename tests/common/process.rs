@@ -72,7 +72,7 @@ pub fn deploy_tool(name: &str) -> std::path::PathBuf {
     let path = repository().join(".venv-deploy/bin").join(name);
     assert!(
         path.exists(),
-        "{name} is not installed at {}: run `bash .ci/run` once, or `python3 -m venv .venv-deploy && \
+        "{name} is not installed at {}: run `scripts/test` once, or `python3 -m venv .venv-deploy && \
          .venv-deploy/bin/pip install -r tests/deploy/requirements.txt`",
         path.display()
     );

@@ -1,6 +1,6 @@
 """A sync round trip through the Python client generated from the spec.
 
-Run by tests/python_client.rs as `python roundtrip.py URL TOKEN`, with the
+Run by tests/integration/python_client.rs as `python roundtrip.py URL TOKEN`, with the
 generated package `mana_sync_client` on PYTHONPATH. It pushes an insert, an
 update with per-field timestamps and a delete, pulls them back page by page
 following `syncedUntil`, and reads a refused push as the typed error body:
@@ -18,6 +18,7 @@ from mana_sync_client.models import (
     ChangeInputDataType0,
     ChangeInputFieldsType0,
     ErrorBody,
+    ErrorCode,
     FieldChange,
     Op,
     PushRequest,
@@ -119,7 +120,8 @@ def main(url, token):
         ChangeInput(table=TABLE, id="t1", op=Op.UPDATE),
     )
     assert isinstance(refused, ErrorBody), refused
-    assert refused.code == "missing_fields", refused
+    # The code is typed: a member of the spec's ErrorCode enum.
+    assert refused.code is ErrorCode.MISSING_FIELDS, refused
     assert pulled(client, since=everything.synced_until).server_changes == []
 
     # A device that follows cursors sees the next push, and only it.

@@ -25,7 +25,7 @@ export interface Server {
 
 function required(name: string): string {
   const value = process.env[name];
-  if (!value) throw new Error(`${name} is not set: run the browser tests with \`cargo test --test browser\``);
+  if (!value) throw new Error(`${name} is not set: run the browser tests with \`cargo test --test integration clients::\``);
   return value;
 }
 

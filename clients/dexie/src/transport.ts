@@ -2,7 +2,14 @@
  * Push and pull over the generated client, with every failure sorted by
  * what the engine should do about it.
  */
-import { createSyncClient, type PushRequest, type SyncClient, type SyncResponse } from "@mana-sync/client";
+import {
+  createSyncClient,
+  type ErrorBody,
+  type ErrorCode,
+  type PushRequest,
+  type SyncClient,
+  type SyncResponse,
+} from "@mana-sync/client";
 
 import type { TokenSource } from "./token.js";
 
@@ -21,6 +28,8 @@ export class SyncFailure extends Error {
     message: string,
     readonly status?: number,
     readonly retryAfterMs?: number,
+    /** The server's code, when the error is the server's own. */
+    readonly code?: ErrorCode,
   ) {
     super(message);
     this.name = "SyncFailure";
@@ -89,7 +98,7 @@ export function anySignal(signals: AbortSignal[]): AbortSignal {
 }
 
 async function answered(
-  call: Promise<{ data?: SyncResponse; error?: { code: string; message: string }; response: Response }>,
+  call: Promise<{ data?: SyncResponse; error?: ErrorBody; response: Response }>,
 ): Promise<SyncResponse> {
   let result;
   try {
@@ -104,12 +113,15 @@ async function answered(
   // The server's errors are JSON `{code, message}`; a proxy's are not.
   const own = typeof error === "object" && error !== null && typeof error.code === "string";
   const message = own ? `${status} ${error.code}: ${error.message}` : `${status} ${response.statusText}`;
-  if (status === 401) throw new SyncFailure("auth", message, status);
+  const code = own ? error.code : undefined;
+  if (status === 401) throw new SyncFailure("auth", message, status, undefined, code);
   if (status === 429 || status === 503 || status === 408) {
-    throw new SyncFailure("busy", message, status, retryAfter(response.headers.get("Retry-After")));
+    throw new SyncFailure("busy", message, status, retryAfter(response.headers.get("Retry-After")), code);
   }
-  if (status === 413 || ((status === 400 || status === 422) && own)) throw new SyncFailure("rejected", message, status);
-  throw new SyncFailure("server", message, status);
+  if (status === 413 || ((status === 400 || status === 422) && own)) {
+    throw new SyncFailure("rejected", message, status, undefined, code);
+  }
+  throw new SyncFailure("server", message, status, undefined, code);
 }
 
 /** `Retry-After` in ms: seconds, or an HTTP date. */

@@ -5,7 +5,14 @@
  * tests (e2e/) run against; this one lets unit tests script a lost
  * answer or a 429 exactly.
  */
-import type { ChangeInput, ServerChange, SyncResponse } from "@mana-sync/client";
+import type { ChangeInput, ErrorBody, ErrorCode, ServerChange, SyncResponse } from "@mana-sync/client";
+
+/** An error body as the server would send it with `status`. */
+function errorBody(status: number, message: string): string {
+  const codes: Record<number, ErrorCode> = { 400: "bad_request", 408: "request_timeout", 429: "rate_limited", 503: "unavailable" };
+  const body: ErrorBody = { code: codes[status] ?? "internal", message };
+  return JSON.stringify(body);
+}
 
 interface Field {
   value: unknown;
@@ -65,11 +72,11 @@ export class FakeServer {
     if (fault && "status" in fault) {
       const headers: Record<string, string> = { "content-type": "application/json" };
       if (fault.retryAfter !== undefined) headers["retry-after"] = fault.retryAfter;
-      return new Response(fault.body ?? JSON.stringify({ code: "fault", message: "scripted" }), { status: fault.status, headers });
+      return new Response(fault.body ?? errorBody(fault.status, "scripted"), { status: fault.status, headers });
     }
     if (this.delay > 0) await new Promise((r) => setTimeout(r, this.delay));
     if (request.method === "POST" && body!.changes.some(this.refuse)) {
-      return new Response(JSON.stringify({ code: "invalid_value", message: "refused" }), {
+      return new Response(errorBody(400, "refused"), {
         status: 400,
         headers: { "content-type": "application/json" },
       });

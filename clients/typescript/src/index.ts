@@ -30,6 +30,8 @@ export type ServerChange = Schemas["ServerChange"];
 export type SyncResponse = Schemas["SyncResponse"];
 /** Every error's body: a stable `code` and a readable `message`. */
 export type ErrorBody = Schemas["ErrorBody"];
+/** Every code an error can carry (`invalid_timestamp`, `busy`, …): a union to switch on. */
+export type ErrorCode = Schemas["ErrorCode"];
 /** One `changes` event of the change stream (`GET /sync/{appId}/stream`). */
 export type ChangeEvent = Schemas["ChangeEvent"];
 /** `insert`, `update` or `delete`. */

@@ -204,11 +204,18 @@ export interface components {
          * @description The body of every error response.
          */
         ErrorBody: {
-            /** @description Stable machine-readable error code, e.g. `invalid_timestamp`, `unauthorized`. */
-            code: string;
+            /** @description What went wrong, for a program to act on. */
+            code: components["schemas"]["ErrorCode"] & unknown;
             /** @description Human-readable explanation. */
             message: string;
         };
+        /**
+         * @description Stable machine-readable error code: what went wrong, for a program to
+         *     act on (the status says whether to retry; the message is for people).
+         *     The README's "Errors" section lists every code with its status.
+         * @enum {string}
+         */
+        ErrorCode: "bad_request" | "invalid_name" | "invalid_idempotency_key" | "invalid_cursor" | "invalid_timestamp" | "missing_client_id" | "missing_data" | "missing_fields" | "id_mismatch" | "nul_character" | "number_out_of_range" | "too_many_collections" | "unauthorized" | "forbidden" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "too_many_changes" | "unsupported_media_type" | "idempotency_key_reused" | "quota_records" | "quota_bytes" | "quota_fields" | "rate_limited" | "too_many_requests" | "too_many_connections" | "busy" | "internal" | "unavailable" | "storage_exhausted" | "overloaded";
         /**
          * FieldChange
          * @description A new value for one field.

@@ -10,7 +10,7 @@ use crate::cursor::Cursor;
 use crate::quota::Usage;
 use crate::store::dialect::{Dialect, PoolDialect, read_batch};
 use crate::store::rows::{
-    Appended, BatchRow, LogRow, NewRow, OutcomeRow, PageRow, RecordRow, SavedRow, TableRow, UsageRow,
+    AppendedRows, BatchRow, LogRow, NewRow, OutcomeRow, PageRow, RecordRow, SavedRow, TableRow, UsageRow,
 };
 use crate::timestamp::Timestamp;
 
@@ -24,7 +24,7 @@ impl Dialect for PgConnection {
         keys: &[(&str, &str)],
         since: Cursor,
         limit: i64,
-    ) -> sqlx::Result<Appended> {
+    ) -> sqlx::Result<AppendedRows> {
         // One round trip for four statements: advance the user's clock
         // (positions are the database's clock in nanoseconds, one clock for
         // every replica; the row stays locked until the transaction ends),
@@ -88,7 +88,7 @@ impl Dialect for PgConnection {
         let usage = batch.first().and_then(|b| b.usage.usage());
         if !batch.first().is_some_and(|b| b.fresh) {
             let (states, page) = read_batch(self, user_id, app_id, keys, since, limit).await?;
-            return Ok(Appended {
+            return Ok(AppendedRows {
                 last_seq,
                 usage,
                 states,
@@ -106,7 +106,7 @@ impl Dialect for PgConnection {
                 _ => page.push(record),
             }
         }
-        Ok(Appended {
+        Ok(AppendedRows {
             last_seq,
             usage,
             states,

@@ -16,7 +16,7 @@ use crate::cursor::Cursor;
 use crate::quota::Usage;
 use crate::store::dialect::{Dialect, PoolDialect, read_batch};
 use crate::store::rows::{
-    Appended, ClockUsage, LogRow, NewRow, OutcomeRow, PageRow, RecordRow, SavedRow, TableRow, UsageRow,
+    AppendedRows, ClockUsage, LogRow, NewRow, OutcomeRow, PageRow, RecordRow, SavedRow, TableRow, UsageRow,
 };
 use crate::timestamp::Timestamp;
 
@@ -30,14 +30,14 @@ impl Dialect for SqliteConnection {
         keys: &[(&str, &str)],
         since: Cursor,
         limit: i64,
-    ) -> sqlx::Result<Appended> {
+    ) -> sqlx::Result<AppendedRows> {
         // The write transaction excludes every other writer until it ends,
         // so what it reads after is current.
         let clock = reserve(self, user_id, rows.len() as i64).await?;
         let last_seq = clock.last_seq;
         append(self, user_id, app_id, client_id, last_seq - rows.len() as i64 + 1, rows).await?;
         let (states, page) = read_batch(self, user_id, app_id, keys, since, limit).await?;
-        Ok(Appended {
+        Ok(AppendedRows {
             last_seq,
             usage: clock.usage.usage(),
             states,

@@ -1,0 +1,181 @@
+use serde_json::{Value, json};
+
+use super::*;
+use crate::fold::{DELETED_AT, FieldWrite};
+
+const LIMITS: Limits = Limits {
+    max_changes: 3,
+    max_clock_skew: Duration::from_secs(300),
+};
+
+fn now() -> Timestamp {
+    Timestamp::parse("2024-01-01T12:00:00Z").unwrap()
+}
+
+fn request(changes: Value) -> PushRequest {
+    use poem_openapi::types::ParseFromJSON;
+    PushRequest::parse_from_json(Some(json!({ "clientId": "dev-1", "changes": changes }))).unwrap()
+}
+
+fn code(result: Result<Batch>) -> ErrorCode {
+    match result {
+        Err(Error::Invalid { code, .. } | Error::TooLarge { code, .. }) => code,
+        other => panic!("expected a client error, got {other:?}"),
+    }
+}
+
+#[test]
+fn insert_fields_take_updated_at_else_created_at_else_now() {
+    let batch = push(None, request(json!([
+        { "table": "todos", "id": "a", "op": "insert", "data": { "id": "a", "title": "x", "updatedAt": "2024-01-01T10:00:00Z", "createdAt": "2023-01-01T00:00:00Z" } },
+        { "table": "todos", "id": "b", "op": "insert", "data": { "title": "y", "createdAt": "2023-01-01T00:00:00Z" } },
+        { "table": "todos", "id": "c", "op": "insert", "data": { "title": "z" } }
+    ])), now(), LIMITS).unwrap();
+    let first = |i: usize| (batch.changes[i].writes[0].at, batch.changes[i].writes[0].untimed);
+    assert_eq!(first(0), (Timestamp::parse("2024-01-01T10:00:00Z").unwrap(), false));
+    assert_eq!(first(1), (Timestamp::parse("2023-01-01T00:00:00Z").unwrap(), false));
+    assert_eq!(first(2), (now(), true), "no time: untimed, at the receive time");
+    assert!(
+        batch.changes[0].writes.iter().all(|w| w.name != "id"),
+        "id is the record key, not a field"
+    );
+}
+
+#[test]
+fn the_at_alias_and_future_clamp_apply_to_field_changes() {
+    let batch = push(
+        Some("header-dev"),
+        request(json!([
+            { "table": "todos", "id": "a", "op": "update", "fields": {
+                "title": { "value": "x", "at": "2024-01-01T11:00:00+01:00" },
+                "done": { "value": true, "updatedAt": "2030-01-01T00:00:00Z" } } }
+        ])),
+        now(),
+        LIMITS,
+    )
+    .unwrap();
+    assert_eq!(batch.client_id, "header-dev");
+    let w = &batch.changes[0].writes;
+    assert_eq!(
+        w.iter().find(|w| w.name == "title").unwrap().at,
+        Timestamp::parse("2024-01-01T10:00:00Z").unwrap()
+    );
+    assert_eq!(
+        w.iter().find(|w| w.name == "done").unwrap().at,
+        now(),
+        "a far-future timestamp is clamped"
+    );
+}
+
+#[test]
+fn record_timestamps_may_be_epoch_milliseconds_and_only_the_used_one_is_checked() {
+    let batch = push(None, request(json!([
+        { "table": "todos", "id": "a", "op": "insert", "data": { "updatedAt": 1_704_103_200_000i64, "createdAt": "not read" } },
+        { "table": "todos", "id": "b", "op": "insert", "data": { "deletedAt": null, "createdAt": "2024-01-01T10:00:00Z" } }
+    ])), now(), LIMITS).unwrap();
+    let ten = Timestamp::parse("2024-01-01T10:00:00Z").unwrap();
+    assert_eq!(batch.changes[0].writes[0].at, ten);
+    assert_eq!(batch.changes[1].writes[0].at, ten);
+}
+
+#[test]
+fn a_delete_writes_deleted_at() {
+    let batch = push(
+        None,
+        request(json!([
+            { "table": "todos", "id": "a", "op": "delete", "deletedAt": "2024-01-01T10:06:00Z" }
+        ])),
+        now(),
+        LIMITS,
+    )
+    .unwrap();
+    assert_eq!(
+        batch.changes[0].writes,
+        vec![FieldWrite::timed(
+            DELETED_AT,
+            json!("2024-01-01T10:06:00.000Z"),
+            Timestamp::parse("2024-01-01T10:06:00Z").unwrap()
+        )]
+    );
+}
+
+#[test]
+fn explicit_changes_without_a_time_take_the_receive_time_in_milliseconds() {
+    let received = Timestamp(now().0 + 123_456_789);
+    let batch = push(
+        None,
+        request(json!([
+            { "table": "t", "id": "a", "op": "update", "fields": { "title": { "value": "x" } } },
+            { "table": "t", "id": "a", "op": "delete" }
+        ])),
+        received,
+        LIMITS,
+    )
+    .unwrap();
+    let ms = Timestamp(now().0 + 123_000_000);
+    assert_eq!(
+        batch.changes[0].writes,
+        vec![FieldWrite::timed("title", json!("x"), ms)]
+    );
+    assert_eq!(
+        batch.changes[1].writes,
+        vec![FieldWrite::timed(DELETED_AT, json!("2024-01-01T12:00:00.123Z"), ms)]
+    );
+}
+
+#[test]
+fn bad_input_is_named() {
+    let one = |c: Value| push(None, request(json!([c])), now(), LIMITS);
+    assert_eq!(
+        code(one(json!({ "table": "", "id": "a", "op": "delete" }))),
+        ErrorCode::InvalidName
+    );
+    assert_eq!(
+        code(one(json!({ "table": "t".repeat(129), "id": "a", "op": "delete" }))),
+        ErrorCode::InvalidName
+    );
+    assert_eq!(
+        code(one(json!({ "table": "t", "id": "a\u{0}", "op": "delete" }))),
+        ErrorCode::NulCharacter
+    );
+    assert_eq!(
+        code(one(
+            json!({ "table": "t", "id": "a", "op": "insert", "data": { "x": ["ok", "bad\u{0}"] } })
+        )),
+        ErrorCode::NulCharacter
+    );
+    assert_eq!(
+        code(one(
+            json!({ "table": "t", "id": "a", "op": "insert", "data": { "updatedAt": "yesterday" } })
+        )),
+        ErrorCode::InvalidTimestamp
+    );
+    assert_eq!(
+        code(one(
+            json!({ "table": "t", "id": "a", "op": "insert", "data": { "id": "b" } })
+        )),
+        ErrorCode::IdMismatch
+    );
+    assert_eq!(
+        code(one(json!({ "table": "t", "id": "a", "op": "insert" }))),
+        ErrorCode::MissingData
+    );
+    assert_eq!(
+        code(one(json!({ "table": "t", "id": "a", "op": "update" }))),
+        ErrorCode::MissingFields
+    );
+    assert_eq!(
+        code(one(
+            json!({ "table": "t", "id": "a", "op": "delete", "deletedAt": "5" })
+        )),
+        ErrorCode::InvalidTimestamp
+    );
+    let four = json!([{ "table": "t", "id": "a", "op": "delete" }, { "table": "t", "id": "a", "op": "delete" }, { "table": "t", "id": "a", "op": "delete" }, { "table": "t", "id": "a", "op": "delete" }]);
+    assert_eq!(
+        code(push(None, request(four), now(), LIMITS)),
+        ErrorCode::TooManyChanges
+    );
+    let mut anonymous = request(json!([]));
+    anonymous.client_id = None;
+    assert_eq!(code(push(None, anonymous, now(), LIMITS)), ErrorCode::MissingClientId);
+}
