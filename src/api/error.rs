@@ -18,7 +18,9 @@ use crate::protocol::MAX_BODY_BYTES;
 /// The body of every error response.
 #[derive(Debug, Clone, Object, serde::Deserialize)]
 pub struct ErrorBody {
-    /// What went wrong, for a program to act on.
+    // No `///` here: the enum's own description says what the code is,
+    // and a field's description beside a `$ref` makes poem-openapi wrap
+    // it in `allOf`, which openapi-python-client cannot read.
     pub code: ErrorCode,
     /// Human-readable explanation.
     pub message: String,

@@ -101,7 +101,7 @@ describe("pushing", () => {
     const rejected = await engine.rejected();
     expect(rejected.map((r) => r.batch.body.changes.map((c) => c.id))).toEqual([["bad"]]);
     // Said once (state `error` for that round); the message stays.
-    await eventually(() => engine.status.current.lastError?.includes("invalid_value") === true);
+    await eventually(() => engine.status.current.lastError?.includes("bad_request") === true);
   });
 
   it("retries what is not the server's refusal (a proxy's 404) instead of dropping it", async () => {

@@ -204,8 +204,7 @@ export interface components {
          * @description The body of every error response.
          */
         ErrorBody: {
-            /** @description What went wrong, for a program to act on. */
-            code: components["schemas"]["ErrorCode"] & unknown;
+            code: components["schemas"]["ErrorCode"];
             /** @description Human-readable explanation. */
             message: string;
         };
