@@ -100,10 +100,7 @@ mod tests {
                     Some(json!({ "id": "r\"1", "list": [1.5, "é", { "deep": true }] })),
                     Some(BTreeMap::from([(
                         "list".to_owned(),
-                        FieldValue {
-                            value: json!([1.5, "é", { "deep": true }]),
-                            updated_at: "2026-12-02T10:00:00.000Z".into(),
-                        },
+                        FieldValue::new(json!([1.5, "é", { "deep": true }]), "2026-12-02T10:00:00.000Z".into()),
                     )])),
                     None,
                 ),

@@ -178,8 +178,22 @@ pub struct ServerChange {
 #[serde(rename_all = "camelCase")]
 pub struct FieldValue {
     pub value: Value,
-    /// The winning write's timestamp.
+    /// The winning write's timestamp (what the seed's clients read).
     pub updated_at: String,
+    /// The same timestamp, under the name later clients read: they apply
+    /// a field only when its `at` is at least their own copy's.
+    pub at: String,
+}
+
+impl FieldValue {
+    /// `value`, written at `at` (RFC 3339), under both names.
+    pub fn new(value: Value, at: String) -> FieldValue {
+        FieldValue {
+            value,
+            updated_at: at.clone(),
+            at,
+        }
+    }
 }
 
 /// `event: changes` of the change stream: one collection's folded delta.

@@ -384,15 +384,7 @@ fn server_change(table: String, id: String, delta: RecordDelta) -> ServerChange 
             Some(
                 fields
                     .into_iter()
-                    .map(|(name, (value, at))| {
-                        (
-                            name,
-                            FieldValue {
-                                value,
-                                updated_at: at.to_short_string(),
-                            },
-                        )
-                    })
+                    .map(|(name, (value, at))| (name, FieldValue::new(value, at.to_short_string())))
                     .collect(),
             ),
             None,

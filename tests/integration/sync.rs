@@ -56,9 +56,12 @@ async fn the_seed_flow_insert_update_delete_reaches_another_device(store: Backen
     let second = app.pull_ok("alice", "todos", &cursor, None).await;
     let change = change_for(&second, "todo-1").expect("the update arrives");
     assert_eq!(change["op"], "update");
+    // The time under both names: the seed's clients read `updatedAt`,
+    // today's `at`.
+    let at = "2024-01-01T10:05:30.000Z";
     assert_eq!(
         change["fields"],
-        json!({ "title": { "value": "Buy eggs", "updatedAt": "2024-01-01T10:05:30.000Z" } })
+        json!({ "title": { "value": "Buy eggs", "updatedAt": at, "at": at } })
     );
     assert_eq!(change["data"]["title"], "Buy eggs");
     assert_eq!(change["data"]["id"], "todo-1");
@@ -230,7 +233,7 @@ async fn a_device_whose_write_lost_is_told_the_winning_value(store: Backend) {
     assert_eq!(change["data"]["title"], "winner");
     assert_eq!(
         change["fields"]["title"],
-        json!({ "value": "winner", "updatedAt": "2024-01-01T12:00:00.000Z" })
+        json!({ "value": "winner", "updatedAt": "2024-01-01T12:00:00.000Z", "at": "2024-01-01T12:00:00.000Z" })
     );
 }
 

@@ -154,7 +154,10 @@ export class FakeServer {
     }
     if (r.created > after) return { table: r.table, id: r.id, op: "insert", data };
     const fields = Object.fromEntries(
-      [...r.fields].filter(([, f]) => f.seq > after).map(([k, f]) => [k, { value: f.value, updatedAt: new Date(f.at).toISOString() }]),
+      [...r.fields].filter(([, f]) => f.seq > after).map(([k, f]) => {
+        const at = new Date(f.at).toISOString();
+        return [k, { value: f.value, updatedAt: at, at }];
+      }),
     );
     return { table: r.table, id: r.id, op: "update", data, fields };
   }

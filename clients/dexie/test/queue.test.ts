@@ -46,19 +46,19 @@ describe("merging a server change under queued writes", () => {
 
   it("keeps a queued field unless the server's was written later", () => {
     const older = merge(
-      { table: "todos", id: "a", op: "update", data: { id: "a", title: "old", note: "theirs", done: true }, fields: { title: { value: "old", updatedAt: t(5) }, done: { value: true, updatedAt: t(5) } } },
+      { table: "todos", id: "a", op: "update", data: { id: "a", title: "old", note: "theirs", done: true }, fields: { title: { value: "old", updatedAt: t(5), at: t(5) }, done: { value: true, updatedAt: t(5), at: t(5) } } },
       local,
       pending.get(JSON.stringify(["todos", "a"])),
     );
     expect(older).toEqual({ put: { id: "a", title: "mine", note: "theirs", done: true } });
     const newer = merge(
-      { table: "todos", id: "a", op: "update", data: { id: "a", title: "new", note: "n", done: false }, fields: { title: { value: "new", updatedAt: "2026-01-01T00:00:10.000000001Z" } } },
+      { table: "todos", id: "a", op: "update", data: { id: "a", title: "new", note: "n", done: false }, fields: { title: { value: "new", updatedAt: "2026-01-01T00:00:10.000000001Z", at: "2026-01-01T00:00:10.000000001Z" } } },
       local,
       pending.get(JSON.stringify(["todos", "a"])),
     );
     expect(newer).toEqual({ put: { id: "a", title: "mine", note: "n", done: false } });
     const later = merge(
-      { table: "todos", id: "a", op: "update", data: { id: "a", title: "new", note: "n", done: false }, fields: { title: { value: "new", updatedAt: t(11) } } },
+      { table: "todos", id: "a", op: "update", data: { id: "a", title: "new", note: "n", done: false }, fields: { title: { value: "new", updatedAt: t(11), at: t(11) } } },
       local,
       pending.get(JSON.stringify(["todos", "a"])),
     );
@@ -79,11 +79,11 @@ describe("merging a server change under queued writes", () => {
   it("applies deletes, and leaves a record deleted here until the delete is pushed", () => {
     expect(merge({ table: "todos", id: "a", op: "delete", deletedAt: t(1) }, local, pending.get(JSON.stringify(["todos", "a"])))).toEqual({ delete: true });
     const deleted = pendingRecords([put("a", { title: "x" }, t(1)), del("a", t(2))]).get(JSON.stringify(["todos", "a"]));
-    expect(merge({ table: "todos", id: "a", op: "update", data: { id: "a", title: "y" }, fields: { title: { value: "y", updatedAt: t(3) } } }, undefined, deleted)).toBeNull();
+    expect(merge({ table: "todos", id: "a", op: "update", data: { id: "a", title: "y" }, fields: { title: { value: "y", updatedAt: t(3), at: t(3) } } }, undefined, deleted)).toBeNull();
   });
 
   it("takes the server's record whole when nothing is queued", () => {
-    expect(merge({ table: "todos", id: "a", op: "update", data: { id: "a", title: "t" }, fields: { title: { value: "t", updatedAt: t(1) } } }, local, undefined)).toEqual({
+    expect(merge({ table: "todos", id: "a", op: "update", data: { id: "a", title: "t" }, fields: { title: { value: "t", updatedAt: t(1), at: t(1) } } }, local, undefined)).toEqual({
       put: { id: "a", title: "t" },
     });
   });

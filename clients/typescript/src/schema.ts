@@ -241,7 +241,12 @@ export interface components {
          * @description The winning value of a field.
          */
         FieldValue: {
-            /** @description The winning write's timestamp. */
+            /**
+             * @description The same timestamp, under the name later clients read: they apply
+             *     a field only when its `at` is at least their own copy's.
+             */
+            at: string;
+            /** @description The winning write's timestamp (what the seed's clients read). */
             updatedAt: string;
             value: unknown;
         };
