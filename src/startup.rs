@@ -46,12 +46,19 @@ pub async fn serve(
     tracing::info!(%addr, "mana-sync listening");
     // The server returns once it has stopped accepting; the shutdown once
     // the connections it accepted have ended and the last words are out.
-    let (result, ()) = tokio::join!(
-        api::serve(state, listener),
-        lifecycle.shut_down(shutdown, hurry, drain, timeout, || {
-            hub.stats().0 == 0 && notifier.unsent() == 0
-        }),
-    );
+    let serving = api::serve(state, listener);
+    let shutting = lifecycle.shut_down(shutdown, hurry, drain, timeout, || {
+        hub.stats().0 == 0 && notifier.unsent() == 0
+    });
+    tokio::pin!(serving, shutting);
+    let (result, shut) = tokio::select! {
+        result = &mut serving => (result, false),
+        () = &mut shutting => (serving.await, true),
+    };
+    // A server that failed before it was told to stop waits for no signal.
+    if !shut && (result.is_ok() || lifecycle.is_closing()) {
+        shutting.await;
+    }
     for task in background {
         task.abort();
     }
