@@ -25,7 +25,8 @@ use crate::lifecycle::{Connection, Lifecycle, Stage};
 /// Serves `app` on `listener` until `lifecycle` reaches
 /// [`Stage::Closing`]: then accepts no more connections, and each open one
 /// finishes the request it serves and closes (or ends at
-/// [`Stage::CutOff`]). Returns once no connection is left.
+/// [`Stage::CutOff`]). Returns once it has stopped accepting: the
+/// lifecycle, not this loop, waits for the connections left.
 ///
 /// `idle_timeout` bounds the wait for a request's head, from a
 /// connection's opening or from the previous response until the head is
