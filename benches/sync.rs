@@ -176,6 +176,7 @@ async fn notify_cost(app: &TestApp, sizes: &Sizes) {
                                     json!("x"),
                                     mana_sync::timestamp::Timestamp::now(),
                                 )],
+                                provenance: Default::default(),
                             }],
                         };
                         let tx = mana_sync::store::postgres::begin_for(&pool, &user).await.unwrap();

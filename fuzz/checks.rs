@@ -361,7 +361,11 @@ pub fn history(bytes: &[u8]) -> (u8, Vec<Logged>) {
         }
         changes.push(Logged {
             key,
-            entry: LogEntry { seq, writes },
+            entry: LogEntry {
+                seq,
+                writes,
+                provenance: Default::default(),
+            },
         });
     }
     (seed, changes)
@@ -429,6 +433,7 @@ pub fn fold_history(bytes: &[u8]) -> usize {
                 entry: LogEntry {
                     seq: c.entry.seq,
                     writes: change_log::writes(data, &stamps, untimed),
+                    provenance: Default::default(),
                 },
             }
         })
@@ -457,7 +462,7 @@ pub fn fold_history(bytes: &[u8]) -> usize {
 
     for (key, state) in &folded {
         let id = format!("r{}", key.1);
-        match state.clone().delta_since(&id, Cursor::START) {
+        match state.clone().delta_since(&id, Cursor::START, None).map(|d| d.change) {
             Some(RecordDelta::Delete { deleted_at }) => {
                 assert!(state.is_deleted());
                 assert_eq!(deleted_at, state.fields[DELETED_AT].value);
@@ -469,7 +474,7 @@ pub fn fold_history(bytes: &[u8]) -> usize {
             other => panic!("from the start a record is an insert or a delete, not {other:?}"),
         }
         for since in (0..=changes.len() as i64).map(|i| Cursor(10 * i)) {
-            let delta = state.clone().delta_since(&id, since);
+            let delta = state.clone().delta_since(&id, since, None).map(|d| d.change);
             if state.touched <= since.0 {
                 assert_eq!(delta, None, "nothing after {since:?}");
             }
@@ -523,6 +528,7 @@ fn model(changes: &[Logged]) -> Projection {
                 fields,
                 created,
                 touched,
+                writers: Default::default(),
             },
         );
     }

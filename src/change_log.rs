@@ -7,6 +7,7 @@ use serde_json::{Map, Value};
 use crate::cursor::Cursor;
 use crate::fold::FieldWrite;
 use crate::protocol::Op;
+use crate::provenance::Provenance;
 use crate::timestamp::Timestamp;
 
 /// A validated push: ready to append.
@@ -24,13 +25,15 @@ impl Batch {
     }
 }
 
-/// One validated change: the fields it writes at their effective times.
+/// One validated change: the fields it writes at their effective times,
+/// and what it says of itself.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change {
     pub table: String,
     pub id: String,
     pub op: Op,
     pub writes: Vec<FieldWrite>,
+    pub provenance: Provenance,
 }
 
 /// A change's writes as the log stores them: `{field: value}` and

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Value;
 
 use crate::cursor::Cursor;
+use crate::provenance::Provenance;
 use crate::timestamp::Timestamp;
 
 /// The field a delete writes; a record whose folded `deletedAt` is set is deleted.
@@ -60,11 +61,13 @@ impl FieldWrite {
     }
 }
 
-/// One log entry as the fold sees it: its position and the fields it writes.
+/// One log entry as the fold sees it: its position, the fields it writes
+/// and what it says of itself.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LogEntry {
     pub seq: i64,
     pub writes: Vec<FieldWrite>,
+    pub provenance: Provenance,
 }
 
 /// The folded state of one field. Stored as `{"v": value, "t": at, "s":
@@ -148,6 +151,10 @@ pub struct RecordState {
     pub created: i64,
     /// Log position of the record's last entry.
     pub touched: i64,
+    /// The provenance of each entry that holds a winning field, by its
+    /// position; entries with none are left out. A function of the fields'
+    /// winners, so as order-independent as they are.
+    pub writers: BTreeMap<i64, Provenance>,
 }
 
 impl Default for RecordState {
@@ -156,8 +163,24 @@ impl Default for RecordState {
             fields: BTreeMap::new(),
             created: i64::MAX,
             touched: i64::MIN,
+            writers: BTreeMap::new(),
         }
     }
+}
+
+/// The log entry a server change names: the one that wrote the record's
+/// latest winning field (of those sent), with its provenance.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    pub seq: i64,
+    pub provenance: Provenance,
+}
+
+/// A record's delta, and the entry it names.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Delta {
+    pub change: RecordDelta,
+    pub event: Event,
 }
 
 /// A record as a client stores it: `{field: value}`, `id` included.
@@ -185,6 +208,7 @@ impl RecordState {
     pub fn apply(&mut self, entry: &LogEntry) {
         self.created = self.created.min(entry.seq);
         self.touched = self.touched.max(entry.seq);
+        let mut won = false;
         for write in &entry.writes {
             let candidate = FieldState {
                 value: write.value.clone(),
@@ -196,15 +220,24 @@ impl RecordState {
             match self.fields.get_mut(&write.name) {
                 None => {
                     self.fields.insert(write.name.clone(), candidate);
+                    won = true;
                 }
                 Some(current) => {
                     let written = current.written.max(entry.seq);
                     if candidate.rank() > current.rank() {
                         *current = candidate;
+                        won = true;
                     }
                     current.written = written;
                 }
             }
+        }
+        if won && !entry.provenance.is_empty() {
+            self.writers.insert(entry.seq, entry.provenance.clone());
+        }
+        if won && !self.writers.is_empty() {
+            let winners: std::collections::BTreeSet<i64> = self.fields.values().map(|f| f.seq).collect();
+            self.writers.retain(|seq, _| winners.contains(seq));
         }
     }
 
@@ -251,34 +284,59 @@ impl RecordState {
         data
     }
 
-    /// The delta since `since`, or `None` when nothing was written after
-    /// it. Takes the state, whose values move into the delta.
-    pub fn delta_since(mut self, id: &str, since: Cursor) -> Option<RecordDelta> {
+    /// The delta since `since` as `asking` (the device that asks, if it
+    /// said) is to get it, or `None` when nothing was written after it
+    /// that the device lacks. Takes the state, whose values move into the
+    /// delta.
+    ///
+    /// A device of the later generation is not sent what it wrote itself
+    /// (see [`Provenance::client`]): a record it deleted, a record whose
+    /// every field it wrote, or, in an update, a field it wrote.
+    pub fn delta_since(mut self, id: &str, since: Cursor, asking: Option<&str>) -> Option<Delta> {
         if self.touched <= since.0 {
             return None;
         }
+        let own = |seq: i64| asking.is_some_and(|device| self.writers.get(&seq).is_some_and(|p| p.pushed_by(device)));
         if self.is_deleted() {
-            let deleted_at = self.fields.remove(DELETED_AT)?.value;
-            return Some(RecordDelta::Delete { deleted_at });
+            let deleted = self.fields.remove(DELETED_AT)?;
+            if own(deleted.seq) {
+                return None;
+            }
+            let event = self.event(deleted.seq);
+            let deleted_at = deleted.value;
+            return Some(Delta {
+                change: RecordDelta::Delete { deleted_at },
+                event,
+            });
         }
         // A record created after the cursor is sent whole; so is one whose
         // `deletedAt` was written since and is now live: a device may hold
         // it deleted, without the edits that came with or after the delete.
         let undeleted = self.fields.get(DELETED_AT).is_some_and(|f| f.written > since.0);
         if self.created > since.0 || undeleted {
-            return Some(RecordDelta::Insert {
-                data: self.into_data(id),
+            if !self.fields.is_empty() && self.fields.values().all(|f| own(f.seq)) {
+                return None;
+            }
+            // A record whose changes wrote no field names its last entry.
+            let event = self.event(self.fields.values().map(|f| f.seq).max().unwrap_or(self.touched));
+            return Some(Delta {
+                change: RecordDelta::Insert {
+                    data: self.into_data(id),
+                },
+                event,
             });
         }
-        let mut fields: BTreeMap<String, (Value, Timestamp)> = self
-            .fields
-            .iter()
-            .filter(|(_, f)| f.written > since.0)
-            .map(|(name, f)| (name.clone(), (f.value.clone(), Timestamp(f.at))))
-            .collect();
-        if fields.is_empty() {
-            return None; // changes that wrote no field (`data: {}`) change nothing
+        let mut fields: BTreeMap<String, (Value, Timestamp)> = BTreeMap::new();
+        let mut latest_sent = None;
+        for (name, f) in &self.fields {
+            if f.written > since.0 && !own(f.seq) {
+                fields.insert(name.clone(), (f.value.clone(), Timestamp(f.at)));
+                latest_sent = latest_sent.max(Some(f.seq));
+            }
         }
+        // Changes that wrote no field (`data: {}`) change nothing, and a
+        // device is not sent back what it wrote itself.
+        let event = self.event(latest_sent?);
         let latest = self.latest();
         let data = self.into_data(id);
         // The original client sets `updatedAt` to the latest time among the
@@ -291,7 +349,18 @@ impl RecordState {
                 fields.insert(UPDATED_AT.to_owned(), (updated_at.clone(), latest));
             }
         }
-        Some(RecordDelta::Update { data, fields })
+        Some(Delta {
+            change: RecordDelta::Update { data, fields },
+            event,
+        })
+    }
+
+    /// The entry at `seq`, with its provenance (the default when it kept none).
+    fn event(&self, seq: i64) -> Event {
+        Event {
+            seq,
+            provenance: self.writers.get(&seq).cloned().unwrap_or_default(),
+        }
     }
 }
 

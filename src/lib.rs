@@ -8,7 +8,7 @@
 //! The modules, from the ground up (each imports only from those before it):
 //! - leaves: `config`, `metrics`, `telemetry`, `lifecycle` (the stages of
 //!   a shutdown, and the signals that start one);
-//! - the pure core: `timestamp`, `clock` (the time replicas share), `cursor`, `fold`, `protocol` (limits,
+//! - the pure core: `timestamp`, `clock` (the time replicas share), `cursor`, `provenance` (what a change says of itself), `fold`, `protocol` (limits,
 //!   wire types and `ErrorCode`, every error code; these derive
 //!   poem-openapi's schema traits, so their docs are the OpenAPI schema),
 //!   `error` (the domain error), `change_log`, `projection`, `validate`,
@@ -37,6 +37,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod projection;
 pub mod protocol;
+pub mod provenance;
 pub mod quota;
 pub mod startup;
 pub mod state;

@@ -84,6 +84,12 @@ mod tests {
             data: data.map(|d| serde_json::from_value(d).unwrap()),
             fields,
             deleted_at,
+            event_id: "1764669600000000001".into(),
+            schema_version: 1,
+            // Present for inserts only: absent members of both kinds.
+            actor: (op == Op::Insert).then(|| BTreeMap::from([("kind".to_owned(), json!("ai"))])),
+            origin: (op == Op::Insert).then(|| "agent".to_owned()),
+            space_id: (op == Op::Insert).then(|| "s1".to_owned()),
         };
         let response = SyncResponse {
             server_changes: vec![

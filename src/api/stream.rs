@@ -142,6 +142,8 @@ async fn read_due(st: &mut State) -> crate::error::Result<()> {
         &st.app_id,
         &due,
         DEFAULT_PULL_LIMIT,
+        // A stream names no device: it is sent every device's writes.
+        None,
     )
     .await?;
     let read = pages.len();

@@ -197,7 +197,10 @@ impl SyncApi {
     ///
     /// The folded delta of one collection since `since`: each record changed
     /// after the cursor once, oldest change first. When `hasMore` is true,
-    /// call again with the returned `syncedUntil`.
+    /// call again with the returned `syncedUntil`. A device that has pushed
+    /// in the later form (`schemaVersion`, or a field's `at`) and names
+    /// itself in `X-Client-Id` is not sent the fields it wrote itself that
+    /// still win; every other device is.
     #[oai(path = "/sync/:appId/pull", method = "get", operation_id = "pull")]
     async fn pull(
         &self,
@@ -213,9 +216,18 @@ impl SyncApi {
         /// Most records to return: 1 to 5000, default 1000.
         #[oai(validator(minimum(value = "1"), maximum(value = "5000")))]
         limit: Query<Option<u32>>,
+        /// The device's id, as it sends it with its pushes.
+        #[oai(name = "X-Client-Id")]
+        client_id: Header<Option<HeaderId>>,
+        request: &Request,
     ) -> Result<Serialized<SyncResponse>, PullError> {
         let user = auth.0;
         state.throttle.check(Action::Pull, &user.id)?;
+        readable_header(request, "X-Client-Id", ErrorCode::InvalidName)?;
+        let asking = client_id.0.as_deref().filter(|c| !c.is_empty());
+        if let Some(asking) = asking {
+            validate::id("X-Client-Id", asking)?;
+        }
         let app_id = String::from(app_id.0);
         validate::name("appId", &app_id)?;
         tracing::Span::current().record("app_id", app_id.as_str());
@@ -230,6 +242,7 @@ impl SyncApi {
             &collection,
             since,
             limit,
+            asking,
         )
         .await?;
         Ok(Serialized(response))

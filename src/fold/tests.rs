@@ -12,6 +12,7 @@ fn entry(seq: i64, writes: &[(&str, Value, i64)]) -> LogEntry {
             .iter()
             .map(|(name, value, at)| FieldWrite::timed(*name, value.clone(), Timestamp(*at)))
             .collect(),
+        provenance: Provenance::default(),
     }
 }
 
@@ -129,7 +130,8 @@ fn an_update_lists_updated_at_when_its_fields_would_not_tell_the_latest_time() {
     );
     let late_clock = entry(20, &[("rank", json!(1), 3_000_000)]);
     let state = RecordState::fold([&created, &late_clock]);
-    let Some(RecordDelta::Update { fields, data }) = state.clone().delta_since("r", Cursor(10)) else {
+    let Some(RecordDelta::Update { fields, data }) = state.clone().delta_since("r", Cursor(10), None).map(|d| d.change)
+    else {
         panic!("expected an update");
     };
     assert_eq!(fields["rank"], (json!(1), Timestamp(3_000_000)));
@@ -142,7 +144,8 @@ fn an_update_lists_updated_at_when_its_fields_would_not_tell_the_latest_time() {
     // When a listed field holds the latest time, nothing is added.
     let newer = entry(30, &[("done", json!(false), 9_000_000)]);
     let state = RecordState::fold([&created, &late_clock, &newer]);
-    let Some(RecordDelta::Update { fields, .. }) = state.clone().delta_since("r", Cursor(20)) else {
+    let Some(RecordDelta::Update { fields, .. }) = state.clone().delta_since("r", Cursor(20), None).map(|d| d.change)
+    else {
         panic!("expected an update");
     };
     assert_eq!(fields.keys().collect::<Vec<_>>(), vec!["done"]);
@@ -157,10 +160,16 @@ fn a_record_live_again_is_sent_whole() {
     let state = RecordState::fold([&created, &deleted, &edited, &restored]);
     // A device that saw the delete at 20 missed the edit at 30.
     assert!(matches!(
-        state.clone().delta_since("r", Cursor(20)),
+        state.clone().delta_since("r", Cursor(20), None).map(|d| d.change),
         Some(RecordDelta::Insert { .. })
     ));
-    assert!(state.clone().delta_since("r", Cursor(40)).is_none());
+    assert!(
+        state
+            .clone()
+            .delta_since("r", Cursor(40), None)
+            .map(|d| d.change)
+            .is_none()
+    );
 }
 
 #[test]
@@ -168,15 +177,28 @@ fn delta_distinguishes_insert_update_and_delete() {
     let created = entry(10, &[("title", json!("a"), 100), ("done", json!(false), 100)]);
     let edited = entry(20, &[("done", json!(true), 200)]);
     let state = RecordState::fold([&created, &edited]);
-    assert_eq!(state.clone().delta_since("r1", Cursor(20)), None);
-    match state.clone().delta_since("r1", Cursor(5)).unwrap() {
+    assert_eq!(
+        state.clone().delta_since("r1", Cursor(20), None).map(|d| d.change),
+        None
+    );
+    match state
+        .clone()
+        .delta_since("r1", Cursor(5), None)
+        .map(|d| d.change)
+        .unwrap()
+    {
         RecordDelta::Insert { data } => assert_eq!(
             data,
             object(json!({"id": "r1", "title": "a", "done": true, "updatedAt": "1970-01-01T00:00:00.000000200Z"}))
         ),
         other => panic!("expected insert, got {other:?}"),
     }
-    match state.clone().delta_since("r1", Cursor(10)).unwrap() {
+    match state
+        .clone()
+        .delta_since("r1", Cursor(10), None)
+        .map(|d| d.change)
+        .unwrap()
+    {
         RecordDelta::Update { data, fields } => {
             assert_eq!(fields.keys().collect::<Vec<_>>(), vec!["done"]);
             assert_eq!(data["title"], json!("a"));
@@ -188,11 +210,96 @@ fn delta_distinguishes_insert_update_and_delete() {
     let state = RecordState::fold([&created, &edited, &deleted]);
     assert!(state.is_deleted());
     assert_eq!(
-        state.clone().delta_since("r1", Cursor(25)),
+        state.clone().delta_since("r1", Cursor(25), None).map(|d| d.change),
         Some(RecordDelta::Delete {
             deleted_at: json!("2024-01-01T00:00:00.000Z")
         })
     );
+}
+
+/// An entry pushed by `device` in the later form, naming `actor`.
+fn by(device: &str, actor: &str, mut entry: LogEntry) -> LogEntry {
+    entry.provenance = Provenance {
+        client: Some(device.to_owned()),
+        actor: Some(BTreeMap::from([("principalId".to_owned(), json!(actor))])),
+        ..Provenance::default()
+    };
+    entry
+}
+
+#[test]
+fn a_record_keeps_the_provenance_of_its_winning_entries_only() {
+    let first = by(
+        "a",
+        "ann",
+        entry(10, &[("title", json!("x"), 100), ("done", json!(false), 100)]),
+    );
+    let second = by("b", "bob", entry(20, &[("title", json!("y"), 200)]));
+    let late_loser = by("c", "cid", entry(30, &[("title", json!("z"), 50)]));
+    let state = RecordState::fold([&first, &second, &late_loser]);
+    assert_eq!(state.writers.keys().collect::<Vec<_>>(), vec![&10, &20]);
+    let state = RecordState::fold([
+        &first,
+        &second,
+        &by("b", "bob", entry(40, &[("done", json!(true), 400)])),
+    ]);
+    assert_eq!(
+        state.writers.keys().collect::<Vec<_>>(),
+        vec![&20, &40],
+        "entry 10 holds no field any more"
+    );
+    // Seed-form entries keep nothing.
+    assert!(
+        RecordState::fold([&entry(10, &[("title", json!("x"), 100)])])
+            .writers
+            .is_empty()
+    );
+}
+
+#[test]
+fn a_later_generation_device_is_not_sent_its_own_winning_writes() {
+    let created = entry(10, &[("title", json!("x"), 100), ("done", json!(false), 100)]);
+    let mine = by("a", "ann", entry(20, &[("title", json!("mine"), 200)]));
+    let theirs = by("b", "bob", entry(30, &[("done", json!(true), 300)]));
+    let state = RecordState::fold([&created, &mine, &theirs]);
+    let listed = |asking| match state.clone().delta_since("r", Cursor(10), asking) {
+        Some(Delta {
+            change: RecordDelta::Update { fields, .. },
+            event,
+        }) => (fields.into_keys().collect::<Vec<_>>(), event),
+        other => panic!("expected an update, got {other:?}"),
+    };
+    let (fields, event) = listed(None);
+    assert_eq!(fields, vec!["done", "title"], "the seed's engine gets its echo");
+    assert_eq!(event.seq, 30);
+    let (fields, event) = listed(Some("a"));
+    assert_eq!(fields, vec!["done"]);
+    assert_eq!(
+        (event.seq, event.provenance.actor.unwrap()["principalId"].clone()),
+        (30, json!("bob"))
+    );
+    let (fields, event) = listed(Some("b"));
+    assert_eq!(
+        fields,
+        vec!["title", UPDATED_AT],
+        "the record's latest time is bob's done"
+    );
+    assert_eq!(event.seq, 20, "the entry of the latest field sent");
+    // Nothing of its own comes back to a device: its own record, its own delete.
+    let own = RecordState::fold([&by("a", "ann", entry(40, &[("title", json!("n"), 400)]))]);
+    assert_eq!(own.clone().delta_since("r", Cursor::START, Some("a")), None);
+    assert!(own.delta_since("r", Cursor::START, Some("b")).is_some());
+    let deleted = by(
+        "a",
+        "ann",
+        entry(40, &[(DELETED_AT, json!("2024-01-01T00:00:00.000Z"), 400)]),
+    );
+    let state = RecordState::fold([&created, &theirs, &deleted]);
+    assert_eq!(state.clone().delta_since("r", Cursor(10), Some("a")), None);
+    assert!(matches!(
+        state.delta_since("r", Cursor(10), Some("b")).map(|d| d.change),
+        Some(RecordDelta::Delete { .. })
+    ));
 }
 
 /// Histories of up to 12 entries at positions 10, 20, ...: each writes
@@ -201,12 +308,13 @@ fn delta_distinguishes_insert_update_and_delete() {
 fn arb_history() -> impl Strategy<Value = Vec<LogEntry>> {
     let field = prop::sample::select(vec!["title", "done", "rank", UPDATED_AT, DELETED_AT]);
     let write = (field, prop::option::of(0i64..5), 0i64..6);
-    let entry = (prop::collection::vec(write, 0..4), prop::bool::weighted(0.2));
+    let device = prop::option::of(prop::sample::select(vec!["a", "b"]));
+    let entry = (prop::collection::vec(write, 0..4), prop::bool::weighted(0.2), device);
     prop::collection::vec(entry, 1..12).prop_map(|entries| {
         entries
             .into_iter()
             .enumerate()
-            .map(|(i, (writes, untimed))| LogEntry {
+            .map(|(i, (writes, untimed, device))| LogEntry {
                 seq: (i as i64 + 1) * 10,
                 writes: writes
                     .into_iter()
@@ -221,6 +329,12 @@ fn arb_history() -> impl Strategy<Value = Vec<LogEntry>> {
                         untimed,
                     })
                     .collect(),
+                // A device of the later generation, named; or one of the seed's.
+                provenance: Provenance {
+                    client: device.map(str::to_owned),
+                    origin: device.map(|_| "user".to_owned()),
+                    ..Provenance::default()
+                },
             })
             .collect()
     })
@@ -277,7 +391,7 @@ proptest! {
         let since = Cursor(cut as i64 * 10);
         let now = RecordState::fold(&history);
         let mut copy = (cut > 0).then(|| RecordState::fold(&history[..cut]).data("r"));
-        let delta = now.clone().delta_since("r", since);
+        let delta = now.clone().delta_since("r", since, None).map(|d| d.change);
         let deleted = matches!(delta, Some(RecordDelta::Delete { .. }));
         if let Some(RecordDelta::Update { data, .. }) = &delta {
             prop_assert_eq!(data, &now.data("r"));
@@ -302,14 +416,14 @@ proptest! {
         let mut follower = None;
         let mut cursor = Cursor::START;
         for cut in steps.into_iter().filter(|&c| c < history.len()).chain([history.len()]) {
-            if let Some(delta) = RecordState::fold(&history[..cut]).delta_since("r", cursor) {
+            if let Some(delta) = RecordState::fold(&history[..cut]).delta_since("r", cursor, None).map(|d| d.change) {
                 apply(&mut follower, delta);
             }
             cursor = Cursor(cut as i64 * 10);
         }
         let now = RecordState::fold(&history);
         let mut fresh = None;
-        apply(&mut fresh, now.clone().delta_since("r", Cursor::START).expect("the record exists"));
+        apply(&mut fresh, now.clone().delta_since("r", Cursor::START, None).map(|d| d.change).expect("the record exists"));
         if now.is_deleted() {
             prop_assert!(fresh.is_none(), "a new device never holds a deleted record");
         } else {

@@ -37,6 +37,10 @@ pub enum ErrorCode {
     NulCharacter,
     /// 400: a number with more than 1,000 digits written out, either side of the point.
     NumberOutOfRange,
+    /// 400: a `schemaVersion` below 1 or above the highest this server knows.
+    UnsupportedSchemaVersion,
+    /// 400: an `actor` that takes more than 4 KiB as JSON.
+    InvalidActor,
     /// 400: a change stream naming more than 100 collections, or an empty one.
     TooManyCollections,
     // 401 and 403.

@@ -78,6 +78,22 @@ pub struct PushRequest {
     pub since: Option<Since>,
     /// The changes, applied all or nothing, in order.
     pub changes: Vec<ChangeInput>,
+    /// The schema version of every change that names none (missing: 1).
+    /// Above the highest this server knows (1): a 400
+    /// `unsupported_schema_version`. Sending it (or any field's `at`)
+    /// marks the device as one of the later client generation: it is not
+    /// sent its own winning writes back.
+    #[oai(nullable)]
+    pub schema_version: Option<i64>,
+    /// Who made every change that names no `actor` of its own.
+    #[oai(nullable)]
+    pub actor: Option<BTreeMap<String, Value>>,
+    /// How every change that names no `origin` of its own came about.
+    #[oai(nullable)]
+    pub origin: Option<Name>,
+    /// The space of every change that names no `spaceId` of its own.
+    #[oai(nullable)]
+    pub space_id: Option<Id>,
 }
 
 /// One change to one record.
@@ -99,9 +115,26 @@ pub struct ChangeInput {
     /// the server has never seen creates it.
     #[oai(nullable)]
     pub fields: Option<BTreeMap<String, FieldChange>>,
-    /// `delete`: when the record was deleted; defaults to the server's receive time.
+    /// `delete`: when the record was deleted; defaults to
+    /// `fields.deletedAt.value`, else to the server's receive time.
     #[oai(nullable)]
     pub deleted_at: Option<Time>,
+    /// The schema version the change was written in (missing: the
+    /// changeset's, else 1); above the highest this server knows (1): a
+    /// 400 `unsupported_schema_version`.
+    #[oai(nullable)]
+    pub schema_version: Option<i64>,
+    /// Who made the change: any JSON object (at most 4 KiB), e.g.
+    /// `{"kind": "user", "principalId": "..."}`. Kept in the log, and sent
+    /// back with the record while this change holds its latest winning field.
+    #[oai(nullable)]
+    pub actor: Option<BTreeMap<String, Value>>,
+    /// How the change came about: `user`, `agent`, `system`, `migration`.
+    #[oai(nullable)]
+    pub origin: Option<Name>,
+    /// The space the record belongs to; kept and sent back.
+    #[oai(nullable)]
+    pub space_id: Option<Id>,
 }
 
 /// A new value for one field.
@@ -170,6 +203,24 @@ pub struct ServerChange {
     #[oai(skip_serializing_if_is_none)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deleted_at: Option<Value>,
+    /// The log entry that wrote the record's latest winning field (of
+    /// those sent in `fields`, for an update): its position in the user's
+    /// log, a decimal string.
+    pub event_id: String,
+    /// That entry's schema version (1 when it named none).
+    pub schema_version: i64,
+    /// That entry's `actor`, when it gave one.
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actor: Option<BTreeMap<String, Value>>,
+    /// That entry's `origin`, when it gave one.
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    /// That entry's `spaceId`, when it gave one.
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub space_id: Option<String>,
 }
 
 /// The winning value of a field.

@@ -11,6 +11,7 @@ use crate::change_log::{self, Change, RecordKey};
 use crate::fold::{FieldState, LogEntry, RecordState};
 use crate::idempotency::Outcome;
 use crate::projection::Record;
+use crate::provenance::Provenance;
 use crate::quota::Usage;
 
 /// One log row about to be appended. The rows of a batch take consecutive
@@ -28,6 +29,8 @@ pub struct NewRow<'a> {
     /// Validation makes a change's writes all timed or all untimed (an
     /// insert's `data` has one time), so the log keeps one flag per row.
     pub untimed: bool,
+    /// The change's provenance (`None`: it has none to keep).
+    pub meta: Option<Value>,
 }
 
 impl NewRow<'_> {
@@ -45,6 +48,7 @@ impl NewRow<'_> {
                     data,
                     stamps,
                     untimed: change.writes.iter().any(|w| w.untimed),
+                    meta: change.provenance.stored(),
                 }
             })
             .collect()
@@ -57,8 +61,17 @@ pub struct SavedRow<'a> {
     pub table: &'a str,
     pub record_id: &'a str,
     pub fields: String,
+    /// The provenance of the entries whose writes win (`None`: none kept).
+    pub writers: Option<String>,
     pub created_seq: i64,
     pub touched_seq: i64,
+}
+
+impl SavedRow<'_> {
+    /// What the row takes, as the quota and a page count it.
+    pub fn size(&self) -> usize {
+        self.fields.len() + self.writers.as_ref().map_or(0, String::len)
+    }
 }
 
 impl SavedRow<'_> {
@@ -70,6 +83,9 @@ impl SavedRow<'_> {
                     table: &r.table,
                     record_id: &r.id,
                     fields: serde_json::to_string(&r.state.fields)?,
+                    writers: (!r.state.writers.is_empty())
+                        .then(|| serde_json::to_string(&r.state.writers))
+                        .transpose()?,
                     created_seq: r.state.created,
                     touched_seq: r.state.touched,
                 })
@@ -105,6 +121,7 @@ pub struct LogRow {
     pub data: Json<Value>,
     pub field_timestamps: Json<Value>,
     pub untimed: bool,
+    pub meta: Option<Json<Provenance>>,
 }
 
 impl LogRow {
@@ -116,7 +133,15 @@ impl LogRow {
             id: self.record_id,
         };
         let writes = change_log::writes(self.data.0, &self.field_timestamps.0, self.untimed);
-        (key, LogEntry { seq: self.seq, writes })
+        let provenance = self.meta.map(|m| m.0).unwrap_or_default();
+        (
+            key,
+            LogEntry {
+                seq: self.seq,
+                writes,
+                provenance,
+            },
+        )
     }
 }
 
@@ -130,6 +155,7 @@ pub struct RecordRow {
     pub table_name: String,
     pub record_id: String,
     pub fields: String,
+    pub writers: Option<String>,
     pub created_seq: i64,
     pub touched_seq: i64,
 }
@@ -137,8 +163,12 @@ pub struct RecordRow {
 impl RecordRow {
     /// The record, and the length of its state as stored.
     pub fn into_sized(self) -> Result<(Record, i64), serde_json::Error> {
-        let size = self.fields.len() as i64;
+        let size = (self.fields.len() + self.writers.as_ref().map_or(0, String::len)) as i64;
         let fields: BTreeMap<String, FieldState> = serde_json::from_str(&self.fields)?;
+        let writers = match &self.writers {
+            Some(writers) => serde_json::from_str(writers)?,
+            None => BTreeMap::new(),
+        };
         let record = Record {
             table: self.table_name,
             id: self.record_id,
@@ -146,6 +176,7 @@ impl RecordRow {
                 fields,
                 created: self.created_seq,
                 touched: self.touched_seq,
+                writers,
             },
         };
         Ok((record, size))
@@ -160,6 +191,7 @@ pub struct PageRow {
     pub table_name: Option<String>,
     pub record_id: Option<String>,
     pub fields: Option<String>,
+    pub writers: Option<String>,
     pub created_seq: Option<i64>,
     pub touched_seq: Option<i64>,
 }
@@ -179,6 +211,7 @@ impl PageRow {
                     table_name,
                     record_id,
                     fields,
+                    writers: self.writers,
                     created_seq,
                     touched_seq,
                 }

@@ -223,7 +223,7 @@ impl Tx {
     ) -> Result<Vec<i64>> {
         let rows =
             SavedRow::of(records).map_err(|e| Error::Internal(anyhow::Error::new(e).context("a record state")))?;
-        let sizes: Vec<i64> = rows.iter().map(|r| r.fields.len() as i64).collect();
+        let sizes: Vec<i64> = rows.iter().map(|r| r.size() as i64).collect();
         let usage = admit(&sizes)?;
         dialect!(self, |conn| conn.save(user_id, app_id, &rows, usage).await)?;
         Ok(sizes)

@@ -13,7 +13,7 @@ use crate::change_log::Batch;
 use crate::cursor::Cursor;
 use crate::error::{Error, Result};
 use crate::fanout::Notifier;
-use crate::fold::{LogEntry, RecordDelta, RecordState};
+use crate::fold::{Delta, LogEntry, RecordDelta, RecordState};
 use crate::hub::Notice;
 use crate::idempotency::{self, Outcome};
 use crate::metrics::Metrics;
@@ -79,14 +79,14 @@ pub async fn push(
         && let Some(outcome) = tx.find_outcome(user_id, &idem.key, idem.ttl).await?
     {
         tx.rollback().await?;
-        return replay(store, metrics, user_id, app_id, idem, &outcome, batch.since, limit).await;
+        return replay(store, metrics, user_id, app_id, idem, &outcome, batch, limit).await;
     }
     let recorded = recorded.inspect_err(|e| {
         if let Error::OverQuota { limit, .. } = e {
             metrics.quota_refused(limit);
         }
     })?;
-    let response = respond(recorded.page, batch.since);
+    let response = respond(recorded.page, batch.since, Some(&batch.client_id));
     if let Some(idem) = idempotency {
         tx.save_outcome(
             user_id,
@@ -134,13 +134,13 @@ async fn answer_empty(
         && let Some(outcome) = tx.find_outcome(user_id, &idem.key, idem.ttl).await?
     {
         tx.rollback().await?;
-        return replay(store, metrics, user_id, app_id, idem, &outcome, batch.since, limit).await;
+        return replay(store, metrics, user_id, app_id, idem, &outcome, batch, limit).await;
     }
     let page = tx
         .changed_since(user_id, app_id, None, batch.since, limit as usize, MAX_PAGE_BYTES)
         .await?;
     tx.commit().await?;
-    let response = respond(page, batch.since);
+    let response = respond(page, batch.since, Some(&batch.client_id));
     counted(metrics, &response);
     Ok(response)
 }
@@ -155,7 +155,7 @@ async fn replay(
     app_id: &str,
     idem: &Idempotency,
     outcome: &Outcome,
-    since: Cursor,
+    batch: &Batch,
     limit: u32,
 ) -> Result<SyncResponse> {
     if outcome.fingerprint != idem.fingerprint {
@@ -163,13 +163,13 @@ async fn replay(
     }
     metrics.idempotent_replay();
     tracing::Span::current().record("replayed", true);
-    let since = idempotency::replay_since(outcome, since);
+    let since = idempotency::replay_since(outcome, batch.since);
     let mut tx = store.begin_read(user_id).await?;
     let page = tx
         .changed_since(user_id, app_id, None, since, limit as usize, MAX_PAGE_BYTES)
         .await?;
     tx.commit().await?;
-    let response = respond(page, since);
+    let response = respond(page, since, Some(&batch.client_id));
     counted(metrics, &response);
     Ok(response)
 }
@@ -255,6 +255,7 @@ pub async fn record(
         let entry = LogEntry {
             seq,
             writes: change.writes.clone(),
+            provenance: change.provenance.clone(),
         };
         let (state, _) = states
             .entry((change.table.clone(), change.id.clone()))
@@ -300,8 +301,11 @@ pub async fn record(
     })
 }
 
-/// The folded delta of one collection since a cursor.
+/// The folded delta of one collection since a cursor, as the device
+/// `asking` (when it says which it is) is to get it: see
+/// [`RecordState::delta_since`].
 #[tracing::instrument(name = "sync.pull", skip_all, fields(app_id = %app_id, table = %table, records = tracing::field::Empty))]
+#[allow(clippy::too_many_arguments)]
 pub async fn pull(
     store: &Store,
     metrics: &Metrics,
@@ -310,12 +314,13 @@ pub async fn pull(
     table: &str,
     since: Cursor,
     limit: u32,
+    asking: Option<&str>,
 ) -> Result<SyncResponse> {
     let mut tx = store.begin_read(user_id).await?;
     let page = tx
         .changed_since(user_id, app_id, Some(table), since, limit as usize, MAX_PAGE_BYTES)
         .await?;
-    let response = respond(page, since);
+    let response = respond(page, since, asking);
     tx.commit().await?;
     counted(metrics, &response);
     Ok(response)
@@ -334,6 +339,7 @@ pub async fn pull_each(
     app_id: &str,
     tables: &[(String, Cursor)],
     limit: u32,
+    asking: Option<&str>,
 ) -> Result<Vec<(String, SyncResponse)>> {
     let mut tx = store.begin_read(user_id).await?;
     let pages = tx
@@ -343,7 +349,7 @@ pub async fn pull_each(
     let responses: Vec<(String, SyncResponse)> = pages
         .into_iter()
         .zip(tables)
-        .map(|((table, page), (_, since))| (table, respond(page, *since)))
+        .map(|((table, page), (_, since))| (table, respond(page, *since, asking)))
         .collect();
     let records: usize = responses.iter().map(|(_, r)| r.server_changes.len()).sum();
     metrics.records_pulled(records);
@@ -353,8 +359,9 @@ pub async fn pull_each(
 
 /// Shapes a page into the wire response. A page cut short stops its cursor
 /// at the last record sent; a complete one takes the clock it was read at
-/// (or the start, when the user has written nothing).
-fn respond(page: Page, since: Cursor) -> SyncResponse {
+/// (or the start, when the user has written nothing). `asking` is the
+/// device the answer goes to, when known.
+fn respond(page: Page, since: Cursor, asking: Option<&str>) -> SyncResponse {
     let synced_until = match page.records.last() {
         Some(last) if page.has_more => Cursor(last.state.touched),
         _ => page.clock.map_or(Cursor::START, Cursor),
@@ -363,7 +370,7 @@ fn respond(page: Page, since: Cursor) -> SyncResponse {
         .records
         .into_iter()
         .filter_map(|r| {
-            let delta = r.state.delta_since(&r.id, since)?;
+            let delta = r.state.delta_since(&r.id, since, asking)?;
             Some(server_change(r.table, r.id, delta))
         })
         .collect();
@@ -375,8 +382,9 @@ fn respond(page: Page, since: Cursor) -> SyncResponse {
     }
 }
 
-fn server_change(table: String, id: String, delta: RecordDelta) -> ServerChange {
-    let (op, data, fields, deleted_at) = match delta {
+fn server_change(table: String, id: String, delta: Delta) -> ServerChange {
+    let Delta { change, event } = delta;
+    let (op, data, fields, deleted_at) = match change {
         RecordDelta::Insert { data } => (Op::Insert, Some(data), None, None),
         RecordDelta::Update { data, fields } => (
             Op::Update,
@@ -391,6 +399,7 @@ fn server_change(table: String, id: String, delta: RecordDelta) -> ServerChange 
         ),
         RecordDelta::Delete { deleted_at } => (Op::Delete, None, None, Some(deleted_at)),
     };
+    let provenance = event.provenance;
     ServerChange {
         table,
         id,
@@ -398,5 +407,10 @@ fn server_change(table: String, id: String, delta: RecordDelta) -> ServerChange 
         data,
         fields,
         deleted_at,
+        event_id: event.seq.to_string(),
+        schema_version: provenance.schema_version,
+        actor: provenance.actor,
+        origin: provenance.origin,
+        space_id: provenance.space_id,
     }
 }

@@ -9,9 +9,10 @@ use crate::change_log::Change;
 use crate::error::{Error, ErrorCode, Result};
 use crate::fold::{DELETED_AT, FieldWrite, UPDATED_AT};
 use crate::protocol::{ChangeInput, Op};
+use crate::provenance::Provenance;
 use crate::timestamp::Timestamp;
 
-pub(super) fn change(input: ChangeInput, clock: Clock) -> Result<Change> {
+pub(super) fn change(input: ChangeInput, clock: Clock, provenance: Provenance) -> Result<Change> {
     name("table", &input.table)?;
     id("id", &input.id)?;
     let writes = match input.op {
@@ -40,7 +41,14 @@ pub(super) fn change(input: ChangeInput, clock: Clock) -> Result<Change> {
             }
         },
         Op::Delete => {
-            let at = clock.resolve("deletedAt", input.deleted_at.as_deref())?;
+            // Today's web client sends the time again as `fields.deletedAt`:
+            // the same, when `deletedAt` is missing.
+            let also = input
+                .fields
+                .as_ref()
+                .and_then(|fields| fields.get(DELETED_AT))
+                .and_then(|f| f.value.as_str().or(f.at.as_deref()).or(f.updated_at.as_deref()));
+            let at = clock.resolve("deletedAt", input.deleted_at.as_deref().or(also))?;
             vec![FieldWrite::timed(DELETED_AT, Value::String(at.to_short_string()), at)]
         }
     };
@@ -49,6 +57,7 @@ pub(super) fn change(input: ChangeInput, clock: Clock) -> Result<Change> {
         id: input.id.0,
         op: input.op,
         writes,
+        provenance,
     })
 }
 

@@ -179,3 +179,92 @@ fn bad_input_is_named() {
     anonymous.client_id = None;
     assert_eq!(code(push(None, anonymous, now(), LIMITS)), ErrorCode::MissingClientId);
 }
+
+fn parsed(body: Value) -> PushRequest {
+    use poem_openapi::types::ParseFromJSON;
+    PushRequest::parse_from_json(Some(body)).unwrap()
+}
+
+#[test]
+fn a_change_keeps_its_provenance_and_inherits_the_changesets() {
+    let batch = push(
+        None,
+        parsed(json!({
+            "clientId": "tab-1", "schemaVersion": 1, "actor": {"kind": "user", "principalId": "u1"}, "origin": "user",
+            "changes": [
+                { "table": "todos", "id": "a", "op": "insert", "data": { "title": "x" } },
+                { "table": "todos", "id": "b", "op": "insert", "data": { "title": "y" },
+                  "actor": {"kind": "ai"}, "origin": "agent", "spaceId": "s1", "unknownKey": 7 }
+            ]
+        })),
+        now(),
+        LIMITS,
+    )
+    .unwrap();
+    let first = &batch.changes[0].provenance;
+    assert_eq!(first.actor.as_ref().unwrap()["principalId"], json!("u1"));
+    assert_eq!(
+        (first.origin.as_deref(), first.space_id.as_deref()),
+        (Some("user"), None)
+    );
+    assert_eq!(
+        first.client.as_deref(),
+        Some("tab-1"),
+        "a schemaVersion marks the later form"
+    );
+    let second = &batch.changes[1].provenance;
+    assert_eq!(second.actor.as_ref().unwrap()["kind"], json!("ai"));
+    assert_eq!(
+        (second.origin.as_deref(), second.space_id.as_deref()),
+        (Some("agent"), Some("s1"))
+    );
+    // The seed's form: no device is kept, so its writes are echoed to it.
+    let seed = push(
+        None,
+        request(json!([{ "table": "todos", "id": "a", "op": "insert", "data": {} }])),
+        now(),
+        LIMITS,
+    );
+    assert!(seed.unwrap().changes[0].provenance.is_empty());
+}
+
+#[test]
+fn a_schema_version_this_server_does_not_know_is_refused() {
+    for version in [0, 2, -1] {
+        for body in [
+            json!({ "clientId": "d", "schemaVersion": version, "changes": [{ "table": "t", "id": "a", "op": "insert", "data": {} }] }),
+            json!({ "clientId": "d", "changes": [{ "table": "t", "id": "a", "op": "insert", "data": {}, "schemaVersion": version }] }),
+        ] {
+            assert_eq!(
+                code(push(None, parsed(body), now(), LIMITS)),
+                ErrorCode::UnsupportedSchemaVersion
+            );
+        }
+    }
+    let big = "x".repeat(MAX_ACTOR_BYTES);
+    let body = json!({ "clientId": "d", "actor": {"name": big}, "changes": [{ "table": "t", "id": "a", "op": "insert", "data": {} }] });
+    assert_eq!(code(push(None, parsed(body), now(), LIMITS)), ErrorCode::InvalidActor);
+    let body =
+        json!({ "clientId": "d", "origin": "", "changes": [{ "table": "t", "id": "a", "op": "insert", "data": {} }] });
+    assert_eq!(code(push(None, parsed(body), now(), LIMITS)), ErrorCode::InvalidName);
+}
+
+#[test]
+fn todays_delete_form_carries_its_time_in_fields_too() {
+    let batch = push(None, request(json!([
+        { "table": "t", "id": "a", "op": "delete", "fields": { "deletedAt": { "value": "2024-01-01T10:00:00.000Z", "at": "2024-01-01T10:00:00.000Z" } } },
+        { "table": "t", "id": "b", "op": "delete", "deletedAt": "2024-01-01T09:00:00.000Z",
+          "fields": { "deletedAt": { "value": "2024-01-01T10:00:00.000Z", "at": "2024-01-01T10:00:00.000Z" } } }
+    ])), now(), LIMITS).unwrap();
+    let deleted = |i: usize| (batch.changes[i].writes[0].name.clone(), batch.changes[i].writes[0].at);
+    assert_eq!(
+        deleted(0),
+        (DELETED_AT.to_owned(), Timestamp::parse("2024-01-01T10:00:00Z").unwrap())
+    );
+    assert_eq!(
+        deleted(1).1,
+        Timestamp::parse("2024-01-01T09:00:00Z").unwrap(),
+        "deletedAt comes first"
+    );
+    assert_eq!(batch.changes[0].writes.len(), 1);
+}

@@ -36,6 +36,7 @@ fn batch(ids: &[String]) -> Batch {
             id: id.clone(),
             op: Op::Insert,
             writes: vec![FieldWrite::timed("title", json!(id), Timestamp::now())],
+            provenance: Default::default(),
         })
         .collect();
     Batch {

@@ -22,6 +22,7 @@ mod http;
 mod isolation;
 mod k8s;
 mod k8s_exposure;
+mod later_clients;
 mod local_mode;
 mod measure_bounds;
 mod metrics;

@@ -10,11 +10,20 @@ use rstest_reuse::apply;
 use serde_json::{Value, json};
 use sqlx::types::Json;
 
-type Row = (String, String, String, String, Json<Value>, i64, i64);
+type Row = (
+    String,
+    String,
+    String,
+    String,
+    Json<Value>,
+    Option<Json<Value>>,
+    i64,
+    i64,
+);
 
 /// Every user's projection.
 async fn snapshot(app: &TestApp) -> Vec<Row> {
-    const SQL: &str = "SELECT user_id, app_id, table_name, record_id, fields, created_seq, touched_seq
+    const SQL: &str = "SELECT user_id, app_id, table_name, record_id, fields, writers, created_seq, touched_seq
                        FROM sync_records ORDER BY user_id, app_id, table_name, record_id";
     match &app.store {
         Store::Postgres(_) => sqlx::query_as(SQL).fetch_all(&app.admin().await).await.unwrap(),
@@ -44,12 +53,20 @@ async fn a_rebuilt_projection_equals_the_incrementally_maintained_one(store: Bac
             ]),
         )
         .await;
+        // Device b is of the later generation: its changes keep their
+        // provenance, which the rebuilt projection must keep too.
+        let later = |mut change: Value| {
+            change["actor"] = json!({ "kind": "user", "principalId": user });
+            change["origin"] = json!("user");
+            change["schemaVersion"] = json!(1);
+            change
+        };
         app.push_ok(
             user,
             "b",
             START,
             json!([
-                update("todos", "t1", "title", json!("newer"), "2024-01-01T11:00:00Z"),
+                later(update("todos", "t1", "title", json!("newer"), "2024-01-01T11:00:00Z")),
                 update(
                     "todos",
                     "t1",
@@ -64,13 +81,18 @@ async fn a_rebuilt_projection_equals_the_incrementally_maintained_one(store: Bac
                     json!("created by update"),
                     "2024-01-01T10:00:00Z"
                 ),
-                delete("notes", "n1", "2024-01-01T12:00:00Z"),
+                later(delete("notes", "n1", "2024-01-01T12:00:00Z")),
             ]),
         )
         .await;
     }
     let incremental = snapshot(&app).await;
     assert_eq!(incremental.len(), 6);
+    let kept = incremental.iter().filter(|row| row.5.is_some()).count();
+    assert_eq!(
+        kept, 4,
+        "t1 and n1 of each user hold a write of device b: {incremental:?}"
+    );
 
     let (users, entries, records) = mana_sync::sync::rebuild(&app.store).await.unwrap();
     assert_eq!((users, entries, records), (2, 12, 6));

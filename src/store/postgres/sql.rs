@@ -45,23 +45,23 @@ impl Dialect for PgConnection {
                SET last_seq = GREATEST(sync_clocks.last_seq + $4, EXCLUDED.last_seq), previous_seq = sync_clocks.last_seq
                RETURNING last_seq, previous_seq, records, bytes, counted_seq),
              appended AS (
-               INSERT INTO sync_changes (id, seq, app_id, table_name, record_id, user_id, op, data, field_timestamps, untimed, client_id)
-               SELECT u.id, c.last_seq - $4 + u.n, $2, u.table_name, u.record_id, $1, u.op, u.data, u.stamps, u.untimed, $3
-               FROM clock c, UNNEST($5::uuid[], $6::text[], $7::text[], $8::text[], $9::jsonb[], $10::jsonb[], $11::bool[])
-                 WITH ORDINALITY AS u(id, table_name, record_id, op, data, stamps, untimed, n))
+               INSERT INTO sync_changes (id, seq, app_id, table_name, record_id, user_id, op, data, field_timestamps, untimed, client_id, meta)
+               SELECT u.id, c.last_seq - $4 + u.n, $2, u.table_name, u.record_id, $1, u.op, u.data, u.stamps, u.untimed, $3, u.meta
+               FROM clock c, UNNEST($5::uuid[], $6::text[], $7::text[], $8::text[], $9::jsonb[], $10::jsonb[], $11::bool[], $16::jsonb[])
+                 WITH ORDINALITY AS u(id, table_name, record_id, op, data, stamps, untimed, meta, n))
              SELECT c.last_seq,
                     c.previous_seq IS NOT DISTINCT FROM (SELECT s.last_seq FROM sync_clocks s WHERE s.user_id = $1) AS fresh,
                     c.counted_seq IS NOT DISTINCT FROM c.previous_seq AS counted, c.records, c.bytes,
-                    r.loaded, r.table_name, r.record_id, r.fields::text AS fields, r.created_seq, r.touched_seq
+                    r.loaded, r.table_name, r.record_id, r.fields::text AS fields, r.writers::text AS writers, r.created_seq, r.touched_seq
              FROM clock c LEFT JOIN LATERAL (
-               SELECT true AS loaded, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq
+               SELECT true AS loaded, r.table_name, r.record_id, r.fields, r.writers, r.created_seq, r.touched_seq
                FROM UNNEST($14::text[], $15::text[]) AS k(table_name, record_id)
                CROSS JOIN LATERAL (
                  SELECT * FROM sync_records r
                  WHERE r.user_id = $1 AND r.app_id = $2 AND r.table_name = k.table_name AND r.record_id = k.record_id
                  LIMIT 1) r
                UNION ALL
-               (SELECT false, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq
+               (SELECT false, r.table_name, r.record_id, r.fields, r.writers, r.created_seq, r.touched_seq
                 FROM sync_records r
                 WHERE r.user_id = $1 AND r.app_id = $2 AND r.touched_seq > 0 AND r.touched_seq > $12
                 ORDER BY r.touched_seq LIMIT $13)) r ON true",
@@ -81,6 +81,7 @@ impl Dialect for PgConnection {
         .bind(limit)
         .bind(tables)
         .bind(ids)
+        .bind(rows.iter().map(|r| r.meta.as_ref()).collect::<Vec<_>>())
         .fetch_all(&mut *self)
         .await?;
         let last_seq = batch.first().map_or(0, |b| b.row.last_seq);
@@ -127,7 +128,7 @@ impl Dialect for PgConnection {
 
     fn replay<'c>(&'c mut self, user_id: &'c str) -> BoxStream<'c, sqlx::Result<LogRow>> {
         sqlx::query_as(
-            "SELECT app_id, table_name, record_id, seq, data, field_timestamps, untimed
+            "SELECT app_id, table_name, record_id, seq, data, field_timestamps, untimed, meta
              FROM sync_changes WHERE user_id = $1 ORDER BY seq",
         )
         .bind(user_id)
@@ -141,7 +142,7 @@ impl Dialect for PgConnection {
             // turning this into a hash join over all of the user's records.
             // The delta indexes are partial so that it cannot probe them
             // instead (see the migration `delta_indexes_never_probe_keys`).
-            "SELECT r.table_name, r.record_id, r.fields::text AS fields, r.created_seq, r.touched_seq
+            "SELECT r.table_name, r.record_id, r.fields::text AS fields, r.writers::text AS writers, r.created_seq, r.touched_seq
              FROM UNNEST($3::text[], $4::text[]) AS k(table_name, record_id)
              CROSS JOIN LATERAL (
                SELECT * FROM sync_records r
@@ -160,7 +161,8 @@ impl Dialect for PgConnection {
         // A state's text as stored is its `json` text as written (see `save`).
         let row: UsageRow = sqlx::query_as(
             "SELECT count(*) AS records,
-                    coalesce(sum(octet_length(table_name) + octet_length(record_id) + octet_length(fields::text)), 0)::bigint AS bytes
+                    coalesce(sum(octet_length(table_name) + octet_length(record_id) + octet_length(fields::text)
+                        + coalesce(octet_length(writers::text), 0)), 0)::bigint AS bytes
              FROM sync_records WHERE user_id = $1",
         )
         .bind(user_id)
@@ -192,12 +194,13 @@ impl Dialect for PgConnection {
         // nothing.
         sqlx::query(
             "WITH saved AS (
-               INSERT INTO sync_records (user_id, app_id, table_name, record_id, fields, created_seq, touched_seq)
-               SELECT $1, $2, u.table_name, u.record_id, u.fields::json, u.created_seq, u.touched_seq
-               FROM UNNEST($3::text[], $4::text[], $5::text[], $6::bigint[], $7::bigint[])
-                 AS u(table_name, record_id, fields, created_seq, touched_seq)
+               INSERT INTO sync_records (user_id, app_id, table_name, record_id, fields, writers, created_seq, touched_seq)
+               SELECT $1, $2, u.table_name, u.record_id, u.fields::json, u.writers::json, u.created_seq, u.touched_seq
+               FROM UNNEST($3::text[], $4::text[], $5::text[], $10::text[], $6::bigint[], $7::bigint[])
+                 AS u(table_name, record_id, fields, writers, created_seq, touched_seq)
                ON CONFLICT (user_id, app_id, table_name, record_id) DO UPDATE
-               SET fields = EXCLUDED.fields, created_seq = EXCLUDED.created_seq, touched_seq = EXCLUDED.touched_seq)
+               SET fields = EXCLUDED.fields, writers = EXCLUDED.writers,
+                   created_seq = EXCLUDED.created_seq, touched_seq = EXCLUDED.touched_seq)
              UPDATE sync_clocks SET records = $8, bytes = $9, counted_seq = last_seq
              WHERE user_id = $1 AND $8::bigint IS NOT NULL",
         )
@@ -210,6 +213,7 @@ impl Dialect for PgConnection {
         .bind(rows.iter().map(|r| r.touched_seq).collect::<Vec<_>>())
         .bind(usage.map(|u| u.records))
         .bind(usage.map(|u| u.bytes))
+        .bind(rows.iter().map(|r| r.writers.as_deref()).collect::<Vec<_>>())
         .execute(self)
         .await?;
         Ok(())
@@ -240,7 +244,7 @@ impl Dialect for PgConnection {
         // `delta_indexes_never_probe_keys`).
         let statement = match table {
             Some(_) => {
-                "SELECT c.last_seq, r.table_name, r.record_id, r.fields::text AS fields, r.created_seq, r.touched_seq
+                "SELECT c.last_seq, r.table_name, r.record_id, r.fields::text AS fields, r.writers::text AS writers, r.created_seq, r.touched_seq
                  FROM sync_clocks c LEFT JOIN LATERAL (
                    SELECT * FROM sync_records r
                    WHERE r.user_id = c.user_id AND r.app_id = $2 AND r.table_name = $5
@@ -249,7 +253,7 @@ impl Dialect for PgConnection {
                  WHERE c.user_id = $1"
             }
             None => {
-                "SELECT c.last_seq, r.table_name, r.record_id, r.fields::text AS fields, r.created_seq, r.touched_seq
+                "SELECT c.last_seq, r.table_name, r.record_id, r.fields::text AS fields, r.writers::text AS writers, r.created_seq, r.touched_seq
                  FROM sync_clocks c LEFT JOIN LATERAL (
                    SELECT * FROM sync_records r
                    WHERE r.user_id = c.user_id AND r.app_id = $2
@@ -280,7 +284,7 @@ impl Dialect for PgConnection {
         let names: Vec<&str> = tables.iter().map(|(t, _)| t.as_str()).collect();
         let cursors: Vec<i64> = tables.iter().map(|(_, c)| c.0).collect();
         sqlx::query_as(
-            "SELECT c.last_seq, r.table_name, r.record_id, r.fields::text AS fields, r.created_seq, r.touched_seq
+            "SELECT c.last_seq, r.table_name, r.record_id, r.fields::text AS fields, r.writers::text AS writers, r.created_seq, r.touched_seq
              FROM sync_clocks c LEFT JOIN LATERAL (
                SELECT d.ord, p.*
                FROM unnest($3::text[], $4::bigint[]) WITH ORDINALITY AS d(table_name, since, ord)

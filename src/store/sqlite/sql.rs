@@ -52,7 +52,7 @@ impl Dialect for SqliteConnection {
 
     fn replay<'c>(&'c mut self, user_id: &'c str) -> BoxStream<'c, sqlx::Result<LogRow>> {
         sqlx::query_as(
-            "SELECT app_id, table_name, record_id, seq, data, field_timestamps, untimed
+            "SELECT app_id, table_name, record_id, seq, data, field_timestamps, untimed, meta
              FROM sync_changes WHERE user_id = ?1 ORDER BY seq",
         )
         .bind(user_id)
@@ -62,7 +62,7 @@ impl Dialect for SqliteConnection {
     async fn load(&mut self, user_id: &str, app_id: &str, keys: &[(&str, &str)]) -> sqlx::Result<Vec<RecordRow>> {
         // CROSS JOIN keeps the keys as the outer loop: one primary-key probe each.
         sqlx::query_as(
-            "SELECT r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq
+            "SELECT r.table_name, r.record_id, r.fields, r.writers, r.created_seq, r.touched_seq
              FROM json_each(?3) AS k CROSS JOIN sync_records r
              WHERE r.user_id = ?1 AND r.app_id = ?2 AND r.table_name = k.value ->> 0 AND r.record_id = k.value ->> 1",
         )
@@ -77,7 +77,8 @@ impl Dialect for SqliteConnection {
         // Lengths in bytes: `length` of text counts characters.
         let row: UsageRow = sqlx::query_as(
             "SELECT count(*) AS records,
-                    coalesce(sum(length(CAST(table_name AS BLOB)) + length(CAST(record_id AS BLOB)) + length(CAST(fields AS BLOB))), 0) AS bytes
+                    coalesce(sum(length(CAST(table_name AS BLOB)) + length(CAST(record_id AS BLOB)) + length(CAST(fields AS BLOB))
+                                 + coalesce(length(CAST(writers AS BLOB)), 0)), 0) AS bytes
              FROM sync_records WHERE user_id = ?1",
         )
         .bind(user_id)
@@ -106,15 +107,16 @@ impl Dialect for SqliteConnection {
         // Each state goes as its JSON text, which `->>` hands on as it is.
         let rows: Vec<Value> = rows
             .iter()
-            .map(|r| json!([r.table, r.record_id, r.fields, r.created_seq, r.touched_seq]))
+            .map(|r| json!([r.table, r.record_id, r.fields, r.writers, r.created_seq, r.touched_seq]))
             .collect();
         // `WHERE true` tells SQLite's parser the ON CONFLICT is the upsert's.
         sqlx::query(
-            "INSERT INTO sync_records (user_id, app_id, table_name, record_id, fields, created_seq, touched_seq)
-             SELECT ?1, ?2, j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3, j.value ->> 4
+            "INSERT INTO sync_records (user_id, app_id, table_name, record_id, fields, writers, created_seq, touched_seq)
+             SELECT ?1, ?2, j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3, j.value ->> 4, j.value ->> 5
              FROM json_each(?3) AS j WHERE true
              ON CONFLICT (user_id, app_id, table_name, record_id) DO UPDATE
-             SET fields = excluded.fields, created_seq = excluded.created_seq, touched_seq = excluded.touched_seq",
+             SET fields = excluded.fields, created_seq = excluded.created_seq, touched_seq = excluded.touched_seq,
+                 writers = excluded.writers",
         )
         .bind(user_id)
         .bind(app_id)
@@ -149,7 +151,7 @@ impl Dialect for SqliteConnection {
         // index in touched_seq order.
         let statement = match table {
             Some(_) => {
-                "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq
+                "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.writers, r.created_seq, r.touched_seq
                  FROM sync_clocks c LEFT JOIN (
                    SELECT * FROM sync_records
                    WHERE user_id = ?1 AND app_id = ?2 AND table_name = ?5 AND touched_seq > ?3
@@ -158,7 +160,7 @@ impl Dialect for SqliteConnection {
                  ORDER BY r.touched_seq"
             }
             None => {
-                "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.created_seq, r.touched_seq
+                "SELECT c.last_seq, r.table_name, r.record_id, r.fields, r.writers, r.created_seq, r.touched_seq
                  FROM sync_clocks c LEFT JOIN (
                    SELECT * FROM sync_records
                    WHERE user_id = ?1 AND app_id = ?2 AND touched_seq > ?3
@@ -200,12 +202,12 @@ impl Dialect for SqliteConnection {
         )
         .to_string();
         sqlx::query_as(
-            "SELECT last_seq, NULL AS table_name, NULL AS record_id, NULL AS fields,
+            "SELECT last_seq, NULL AS table_name, NULL AS record_id, NULL AS fields, NULL AS writers,
                     NULL AS created_seq, NULL AS touched_seq, -1 AS ord
              FROM sync_clocks WHERE user_id = ?1
              UNION ALL
              SELECT (SELECT last_seq FROM sync_clocks WHERE user_id = ?1),
-                    s.table_name, s.record_id, s.fields, s.created_seq, s.touched_seq, d.key
+                    s.table_name, s.record_id, s.fields, s.writers, s.created_seq, s.touched_seq, d.key
              FROM json_each(?3) d CROSS JOIN sync_records s
                ON s.user_id = ?1 AND s.app_id = ?2 AND s.table_name = json_extract(d.value, '$[0]')
                AND s.touched_seq > json_extract(d.value, '$[1]')
@@ -392,14 +394,15 @@ async fn append(
                 r.op,
                 r.data,
                 r.stamps,
-                r.untimed
+                r.untimed,
+                r.meta.as_ref().map(Value::to_string)
             ])
         })
         .collect();
     sqlx::query(
-        "INSERT INTO sync_changes (id, seq, app_id, table_name, record_id, user_id, op, data, field_timestamps, untimed, client_id)
+        "INSERT INTO sync_changes (id, seq, app_id, table_name, record_id, user_id, op, data, field_timestamps, untimed, client_id, meta)
          SELECT j.value ->> 0, j.value ->> 1, ?1, j.value ->> 2, j.value ->> 3, ?2, j.value ->> 4,
-                j.value ->> 5, j.value ->> 6, j.value ->> 7, ?3
+                j.value ->> 5, j.value ->> 6, j.value ->> 7, ?3, j.value ->> 8
          FROM json_each(?4) AS j",
     )
     .bind(app_id)
