@@ -88,11 +88,9 @@ async fn a_rebuilt_projection_equals_the_incrementally_maintained_one(store: Bac
     }
     let incremental = snapshot(&app).await;
     assert_eq!(incremental.len(), 6);
-    let kept = incremental.iter().filter(|row| row.5.is_some()).count();
-    assert_eq!(
-        kept, 4,
-        "t1 and n1 of each user hold a write of device b: {incremental:?}"
-    );
+    // Each record holds a winning write of b's push, which is in the later
+    // form as a whole: each of its changes keeps the device.
+    assert!(incremental.iter().all(|row| row.5.is_some()), "{incremental:?}");
 
     let (users, entries, records) = mana_sync::sync::rebuild(&app.store).await.unwrap();
     assert_eq!((users, entries, records), (2, 12, 6));
