@@ -54,6 +54,16 @@ pub struct Throttle {
 /// refused: an honest client's burst is slowed, not refused.
 pub const MAX_PUSH_BYTES_WAIT: Duration = Duration::from_secs(10);
 
+/// Longest a pull waits for its user's rate before it is refused: today's
+/// web client polls every few seconds, and a pull held back that long is
+/// answered before its next one.
+pub const MAX_PULL_WAIT: Duration = Duration::from_secs(10);
+
+/// Most a waiter's wake-up is spread by.
+const MAX_JITTER: Duration = Duration::from_millis(20);
+
+type KeyedLimiter = DefaultKeyedRateLimiter<String>;
+
 /// A keyed limiter of `per_second` a user, with five seconds' burst; none for 0.
 fn limiter(per_second: u32) -> Option<std::sync::Arc<DefaultKeyedRateLimiter<String>>> {
     let rate = NonZeroU32::new(per_second)?;
@@ -80,21 +90,38 @@ impl Throttle {
         }
     }
 
+    fn limiter(&self, action: Action) -> Option<&KeyedLimiter> {
+        match action {
+            Action::Push => self.push.as_deref(),
+            Action::Pull => self.pull.as_deref(),
+            Action::Open => self.open.as_deref(),
+        }
+    }
+
     /// Takes a token for `user_id`'s `action`, or says how long to wait
     /// ([`Error::RateLimited`]).
     pub fn check(&self, action: Action, user_id: &str) -> Result<(), Error> {
-        let limiter = match action {
-            Action::Push => &self.push,
-            Action::Pull => &self.pull,
-            Action::Open => &self.open,
-        };
-        let Some(limiter) = limiter else {
+        let Some(limiter) = self.limiter(action) else {
             return Ok(());
         };
         limiter.check_key(&user_id.to_owned()).map_err(|not_until| {
             self.metrics.throttled(action.label());
             Error::RateLimited(not_until.wait_time_from(DefaultClock::default().now()))
         })
+    }
+
+    /// Takes a token for `user_id`'s `action`, waiting for it up to
+    /// `bound`: an honest client's burst over the rate is slowed down, not
+    /// refused (a refusal strands an old client's changes); only a request
+    /// that waited `bound` in vain is [`Error::RateLimited`].
+    pub async fn wait(&self, action: Action, user_id: &str, bound: Duration) -> Result<(), Error> {
+        match self.limiter(action) {
+            Some(limiter) => {
+                self.take(limiter, user_id, NonZeroU32::MIN, bound, action.label())
+                    .await
+            }
+            None => Ok(()),
+        }
     }
 
     /// Takes `bytes` of `user_id`'s push rate (`PUSH_BYTES_RATE`), waiting
@@ -104,19 +131,33 @@ impl Throttle {
         let (Some(limiter), Some(n)) = (&self.push_bytes, NonZeroU32::new(bytes.min(MAX_BODY_BYTES) as u32)) else {
             return Ok(());
         };
+        self.take(limiter, user_id, n, MAX_PUSH_BYTES_WAIT, "push_bytes").await
+    }
+
+    /// Waits until `n` tokens of `user_id`'s bucket are free and takes
+    /// them, for at most `bound`. Waiters wake with a little jitter, so a
+    /// burst's requests do not all retry in the same instant.
+    async fn take(
+        &self,
+        limiter: &KeyedLimiter,
+        user_id: &str,
+        n: NonZeroU32,
+        bound: Duration,
+        label: &'static str,
+    ) -> Result<(), Error> {
         let key = user_id.to_owned();
-        let deadline = tokio::time::Instant::now() + MAX_PUSH_BYTES_WAIT;
-        loop {
-            // Never over capacity: the bucket holds a body of the largest size.
-            let Ok(Err(not_until)) = limiter.check_key_n(&key, n) else {
-                return Ok(());
-            };
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            if tokio::time::Instant::now() + wait > deadline {
-                self.metrics.throttled("push_bytes");
-                return Err(Error::RateLimited(wait));
+        let jitter = governor::Jitter::up_to(MAX_JITTER);
+        match tokio::time::timeout(bound, limiter.until_key_n_ready_with_jitter(&key, n, jitter)).await {
+            // Never over capacity: every bucket holds at least the largest `n`.
+            Ok(_) => Ok(()),
+            Err(_) => {
+                self.metrics.throttled(label);
+                let wait = match limiter.check_key_n(&key, n) {
+                    Ok(Err(not_until)) => not_until.wait_time_from(DefaultClock::default().now()),
+                    _ => Duration::ZERO,
+                };
+                Err(Error::RateLimited(wait))
             }
-            tokio::time::sleep(wait).await;
         }
     }
 

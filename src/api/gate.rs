@@ -6,11 +6,15 @@
 //! 2. the answer budget: while the replica holds `ANSWER_BUDGET` bytes of
 //!    answers its clients have not yet taken, new requests get 503; while
 //!    the user's answers hold `ANSWER_BUDGET_PER_USER`, the user's get 429;
-//! 3. the user's requests in flight (`MAX_REQUESTS_PER_USER`, waited for
+//! 3. the user's rate: for a push, `PUSH_RATE`, waited for up to
+//!    `LOCK_TIMEOUT`; for a pull, `PULL_RATE`, waited for up to 10 s. A
+//!    request waiting for its turn holds nothing but its connection: not
+//!    a request slot, and its body is not read yet;
+//! 4. the user's requests in flight (`MAX_REQUESTS_PER_USER`, waited for
 //!    briefly; streams are bounded by `MAX_SOCKETS_PER_USER` instead);
-//! 4. for a push, the user's push rate (`PUSH_RATE`) and byte rate
-//!    (`PUSH_BYTES_RATE`, waited for up to 10 s), before its body is read;
-//! 5. its body, read under the budgets of [`BodyReader`].
+//! 5. for a push, the user's byte rate (`PUSH_BYTES_RATE`, waited for up
+//!    to 10 s), before its body is read;
+//! 6. its body, read under the budgets of [`BodyReader`].
 //!
 //! The answer then holds the user's request slot and its bytes' part of
 //! the answer budget until its client has taken it, or its connection is
@@ -31,7 +35,7 @@ use crate::auth::User;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::state::AppState;
-use crate::throttle::Action;
+use crate::throttle::{Action, MAX_PULL_WAIT};
 
 /// Longest a request waits for one of its user's request slots.
 const REQUEST_SLOT_WAIT: Duration = Duration::from_secs(5);
@@ -108,7 +112,7 @@ impl Gate {
         Ok(response)
     }
 
-    /// Steps 2 to 4 of the module docs: the user's request slot, if it takes one.
+    /// Steps 2 to 5 of the module docs: the user's request slot, if it takes one.
     async fn admit(
         &self,
         state: &AppState,
@@ -125,6 +129,21 @@ impl Gate {
             self.metrics.request_shed("user_answer_budget");
             return Err(Answer::user_over_share("bytes of answers not yet taken"));
         }
+        // A burst waits for its turn before it takes anything else.
+        let pulling = req.method() == Method::GET && req.uri().path().ends_with("/pull");
+        if pushing {
+            state
+                .throttle
+                .wait(Action::Push, &user.id, state.config.lock_timeout)
+                .await
+                .map_err(Answer::from)?;
+        } else if pulling {
+            state
+                .throttle
+                .wait(Action::Pull, &user.id, MAX_PULL_WAIT)
+                .await
+                .map_err(Answer::from)?;
+        }
         let share = match (&self.requests, streaming) {
             (Some(requests), false) => match requests.take(&user.id, 1, REQUEST_SLOT_WAIT).await {
                 Some(share) => Some(share),
@@ -135,11 +154,8 @@ impl Gate {
             },
             _ => None,
         };
-        if pushing {
-            state.throttle.check(Action::Push, &user.id)?;
-            if let Some(declared) = body::declared_length(req) {
-                state.throttle.push_bytes(&user.id, declared).await?;
-            }
+        if pushing && let Some(declared) = body::declared_length(req) {
+            state.throttle.push_bytes(&user.id, declared).await?;
         }
         Ok(share)
     }

@@ -17,7 +17,6 @@ use crate::protocol::{DEFAULT_PULL_LIMIT, HeaderId, Key, MAX_PULL_LIMIT, Name, P
 use crate::quota::Quotas;
 use crate::state::AppState;
 use crate::sync::{self, Idempotency};
-use crate::throttle::Action;
 use crate::validate::{self, Limits};
 
 pub struct SyncApi;
@@ -65,9 +64,10 @@ pub enum PushError {
     /// counts.
     #[oai(status = 422)]
     Unprocessable(Json<ErrorBody>),
-    /// Too many pushes or bytes from this user (`PUSH_RATE`, or
-    /// `PUSH_BYTES_RATE` when the wait for it would pass 10 s:
-    /// `rate_limited`), too many of the user's requests in flight or bytes
+    /// Too many pushes or bytes from this user: a push over `PUSH_RATE`
+    /// waits for its turn, and is refused only when it waited
+    /// `LOCK_TIMEOUT` in vain, or `PUSH_BYTES_RATE` would make it wait
+    /// more than 10 s (`rate_limited`); too many of the user's requests in flight or bytes
     /// of bodies arriving at once (`MAX_REQUESTS_PER_USER`,
     /// `BODY_BUDGET_PER_USER`: `too_many_requests`), or the server is
     /// overloaded: this push waited longer than `LOCK_TIMEOUT` for its
@@ -98,7 +98,8 @@ pub enum PullError {
     /// The bearer token is missing, malformed, expired, or not signed by a key of the JWKS.
     #[oai(status = 401)]
     Unauthorized(Json<ErrorBody>),
-    /// Too many pulls from this user (`PULL_RATE`: `rate_limited`), too
+    /// Too many pulls from this user (a pull over `PULL_RATE` waits for
+    /// its turn, up to 10 s: `rate_limited`), too
     /// many of the user's requests in flight (`MAX_REQUESTS_PER_USER`:
     /// `too_many_requests`), or the server is overloaded (every database
     /// connection stayed in use: `busy`); retry after the given seconds.
@@ -202,6 +203,7 @@ impl SyncApi {
     /// itself in `X-Client-Id` is not sent the fields it wrote itself that
     /// still win; every other device is.
     #[oai(path = "/sync/:appId/pull", method = "get", operation_id = "pull")]
+    #[allow(clippy::too_many_arguments)] // each is a part of the request the spec declares
     async fn pull(
         &self,
         state: Data<&AppState>,
@@ -221,8 +223,8 @@ impl SyncApi {
         client_id: Header<Option<HeaderId>>,
         request: &Request,
     ) -> Result<Serialized<SyncResponse>, PullError> {
+        // Its rate was waited for before it ran (`api::gate`).
         let user = auth.0;
-        state.throttle.check(Action::Pull, &user.id)?;
         readable_header(request, "X-Client-Id", ErrorCode::InvalidName)?;
         let asking = client_id.0.as_deref().filter(|c| !c.is_empty());
         if let Some(asking) = asking {

@@ -149,16 +149,18 @@ export class FakeServer {
   private change(r: Stored, after: number): ServerChange {
     const data: Record<string, unknown> = Object.fromEntries([...r.fields].map(([k, f]) => [k, f.value]));
     data.id = r.id;
+    // The entry of the latest winning field, as the server names it.
+    const entry = { eventId: String(Math.max(...[...r.fields.values()].map((f) => f.seq), r.created)), schemaVersion: 1 };
     if (r.fields.get("deletedAt")?.value != null) {
-      return { table: r.table, id: r.id, op: "delete", deletedAt: data.deletedAt };
+      return { table: r.table, id: r.id, op: "delete", deletedAt: data.deletedAt, ...entry };
     }
-    if (r.created > after) return { table: r.table, id: r.id, op: "insert", data };
+    if (r.created > after) return { table: r.table, id: r.id, op: "insert", data, ...entry };
     const fields = Object.fromEntries(
       [...r.fields].filter(([, f]) => f.seq > after).map(([k, f]) => {
         const at = new Date(f.at).toISOString();
         return [k, { value: f.value, updatedAt: at, at }];
       }),
     );
-    return { table: r.table, id: r.id, op: "update", data, fields };
+    return { table: r.table, id: r.id, op: "update", data, fields, ...entry };
   }
 }

@@ -111,7 +111,10 @@ export interface paths {
          * Pull one collection's changes
          * @description The folded delta of one collection since `since`: each record changed
          *     after the cursor once, oldest change first. When `hasMore` is true,
-         *     call again with the returned `syncedUntil`.
+         *     call again with the returned `syncedUntil`. A device that has pushed
+         *     in the later form (`schemaVersion`, or a field's `at`) and names
+         *     itself in `X-Client-Id` is not sent the fields it wrote itself that
+         *     still win; every other device is.
          */
         get: operations["pull"];
         put?: never;
@@ -173,6 +176,14 @@ export interface components {
          */
         ChangeInput: {
             /**
+             * @description Who made the change: any JSON object (at most 4 KiB), e.g.
+             *     `{"kind": "user", "principalId": "..."}`. Kept in the log, and sent
+             *     back with the record while this change holds its latest winning field.
+             */
+            actor?: {
+                [key: string]: unknown;
+            } | null;
+            /**
              * @description `insert`: the record's fields. Their timestamp is `data.updatedAt`,
              *     else `data.createdAt`; without either they are the record's initial
              *     content, which any timed write of a field supersedes.
@@ -182,7 +193,8 @@ export interface components {
             } | null;
             /**
              * Format: date-time
-             * @description `delete`: when the record was deleted; defaults to the server's receive time.
+             * @description `delete`: when the record was deleted; defaults to
+             *     `fields.deletedAt.value`, else to the server's receive time.
              */
             deletedAt?: string | null;
             /**
@@ -196,6 +208,17 @@ export interface components {
             /** @description The record's id. */
             id: string;
             op: components["schemas"]["Op"];
+            /** @description How the change came about: `user`, `agent`, `system`, `migration`. */
+            origin?: string | null;
+            /**
+             * Format: int64
+             * @description The schema version the change was written in (missing: the
+             *     changeset's, else 1); above the highest this server knows (1): a
+             *     400 `unsupported_schema_version`.
+             */
+            schemaVersion?: number | null;
+            /** @description The space the record belongs to; kept and sent back. */
+            spaceId?: string | null;
             /** @description The collection (IndexedDB table). */
             table: string;
         };
@@ -214,7 +237,7 @@ export interface components {
          *     The README's "Errors" section lists every code with its status.
          * @enum {string}
          */
-        ErrorCode: "bad_request" | "invalid_name" | "invalid_idempotency_key" | "invalid_cursor" | "invalid_timestamp" | "missing_client_id" | "missing_data" | "missing_fields" | "id_mismatch" | "nul_character" | "number_out_of_range" | "too_many_collections" | "unauthorized" | "forbidden" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "too_many_changes" | "unsupported_media_type" | "idempotency_key_reused" | "quota_records" | "quota_bytes" | "quota_fields" | "rate_limited" | "too_many_requests" | "too_many_connections" | "busy" | "internal" | "unavailable" | "storage_exhausted" | "overloaded";
+        ErrorCode: "bad_request" | "invalid_name" | "invalid_idempotency_key" | "invalid_cursor" | "invalid_timestamp" | "missing_client_id" | "missing_data" | "missing_fields" | "id_mismatch" | "nul_character" | "number_out_of_range" | "unsupported_schema_version" | "invalid_actor" | "too_many_collections" | "unauthorized" | "forbidden" | "not_found" | "method_not_allowed" | "request_timeout" | "payload_too_large" | "too_many_changes" | "unsupported_media_type" | "idempotency_key_reused" | "quota_records" | "quota_bytes" | "quota_fields" | "rate_limited" | "too_many_requests" | "too_many_connections" | "busy" | "internal" | "unavailable" | "storage_exhausted" | "overloaded";
         /**
          * FieldChange
          * @description A new value for one field.
@@ -295,15 +318,32 @@ export interface components {
          * @description A batch of changes pushed by one device.
          */
         PushRequest: {
+            /** @description Who made every change that names no `actor` of its own. */
+            actor?: {
+                [key: string]: unknown;
+            } | null;
             /** @description The changes, applied all or nothing, in order. */
             changes: components["schemas"]["ChangeInput"][];
             /** @description The device's id; the `X-Client-Id` header takes precedence. */
             clientId?: string | null;
+            /** @description How every change that names no `origin` of its own came about. */
+            origin?: string | null;
+            /**
+             * Format: int64
+             * @description The schema version of every change that names none (missing: 1).
+             *     Above the highest this server knows (1): a 400
+             *     `unsupported_schema_version`. Sending it (or any field's `at`)
+             *     marks the device as one of the later client generation: it is not
+             *     sent its own winning writes back.
+             */
+            schemaVersion?: number | null;
             /**
              * @description The cursor (or any RFC 3339 timestamp) the device last synced to;
              *     `serverChanges` holds everything after it. Defaults to the beginning.
              */
             since?: (string | "") | null;
+            /** @description The space of every change that names no `spaceId` of its own. */
+            spaceId?: string | null;
         };
         /**
          * Readiness
@@ -326,6 +366,10 @@ export interface components {
          *     `delete` if it is now deleted, else `update`.
          */
         ServerChange: {
+            /** @description That entry's `actor`, when it gave one. */
+            actor?: {
+                [key: string]: unknown;
+            };
             /**
              * @description The whole folded record, `id` included (absent for deletes). A
              *     record written by one change is exactly what it sent; once another
@@ -337,6 +381,12 @@ export interface components {
             };
             /** @description `delete`: when the record was deleted. */
             deletedAt?: unknown;
+            /**
+             * @description The log entry that wrote the record's latest winning field (of
+             *     those sent in `fields`, for an update): its position in the user's
+             *     log, a decimal string.
+             */
+            eventId: string;
             /**
              * @description `update`: the fields written after the cursor, with their winning
              *     value and timestamp. `updatedAt` is listed with the record's own
@@ -350,6 +400,15 @@ export interface components {
             };
             id: string;
             op: components["schemas"]["Op"];
+            /** @description That entry's `origin`, when it gave one. */
+            origin?: string;
+            /**
+             * Format: int64
+             * @description That entry's schema version (1 when it named none).
+             */
+            schemaVersion: number;
+            /** @description That entry's `spaceId`, when it gave one. */
+            spaceId?: string;
             table: string;
         };
         /** @description One Server-Sent Event of the change stream (the response is a sequence of them): `event` is its `event:` line, `data` its `data:` line. */
@@ -575,9 +634,10 @@ export interface operations {
                 };
             };
             /**
-             * @description Too many pushes or bytes from this user (`PUSH_RATE`, or
-             *     `PUSH_BYTES_RATE` when the wait for it would pass 10 s:
-             *     `rate_limited`), too many of the user's requests in flight or bytes
+             * @description Too many pushes or bytes from this user: a push over `PUSH_RATE`
+             *     waits for its turn, and is refused only when it waited
+             *     `LOCK_TIMEOUT` in vain, or `PUSH_BYTES_RATE` would make it wait
+             *     more than 10 s (`rate_limited`); too many of the user's requests in flight or bytes
              *     of bodies arriving at once (`MAX_REQUESTS_PER_USER`,
              *     `BODY_BUDGET_PER_USER`: `too_many_requests`), or the server is
              *     overloaded: this push waited longer than `LOCK_TIMEOUT` for its
@@ -630,7 +690,10 @@ export interface operations {
                 /** @description Most records to return: 1 to 5000, default 1000. */
                 limit?: number;
             };
-            header?: never;
+            header?: {
+                /** @description The device's id, as it sends it with its pushes. */
+                "X-Client-Id"?: string;
+            };
             path: {
                 /** @description The app. */
                 appId: string;
@@ -666,7 +729,8 @@ export interface operations {
                 };
             };
             /**
-             * @description Too many pulls from this user (`PULL_RATE`: `rate_limited`), too
+             * @description Too many pulls from this user (a pull over `PULL_RATE` waits for
+             *     its turn, up to 10 s: `rate_limited`), too
              *     many of the user's requests in flight (`MAX_REQUESTS_PER_USER`:
              *     `too_many_requests`), or the server is overloaded (every database
              *     connection stayed in use: `busy`); retry after the given seconds.
