@@ -9,8 +9,9 @@
 //! row; on SQLite every push queues for the one writer), then each of a
 //! user of its own. N doubles until the first refusal or `--max` (default
 //! 4096). Then one user's burst of `--max`/4 with pushes of `--max`/16
-//! other users in the middle of it: whether they wait for it. Server,
-//! client and database share the machine.
+//! other users in the middle of it: whether they wait for it. Last, 64
+//! devices of one user pushing 5 batches each at once, with every limit
+//! at its default. Server, client and database share the machine.
 //!
 //! `cargo bench --bench absorb` runs it in full (set `TEST_DATABASE_URL` to
 //! a PostgreSQL with `fsync` on for production figures: the self-started
@@ -24,6 +25,17 @@ use std::time::{Duration, Instant};
 
 use common::app::{APP, Backend, Postgres, START, Sqlite, TestApp, insert, push_body};
 use serde_json::json;
+
+/// Every per-user limit at its default ("" is the default): the tests'
+/// configuration turns them off.
+const DEFAULT_LIMITS: [(&str, &str); 6] = [
+    ("PUSH_RATE", ""),
+    ("PUSH_BYTES_RATE", ""),
+    ("PULL_RATE", ""),
+    ("MAX_REQUESTS_PER_USER", ""),
+    ("ANSWER_BUDGET_PER_USER", ""),
+    ("DATABASE_MAX_CONNECTIONS", ""),
+];
 
 /// What one burst came to.
 struct Burst {
@@ -63,6 +75,7 @@ async fn burst(app: &TestApp, round: usize, n: usize, one_user: bool) -> Burst {
         (status, sent.elapsed())
     }))
     .await;
+    let mut failures = std::collections::BTreeMap::<String, usize>::new();
     let mut outcome = Burst {
         accepted: 0,
         refused: 0,
@@ -75,8 +88,14 @@ async fn burst(app: &TestApp, round: usize, n: usize, one_user: bool) -> Burst {
         match status {
             Ok(s) if s.is_success() => outcome.accepted += 1,
             Ok(s) if s.as_u16() == 429 => outcome.refused += 1,
-            _ => outcome.failed += 1,
+            other => {
+                outcome.failed += 1;
+                *failures.entry(format!("{other:?}")).or_default() += 1;
+            }
         }
+    }
+    if !failures.is_empty() {
+        println!("  failures: {failures:?}");
     }
     outcome
 }
@@ -85,9 +104,9 @@ async fn burst(app: &TestApp, round: usize, n: usize, one_user: bool) -> Burst {
 /// taken whole.
 async fn ramp(store: Backend, lock_timeout: &str, one_user: bool, max: usize, round: &mut usize) -> usize {
     // The defaults but for LOCK_TIMEOUT ("" is the default), pool included.
-    let app = store
-        .spawn_with(&[("LOCK_TIMEOUT", lock_timeout), ("DATABASE_MAX_CONNECTIONS", "")])
-        .await;
+    let mut settings = DEFAULT_LIMITS.to_vec();
+    settings.push(("LOCK_TIMEOUT", lock_timeout));
+    let app = store.spawn_with(&settings).await;
     let label = format!(
         "{store:?}, LOCK_TIMEOUT={}, {}",
         humantime::format_duration(app.config.lock_timeout),
@@ -125,10 +144,56 @@ async fn ramp(store: Backend, lock_timeout: &str, one_user: bool, max: usize, ro
     taken
 }
 
+/// The issue's case: `devices` devices of one user each pushing `batches`
+/// batches at once (one change each), with the default limits; what was
+/// refused.
+async fn devices(store: Backend, devices: usize, batches: usize, round: &mut usize) {
+    let app = store.spawn_with(&DEFAULT_LIMITS).await;
+    *round += 1;
+    let user = format!("devices-{round}");
+    let requests: Vec<_> = (0..devices * batches)
+        .map(|i| {
+            let device = format!("d{}", i % devices);
+            let body = push_body(
+                &device,
+                START,
+                json!([insert("todos", &format!("r{i}"), json!({ "n": i }))]),
+            );
+            app.http
+                .post(app.url(&format!("/sync/{APP}")))
+                .bearer_auth(common::tokens::token_for(&user))
+                .header("X-Client-Id", device)
+                .json(&body)
+        })
+        .collect();
+    let started = Instant::now();
+    let answers = futures_util::future::join_all(requests.into_iter().map(|r| r.send())).await;
+    let refused = answers
+        .iter()
+        .filter(|a| a.as_ref().is_ok_and(|r| r.status().as_u16() == 429))
+        .count();
+    let failed = answers
+        .iter()
+        .filter(|a| {
+            !a.as_ref()
+                .is_ok_and(|r| r.status().is_success() || r.status().as_u16() == 429)
+        })
+        .count();
+    println!(
+        "{store:?}: {devices} devices of one user, {batches} pushes each at once ({}): {} accepted, {refused} refused, \
+         {failed} failed, all answered in {:.1} s",
+        devices * batches,
+        devices * batches - refused - failed,
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(failed, 0, "a push failed other than by a 429");
+    app.stop().await;
+}
+
 /// One user's burst of `n` pushes and, starting a moment later, `others`
 /// pushes each of a user of its own: whether the others wait for the burst.
 async fn crowd(store: Backend, n: usize, others: usize, round: &mut usize) {
-    let app = store.spawn_with(&[("DATABASE_MAX_CONNECTIONS", "")]).await;
+    let app = store.spawn_with(&DEFAULT_LIMITS).await;
     *round += 2;
     let one_user = burst(&app, *round - 1, n, true);
     let bystanders = async {
@@ -171,6 +236,9 @@ fn main() {
                 }
             }
             crowd(store, (max / 4).max(1), (max / 16).max(1), &mut round).await;
+            if full {
+                devices(store, 64, 5, &mut round).await;
+            }
         }
     });
     if !full {

@@ -181,11 +181,18 @@ async fn notify_cost(app: &TestApp, sizes: &Sizes) {
                         };
                         let tx = mana_sync::store::postgres::begin_for(&pool, &user).await.unwrap();
                         let mut tx = Tx::Postgres(mana_sync::store::postgres::PgTx::new(tx, None));
-                        mana_sync::sync::record(&mut tx, &user, "todo", &batch, 1000, &mana_sync::quota::Quotas::NONE)
-                            .await
-                            .unwrap();
+                        let recorded = mana_sync::sync::record(
+                            &mut tx,
+                            &user,
+                            "todo",
+                            &batch,
+                            1000,
+                            &mana_sync::quota::Quotas::NONE,
+                        )
+                        .await
+                        .unwrap();
                         if announce && let Tx::Postgres(pg) = &mut tx {
-                            let notice = mana_sync::sync::notice(&user, "todo", &batch);
+                            let notice = mana_sync::sync::notice(&user, "todo", &batch, recorded.first_seq);
                             mana_sync::fanout::announce_in_transaction(pg, &notice).await.unwrap();
                         }
                         tx.commit().await.unwrap();

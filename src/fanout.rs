@@ -132,6 +132,8 @@ type Merged = BTreeMap<(String, String, String), Merging>;
 struct Merging {
     /// `None`: every table.
     tables: Option<BTreeSet<String>>,
+    /// The latest position among them (`None` when one did not tell).
+    seq: Option<i64>,
     /// The earliest commit among them.
     committed_at: Option<i64>,
     /// The traces of the pushes behind them (the first few).
@@ -147,10 +149,12 @@ fn merge(merged: &mut Merged, notice: Notice) {
         .entry((notice.user_id, notice.app_id, notice.client_id))
         .or_insert_with(|| Merging {
             tables: Some(BTreeSet::new()),
+            seq: notice.seq,
             committed_at: notice.committed_at,
             traceparents: Vec::new(),
         });
     entry.committed_at = hub::earliest(entry.committed_at, notice.committed_at);
+    entry.seq = entry.seq.zip(notice.seq).map(|(a, b)| a.max(b));
     if let Some(traceparent) = notice.traceparent
         && entry.traceparents.len() < MAX_LINKS
     {
@@ -196,6 +200,7 @@ async fn notify_loop(
                     client_id: client_id.clone(),
                     tables: merging.tables.as_ref().map(|t| t.iter().cloned().collect()),
                     replica: Some(replica.clone()),
+                    seq: merging.seq,
                     committed_at: merging.committed_at,
                     traceparent: merging.traceparents.first().cloned(),
                 })
@@ -300,6 +305,7 @@ mod tests {
             client_id: "c".repeat(256),
             tables: Some((0..500).map(long).collect()),
             replica: Some("r".repeat(32)),
+            seq: Some(i64::MAX),
             committed_at: Some(i64::MAX),
             traceparent: Some(format!("00-{}-{}-01", "a".repeat(32), "b".repeat(16))),
         };

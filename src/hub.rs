@@ -8,6 +8,7 @@
 //! itself; its task drops it when a send times out, and the client pulls
 //! everything when it reconnects.
 
+mod quiet;
 mod tables;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -44,6 +45,11 @@ pub struct Notice {
     /// The replica that published it (its own listener skips it).
     #[serde(rename = "r", default, skip_serializing_if = "Option::is_none")]
     pub replica: Option<String>,
+    /// The push's last log position (absent from replicas of an earlier
+    /// release): no table it names changed later than this, as far as it
+    /// tells (see `hub::quiet`).
+    #[serde(rename = "s", default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<i64>,
     /// When the push committed, in Unix nanoseconds (for the fan-out delay metric).
     #[serde(rename = "at", default, skip_serializing_if = "Option::is_none")]
     pub committed_at: Option<i64>,
@@ -187,6 +193,8 @@ struct Inner {
     registry: Mutex<Registry>,
     /// Taken after `registry` when both are.
     lookups: Mutex<tables::Lookups>,
+    /// Taken alone.
+    quiet: Mutex<quiet::Quiet>,
     next_id: AtomicU64,
     max_per_user: usize,
     max_total: usize,
@@ -238,6 +246,7 @@ impl Hub {
             inner: Arc::new(Inner {
                 registry: Mutex::new(Registry::default()),
                 lookups: Mutex::default(),
+                quiet: Mutex::default(),
                 next_id: AtomicU64::new(1),
                 max_per_user,
                 max_total,
@@ -285,6 +294,13 @@ impl Hub {
 
     /// Hands a notice to the user's subscribers on this replica; returns how many.
     pub fn publish(&self, notice: &Notice) -> usize {
+        // Before any socket is told, so that the pull it makes sees the change.
+        self.inner.quiet.lock().expect("quiet lock").heard(
+            &notice.user_id,
+            &notice.app_id,
+            notice.tables.as_deref(),
+            notice.seq,
+        );
         let registry = self.inner.registry.lock().expect("hub lock");
         let Some(list) = registry.users.get(&notice.user_id) else {
             return 0; // nobody here to tell: no span either
@@ -316,6 +332,7 @@ impl Hub {
     /// Tells every local subscriber to pull everything: notices may have
     /// been lost (the listener was disconnected).
     pub fn publish_everything(&self) {
+        self.inner.quiet.lock().expect("quiet lock").forget_all();
         let registry = self.inner.registry.lock().expect("hub lock");
         self.inner.lookups.lock().expect("lookups lock").forget_all();
         for subscriber in registry.users.values().flatten() {
@@ -371,6 +388,37 @@ impl Hub {
 
     pub fn set_listening(&self, listening: bool) {
         self.inner.listening.store(listening, Ordering::SeqCst);
+        // Notices may be lost from here (or were, before now).
+        self.inner.quiet.lock().expect("quiet lock").forget_all();
+    }
+
+    /// Nothing of `table` changed after `since`, as far as this replica
+    /// knows from what it heard while listening (see [`quiet`]): a pull
+    /// may be answered without the database.
+    pub fn is_quiet(&self, user_id: &str, app_id: &str, table: &str, since: i64) -> bool {
+        self.is_listening()
+            && self
+                .inner
+                .quiet
+                .lock()
+                .expect("quiet lock")
+                .is_quiet(user_id, app_id, table, since)
+    }
+
+    /// What a read about to start must hand back to [`Hub::learned`]:
+    /// `None` while not listening (nothing learned then holds).
+    pub fn quiet_epoch(&self) -> Option<u64> {
+        self.is_listening()
+            .then(|| self.inner.quiet.lock().expect("quiet lock").epoch())
+    }
+
+    /// A complete read begun in `epoch` found nothing of `table` after `bound`.
+    pub fn learned(&self, epoch: u64, user_id: &str, app_id: &str, table: &str, bound: i64) {
+        self.inner
+            .quiet
+            .lock()
+            .expect("quiet lock")
+            .learned(epoch, user_id, app_id, table, bound);
     }
 
     /// Resolves once every subscriber is to close (the replica is

@@ -60,6 +60,7 @@ struct Inner {
     request_duration: HistogramFamily<RequestLabels>,
     changes_appended: Counter,
     records_pulled: Counter,
+    quiet_pulls: Counter,
     idempotent_replays: Counter,
     outcomes_swept: Counter,
     quota_refusals: Family<LimitLabels, Counter>,
@@ -95,6 +96,7 @@ impl Metrics {
             request_duration: Family::new_with_constructor(latency_histogram),
             changes_appended: Counter::default(),
             records_pulled: Counter::default(),
+            quiet_pulls: Counter::default(),
             idempotent_replays: Counter::default(),
             outcomes_swept: Counter::default(),
             quota_refusals: Family::default(),
@@ -135,6 +137,11 @@ impl Metrics {
             "records_pulled",
             "Records returned by pulls, pushes and change streams",
             inner.records_pulled.clone(),
+        );
+        registry.register(
+            "quiet_pulls",
+            "Pulls answered without the database: nothing of their collection changed since their cursor, as far as the replica heard",
+            inner.quiet_pulls.clone(),
         );
         registry.register(
             "idempotent_replays",
@@ -252,6 +259,11 @@ impl Metrics {
 
     pub fn changes_appended(&self, n: usize) {
         self.inner.changes_appended.inc_by(n as u64);
+    }
+
+    /// A pull answered without the database: its collection was quiet.
+    pub fn quiet_pull(&self) {
+        self.inner.quiet_pulls.inc();
     }
 
     pub fn records_pulled(&self, n: usize) {

@@ -4,6 +4,7 @@
 //! record's history is. Derived from the log alone: `sync::rebuild`
 //! re-derives it.
 
+use crate::cursor::Cursor;
 use crate::fold::RecordState;
 
 /// A record of one app with its folded state.
@@ -24,6 +25,17 @@ pub struct Page {
     pub records: Vec<Record>,
     /// More records changed after the last one here.
     pub has_more: bool,
+}
+
+impl Page {
+    /// No record changed after `cursor`, which the answer keeps.
+    pub fn empty(cursor: Cursor) -> Page {
+        Page {
+            clock: Some(cursor.0),
+            records: Vec::new(),
+            has_more: false,
+        }
+    }
 }
 
 /// Gathers a page from the records changed after a cursor, offered oldest

@@ -236,17 +236,15 @@ impl SyncApi {
         validate::name("collection", &collection)?;
         let since = validate::since(since.0.as_deref())?;
         let limit = limit.0.unwrap_or(DEFAULT_PULL_LIMIT).min(MAX_PULL_LIMIT);
-        let response = sync::pull(
-            &state.store,
-            &state.metrics,
-            &user.id,
-            &app_id,
-            &collection,
+        let pull = sync::Pull {
+            user_id: &user.id,
+            app_id: &app_id,
+            table: &collection,
             since,
             limit,
             asking,
-        )
-        .await?;
+        };
+        let response = sync::pull(&state.store, &state.metrics, &state.hub, pull).await?;
         Ok(Serialized(response))
     }
 }

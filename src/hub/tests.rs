@@ -7,6 +7,7 @@ fn notice(user: &str, app: &str, client: &str, tables: &[&str]) -> Notice {
         client_id: client.into(),
         tables: Some(tables.iter().map(|t| t.to_string()).collect()),
         replica: None,
+        seq: Some(1),
         committed_at: None,
         traceparent: None,
     }

@@ -14,7 +14,7 @@ use crate::cursor::Cursor;
 use crate::error::{Error, Result};
 use crate::fanout::Notifier;
 use crate::fold::{Delta, LogEntry, RecordDelta, RecordState};
-use crate::hub::Notice;
+use crate::hub::{Hub, Notice};
 use crate::idempotency::{self, Outcome};
 use crate::metrics::Metrics;
 use crate::projection::{Page, PageBuilder, Record};
@@ -100,7 +100,8 @@ pub async fn push(
     }
     // Commit and announce in a task of their own: if the client goes away
     // and this request is dropped, a committed batch is still announced.
-    let announce = (notifier.clone(), notice(user_id, app_id, batch));
+    let last_seq = recorded.first_seq + batch.changes.len() as i64 - 1;
+    let announce = (notifier.clone(), notice(user_id, app_id, batch, last_seq));
     tokio::spawn(
         async move {
             tx.commit().await?;
@@ -195,14 +196,16 @@ fn counted(metrics: &Metrics, response: &SyncResponse) {
     tracing::Span::current().record("records", response.server_changes.len());
 }
 
-/// What a committed batch tells the user's other devices.
-pub fn notice(user_id: &str, app_id: &str, batch: &Batch) -> Notice {
+/// What a committed batch tells the user's other devices; `last_seq` is
+/// its last position.
+pub fn notice(user_id: &str, app_id: &str, batch: &Batch, last_seq: i64) -> Notice {
     Notice {
         user_id: user_id.to_owned(),
         app_id: app_id.to_owned(),
         client_id: batch.client_id.clone(),
         tables: Some(batch.tables().into_iter().map(str::to_owned).collect()),
         replica: None,
+        seq: Some(last_seq),
         committed_at: None,
         traceparent: None,
     }
@@ -301,27 +304,50 @@ pub async fn record(
     })
 }
 
-/// The folded delta of one collection since a cursor, as the device
-/// `asking` (when it says which it is) is to get it: see
-/// [`RecordState::delta_since`].
-#[tracing::instrument(name = "sync.pull", skip_all, fields(app_id = %app_id, table = %table, records = tracing::field::Empty))]
-#[allow(clippy::too_many_arguments)]
-pub async fn pull(
-    store: &Store,
-    metrics: &Metrics,
-    user_id: &str,
-    app_id: &str,
-    table: &str,
-    since: Cursor,
-    limit: u32,
-    asking: Option<&str>,
-) -> Result<SyncResponse> {
+/// What a pull asks for.
+pub struct Pull<'a> {
+    pub user_id: &'a str,
+    pub app_id: &'a str,
+    pub table: &'a str,
+    pub since: Cursor,
+    pub limit: u32,
+    /// The device that asks, when it says which it is: see
+    /// [`RecordState::delta_since`].
+    pub asking: Option<&'a str>,
+}
+
+/// The folded delta of one collection since a cursor. A collection that
+/// has not changed since, as far as this replica knows from the notices it
+/// hears ([`Hub::is_quiet`]), is answered without the database, its cursor
+/// kept where it was; a complete answer from the database teaches the
+/// replica as much.
+#[tracing::instrument(name = "sync.pull", skip_all, fields(app_id = %pull.app_id, table = %pull.table, records = tracing::field::Empty))]
+pub async fn pull(store: &Store, metrics: &Metrics, hub: &Hub, pull: Pull<'_>) -> Result<SyncResponse> {
+    let Pull {
+        user_id,
+        app_id,
+        table,
+        since,
+        limit,
+        asking,
+    } = pull;
+    if hub.is_quiet(user_id, app_id, table, since.0) {
+        metrics.quiet_pull();
+        return Ok(respond(Page::empty(since), since, asking));
+    }
+    let epoch = hub.quiet_epoch();
     let mut tx = store.begin_read(user_id).await?;
     let page = tx
         .changed_since(user_id, app_id, Some(table), since, limit as usize, MAX_PAGE_BYTES)
         .await?;
-    let response = respond(page, since, asking);
     tx.commit().await?;
+    if let Some(epoch) = epoch
+        && !page.has_more
+    {
+        let bound = page.records.last().map_or(since.0, |r| r.state.touched.max(since.0));
+        hub.learned(epoch, user_id, app_id, table, bound);
+    }
+    let response = respond(page, since, asking);
     counted(metrics, &response);
     Ok(response)
 }

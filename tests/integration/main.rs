@@ -29,6 +29,7 @@ mod metrics;
 mod outage;
 mod plans;
 mod python_client;
+mod quiet_pulls;
 mod realtime;
 mod rebuild;
 mod resources;
