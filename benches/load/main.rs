@@ -24,6 +24,7 @@ mod common;
 
 mod cluster;
 mod measure;
+mod poll;
 mod pull;
 mod push;
 mod sockets;
@@ -62,6 +63,9 @@ struct Options {
     /// 6. Idle sockets on one replica: memory per socket, and the most it holds.
     #[arg(long)]
     capacity: bool,
+    /// 7. Empty pulls (polling) against `/health` on one replica.
+    #[arg(long)]
+    poll: bool,
     /// How long each push load and each ceiling runs.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -113,6 +117,7 @@ struct Sizes {
     fan_users: usize,
     idle_sockets: usize,
     most_sockets: usize,
+    poll_connections: usize,
 }
 
 impl Sizes {
@@ -132,6 +137,7 @@ impl Sizes {
             fan_users: 10_000,
             idle_sockets: 10_000,
             most_sockets: 19_000,
+            poll_connections: 16,
         }
     }
 
@@ -151,6 +157,7 @@ impl Sizes {
             fan_users: 50,
             idle_sockets: 50,
             most_sockets: 200,
+            poll_connections: 2,
         }
     }
 }
@@ -167,8 +174,13 @@ fn main() {
         // SAFETY: as above.
         unsafe { std::env::set_var(common::pg::SETTINGS_VAR, "shared_preload_libraries=pg_stat_statements") };
     }
-    let everything =
-        !(options.push || options.pull || options.initial || options.growth || options.fanout || options.capacity);
+    let everything = !(options.push
+        || options.pull
+        || options.initial
+        || options.growth
+        || options.fanout
+        || options.capacity
+        || options.poll);
     if options.all || everything {
         options.push = true;
         options.pull = true;
@@ -176,6 +188,7 @@ fn main() {
         options.growth = true;
         options.fanout = true;
         options.capacity = true;
+        options.poll = true;
     }
     let sizes = if smoke {
         Sizes::smoke()
@@ -275,6 +288,15 @@ async fn run(options: &Options, sizes: &Sizes, descriptors: usize, smoke: bool) 
         } else {
             eprintln!("capacity measures the memory of a replica the benchmark started: skipped with --target");
         }
+    }
+    if options.poll {
+        let fresh = if options.targets.is_empty() {
+            Some(env.postgres(1).await)
+        } else {
+            None
+        };
+        let deployment = fresh.as_ref().unwrap_or(&postgres);
+        poll::empty_pulls(deployment, sizes.poll_connections, sizes.duration, &mut results).await;
     }
     results
 }

@@ -108,14 +108,15 @@ impl Device {
 
     /// A pull's answer as received, unread: its latency ends with its last byte.
     pub async fn pull_body(&self, http: &reqwest::Client, base: &str, since: &str) -> Result<bytes::Bytes, String> {
-        let response = http
-            .get(format!("{base}/sync/{APP}/pull"))
+        received(self.pull_request(http, base, since).send().await).await
+    }
+
+    /// A pull of the collection since `since`, to send.
+    pub fn pull_request(&self, http: &reqwest::Client, base: &str, since: &str) -> reqwest::RequestBuilder {
+        http.get(format!("{base}/sync/{APP}/pull"))
             .query(&[("collection", TABLE), ("since", since)])
             .bearer_auth(&self.token)
             .header("X-Client-Id", &self.client)
-            .send()
-            .await;
-        received(response).await
     }
 }
 
