@@ -291,7 +291,10 @@ impl RecordState {
     ///
     /// A device of the later generation is not sent what it wrote itself
     /// (see [`Provenance::client`]): a record it deleted, a record whose
-    /// every field it wrote, or, in an update, a field it wrote.
+    /// every field it wrote, or, in an update, a field it wrote. The
+    /// record's `updatedAt` is the server's, not the device's: when the
+    /// device's own writes moved it, and nothing else is to be sent, the
+    /// record comes as an update of `updatedAt` alone.
     pub fn delta_since(mut self, id: &str, since: Cursor, asking: Option<&str>) -> Option<Delta> {
         if self.touched <= since.0 {
             return None;
@@ -315,7 +318,7 @@ impl RecordState {
         let undeleted = self.fields.get(DELETED_AT).is_some_and(|f| f.written > since.0);
         if self.created > since.0 || undeleted {
             if !self.fields.is_empty() && self.fields.values().all(|f| own(f.seq)) {
-                return None;
+                return self.own_updated_at(id);
             }
             // A record whose changes wrote no field names its last entry.
             let event = self.event(self.fields.values().map(|f| f.seq).max().unwrap_or(self.touched));
@@ -336,7 +339,11 @@ impl RecordState {
         }
         // Changes that wrote no field (`data: {}`) change nothing, and a
         // device is not sent back what it wrote itself.
-        let event = self.event(latest_sent?);
+        let Some(latest_sent) = latest_sent else {
+            let own_written = self.fields.values().any(|f| f.written > since.0 && own(f.seq));
+            return if own_written { self.own_updated_at(id) } else { None };
+        };
+        let event = self.event(latest_sent);
         let latest = self.latest();
         let data = self.into_data(id);
         // The original client sets `updatedAt` to the latest time among the
@@ -351,6 +358,23 @@ impl RecordState {
         }
         Some(Delta {
             change: RecordDelta::Update { data, fields },
+            event,
+        })
+    }
+
+    /// What a device is sent of a record only its own writes changed: the
+    /// record's `updatedAt`, which those writes moved, when it has one
+    /// (see [`RecordState::into_data`]), named by the latest entry.
+    fn own_updated_at(self, id: &str) -> Option<Delta> {
+        let updated_at = Value::String(self.updated_at()?);
+        let latest = self.latest()?;
+        let event = self.event(self.fields.values().map(|f| f.seq).max()?);
+        let data = self.into_data(id);
+        Some(Delta {
+            change: RecordDelta::Update {
+                fields: BTreeMap::from([(UPDATED_AT.to_owned(), (updated_at, latest))]),
+                data,
+            },
             event,
         })
     }

@@ -289,6 +289,17 @@ fn a_later_generation_device_is_not_sent_its_own_winning_writes() {
     let own = RecordState::fold([&by("a", "ann", entry(40, &[("title", json!("n"), 400)]))]);
     assert_eq!(own.clone().delta_since("r", Cursor::START, Some("a")), None);
     assert!(own.delta_since("r", Cursor::START, Some("b")).is_some());
+    // But the record's `updatedAt`, the server's, which its own writes moved.
+    let edited = by("a", "ann", entry(50, &[("title", json!("m"), 500)]));
+    let own = RecordState::fold([&by("a", "ann", entry(40, &[("title", json!("n"), 400)])), &edited]);
+    for since in [Cursor::START, Cursor(40)] {
+        match own.clone().delta_since("r", since, Some("a")).map(|d| d.change) {
+            Some(RecordDelta::Update { fields, .. }) => {
+                assert_eq!(fields.into_keys().collect::<Vec<_>>(), vec![UPDATED_AT]);
+            }
+            other => panic!("expected updatedAt alone, got {other:?}"),
+        }
+    }
     let deleted = by(
         "a",
         "ann",

@@ -78,22 +78,12 @@ pub struct PushRequest {
     pub since: Option<Since>,
     /// The changes, applied all or nothing, in order.
     pub changes: Vec<ChangeInput>,
-    /// The schema version of every change that names none (missing: 1).
-    /// Above the highest this server knows (1): a 400
-    /// `unsupported_schema_version`. Sending it (or any field's `at`)
-    /// marks the device as one of the later client generation: it is not
-    /// sent its own winning writes back.
-    #[oai(nullable)]
-    pub schema_version: Option<i64>,
-    /// Who made every change that names no `actor` of its own.
-    #[oai(nullable)]
-    pub actor: Option<BTreeMap<String, Value>>,
-    /// How every change that names no `origin` of its own came about.
-    #[oai(nullable)]
-    pub origin: Option<Name>,
-    /// The space of every change that names no `spaceId` of its own.
-    #[oai(nullable)]
-    pub space_id: Option<Id>,
+    /// What holds for each change that does not say otherwise. A
+    /// `schemaVersion` here (or any field's `at`) marks the device as one
+    /// of the later client generation: it is not sent its own winning
+    /// writes back.
+    #[oai(flatten)]
+    pub attribution: Attribution,
 }
 
 /// One change to one record.
@@ -119,20 +109,32 @@ pub struct ChangeInput {
     /// `fields.deletedAt.value`, else to the server's receive time.
     #[oai(nullable)]
     pub deleted_at: Option<Time>,
-    /// The schema version the change was written in (missing: the
-    /// changeset's, else 1); above the highest this server knows (1): a
-    /// 400 `unsupported_schema_version`.
+    /// What the change says of itself; each part it leaves out is its
+    /// changeset's.
+    #[oai(flatten)]
+    pub attribution: Attribution,
+}
+
+/// What a change says of itself, on the change or on its changeset (for
+/// each change that does not say otherwise). Kept in the log with the
+/// change, and sent back with the record while the change holds its
+/// latest winning field.
+#[derive(Debug, Clone, Default, Object)]
+#[oai(rename_all = "camelCase")]
+pub struct Attribution {
+    /// The schema version the change was written in (missing: 1); above
+    /// the highest this server knows (1): a 400
+    /// `unsupported_schema_version`.
     #[oai(nullable)]
     pub schema_version: Option<i64>,
     /// Who made the change: any JSON object (at most 4 KiB), e.g.
-    /// `{"kind": "user", "principalId": "..."}`. Kept in the log, and sent
-    /// back with the record while this change holds its latest winning field.
+    /// `{"kind": "user", "principalId": "..."}`.
     #[oai(nullable)]
     pub actor: Option<BTreeMap<String, Value>>,
     /// How the change came about: `user`, `agent`, `system`, `migration`.
     #[oai(nullable)]
     pub origin: Option<Name>,
-    /// The space the record belongs to; kept and sent back.
+    /// The space the record belongs to.
     #[oai(nullable)]
     pub space_id: Option<Id>,
 }

@@ -21,7 +21,7 @@ use crate::timestamp::Timestamp;
 use self::clock::Clock;
 pub use self::names::{collections, id, idempotency_key, name, since};
 pub use self::provenance::MAX_ACTOR_BYTES;
-use self::provenance::{Parts, later_form};
+use self::provenance::{later_form, provenance};
 
 /// The rules a push is checked against.
 #[derive(Debug, Clone, Copy)]
@@ -71,23 +71,16 @@ pub fn push(header_client_id: Option<&str>, request: PushRequest, now: Timestamp
             .saturating_add(i64::try_from(limits.max_clock_skew.as_nanos()).unwrap_or(i64::MAX)),
     );
     let clock = Clock { now, latest };
-    let changeset = Parts {
-        schema_version: request.schema_version,
-        actor: request.actor.as_ref(),
-        origin: request.origin.as_ref(),
-        space_id: request.space_id.as_ref(),
-    };
+    let changeset = &request.attribution;
     // A device of the later generation is remembered on its writes, which
     // are then not echoed to it (see `Provenance::client`).
-    let later = later_form(&changeset, &request.changes).then_some(client_id.as_str());
+    let later = later_form(changeset, &request.changes).then_some(client_id.as_str());
     let changes = request
         .changes
         .into_iter()
         .enumerate()
         .map(|(i, change)| {
-            Parts::of_change(&change)
-                .or(&changeset)
-                .check(later)
+            provenance(&change.attribution, changeset, later)
                 .and_then(|provenance| change::change(change, clock, provenance))
                 .map_err(|e| at_index(i, e))
         })

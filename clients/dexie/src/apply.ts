@@ -34,7 +34,7 @@ export function merge(change: ServerChange, local: Row | undefined, pending: Pen
     for (const [field, { value }] of Object.entries(change.fields ?? {})) record[field] = value;
   }
   for (const [field, localAt] of pending?.fields ?? []) {
-    const written = change.fields?.[field]?.updatedAt;
+    const written = change.fields?.[field]?.at ?? change.fields?.[field]?.updatedAt;
     if (written !== undefined && instant(written) > localAt) continue;
     if (local === undefined) continue;
     if (Object.hasOwn(local, field)) record[field] = local[field];

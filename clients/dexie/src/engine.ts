@@ -6,6 +6,7 @@
  * gives one); nothing is dropped but a batch the server refuses as
  * malformed, which is kept for the app to look at.
  */
+import type { ServerChange } from "@mana-sync/client";
 import { liveQuery, type Dexie } from "dexie";
 
 import { backoffDelay, defaultBackoff, sleep, type BackoffOptions } from "./backoff.js";
@@ -44,7 +45,25 @@ export interface SyncOptions {
   locks?: Locks | null;
   fetch?: typeof globalThis.fetch;
   WebSocket?: typeof globalThis.WebSocket;
+  /**
+   * Who makes this app's changes, sent with every push and kept by the
+   * server with each change, e.g. `{ kind: "user", principalId }` or
+   * `{ kind: "ai", principalId }`.
+   */
+  actor?: Record<string, unknown>;
+  /** How this app's changes come about: `user`, `agent`, `system` or `migration`. */
+  origin?: string;
+  /**
+   * Called with each server change once its page is stored here: its
+   * record, the `eventId` of the log entry behind it, and the `actor` and
+   * `origin` that entry's writer gave (for "edited by" notices). The
+   * server does not send this device its own writes back.
+   */
+  onRemoteChange?: (change: RemoteChange) => void;
 }
+
+/** A server change as `onRemoteChange` is told of it. */
+export type RemoteChange = Pick<ServerChange, "table" | "id" | "op" | "eventId" | "schemaVersion" | "actor" | "origin" | "spaceId">;
 
 /** Counters, for a status page (and the tests). */
 export interface SyncStats extends Counters {
@@ -91,7 +110,12 @@ export class SyncEngine {
     this.synced = new Set(options.tables);
     const applying = new WeakSet<object>();
     db.use(captureMiddleware(this.synced, new Clock(), applying));
-    this.store = new SyncStore(db, options.tables, applying);
+    const provenance = {
+      schemaVersion: 1,
+      ...(options.actor ? { actor: options.actor } : {}),
+      ...(options.origin ? { origin: options.origin } : {}),
+    };
+    this.store = new SyncStore(db, options.tables, applying, provenance);
     this.tokens = new TokenSource(options.token);
     this.rounds = new Rounds(
       this.store,
@@ -99,6 +123,7 @@ export class SyncEngine {
         tables: options.tables,
         batchSize: options.batchSize ?? 500,
         pullLimit: Math.min(options.pullLimit ?? 1000, MAX_PULL_LIMIT),
+        ...(options.onRemoteChange ? { onRemoteChange: options.onRemoteChange } : {}),
       },
       this.counters,
     );

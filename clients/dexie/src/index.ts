@@ -13,7 +13,7 @@ import type { Dexie } from "dexie";
 
 import { SyncEngine, type SyncOptions } from "./engine.js";
 
-export { SyncEngine, type SyncOptions, type SyncStats } from "./engine.js";
+export { SyncEngine, type RemoteChange, type SyncOptions, type SyncStats } from "./engine.js";
 export type { SyncState, SyncStatus, Observer, Subscription } from "./status.js";
 export type { Rejected } from "./store.js";
 export type { BackoffOptions } from "./backoff.js";

@@ -27,7 +27,10 @@ type Step = { kind: "fields"; fields: Record<string, FieldWrite> } | { kind: "de
  * of writes to a record, holding each field's latest write, and a
  * `delete` for each delete. A new record goes as an `update` with every
  * field timed (the server creates a record it has never seen): an
- * `insert`'s `data` would take one time for all fields.
+ * `insert`'s `data` would take one time for all fields. Each field's time
+ * goes as `at`, as the original's web client of today sends it: the
+ * server then knows this device keeps its own field times, and does not
+ * send its own winning writes back.
  */
 export function coalesce(entries: readonly PendingEntry[]): ChangeInput[] {
   const records = new Map<string, { table: string; id: string; steps: Step[] }>();
@@ -65,7 +68,7 @@ export function coalesce(entries: readonly PendingEntry[]): ChangeInput[] {
               id,
               op: "update",
               fields: Object.fromEntries(
-                Object.entries(step.fields).map(([field, { value, at }]) => [field, { value, updatedAt: at }]),
+                Object.entries(step.fields).map(([field, { value, at }]) => [field, { value, at }]),
               ),
             },
       );

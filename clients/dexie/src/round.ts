@@ -4,6 +4,9 @@
  * does not keep other devices' changes out: the pulls still run, and the
  * push's failure is reported after them.
  */
+import type { ServerChange } from "@mana-sync/client";
+
+import type { RemoteChange } from "./engine.js";
 import type { SyncStore } from "./store.js";
 import { SyncFailure, type Transport } from "./transport.js";
 
@@ -20,6 +23,7 @@ export interface RoundOptions {
   tables: readonly string[];
   batchSize: number;
   pullLimit: number;
+  onRemoteChange?: (change: RemoteChange) => void;
 }
 
 export class Rounds {
@@ -98,9 +102,20 @@ export class Rounds {
       const { tables } = this.options;
       const cursors = answer.hasMore ? {} : Object.fromEntries(tables.map((t) => [t, answer.syncedUntil]));
       await this.store.apply(answer.serverChanges, cursors, batch);
+      this.announce(answer.serverChanges);
       if (answer.hasMore) for (const t of tables) wanted.add(t);
     }
     return refused;
+  }
+
+  /** Tells the app of applied server changes, with who made them. */
+  private announce(changes: readonly ServerChange[]): void {
+    const tell = this.options.onRemoteChange;
+    if (tell === undefined) return;
+    for (const { table, id, op, eventId, schemaVersion, actor, origin, spaceId } of changes) {
+      if (!this.options.tables.includes(table)) continue;
+      tell({ table, id, op, eventId, schemaVersion, ...(actor ? { actor } : {}), ...(origin ? { origin } : {}), ...(spaceId ? { spaceId } : {}) });
+    }
   }
 
   /** Pulls `table` page by page until the server has no more. */
@@ -108,6 +123,7 @@ export class Rounds {
     while (!signal.aborted) {
       const page = await transport.pull(table, await this.store.cursor(table), this.options.pullLimit, signal);
       await this.store.apply(page.serverChanges, { [table]: page.syncedUntil });
+      this.announce(page.serverChanges);
       this.counters.pulls += 1;
       this.counters.pulledRecords += page.serverChanges.length;
       if (!page.hasMore) return;

@@ -4,7 +4,7 @@
  * with its cursor in one transaction (so a page is applied exactly when
  * its cursor moves).
  */
-import type { ServerChange } from "@mana-sync/client";
+import type { PushRequest, ServerChange } from "@mana-sync/client";
 import type { Dexie, Table } from "dexie";
 
 import { merge } from "./apply.js";
@@ -22,11 +22,15 @@ export interface Rejected {
   at: string;
 }
 
+/** What every push says of its changes: the schema version, and who made them and how, as the app says. */
+export type Provenance = Pick<PushRequest, "schemaVersion" | "actor" | "origin">;
+
 export class SyncStore {
   constructor(
     private readonly db: Dexie,
     private readonly tables: readonly string[],
     private readonly applying: Applying,
+    private readonly provenance: Provenance,
   ) {}
 
   private get pending(): Table<PendingEntry, number> {
@@ -68,7 +72,7 @@ export class SyncStore {
         key: crypto.randomUUID(),
         upTo: last.seq,
         entries: entries.length,
-        body: { clientId, changes: coalesce(entries), ...(since === undefined ? {} : { since }) },
+        body: { clientId, changes: coalesce(entries), ...this.provenance, ...(since === undefined ? {} : { since }) },
       };
       await this.state.put(batch, stateKey.inflight);
       return batch;

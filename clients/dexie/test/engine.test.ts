@@ -1,6 +1,6 @@
 import { afterEach, describe, expect, it } from "vitest";
 
-import type { SyncEngine } from "../src/index.js";
+import type { RemoteChange, SyncEngine } from "../src/index.js";
 import { PENDING } from "../src/tables.js";
 import { FakeServer } from "./fake-server.js";
 import { database, eventually } from "./helpers.js";
@@ -167,6 +167,31 @@ describe("pulling", () => {
     await engine.sync();
     expect(await db.todos.get("a")).toEqual({ id: "a", title: "mine", note: "theirs, newer" });
     expect(server.record("todos", "a")).toMatchObject({ title: "mine", note: "theirs, newer" });
+  });
+
+  it("sends field times as at with the app's actor, and tells the app who made each change it applies", async () => {
+    const server = new FakeServer();
+    const told: RemoteChange[] = [];
+    const { db, engine } = started(server, {
+      actor: { kind: "user", principalId: "ann" },
+      origin: "user",
+      onRemoteChange: (change) => told.push(change),
+    });
+    await db.todos.add({ id: "a", title: "mine" });
+    await eventually(async () => (await db.table(PENDING).count()) === 0);
+    const [sent] = pushes(server);
+    expect(sent!.body).toMatchObject({ schemaVersion: 1, actor: { kind: "user", principalId: "ann" }, origin: "user" });
+    const written = sent!.body!.changes[0]!.fields!.title!;
+    expect(written.at).toMatch(/^\d{4}-\d\d-\d\dT/);
+    expect(written.updatedAt).toBeUndefined();
+    // Another device's agent edits the title, later.
+    const later = new Date(Date.now() + 60_000).toISOString();
+    server.write([{ table: "todos", id: "a", op: "update", fields: { title: { value: "theirs", at: later } }, actor: { kind: "ai", principalId: "agent-7" }, origin: "agent" }]);
+    await engine.sync();
+    expect(await db.todos.get("a")).toMatchObject({ title: "theirs" });
+    const last = told.at(-1)!;
+    expect(last).toMatchObject({ table: "todos", id: "a", actor: { kind: "ai", principalId: "agent-7" }, origin: "agent", schemaVersion: 1 });
+    expect(last.eventId).toMatch(/^\d+$/);
   });
 
   it("makes a record another device deleted live again when it is made here anew", async () => {

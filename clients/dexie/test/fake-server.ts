@@ -5,7 +5,7 @@
  * tests (e2e/) run against; this one lets unit tests script a lost
  * answer or a 429 exactly.
  */
-import type { ChangeInput, ErrorBody, ErrorCode, ServerChange, SyncResponse } from "@mana-sync/client";
+import type { ChangeInput, ErrorBody, ErrorCode, PushRequest, ServerChange, SyncResponse } from "@mana-sync/client";
 
 /** An error body as the server would send it with `status`. */
 function errorBody(status: number, message: string): string {
@@ -26,6 +26,9 @@ interface Stored {
   created: number;
   touched: number;
   fields: Map<string, Field>;
+  /** Who wrote its latest winning field, as the change (or its push) said. */
+  actor?: Record<string, unknown>;
+  origin?: string;
 }
 
 /** What to do to the next request (of method `on`, if given) instead of (or after) answering it. */
@@ -42,7 +45,7 @@ export interface Request {
   path: string;
   query: URLSearchParams;
   headers: Headers;
-  body?: { changes: ChangeInput[]; since?: string; clientId?: string };
+  body?: PushRequest;
   at: number;
 }
 
@@ -99,26 +102,34 @@ export class FakeServer {
     return stored && Object.fromEntries([...stored.fields].map(([k, f]) => [k, f.value]));
   }
 
-  private push(body: { changes: ChangeInput[]; since?: string }, key: string | null): SyncResponse {
+  private push(body: Pick<PushRequest, "changes" | "since" | "actor" | "origin">, key: string | null): SyncResponse {
     const held = key === null ? undefined : this.outcomes.get(key);
     if (held !== undefined) return held;
     const seq = ++this.seq;
     for (const change of body.changes) {
       this.log.push(change);
       const name = `${change.table}/${change.id}`;
-      const stored = this.records.get(name) ?? { table: change.table, id: change.id, created: seq, touched: seq, fields: new Map() };
+      const stored: Stored = this.records.get(name) ?? { table: change.table, id: change.id, created: seq, touched: seq, fields: new Map() };
       this.records.set(name, stored);
       stored.touched = seq;
       const writes: [string, unknown, string][] =
         change.op === "delete"
           ? [["deletedAt", change.deletedAt, String(change.deletedAt)]]
           : change.fields
-            ? Object.entries(change.fields).map(([f, c]) => [f, c.value, c.updatedAt ?? ""])
+            ? Object.entries(change.fields).map(([f, c]) => [f, c.value, c.at ?? c.updatedAt ?? ""])
             : Object.entries(change.data ?? {}).map(([f, v]) => [f, v, String(change.data?.updatedAt ?? "")]);
       for (const [field, value, at] of writes) {
         const ms = Date.parse(at) || 0;
         const old = stored.fields.get(field);
-        if (old === undefined || ms >= old.at) stored.fields.set(field, { value, at: ms, seq });
+        if (old === undefined || ms >= old.at) {
+          stored.fields.set(field, { value, at: ms, seq });
+          const actor = change.actor ?? body.actor;
+          const origin = change.origin ?? body.origin;
+          if (actor) stored.actor = actor;
+          else delete stored.actor;
+          if (origin) stored.origin = origin;
+          else delete stored.origin;
+        }
       }
     }
     const answer = this.delta(null, body.since ?? null, 1000);
@@ -150,7 +161,12 @@ export class FakeServer {
     const data: Record<string, unknown> = Object.fromEntries([...r.fields].map(([k, f]) => [k, f.value]));
     data.id = r.id;
     // The entry of the latest winning field, as the server names it.
-    const entry = { eventId: String(Math.max(...[...r.fields.values()].map((f) => f.seq), r.created)), schemaVersion: 1 };
+    const entry = {
+      eventId: String(Math.max(...[...r.fields.values()].map((f) => f.seq), r.created)),
+      schemaVersion: 1,
+      ...(r.actor ? { actor: r.actor } : {}),
+      ...(r.origin ? { origin: r.origin } : {}),
+    };
     if (r.fields.get("deletedAt")?.value != null) {
       return { table: r.table, id: r.id, op: "delete", deletedAt: data.deletedAt, ...entry };
     }

@@ -23,8 +23,8 @@ describe("coalescing the queue into changes", () => {
   it("merges a record's writes into one update holding each field's latest write", () => {
     const changes = coalesce([put("a", { title: "1", done: false }, t(1), true), put("b", { title: "b" }, t(2), true), put("a", { title: "2" }, t(3))]);
     expect(changes).toEqual([
-      { table: "todos", id: "a", op: "update", fields: { title: { value: "2", updatedAt: t(3) }, done: { value: false, updatedAt: t(1) } } },
-      { table: "todos", id: "b", op: "update", fields: { title: { value: "b", updatedAt: t(2) } } },
+      { table: "todos", id: "a", op: "update", fields: { title: { value: "2", at: t(3) }, done: { value: false, at: t(1) } } },
+      { table: "todos", id: "b", op: "update", fields: { title: { value: "b", at: t(2) } } },
     ]);
   });
 
@@ -32,13 +32,13 @@ describe("coalescing the queue into changes", () => {
     const again = put("a", { title: "again", deletedAt: null }, t(4), true);
     const changes = coalesce([put("a", { title: "1" }, t(1), true), del("a", t(2)), del("a", t(3)), again]);
     expect(changes).toEqual([
-      { table: "todos", id: "a", op: "update", fields: { title: { value: "1", updatedAt: t(1) } } },
+      { table: "todos", id: "a", op: "update", fields: { title: { value: "1", at: t(1) } } },
       { table: "todos", id: "a", op: "delete", deletedAt: t(2) },
       {
         table: "todos",
         id: "a",
         op: "update",
-        fields: { title: { value: "again", updatedAt: t(4) }, deletedAt: { value: null, updatedAt: t(4) } },
+        fields: { title: { value: "again", at: t(4) }, deletedAt: { value: null, at: t(4) } },
       },
     ]);
   });

@@ -177,8 +177,7 @@ export interface components {
         ChangeInput: {
             /**
              * @description Who made the change: any JSON object (at most 4 KiB), e.g.
-             *     `{"kind": "user", "principalId": "..."}`. Kept in the log, and sent
-             *     back with the record while this change holds its latest winning field.
+             *     `{"kind": "user", "principalId": "..."}`.
              */
             actor?: {
                 [key: string]: unknown;
@@ -212,12 +211,12 @@ export interface components {
             origin?: string | null;
             /**
              * Format: int64
-             * @description The schema version the change was written in (missing: the
-             *     changeset's, else 1); above the highest this server knows (1): a
-             *     400 `unsupported_schema_version`.
+             * @description The schema version the change was written in (missing: 1); above
+             *     the highest this server knows (1): a 400
+             *     `unsupported_schema_version`.
              */
             schemaVersion?: number | null;
-            /** @description The space the record belongs to; kept and sent back. */
+            /** @description The space the record belongs to. */
             spaceId?: string | null;
             /** @description The collection (IndexedDB table). */
             table: string;
@@ -318,7 +317,10 @@ export interface components {
          * @description A batch of changes pushed by one device.
          */
         PushRequest: {
-            /** @description Who made every change that names no `actor` of its own. */
+            /**
+             * @description Who made the change: any JSON object (at most 4 KiB), e.g.
+             *     `{"kind": "user", "principalId": "..."}`.
+             */
             actor?: {
                 [key: string]: unknown;
             } | null;
@@ -326,15 +328,13 @@ export interface components {
             changes: components["schemas"]["ChangeInput"][];
             /** @description The device's id; the `X-Client-Id` header takes precedence. */
             clientId?: string | null;
-            /** @description How every change that names no `origin` of its own came about. */
+            /** @description How the change came about: `user`, `agent`, `system`, `migration`. */
             origin?: string | null;
             /**
              * Format: int64
-             * @description The schema version of every change that names none (missing: 1).
-             *     Above the highest this server knows (1): a 400
-             *     `unsupported_schema_version`. Sending it (or any field's `at`)
-             *     marks the device as one of the later client generation: it is not
-             *     sent its own winning writes back.
+             * @description The schema version the change was written in (missing: 1); above
+             *     the highest this server knows (1): a 400
+             *     `unsupported_schema_version`.
              */
             schemaVersion?: number | null;
             /**
@@ -342,7 +342,7 @@ export interface components {
              *     `serverChanges` holds everything after it. Defaults to the beginning.
              */
             since?: (string | "") | null;
-            /** @description The space of every change that names no `spaceId` of its own. */
+            /** @description The space the record belongs to. */
             spaceId?: string | null;
         };
         /**
