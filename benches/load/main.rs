@@ -5,6 +5,7 @@
 //! ```sh
 //! cargo bench --bench load -- --all            # everything, ~6 minutes here
 //! cargo bench --bench load -- --push --fanout  # some scenarios
+//! cargo bench --bench load -- --poll           # empty pulls against /health
 //! ```
 //!
 //! It starts its own PostgreSQL through the tests' harness, on disk with

@@ -33,14 +33,6 @@ pub enum Flavor {
     /// As a correct client: the server's folded state, field by field,
     /// tombstones kept even for records it never held.
     Correct,
-    /// As the original's web client of today (PROTOCOL.md, "The later
-    /// client generation"): it sends `schemaVersion`, `actor` and field
-    /// times as `at`, and keeps a time per field. It applies an insert's
-    /// fields at `data.updatedAt ?? data.createdAt ?? now`, an update's
-    /// field when its `at` is at least its own copy's (a string
-    /// comparison), a delete by its `deletedAt` (a hard delete without
-    /// one); it is not sent its own winning writes back.
-    Today,
 }
 
 /// What every device shares: where the replicas are, what was
@@ -86,9 +78,8 @@ struct Batch {
 
 /// What is wrong with the answer to a retry of `batch` (`again`), given
 /// the first answer: it must hold every record the batch changed (unless
-/// cut short, or the device is not `echoed` its own writes) and its
-/// cursor must not be older than the first's.
-fn replay_problem(batch: &Batch, first: &Value, again: &Value, echoed: bool) -> Option<String> {
+/// cut short) and its cursor must not be older than the first's.
+fn replay_problem(batch: &Batch, first: &Value, again: &Value) -> Option<String> {
     let cursor = |answer: &Value| answer["syncedUntil"].as_str().unwrap_or_default().to_owned();
     if cursor(again) < cursor(first) {
         return Some(format!(
@@ -97,8 +88,7 @@ fn replay_problem(batch: &Batch, first: &Value, again: &Value, echoed: bool) -> 
             cursor(first)
         ));
     }
-    // A device of today's generation is not sent what it wrote.
-    if again["hasMore"] == true || !echoed {
+    if again["hasMore"] == true {
         return None;
     }
     let answered: Vec<(&Value, &Value)> = again["serverChanges"]
@@ -123,10 +113,6 @@ pub struct Device {
     cursor: String,
     /// Its records of [`TABLE`], by id.
     pub records: BTreeMap<String, Map<String, Value>>,
-    /// [`Flavor::Today`]: the time of each field it holds, by record.
-    times: BTreeMap<String, BTreeMap<String, String>>,
-    /// Every insert carries `updatedAt` or `createdAt`.
-    timed_inserts: bool,
     /// Every `title` the server sent it (each write's title is unique).
     pub seen: HashSet<String>,
     outbox: Option<Batch>,
@@ -136,22 +122,10 @@ pub struct Device {
 }
 
 impl Device {
-    /// A device of `user`; `beside_today`: the user has devices of today's
-    /// generation, so every device of it stamps its inserts and keeps its
-    /// clock within `MAX_CLOCK_SKEW`. Today's client cannot follow the
-    /// server otherwise, by its own rules: it applies an insert without a
-    /// time at its own `now`, where the server ranks such a write below
-    /// any timed one, and takes a record's `createdAt` or `updatedAt` as
-    /// sent, where the server clamps a time too far ahead.
-    pub fn new(user: &str, index: usize, flavor: Flavor, token: String, seed: u64, beside_today: bool) -> Device {
+    pub fn new(user: &str, index: usize, flavor: Flavor, token: String, seed: u64) -> Device {
         let mut rng = StdRng::seed_from_u64(seed);
         // Clocks: in step, behind, ahead, and far in the future (clamped).
-        let skews: &[i64] = if beside_today {
-            &[0, -300_000, 2_000]
-        } else {
-            &[0, -300_000, 2_000, 365 * 86_400_000]
-        };
-        let skew_ms = skews[rng.random_range(0..skews.len())];
+        let skew_ms = [0, -300_000, 2_000, 365 * 86_400_000][rng.random_range(0..4)];
         Device {
             user: user.to_owned(),
             name: format!("{user}-d{index}"),
@@ -160,8 +134,6 @@ impl Device {
             skew_ms,
             cursor: "1970-01-01T00:00:00.000Z".to_owned(),
             records: BTreeMap::new(),
-            times: BTreeMap::new(),
-            timed_inserts: beside_today,
             seen: HashSet::new(),
             outbox: None,
             next: 0,
@@ -191,12 +163,7 @@ impl Device {
     /// A unique title: which user, device and write.
     fn title(&mut self) -> String {
         self.next += 1;
-        let title = format!("{}/{}/{}", self.user, self.name, self.next);
-        if self.flavor == Flavor::Today {
-            // Its own writes are not sent back to it: it has them.
-            self.seen.insert(title.clone());
-        }
-        title
+        format!("{}/{}/{}", self.user, self.name, self.next)
     }
 
     /// One random local change, written locally first as the engine does.
@@ -208,17 +175,11 @@ impl Device {
             let title = self.title();
             let id = format!("{}-{}", self.name, self.next);
             let mut data = json!({ "id": id, "title": title, "done": false });
-            match self.rng.random_range(usize::from(self.timed_inserts)..4) {
+            match self.rng.random_range(0..4) {
                 0 => {}
                 1 => data["createdAt"] = json!(now),
                 _ => data["updatedAt"] = json!(now),
             }
-            let time = data["updatedAt"]
-                .as_str()
-                .or(data["createdAt"].as_str())
-                .unwrap_or(&now)
-                .to_owned();
-            self.stamp(&id, data.as_object().unwrap().keys(), &time);
             self.records.insert(id.clone(), data.as_object().unwrap().clone());
             return json!({ "table": TABLE, "id": id, "op": "insert", "data": data });
         }
@@ -228,62 +189,29 @@ impl Device {
                 .get_mut(&id)
                 .unwrap()
                 .insert("deletedAt".into(), json!(now));
-            self.stamp(&id, ["deletedAt"], &now);
-            if self.flavor == Flavor::Today {
-                // Today's client sends the time again in `fields`.
-                let fields = json!({ "deletedAt": { "value": now, "at": now } });
-                return json!({ "table": TABLE, "id": id, "op": "delete", "deletedAt": now, "fields": fields });
-            }
             return json!({ "table": TABLE, "id": id, "op": "delete", "deletedAt": now });
         }
-        // The seed's engine and the correct client send `updatedAt` (never
-        // `at`: a push with it is of the later generation, which gets no
-        // echo of its own writes); today's client `at`.
-        let time = if self.flavor == Flavor::Today {
-            "at"
-        } else {
-            "updatedAt"
-        };
         let mut fields = Map::new();
-        fields.insert("title".into(), json!({ "value": self.title(), time: now }));
+        fields.insert("title".into(), json!({ "value": self.title(), "updatedAt": now }));
         if self.rng.random_bool(0.5) {
-            fields.insert("done".into(), json!({ "value": self.rng.random_bool(0.5), time: now }));
+            fields.insert(
+                "done".into(),
+                json!({ "value": self.rng.random_bool(0.5), "updatedAt": now }),
+            );
         }
+        // The seed's engine never sends `at`: a push with it is of the
+        // later generation, which gets no echo of its own writes.
         if self.rng.random_bool(0.3) {
             fields.insert(
                 "rank".into(),
-                json!({ "value": self.rng.random_range(0..10), time: now }),
+                json!({ "value": self.rng.random_range(0..10), "updatedAt": now }),
             );
         }
         let record = self.records.get_mut(&id).unwrap();
         for (field, written) in &fields {
             record.insert(field.clone(), written["value"].clone());
         }
-        self.stamp(&id, fields.keys(), &now);
         json!({ "table": TABLE, "id": id, "op": "update", "fields": fields })
-    }
-
-    /// Today's client: notes the time of the fields it wrote or applied.
-    fn stamp<S: AsRef<str>>(&mut self, id: &str, fields: impl IntoIterator<Item = S>, time: &str) {
-        if self.flavor == Flavor::Today {
-            let times = self.times.entry(id.to_owned()).or_default();
-            for field in fields {
-                times.insert(field.as_ref().to_owned(), time.to_owned());
-            }
-        }
-    }
-
-    /// Today's client: applies `value` to `field` of record `id` when
-    /// `time` is at least the field's own (a string comparison).
-    fn apply_at(&mut self, id: &str, field: &str, value: Value, time: &str) {
-        let held = self.times.get(id).and_then(|t| t.get(field));
-        if held.is_none_or(|held| time >= held.as_str()) {
-            self.records
-                .entry(id.to_owned())
-                .or_default()
-                .insert(field.to_owned(), value);
-            self.stamp(id, [field], time);
-        }
     }
 
     /// Applies the `serverChanges` of an answer as this device's flavor
@@ -303,34 +231,6 @@ impl Device {
                 }
             }
             match (change["op"].as_str(), self.flavor) {
-                (Some("insert"), Flavor::Today) => {
-                    let data = change["data"].as_object().cloned().unwrap_or_default();
-                    let now = self.now();
-                    let time = data
-                        .get("updatedAt")
-                        .or(data.get("createdAt"))
-                        .and_then(Value::as_str)
-                        .unwrap_or(&now)
-                        .to_owned();
-                    for (field, value) in data {
-                        self.apply_at(&id, &field, value, &time);
-                    }
-                }
-                (Some("update"), Flavor::Today) => {
-                    for (field, written) in change["fields"].as_object().into_iter().flatten() {
-                        match written["at"].as_str() {
-                            Some(at) => self.apply_at(&id, field, written["value"].clone(), at),
-                            None => world.fail(format!("{}: a field change without `at`: {change}", self.name)),
-                        }
-                    }
-                }
-                (Some("delete"), Flavor::Today) => match change["deletedAt"].as_str() {
-                    Some(at) => self.apply_at(&id, "deletedAt", change["deletedAt"].clone(), at),
-                    None => {
-                        self.records.remove(&id);
-                        self.times.remove(&id);
-                    }
-                },
                 (Some("insert"), _) => {
                     let data = change["data"].as_object().cloned().unwrap_or_default();
                     self.records.insert(id, data);
@@ -338,7 +238,7 @@ impl Device {
                 (Some("update"), flavor) => {
                     let record = match (self.records.get_mut(&id), flavor) {
                         (Some(record), _) => record,
-                        (None, Flavor::Correct | Flavor::Today) => self.records.entry(id.clone()).or_default(),
+                        (None, Flavor::Correct) => self.records.entry(id.clone()).or_default(),
                         (None, Flavor::Original) => {
                             world.fail(format!(
                                 "{}: an update of {id}, which it never got: {change}",
@@ -377,12 +277,7 @@ impl Device {
         let mut changes = batch.changes.clone();
         let n = changes.len() + 1;
         changes.push(json!({ "table": MARKERS, "id": batch.key, "op": "insert", "data": { "n": n } }));
-        let mut body = json!({ "clientId": self.name, "since": self.cursor, "changes": changes });
-        if self.flavor == Flavor::Today {
-            body["schemaVersion"] = json!(1);
-            body["actor"] = json!({ "kind": "user", "principalId": self.user });
-            body["origin"] = json!("user");
-        }
+        let body = json!({ "clientId": self.name, "since": self.cursor, "changes": changes });
         let response = world
             .http
             .post(format!("http://127.0.0.1:{port}/sync/{APP}"))
@@ -442,7 +337,7 @@ impl Device {
                 let port = self.port(world);
                 let again = self.judge(world, self.send(world, port, &batch).await);
                 if let (Ok((StatusCode::OK, first)), Some(again)) = (&first, &again)
-                    && let Some(problem) = replay_problem(&batch, first, again, self.flavor != Flavor::Today)
+                    && let Some(problem) = replay_problem(&batch, first, again)
                 {
                     world.fail(format!("{}: a retry of {}: {problem}", self.name, batch.key));
                 }
