@@ -135,8 +135,11 @@ impl Throttle {
     }
 
     /// Waits until `n` tokens of `user_id`'s bucket are free and takes
-    /// them, for at most `bound`. Waiters wake with a little jitter, so a
-    /// burst's requests do not all retry in the same instant.
+    /// them, for at most `bound`: refused at once when the bucket alone
+    /// would keep it waiting longer, else after `bound` in vain (other
+    /// requests of the user took the tokens first). Waiters wake with a
+    /// little jitter, so a burst's requests do not all retry in the same
+    /// instant.
     async fn take(
         &self,
         limiter: &KeyedLimiter,
@@ -146,18 +149,26 @@ impl Throttle {
         label: &'static str,
     ) -> Result<(), Error> {
         let key = user_id.to_owned();
+        let refused = |wait| {
+            self.metrics.throttled(label);
+            Err(Error::RateLimited(wait))
+        };
+        // Never over capacity: every bucket holds at least the largest `n`.
+        let Ok(Err(not_until)) = limiter.check_key_n(&key, n) else {
+            return Ok(());
+        };
+        let wait = not_until.wait_time_from(DefaultClock::default().now());
+        if wait > bound {
+            return refused(wait);
+        }
         let jitter = governor::Jitter::up_to(MAX_JITTER);
         match tokio::time::timeout(bound, limiter.until_key_n_ready_with_jitter(&key, n, jitter)).await {
-            // Never over capacity: every bucket holds at least the largest `n`.
             Ok(_) => Ok(()),
-            Err(_) => {
-                self.metrics.throttled(label);
-                let wait = match limiter.check_key_n(&key, n) {
-                    Ok(Err(not_until)) => not_until.wait_time_from(DefaultClock::default().now()),
-                    _ => Duration::ZERO,
-                };
-                Err(Error::RateLimited(wait))
-            }
+            Err(_) => match limiter.check_key_n(&key, n) {
+                Ok(Err(not_until)) => refused(not_until.wait_time_from(DefaultClock::default().now())),
+                // Free just now: taken.
+                _ => Ok(()),
+            },
         }
     }
 

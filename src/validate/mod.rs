@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::change_log::Batch;
 use crate::error::{Error, ErrorCode, Result};
-use crate::protocol::PushRequest;
+use crate::protocol::{Attribution, PushRequest};
 use crate::timestamp::Timestamp;
 
 use self::clock::Clock;
@@ -72,6 +72,8 @@ pub fn push(header_client_id: Option<&str>, request: PushRequest, now: Timestamp
     );
     let clock = Clock { now, latest };
     let changeset = &request.attribution;
+    // Checked even when no change takes any of it: bad input is refused.
+    provenance(changeset, &Attribution::default(), None)?;
     // A device of the later generation is remembered on its writes, which
     // are then not echoed to it (see `Provenance::client`).
     let later = later_form(changeset, &request.changes).then_some(client_id.as_str());

@@ -268,3 +268,14 @@ fn todays_delete_form_carries_its_time_in_fields_too() {
     );
     assert_eq!(batch.changes[0].writes.len(), 1);
 }
+
+#[test]
+fn a_changesets_parts_are_checked_even_with_no_change() {
+    let body = json!({ "clientId": "d", "schemaVersion": 0, "changes": [] });
+    assert_eq!(
+        code(push(None, parsed(body), now(), LIMITS)),
+        ErrorCode::UnsupportedSchemaVersion
+    );
+    let body = json!({ "clientId": "d", "spaceId": "\u{9b}", "changes": [] });
+    assert_eq!(code(push(None, parsed(body), now(), LIMITS)), ErrorCode::InvalidName);
+}
