@@ -6,7 +6,6 @@
  * gives one); nothing is dropped but a batch the server refuses as
  * malformed, which is kept for the app to look at.
  */
-import type { ServerChange } from "@mana-sync/client";
 import { liveQuery, type Dexie } from "dexie";
 
 import { backoffDelay, defaultBackoff, sleep, type BackoffOptions } from "./backoff.js";
@@ -14,7 +13,7 @@ import { captureMiddleware } from "./capture.js";
 import { Clock } from "./clock.js";
 import { browserLocks, elect, type Locks } from "./election.js";
 import { mirrorStatus, type Mirror } from "./mirror.js";
-import { Rounds, type Counters } from "./round.js";
+import { Rounds, type Counters, type RemoteChange } from "./round.js";
 import { LiveSocket } from "./socket.js";
 import { StatusStore } from "./status.js";
 import { SyncStore, type Rejected } from "./store.js";
@@ -62,8 +61,6 @@ export interface SyncOptions {
   onRemoteChange?: (change: RemoteChange) => void;
 }
 
-/** A server change as `onRemoteChange` is told of it. */
-export type RemoteChange = Pick<ServerChange, "table" | "id" | "op" | "eventId" | "schemaVersion" | "actor" | "origin" | "spaceId">;
 
 /** Counters, for a status page (and the tests). */
 export interface SyncStats extends Counters {

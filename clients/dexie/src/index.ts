@@ -13,7 +13,8 @@ import type { Dexie } from "dexie";
 
 import { SyncEngine, type SyncOptions } from "./engine.js";
 
-export { SyncEngine, type RemoteChange, type SyncOptions, type SyncStats } from "./engine.js";
+export { SyncEngine, type SyncOptions, type SyncStats } from "./engine.js";
+export type { RemoteChange } from "./round.js";
 export type { SyncState, SyncStatus, Observer, Subscription } from "./status.js";
 export type { Rejected } from "./store.js";
 export type { BackoffOptions } from "./backoff.js";

@@ -6,9 +6,11 @@
  */
 import type { ServerChange } from "@mana-sync/client";
 
-import type { RemoteChange } from "./engine.js";
 import type { SyncStore } from "./store.js";
 import { SyncFailure, type Transport } from "./transport.js";
+
+/** A server change as `onRemoteChange` is told of it. */
+export type RemoteChange = Pick<ServerChange, "table" | "id" | "op" | "eventId" | "schemaVersion" | "actor" | "origin" | "spaceId">;
 
 /** Counters shared with the engine's `stats`. */
 export interface Counters {
